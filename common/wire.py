@@ -1,0 +1,506 @@
+"""numpy and plain records <-> fedpers.v1 protobuf messages, and chunking of large blobs.
+
+This is the one module (besides server/service.py and the client's stub use) that imports the
+generated `*_pb2`. Every `x_to_proto` has an `x_from_proto`; tests round-trip each pair.
+A blob (model or update) is a serialized TensorSet split into Chunks of at most 1 MiB; the
+receiver checks offsets, the total size and the SHA-256 with `join_chunks`.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from common.rpc import federation_pb2 as pb
+
+CHUNK_SIZE = 1 << 20  # bytes of blob per Chunk; keeps every message far below gRPC's 4 MiB limit
+MAX_CHUNK_SIZE = CHUNK_SIZE
+INT63_MAX = (1 << 63) - 1
+
+# Metadata keys every call except Join carries (see proto/federation.proto).
+DEVICE_KEY = "x-fedpers-device"
+TOKEN_KEY = "x-fedpers-token"
+
+
+class WireError(ValueError):
+    """A message or stream from the other side is malformed; the message names the problem."""
+
+
+class MalformedMessage(WireError):
+    """A protobuf message or tensor field cannot be parsed or is inconsistent."""
+
+
+class TruncatedStream(WireError):
+    """A chunk stream ended before the announced total size."""
+
+
+class ChecksumMismatch(WireError):
+    """The SHA-256 of the received blob differs from the announced one."""
+
+
+class ChunkOrderError(WireError):
+    """A chunk's offset is not where the previous chunk ended (gap, overlap or reorder)."""
+
+
+class Oversize(WireError):
+    """A blob or chunk is larger than the receiver accepts."""
+
+
+# ---------------------------------------------------------------------------- tensors
+
+_DTYPES: dict[int, np.dtype] = {
+    pb.FLOAT32: np.dtype("<f4"),
+    pb.FLOAT16: np.dtype("<f2"),
+    pb.INT8: np.dtype("i1"),
+    pb.INT32: np.dtype("<i4"),
+    pb.INT64: np.dtype("<i8"),
+    pb.UINT8: np.dtype("u1"),
+}
+_DTYPE_CODES: dict[np.dtype, int] = {dt.newbyteorder("="): code for code, dt in _DTYPES.items()}
+
+
+def dtype_to_proto(dtype: np.dtype | type) -> int:
+    """numpy dtype -> pb.DType code; raises MalformedMessage for dtypes the wire does not carry."""
+    dt = np.dtype(dtype).newbyteorder("=")
+    try:
+        return _DTYPE_CODES[dt]
+    except KeyError:
+        known = sorted(map(str, _DTYPE_CODES))
+        raise MalformedMessage(f"dtype {dt} is not carried on the wire; use one of {known}") from None
+
+
+def dtype_from_proto(code: int) -> np.dtype:
+    """pb.DType code -> native-order numpy dtype."""
+    try:
+        return _DTYPES[code].newbyteorder("=")
+    except KeyError:
+        raise MalformedMessage(f"unknown or unspecified tensor dtype code {code}") from None
+
+
+@dataclass(frozen=True)
+class WireTensor:
+    """One named tensor as it travels: raw little-endian bytes of `dtype`, or a codec payload
+    (then `codec` is set and `dtype` is the decoded dtype, float32)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    data: bytes
+    codec: str = ""
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    def to_array(self) -> np.ndarray:
+        """The raw tensor as a writable native-order array (only for codec-less tensors)."""
+        if self.codec:
+            raise MalformedMessage(f"tensor {self.name!r} is {self.codec!r}-encoded; decode it with common.codec")
+        wire_dt = _DTYPES[dtype_to_proto(self.dtype)]
+        arr = np.frombuffer(self.data, dtype=wire_dt).reshape(self.shape)
+        return arr.astype(wire_dt.newbyteorder("="), copy=True)
+
+
+def array_to_wire(name: str, array: np.ndarray) -> WireTensor:
+    """A numpy array -> raw WireTensor (little-endian C-order bytes)."""
+    arr = np.asarray(array)
+    code = dtype_to_proto(arr.dtype)
+    wire_dt = _DTYPES[code]
+    data = np.ascontiguousarray(arr, dtype=wire_dt).tobytes()
+    return WireTensor(name=name, shape=tuple(int(d) for d in arr.shape), dtype=dtype_from_proto(code), data=data)
+
+
+def encoded_to_wire(name: str, shape: tuple[int, ...], codec: str, payload: bytes) -> WireTensor:
+    """A codec payload for a float32 array of `shape` -> WireTensor."""
+    if not codec:
+        raise MalformedMessage(f"tensor {name!r}: an encoded tensor needs a codec name")
+    return WireTensor(name=name, shape=tuple(int(d) for d in shape), dtype=np.dtype(np.float32), data=bytes(payload),
+                      codec=codec)
+
+
+def tensor_to_proto(t: WireTensor) -> pb.Tensor:
+    return pb.Tensor(name=t.name, shape=list(t.shape), dtype=dtype_to_proto(t.dtype), data=t.data, codec=t.codec)
+
+
+def tensor_from_proto(msg: pb.Tensor) -> WireTensor:
+    """pb.Tensor -> WireTensor, checking dtype, dims and (for raw tensors) the data length."""
+    name = msg.name
+    if not name:
+        raise MalformedMessage("a tensor has an empty name")
+    shape = tuple(int(d) for d in msg.shape)
+    if any(d < 0 for d in shape):
+        raise MalformedMessage(f"tensor {name!r}: negative dimension in shape {shape}")
+    try:
+        dtype = dtype_from_proto(msg.dtype)
+    except MalformedMessage as exc:
+        raise MalformedMessage(f"tensor {name!r}: {exc}") from None
+    t = WireTensor(name=name, shape=shape, dtype=dtype, data=bytes(msg.data), codec=msg.codec)
+    if not t.codec and len(t.data) != t.size * dtype.itemsize:
+        raise MalformedMessage(
+            f"tensor {name!r}: {len(t.data)} data bytes, but shape {shape} of {dtype} needs {t.size * dtype.itemsize}"
+        )
+    return t
+
+
+def tensorset_to_blob(tensors: Iterable[WireTensor]) -> bytes:
+    """Serialize tensors (in the given order) into one TensorSet blob."""
+    return pb.TensorSet(tensors=[tensor_to_proto(t) for t in tensors]).SerializeToString(deterministic=True)
+
+
+def tensorset_from_blob(blob: bytes) -> list[WireTensor]:
+    """Parse a TensorSet blob; refuses unparseable bytes and duplicate tensor names."""
+    msg = pb.TensorSet()
+    try:
+        msg.ParseFromString(blob)
+    except DecodeError as exc:
+        raise MalformedMessage(f"blob is not a valid TensorSet ({len(blob)} bytes): {exc}") from None
+    out = [tensor_from_proto(t) for t in msg.tensors]
+    seen: set[str] = set()
+    for t in out:
+        if t.name in seen:
+            raise MalformedMessage(f"tensor {t.name!r} occurs twice in one blob")
+        seen.add(t.name)
+    return out
+
+
+def arrays_to_blob(arrays: Mapping[str, np.ndarray]) -> bytes:
+    """dict of arrays -> TensorSet blob (raw tensors, sorted by name so equal dicts give equal bytes)."""
+    return tensorset_to_blob(array_to_wire(name, arrays[name]) for name in sorted(arrays))
+
+
+def arrays_from_blob(blob: bytes) -> dict[str, np.ndarray]:
+    """TensorSet blob of raw tensors -> dict of writable native-order arrays."""
+    return {t.name: t.to_array() for t in tensorset_from_blob(blob)}
+
+
+# ---------------------------------------------------------------------------- chunks
+
+
+def sha256(blob: bytes) -> bytes:
+    return hashlib.sha256(blob).digest()
+
+
+def chunk_blob(blob: bytes, chunk_size: int = CHUNK_SIZE, start: int = 0) -> Iterator[pb.Chunk]:
+    """Split `blob` into Chunks from byte `start` on (for resumed downloads); each carries the
+    total size and the digest of the whole blob. An empty blob is one empty chunk."""
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be in (0, {MAX_CHUNK_SIZE}], got {chunk_size}")
+    total = len(blob)
+    if not 0 <= start <= total:
+        raise ValueError(f"start offset {start} is outside the blob of {total} bytes")
+    digest = sha256(blob)
+    view = memoryview(blob)
+    if total == 0 or start == total:
+        yield pb.Chunk(offset=start, data=b"", total_size=total, sha256=digest)
+        return
+    for off in range(start, total, chunk_size):
+        yield pb.Chunk(offset=off, data=bytes(view[off:off + chunk_size]), total_size=total, sha256=digest)
+
+
+def join_chunks(
+    chunks: Iterable[pb.Chunk],
+    expected_total: int | None = None,
+    max_size: int = INT63_MAX,
+    expected_sha256: bytes | None = None,
+    received: bytes = b"",
+) -> bytes:
+    """Reassemble a chunk stream into the blob, verifying as it goes.
+
+    `received` is a prefix already held (a resumed download): the stream must continue at its length.
+    Raises Oversize (announced or actual size above `max_size`, or a chunk above 1 MiB),
+    ChunkOrderError, TruncatedStream, ChecksumMismatch or MalformedMessage (inconsistent headers).
+    """
+    buf = bytearray(received)
+    total: int | None = expected_total
+    digest: bytes | None = expected_sha256
+    if total is not None:
+        _check_total(total, max_size)
+    n_chunks = 0
+    for chunk in chunks:
+        n_chunks += 1
+        if total is None:
+            total = chunk.total_size
+            _check_total(total, max_size)
+        elif chunk.total_size != total:
+            raise MalformedMessage(f"chunk {n_chunks} announces total size {chunk.total_size}, expected {total}")
+        if digest is None:
+            digest = chunk.sha256
+        elif chunk.sha256 != digest:
+            raise ChecksumMismatch(f"chunk {n_chunks} carries a different SHA-256 than announced")
+        if len(chunk.data) > MAX_CHUNK_SIZE:
+            raise Oversize(f"chunk {n_chunks} holds {len(chunk.data)} bytes; at most {MAX_CHUNK_SIZE} are allowed")
+        if chunk.offset != len(buf):
+            raise ChunkOrderError(f"chunk {n_chunks} starts at byte {chunk.offset}, expected {len(buf)}")
+        if len(buf) + len(chunk.data) > total:
+            raise Oversize(f"stream carries more than the announced {total} bytes")
+        buf.extend(chunk.data)
+    if total is None:
+        raise TruncatedStream("the stream ended before any chunk arrived")
+    if len(buf) != total:
+        raise TruncatedStream(f"the stream ended after {len(buf)} of {total} bytes")
+    blob = bytes(buf)
+    if len(digest or b"") != 32:
+        raise ChecksumMismatch(f"the announced SHA-256 has {len(digest or b'')} bytes, not 32")
+    if sha256(blob) != digest:
+        raise ChecksumMismatch(f"SHA-256 of the {total} received bytes does not match the announced digest")
+    return blob
+
+
+def _check_total(total: int, max_size: int) -> None:
+    if total < 0:
+        raise MalformedMessage(f"negative total size {total}")
+    if total > max_size:
+        raise Oversize(f"blob of {total} bytes exceeds the limit of {max_size} bytes")
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def metrics_to_proto(target, metrics: Mapping[str, float]) -> None:
+    """Fill a proto map<string, double> field (`target`) from a dict."""
+    target.clear()
+    for key, value in metrics.items():
+        target[str(key)] = float(value)
+
+
+def metrics_from_proto(source) -> dict[str, float]:
+    return {str(k): float(v) for k, v in source.items()}
+
+
+# ---------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    enroll_token: str
+    device_name: str = ""
+
+
+def join_request_to_proto(r: JoinRequest) -> pb.JoinRequest:
+    return pb.JoinRequest(enroll_token=r.enroll_token, device_name=r.device_name)
+
+
+def join_request_from_proto(m: pb.JoinRequest) -> JoinRequest:
+    return JoinRequest(enroll_token=m.enroll_token, device_name=m.device_name)
+
+
+@dataclass(frozen=True)
+class JoinReply:
+    device_id: int
+    session_token: str
+
+
+def join_reply_to_proto(r: JoinReply) -> pb.JoinReply:
+    return pb.JoinReply(device_id=r.device_id, session_token=r.session_token)
+
+
+def join_reply_from_proto(m: pb.JoinReply) -> JoinReply:
+    return JoinReply(device_id=m.device_id, session_token=m.session_token)
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What a device trains in a round (typed, not a dict)."""
+
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.01
+    shared_tensors: tuple[str, ...] = ()
+    personal_layers: tuple[str, ...] = ()
+    codec: str = "fp32"
+    deadline_unix: float = 0.0
+
+
+def training_config_to_proto(c: TrainingConfig) -> pb.TrainingConfig:
+    return pb.TrainingConfig(
+        local_epochs=c.local_epochs, batch_size=c.batch_size, learning_rate=c.learning_rate,
+        shared_tensors=list(c.shared_tensors), personal_layers=list(c.personal_layers), codec=c.codec,
+        deadline_unix=c.deadline_unix,
+    )
+
+
+def training_config_from_proto(m: pb.TrainingConfig) -> TrainingConfig:
+    return TrainingConfig(
+        local_epochs=m.local_epochs, batch_size=m.batch_size, learning_rate=float(m.learning_rate),
+        shared_tensors=tuple(m.shared_tensors), personal_layers=tuple(m.personal_layers), codec=m.codec,
+        deadline_unix=m.deadline_unix,
+    )
+
+
+class TaskKind(enum.IntEnum):
+    WAIT = pb.TaskReply.WAIT
+    TRAIN = pb.TaskReply.TRAIN
+    DONE = pb.TaskReply.DONE
+
+
+@dataclass(frozen=True)
+class Task:
+    """The reply to GetTask: wait, train round `round_id` from `base_version`, or stop."""
+
+    kind: TaskKind
+    round_id: int = 0
+    base_version: int = 0
+    config: TrainingConfig | None = None
+    retry_after_seconds: float = 0.0
+    model_ini: str = ""
+
+
+def task_to_proto(t: Task) -> pb.TaskReply:
+    msg = pb.TaskReply(kind=int(t.kind), round_id=t.round_id, base_version=t.base_version,
+                       retry_after_seconds=t.retry_after_seconds, model_ini=t.model_ini)
+    if t.config is not None:
+        msg.config.CopyFrom(training_config_to_proto(t.config))
+    return msg
+
+
+def task_from_proto(m: pb.TaskReply) -> Task:
+    return Task(
+        kind=TaskKind(m.kind), round_id=m.round_id, base_version=m.base_version,
+        config=training_config_from_proto(m.config) if m.HasField("config") else None,
+        retry_after_seconds=float(m.retry_after_seconds), model_ini=m.model_ini,
+    )
+
+
+@dataclass(frozen=True)
+class DownloadRequest:
+    version: int
+    offset: int = 0
+
+
+def download_request_to_proto(r: DownloadRequest) -> pb.DownloadRequest:
+    return pb.DownloadRequest(version=r.version, offset=r.offset)
+
+
+def download_request_from_proto(m: pb.DownloadRequest) -> DownloadRequest:
+    return DownloadRequest(version=m.version, offset=m.offset)
+
+
+@dataclass(frozen=True)
+class UpdateHeader:
+    """First message of an upload: which round and base, how many examples, and the blob's size and digest."""
+
+    round_id: int
+    base_version: int
+    num_examples: int
+    total_size: int
+    sha256: bytes
+    codec: str = "fp32"
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def update_header_to_proto(h: UpdateHeader) -> pb.UpdateHeader:
+    msg = pb.UpdateHeader(round_id=h.round_id, base_version=h.base_version, num_examples=h.num_examples,
+                          codec=h.codec, total_size=h.total_size, sha256=h.sha256)
+    metrics_to_proto(msg.metrics, h.metrics)
+    return msg
+
+
+def update_header_from_proto(m: pb.UpdateHeader) -> UpdateHeader:
+    return UpdateHeader(round_id=m.round_id, base_version=m.base_version, num_examples=m.num_examples,
+                        total_size=m.total_size, sha256=bytes(m.sha256), codec=m.codec,
+                        metrics=metrics_from_proto(m.metrics))
+
+
+def upload_messages(header: UpdateHeader, blob: bytes, chunk_size: int = CHUNK_SIZE) -> Iterator[pb.UploadMessage]:
+    """The client side of UploadUpdate: the header, then the blob's chunks."""
+    yield pb.UploadMessage(header=update_header_to_proto(header))
+    for chunk in chunk_blob(blob, chunk_size):
+        yield pb.UploadMessage(chunk=chunk)
+
+
+def split_upload(messages: Iterable[pb.UploadMessage]) -> tuple[UpdateHeader, Iterator[pb.Chunk]]:
+    """The server side of UploadUpdate: the header and an iterator over the chunks that follow.
+
+    Raises TruncatedStream if the stream is empty, MalformedMessage if it does not start with a header
+    or carries a second header later."""
+    it = iter(messages)
+    first = next(it, None)
+    if first is None:
+        raise TruncatedStream("the upload stream ended before its header")
+    if first.WhichOneof("msg") != "header":
+        raise MalformedMessage("an upload must start with an UpdateHeader")
+    header = update_header_from_proto(first.header)
+
+    def chunks() -> Iterator[pb.Chunk]:
+        for msg in it:
+            if msg.WhichOneof("msg") != "chunk":
+                raise MalformedMessage("an upload carries exactly one header, first")
+            yield msg.chunk
+
+    return header, chunks()
+
+
+@dataclass(frozen=True)
+class UploadReply:
+    accepted: bool
+    message: str = ""
+    updates_in_round: int = 0
+
+
+def upload_reply_to_proto(r: UploadReply) -> pb.UploadReply:
+    return pb.UploadReply(accepted=r.accepted, message=r.message, updates_in_round=r.updates_in_round)
+
+
+def upload_reply_from_proto(m: pb.UploadReply) -> UploadReply:
+    return UploadReply(accepted=m.accepted, message=m.message, updates_in_round=m.updates_in_round)
+
+
+@dataclass(frozen=True)
+class RoundSummary:
+    round_id: int
+    version: int = 0
+    state: str = "open"
+    devices: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def round_summary_to_proto(r: RoundSummary) -> pb.RoundSummary:
+    msg = pb.RoundSummary(round_id=r.round_id, version=r.version, state=r.state, devices=r.devices)
+    metrics_to_proto(msg.metrics, r.metrics)
+    return msg
+
+
+def round_summary_from_proto(m: pb.RoundSummary) -> RoundSummary:
+    return RoundSummary(round_id=m.round_id, version=m.version, state=m.state, devices=m.devices,
+                        metrics=metrics_from_proto(m.metrics))
+
+
+@dataclass(frozen=True)
+class Status:
+    """Progress of the federation, as GetStatus reports it."""
+
+    version: int = 0
+    current_round: int = 0
+    round_state: str = ""
+    rounds_completed: int = 0
+    rounds_target: int = 0
+    devices_joined: int = 0
+    finished: bool = False
+    rounds: tuple[RoundSummary, ...] = ()
+
+
+def status_to_proto(s: Status) -> pb.StatusReply:
+    return pb.StatusReply(
+        version=s.version, current_round=s.current_round, round_state=s.round_state,
+        rounds_completed=s.rounds_completed, rounds_target=s.rounds_target, devices_joined=s.devices_joined,
+        finished=s.finished, rounds=[round_summary_to_proto(r) for r in s.rounds],
+    )
+
+
+def status_from_proto(m: pb.StatusReply) -> Status:
+    return Status(
+        version=m.version, current_round=m.current_round, round_state=m.round_state,
+        rounds_completed=m.rounds_completed, rounds_target=m.rounds_target, devices_joined=m.devices_joined,
+        finished=m.finished, rounds=tuple(round_summary_from_proto(r) for r in m.rounds),
+    )
+
+
+def auth_metadata(device_id: int, token: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata that authenticates a device (every RPC except Join)."""
+    return ((DEVICE_KEY, str(int(device_id))), (TOKEN_KEY, token))
