@@ -1,0 +1,244 @@
+"""Delta codecs: round trips against each codec's stated bound, error feedback, corrupted payloads."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+import zstandard
+
+from common import codec
+from common.codec import CODECS, CodecError, decode, encode, parse_codec
+
+NAMES = ["fp32", "fp16", "int8", "topk:0.05", "topk:0.3", "topk:1"]
+ALL = NAMES + [n + "+zstd" for n in NAMES] + ["int8+zlib", "topk:0.01+zlib"]
+SHAPES = [(0,), (1,), (7,), (3, 5), (255,), (257,), (4, 3, 3, 3), (2000,)]
+
+
+def _delta(shape, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32) * np.float32(0.01)
+    if x.size > 3:
+        x.reshape(-1)[1] = 0.5  # one outlier, as deltas have
+    return x
+
+
+def _int8_scales(x: np.ndarray) -> np.ndarray:
+    flat = x.reshape(-1).astype(np.float64)
+    out = np.empty(flat.size)
+    for lo in range(0, flat.size, codec.INT8_CHUNK):
+        hi = min(lo + codec.INT8_CHUNK, flat.size)
+        out[lo:hi] = np.abs(flat[lo:hi]).max() / 127.0
+    return out.reshape(x.shape)
+
+
+def test_registry_names_parse():
+    assert set(CODECS) == {"fp32", "fp16", "int8", "topk"}
+    assert parse_codec("topk:0.01+zstd") == codec.CodecSpec("topk", 0.01, "zstd")
+    assert parse_codec("INT8").name == "int8"
+    assert parse_codec("topk:0.05+zlib").name == "topk:0.05+zlib"
+
+
+@pytest.mark.parametrize("bad", ["fp64", "topk", "topk:0", "topk:1.5", "topk:x", "fp32:3", "int8+lz4", ""])
+def test_bad_codec_names_are_refused(bad):
+    with pytest.raises(CodecError):
+        parse_codec(bad)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_round_trip_within_stated_bound(name, shape):
+    x = _delta(shape)
+    payload, residual = encode(name, x, None, rng_seed=7)
+    y = decode(name, payload, shape)
+    assert y.dtype == np.float32 and y.shape == shape
+    base = parse_codec(name).base
+    if base == "fp32":
+        np.testing.assert_array_equal(y, x)
+        assert residual is None
+    elif base == "fp16":
+        np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-7)
+        assert residual is None
+    elif base == "int8":
+        assert (np.abs(y - x) <= _int8_scales(x) * (1 + 1e-6) + 1e-12).all()
+        assert residual is None
+    else:
+        # top-k: what was sent plus what is carried is exactly the input, and the sent part is the largest
+        assert residual is not None and residual.shape == shape
+        np.testing.assert_array_equal(y + residual, x)
+        k = codec.topk_count(x.size, parse_codec(name).param)
+        assert np.count_nonzero(y) <= k
+        if x.size:
+            sent = np.abs(x[y != 0]) if np.count_nonzero(y) else np.zeros(1)
+            assert sent.min() >= np.abs(residual).max()
+
+
+def test_encoding_is_deterministic_in_its_seed():
+    x = _delta((1000,))
+    a, _ = encode("int8", x, None, rng_seed=1)
+    b, _ = encode("int8", x, None, rng_seed=1)
+    c, _ = encode("int8", x, None, rng_seed=2)
+    assert a == b and a != c
+
+
+def test_int8_stochastic_rounding_is_unbiased():
+    x = _delta((512,), seed=3)
+    mean = np.mean([decode("int8", encode("int8", x, None, rng_seed=s)[0], x.shape) for s in range(400)], axis=0)
+    scales = _int8_scales(x)
+    # each sample has |error| < scale; the mean of 400 independent ones is within a few scale/sqrt(400)
+    assert (np.abs(mean - x) <= 0.25 * scales + 1e-12).all()
+
+
+def test_int8_error_bound_on_extreme_values():
+    x = np.array([3.0e4, -3.0e4, 1e-30, 0.0, 1.0, -1.0] * 100, np.float32)
+    y = decode("int8", encode("int8", x, None, rng_seed=5)[0], x.shape)
+    assert (np.abs(y - x) <= _int8_scales(x) * (1 + 1e-6)).all()
+    assert y[0] == pytest.approx(3.0e4, rel=1e-6)  # the chunk max is exact
+
+
+def test_residual_is_folded_into_codecs_without_error_feedback():
+    x, r = _delta((100,), 1), _delta((100,), 2)
+    payload, new_residual = encode("fp32", x, r)
+    np.testing.assert_array_equal(decode("fp32", payload, x.shape), x + r)
+    assert new_residual is None
+
+
+def test_topk_with_error_feedback_converges_on_a_toy_problem():
+    """Compressed gradient descent on 0.5 * ||w - target||^2 sending 1% per step reaches the target."""
+    rng = np.random.default_rng(0)
+    target = rng.standard_normal(2000).astype(np.float32)
+    w = np.zeros_like(target)
+    residual = None
+    sent_total = np.zeros_like(target)
+    steps_total = np.zeros_like(target)
+    for step in range(1500):
+        delta = -0.01 * (w - target)
+        payload, residual = encode("topk:0.01+zstd", delta, residual, rng_seed=step)
+        update = decode("topk:0.01+zstd", payload, w.shape)
+        w += update
+        sent_total += update
+        steps_total += delta
+    assert np.linalg.norm(w - target) < 1e-3 * np.linalg.norm(target)
+    # error feedback loses nothing: all deltas = all that was sent + what is still carried
+    np.testing.assert_allclose(steps_total, sent_total + residual, atol=1e-3)
+
+
+def test_topk_without_error_feedback_loses_mass():
+    """The same scheme with the residual dropped each step leaves the small coordinates behind."""
+    rng = np.random.default_rng(0)
+    deltas = [rng.standard_normal(1000).astype(np.float32) for _ in range(50)]
+    with_ef, without_ef, residual = np.zeros(1000, np.float32), np.zeros(1000, np.float32), None
+    for i, d in enumerate(deltas):
+        p, residual = encode("topk:0.05", d, residual, i)
+        with_ef += decode("topk:0.05", p, d.shape)
+        without_ef += decode("topk:0.05", encode("topk:0.05", d, None, i)[0], d.shape)
+    truth = np.sum(deltas, axis=0)
+    assert np.linalg.norm(truth - with_ef) < 0.5 * np.linalg.norm(truth - without_ef)
+
+
+def test_compression_ratios():
+    x = _delta((100_000,))
+    fp32 = len(encode("fp32", x)[0])
+    assert len(encode("fp16", x)[0]) < 0.51 * fp32
+    assert len(encode("int8", x)[0]) < 0.26 * fp32
+    assert len(encode("topk:0.01+zstd", x)[0]) < fp32 / 20
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_delta_is_refused(bad):
+    x = _delta((10,))
+    x[3] = bad
+    for name in NAMES:
+        with pytest.raises(CodecError, match="non-finite"):
+            encode(name, x)
+
+
+def test_fp16_overflow_and_residual_mismatch_are_refused():
+    with pytest.raises(CodecError, match="fp16"):
+        encode("fp16", np.array([1e6], np.float32))
+    with pytest.raises(CodecError, match="residual"):
+        encode("topk:0.1", _delta((10,)), np.zeros(9, np.float32))
+
+
+# --- corrupted and mismatched payloads ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_truncated_extended_and_reshaped_payloads_raise(name):
+    x = _delta((300,))
+    payload, _ = encode(name, x, None, 1)
+    for bad in (payload[:-1], payload[: len(payload) // 2], payload + b"\0", b"", payload[:5]):
+        with pytest.raises(CodecError):
+            decode(name, bad, x.shape)
+    with pytest.raises(CodecError):
+        decode(name, payload, (301,))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_wrong_codec_or_magic_raises(name):
+    x = _delta((64,))
+    payload, _ = encode(name, x)
+    other = "fp16" if name != "fp16" else "fp32"
+    with pytest.raises(CodecError):
+        decode(other, payload, x.shape)
+    with pytest.raises(CodecError, match="magic"):
+        decode(name, b"XXXX" + payload[4:], x.shape)
+
+
+def test_corrupted_values_raise():
+    x = _delta((64,))
+    header = codec._HEADER.size
+    payload = bytearray(encode("fp32", x)[0])
+    payload[header : header + 4] = struct.pack("<f", float("nan"))
+    with pytest.raises(CodecError, match="non-finite"):
+        decode("fp32", bytes(payload), x.shape)
+    payload = bytearray(encode("int8", x)[0])
+    payload[header + 4 : header + 8] = struct.pack("<f", float("inf"))  # the first scale
+    with pytest.raises(CodecError, match="scales"):
+        decode("int8", bytes(payload), x.shape)
+    payload = bytearray(encode("int8", x)[0])
+    payload[-1] = 0x80  # -128 is never produced
+    with pytest.raises(CodecError, match="-128"):
+        decode("int8", bytes(payload), x.shape)
+
+
+def test_bad_topk_indices_raise():
+    n = 1000
+    x = _delta((n,))
+    payload, _ = encode("topk:0.01", x)
+    header = codec._HEADER.size
+    k, width = codec._TOPK_HEADER.unpack_from(payload, header)
+    assert k == 10 and width == 2
+    gaps_at = header + codec._TOPK_HEADER.size
+    repeated = bytearray(payload)
+    repeated[gaps_at + 2 : gaps_at + 4] = struct.pack("<H", 0)  # a repeated index
+    out_of_range = bytearray(payload)
+    out_of_range[gaps_at + 2 * (k - 1) : gaps_at + 2 * k] = struct.pack("<H", 60000)
+    bad_width = bytearray(payload)
+    bad_width[header + 8] = 3
+    too_many = bytearray(payload)
+    too_many[header : header + 8] = struct.pack("<Q", 2000)
+    for bad, match in [(repeated, "increasing"), (out_of_range, "range"), (bad_width, "width"), (too_many, "claims")]:
+        with pytest.raises(CodecError, match=match):
+            decode("topk:0.01", bytes(bad), (n,))
+
+
+def test_corrupted_and_oversized_compressed_frames_raise():
+    x = _delta((300,))
+    payload, _ = encode("int8+zstd", x)
+    with pytest.raises(CodecError, match="zstd"):
+        decode("int8+zstd", payload[:-3], x.shape)
+    with pytest.raises(CodecError, match="zstd"):
+        decode("int8+zstd", b"not a zstd frame at all", x.shape)
+    bomb = zstandard.ZstdCompressor().compress(b"\0" * 10_000_000)
+    with pytest.raises(CodecError, match="more than"):
+        decode("int8+zstd", bomb, x.shape)
+    with pytest.raises(CodecError, match="zlib"):
+        decode("int8+zlib", encode("int8+zlib", x)[0][:-2], x.shape)
+
+
+def test_derive_seed_is_stable_and_distinct():
+    assert codec.derive_seed(3, 7, "fc.weight") == codec.derive_seed(3, 7, "fc.weight")
+    assert len({codec.derive_seed(d, r) for d in range(20) for r in range(20)}) == 400
+    assert 0 <= codec.derive_seed("x") < 2**64
