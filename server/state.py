@@ -1,0 +1,474 @@
+"""Federation bookkeeping: devices, rounds, accepted updates (metadata only) and round metrics.
+
+One interface, two backends: `MemoryState` (tests, fast) and `SqliteState` (the durable default,
+stdlib sqlite3 in WAL mode). Both run the same test suite. Writes that belong together go inside
+`with state.tx():`, which nests (savepoints) and rolls everything back on error. Ids and
+versions are positive int63, so they fit SQLite's signed INTEGER.
+"""
+
+from __future__ import annotations
+
+import abc
+import copy
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+INT63_MAX = (1 << 63) - 1
+
+# Listed once; applied to every SQLite connection.
+SQLITE_PRAGMAS: tuple[tuple[str, str], ...] = (
+    ("journal_mode", "WAL"),
+    ("synchronous", "FULL"),
+    ("foreign_keys", "ON"),
+    ("busy_timeout", "5000"),
+)
+
+OPEN, CLOSED, ABANDONED = "open", "closed", "abandoned"
+ROUND_STATES = (OPEN, CLOSED, ABANDONED)
+
+
+class StateError(RuntimeError):
+    """A state operation broke an invariant (unknown id, duplicate, wrong round state)."""
+
+
+class UnknownId(StateError, KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class Conflict(StateError):
+    """The write conflicts with what is stored (duplicate update, round not open)."""
+
+
+@dataclass(frozen=True)
+class Device:
+    device_id: int
+    name: str | None
+    token_hash: str
+    joined_at: float
+
+
+@dataclass(frozen=True)
+class Round:
+    round_id: int
+    base_version: int
+    state: str
+    opened_at: float
+    deadline: float
+    selected: tuple[int, ...]
+    closed_at: float = 0.0
+    version: int = 0  # the version this round produced (0 while open or if abandoned)
+    reason: str = ""  # why it was abandoned
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """What the server keeps about an accepted update: never the delta itself."""
+
+    round_id: int
+    device_id: int
+    num_examples: int
+    nbytes: int
+    sha256: str
+    accepted_at: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def check_id(value: int, what: str, allow_zero: bool = False) -> int:
+    """Ids and versions are int63: positive (or zero where stated) and below 2**63."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    low = 0 if allow_zero else 1
+    if not low <= value <= INT63_MAX:
+        raise ValueError(f"{what} must be in [{low}, 2**63-1], got {value}")
+    return value
+
+
+class State(abc.ABC):
+    """The bookkeeping interface the round coordinator uses."""
+
+    @abc.abstractmethod
+    def tx(self) -> AbstractContextManager[None]:
+        """Transaction scope: commits on success, rolls back on error, nests."""
+
+    # devices
+    @abc.abstractmethod
+    def add_device(self, name: str | None, token_hash: str, now: float) -> Device:
+        """Enroll a device; a known `name` keeps its id and gets the new token hash."""
+
+    @abc.abstractmethod
+    def device(self, device_id: int) -> Device | None: ...
+
+    @abc.abstractmethod
+    def count_devices(self) -> int: ...
+
+    # rounds
+    @abc.abstractmethod
+    def open_round(self, base_version: int, selected: tuple[int, ...], now: float, deadline: float) -> Round: ...
+
+    @abc.abstractmethod
+    def round(self, round_id: int) -> Round | None: ...
+
+    @abc.abstractmethod
+    def rounds(self, limit: int | None = None) -> list[Round]:
+        """Rounds, newest first."""
+
+    @abc.abstractmethod
+    def open_rounds(self) -> list[Round]: ...
+
+    @abc.abstractmethod
+    def close_round(self, round_id: int, version: int, metrics: dict[str, float], now: float) -> Round: ...
+
+    @abc.abstractmethod
+    def abandon_round(self, round_id: int, reason: str, now: float) -> Round: ...
+
+    @abc.abstractmethod
+    def count_rounds(self, state: str) -> int: ...
+
+    # updates
+    @abc.abstractmethod
+    def add_update(self, rec: UpdateRecord) -> None:
+        """Record an accepted update; Conflict if the round is not open or the device already reported."""
+
+    @abc.abstractmethod
+    def updates(self, round_id: int) -> list[UpdateRecord]: ...
+
+    @abc.abstractmethod
+    def count_updates(self, round_id: int) -> int: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (the SQLite connection)."""
+
+
+# ---------------------------------------------------------------------------------- memory
+
+
+@dataclass
+class _Tables:
+    devices: dict[int, Device] = field(default_factory=dict)
+    names: dict[str, int] = field(default_factory=dict)
+    rounds: dict[int, Round] = field(default_factory=dict)
+    updates: dict[int, dict[int, UpdateRecord]] = field(default_factory=dict)
+    next_device: int = 1
+    next_round: int = 1
+
+
+class MemoryState(State):
+    """In-process state; a transaction snapshots the tables and restores them on error."""
+
+    def __init__(self) -> None:
+        self._t = _Tables()
+        self._lock = threading.RLock()
+        self._snapshots: list[_Tables] = []
+
+    @contextmanager
+    def tx(self) -> Iterator[None]:
+        with self._lock:
+            self._snapshots.append(copy.deepcopy(self._t))
+            try:
+                yield
+            except BaseException:
+                self._t = self._snapshots.pop()
+                raise
+            else:
+                self._snapshots.pop()
+
+    def add_device(self, name: str | None, token_hash: str, now: float) -> Device:
+        with self.tx():
+            if name and name in self._t.names:
+                dev = replace(self._t.devices[self._t.names[name]], token_hash=token_hash)
+            else:
+                dev = Device(self._t.next_device, name or None, token_hash, now)
+                self._t.next_device += 1
+                if name:
+                    self._t.names[name] = dev.device_id
+            self._t.devices[dev.device_id] = dev
+            return dev
+
+    def device(self, device_id: int) -> Device | None:
+        with self._lock:
+            return self._t.devices.get(device_id)
+
+    def count_devices(self) -> int:
+        with self._lock:
+            return len(self._t.devices)
+
+    def open_round(self, base_version: int, selected: tuple[int, ...], now: float, deadline: float) -> Round:
+        check_id(base_version, "base_version", allow_zero=True)
+        with self.tx():
+            for d in selected:
+                if d not in self._t.devices:
+                    raise UnknownId(f"device {d} is not enrolled")
+            r = Round(self._t.next_round, base_version, OPEN, now, deadline, tuple(sorted(selected)))
+            self._t.next_round += 1
+            self._t.rounds[r.round_id] = r
+            self._t.updates[r.round_id] = {}
+            return r
+
+    def round(self, round_id: int) -> Round | None:
+        with self._lock:
+            return self._t.rounds.get(round_id)
+
+    def rounds(self, limit: int | None = None) -> list[Round]:
+        with self._lock:
+            out = sorted(self._t.rounds.values(), key=lambda r: -r.round_id)
+            return out if limit is None else out[:limit]
+
+    def open_rounds(self) -> list[Round]:
+        with self._lock:
+            return sorted((r for r in self._t.rounds.values() if r.state == OPEN), key=lambda r: r.round_id)
+
+    def _finish(self, round_id: int, **changes) -> Round:
+        with self.tx():
+            r = self._t.rounds.get(round_id)
+            if r is None:
+                raise UnknownId(f"round {round_id} does not exist")
+            if r.state != OPEN:
+                raise Conflict(f"round {round_id} is {r.state}, not open")
+            r = replace(r, **changes)
+            self._t.rounds[round_id] = r
+            return r
+
+    def close_round(self, round_id: int, version: int, metrics: dict[str, float], now: float) -> Round:
+        check_id(version, "version")
+        return self._finish(round_id, state=CLOSED, version=version, metrics=dict(metrics), closed_at=now)
+
+    def abandon_round(self, round_id: int, reason: str, now: float) -> Round:
+        return self._finish(round_id, state=ABANDONED, reason=reason, closed_at=now)
+
+    def count_rounds(self, state: str) -> int:
+        with self._lock:
+            return sum(1 for r in self._t.rounds.values() if r.state == state)
+
+    def add_update(self, rec: UpdateRecord) -> None:
+        with self.tx():
+            r = self._t.rounds.get(rec.round_id)
+            if r is None:
+                raise UnknownId(f"round {rec.round_id} does not exist")
+            if r.state != OPEN:
+                raise Conflict(f"round {rec.round_id} is {r.state}, not open")
+            if rec.device_id not in self._t.devices:
+                raise UnknownId(f"device {rec.device_id} is not enrolled")
+            if rec.device_id in self._t.updates[rec.round_id]:
+                raise Conflict(f"device {rec.device_id} already reported for round {rec.round_id}")
+            self._t.updates[rec.round_id][rec.device_id] = rec
+
+    def updates(self, round_id: int) -> list[UpdateRecord]:
+        with self._lock:
+            return sorted(self._t.updates.get(round_id, {}).values(), key=lambda u: u.device_id)
+
+    def count_updates(self, round_id: int) -> int:
+        with self._lock:
+            return len(self._t.updates.get(round_id, {}))
+
+
+# ---------------------------------------------------------------------------------- sqlite
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (
+    device_id  INTEGER PRIMARY KEY AUTOINCREMENT,
+    name       TEXT UNIQUE,
+    token_hash TEXT NOT NULL,
+    joined_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    base_version INTEGER NOT NULL CHECK (base_version >= 0),
+    state        TEXT NOT NULL CHECK (state IN ('open', 'closed', 'abandoned')),
+    opened_at    REAL NOT NULL,
+    deadline     REAL NOT NULL,
+    closed_at    REAL NOT NULL DEFAULT 0,
+    version      INTEGER NOT NULL DEFAULT 0 CHECK (version >= 0),
+    reason       TEXT NOT NULL DEFAULT '',
+    metrics      TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS selections (
+    round_id  INTEGER NOT NULL REFERENCES rounds(round_id),
+    device_id INTEGER NOT NULL REFERENCES devices(device_id),
+    PRIMARY KEY (round_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS updates (
+    round_id     INTEGER NOT NULL REFERENCES rounds(round_id),
+    device_id    INTEGER NOT NULL REFERENCES devices(device_id),
+    num_examples INTEGER NOT NULL CHECK (num_examples > 0),
+    nbytes       INTEGER NOT NULL CHECK (nbytes >= 0),
+    sha256       TEXT NOT NULL,
+    accepted_at  REAL NOT NULL,
+    metrics      TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (round_id, device_id)
+);
+"""
+
+
+class SqliteState(State):
+    """State in one SQLite database (a file, or ":memory:"), shared by the server's threads.
+
+    One connection guarded by a lock: writes are tiny and serialized by the coordinator anyway."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._lock = threading.RLock()
+        self._depth = 0
+        for key, value in SQLITE_PRAGMAS:
+            self._db.execute(f"PRAGMA {key} = {value}")
+        with self.tx():  # (executescript would commit early; run the statements one by one)
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+
+    @contextmanager
+    def tx(self) -> Iterator[None]:
+        with self._lock:
+            depth = self._depth
+            self._db.execute("BEGIN IMMEDIATE" if depth == 0 else f"SAVEPOINT sp{depth}")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if depth == 0:
+                    self._db.execute("ROLLBACK")
+                else:
+                    self._db.execute(f"ROLLBACK TO sp{depth}")
+                    self._db.execute(f"RELEASE sp{depth}")
+                raise
+            else:
+                self._depth -= 1
+                self._db.execute("COMMIT" if depth == 0 else f"RELEASE sp{depth}")
+
+    def _one(self, sql: str, args: tuple = ()) -> tuple | None:
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def add_device(self, name: str | None, token_hash: str, now: float) -> Device:
+        with self.tx():
+            if name:
+                row = self._one("SELECT device_id FROM devices WHERE name = ?", (name,))
+                if row is not None:
+                    self._db.execute("UPDATE devices SET token_hash = ? WHERE device_id = ?", (token_hash, row[0]))
+                    return self.device(row[0])  # type: ignore[return-value]
+            cur = self._db.execute(
+                "INSERT INTO devices (name, token_hash, joined_at) VALUES (?, ?, ?)", (name or None, token_hash, now)
+            )
+            return Device(check_id(cur.lastrowid, "device_id"), name or None, token_hash, now)
+
+    def device(self, device_id: int) -> Device | None:
+        if not 1 <= device_id <= INT63_MAX:
+            return None
+        row = self._one("SELECT device_id, name, token_hash, joined_at FROM devices WHERE device_id = ?", (device_id,))
+        return Device(*row) if row else None
+
+    def count_devices(self) -> int:
+        return self._one("SELECT COUNT(*) FROM devices")[0]  # type: ignore[index]
+
+    def open_round(self, base_version: int, selected: tuple[int, ...], now: float, deadline: float) -> Round:
+        check_id(base_version, "base_version", allow_zero=True)
+        with self.tx():
+            cur = self._db.execute(
+                "INSERT INTO rounds (base_version, state, opened_at, deadline) VALUES (?, 'open', ?, ?)",
+                (base_version, now, deadline),
+            )
+            rid = check_id(cur.lastrowid, "round_id")
+            for d in sorted(selected):
+                if self.device(d) is None:
+                    raise UnknownId(f"device {d} is not enrolled")
+                self._db.execute("INSERT INTO selections (round_id, device_id) VALUES (?, ?)", (rid, d))
+            return self.round(rid)  # type: ignore[return-value]
+
+    _ROUND_COLS = "round_id, base_version, state, opened_at, deadline, closed_at, version, reason, metrics"
+
+    def _round_from_row(self, row: tuple) -> Round:
+        rid, base, state, opened, deadline, closed, version, reason, metrics = row
+        sel = tuple(d for (d,) in self._all(
+            "SELECT device_id FROM selections WHERE round_id = ? ORDER BY device_id", (rid,)))
+        return Round(rid, base, state, opened, deadline, sel, closed, version, reason, json.loads(metrics))
+
+    def round(self, round_id: int) -> Round | None:
+        if not 1 <= round_id <= INT63_MAX:
+            return None
+        with self._lock:
+            row = self._one(f"SELECT {self._ROUND_COLS} FROM rounds WHERE round_id = ?", (round_id,))
+            return self._round_from_row(row) if row else None
+
+    def rounds(self, limit: int | None = None) -> list[Round]:
+        with self._lock:
+            rows = self._all(f"SELECT {self._ROUND_COLS} FROM rounds ORDER BY round_id DESC LIMIT ?",
+                             (-1 if limit is None else limit,))
+            return [self._round_from_row(r) for r in rows]
+
+    def open_rounds(self) -> list[Round]:
+        with self._lock:
+            rows = self._all(f"SELECT {self._ROUND_COLS} FROM rounds WHERE state = 'open' ORDER BY round_id")
+            return [self._round_from_row(r) for r in rows]
+
+    def _require_open(self, round_id: int) -> None:
+        row = self._one("SELECT state FROM rounds WHERE round_id = ?", (round_id,))
+        if row is None:
+            raise UnknownId(f"round {round_id} does not exist")
+        if row[0] != OPEN:
+            raise Conflict(f"round {round_id} is {row[0]}, not open")
+
+    def close_round(self, round_id: int, version: int, metrics: dict[str, float], now: float) -> Round:
+        check_id(version, "version")
+        with self.tx():
+            self._require_open(round_id)
+            self._db.execute(
+                "UPDATE rounds SET state = 'closed', version = ?, metrics = ?, closed_at = ? WHERE round_id = ?",
+                (version, json.dumps(metrics, sort_keys=True), now, round_id),
+            )
+            return self.round(round_id)  # type: ignore[return-value]
+
+    def abandon_round(self, round_id: int, reason: str, now: float) -> Round:
+        with self.tx():
+            self._require_open(round_id)
+            self._db.execute(
+                "UPDATE rounds SET state = 'abandoned', reason = ?, closed_at = ? WHERE round_id = ?",
+                (reason, now, round_id),
+            )
+            return self.round(round_id)  # type: ignore[return-value]
+
+    def count_rounds(self, state: str) -> int:
+        return self._one("SELECT COUNT(*) FROM rounds WHERE state = ?", (state,))[0]  # type: ignore[index]
+
+    def add_update(self, rec: UpdateRecord) -> None:
+        with self.tx():
+            self._require_open(rec.round_id)
+            if self.device(rec.device_id) is None:
+                raise UnknownId(f"device {rec.device_id} is not enrolled")
+            try:
+                self._db.execute(
+                    "INSERT INTO updates (round_id, device_id, num_examples, nbytes, sha256, accepted_at, metrics)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (rec.round_id, rec.device_id, rec.num_examples, rec.nbytes, rec.sha256, rec.accepted_at,
+                     json.dumps(rec.metrics, sort_keys=True)),
+                )
+            except sqlite3.IntegrityError as exc:
+                if "UNIQUE" in str(exc) or "PRIMARY KEY" in str(exc):
+                    raise Conflict(f"device {rec.device_id} already reported for round {rec.round_id}") from None
+                raise StateError(f"update record refused by the database: {exc}") from None
+
+    def updates(self, round_id: int) -> list[UpdateRecord]:
+        rows = self._all(
+            "SELECT round_id, device_id, num_examples, nbytes, sha256, accepted_at, metrics FROM updates"
+            " WHERE round_id = ? ORDER BY device_id", (round_id,))
+        return [UpdateRecord(*r[:6], metrics=json.loads(r[6])) for r in rows]
+
+    def count_updates(self, round_id: int) -> int:
+        return self._one("SELECT COUNT(*) FROM updates WHERE round_id = ?", (round_id,))[0]  # type: ignore[index]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
