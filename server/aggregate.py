@@ -1,0 +1,205 @@
+"""Streaming aggregators and server optimizers: pure numpy, no gRPC.
+
+An aggregator folds each accepted delta into a running weighted sum (memory O(model), never
+O(devices x model)); its `result()` is the mean delta or None when nothing arrived. A server
+optimizer turns (base, mean delta) into the next base; its state is explicit so it is saved
+with every model version and a restarted server carries on.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+Arrays = dict[str, np.ndarray]
+
+
+class AggregationError(ValueError):
+    """A delta does not fit the round's base (names, shapes) or its weight is not positive."""
+
+
+class Aggregator:
+    """start(round, base) -> add(delta, weight)* -> result(); subclasses may rescale each delta (`_scale`)."""
+
+    def __init__(self) -> None:
+        self.round_id: int | None = None
+        self._sums: dict[str, np.ndarray] = {}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def start(self, round_id: int, base: Mapping[str, np.ndarray]) -> None:
+        """Begin a round; `base` fixes the names and shapes every delta must have (its values are unused)."""
+        self.round_id = round_id
+        self._sums = {k: np.zeros(np.shape(v), np.float64) for k, v in base.items()}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
+        """Fold one delta in. Checks names, shapes and weight before changing any sum."""
+        if self.round_id is None:
+            raise AggregationError("add() before start()")
+        if not (math.isfinite(weight) and weight > 0):
+            raise AggregationError(f"weight must be positive and finite, got {weight}")
+        if set(delta) != set(self._sums):
+            raise AggregationError(f"delta tensors {sorted(delta)} differ from the base's {sorted(self._sums)}")
+        for k, s in self._sums.items():
+            if np.shape(delta[k]) != s.shape:
+                raise AggregationError(f"delta {k!r} has shape {np.shape(delta[k])}, base has {s.shape}")
+        scale = weight * self._scale(delta)
+        for k, s in self._sums.items():
+            s += scale * np.asarray(delta[k], np.float64)
+        self.total_weight += weight
+        self.count += 1
+
+    def _scale(self, delta: Mapping[str, np.ndarray]) -> float:
+        return 1.0
+
+    def result(self) -> Arrays | None:
+        """The weighted mean delta (float32), or None if no update was added."""
+        if self.count == 0:
+            return None
+        return {k: (s / self.total_weight).astype(np.float32) for k, s in self._sums.items()}
+
+
+class WeightedMean(Aggregator):
+    """Mean of deltas weighted by example count."""
+
+
+class ClippedMean(Aggregator):
+    """Each delta is scaled down to global L2 norm <= clip_norm, then the weighted mean."""
+
+    def __init__(self, clip_norm: float) -> None:
+        super().__init__()
+        if not clip_norm > 0:
+            raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
+        self.clip_norm = float(clip_norm)
+
+    def _scale(self, delta: Mapping[str, np.ndarray]) -> float:
+        norm = global_norm(delta)
+        return 1.0 if norm <= self.clip_norm else self.clip_norm / norm
+
+
+def global_norm(arrays: Mapping[str, np.ndarray]) -> float:
+    """L2 norm over all tensors together."""
+    return math.sqrt(sum(float(np.dot(a.ravel().astype(np.float64), a.ravel().astype(np.float64)))
+                         for a in arrays.values()))
+
+
+# ------------------------------------------------------------------------------ optimizers
+
+
+class ServerOptimizer(abc.ABC):
+    """step(base, mean_delta) -> new base; `state()` / `load_state()` make it restartable."""
+
+    name = "?"
+
+    @abc.abstractmethod
+    def step(self, base: Mapping[str, np.ndarray], mean_delta: Mapping[str, np.ndarray]) -> Arrays: ...
+
+    def state(self) -> Arrays:
+        """A copy of the optimizer state (saved with each model version)."""
+        return {}
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:  # noqa: B027 - stateless default
+        """Restore from `state()`; an empty mapping means a fresh start."""
+
+
+def _check_pair(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> None:
+    if set(base) != set(delta):
+        raise AggregationError(f"delta tensors {sorted(delta)} differ from the base's {sorted(base)}")
+
+
+class FedAvg(ServerOptimizer):
+    """new = base + lr * mean."""
+
+    name = "fedavg"
+
+    def __init__(self, lr: float = 1.0) -> None:
+        self.lr = float(lr)
+
+    def step(self, base: Mapping[str, np.ndarray], mean_delta: Mapping[str, np.ndarray]) -> Arrays:
+        _check_pair(base, mean_delta)
+        return {k: (base[k] + np.float32(self.lr) * mean_delta[k]).astype(np.float32) for k in base}
+
+
+class FedAvgM(ServerOptimizer):
+    """Server momentum: m = beta m + mean; new = base + lr m."""
+
+    name = "fedavgm"
+
+    def __init__(self, lr: float = 1.0, beta: float = 0.9) -> None:
+        self.lr, self.beta = float(lr), float(beta)
+        self.m: Arrays = {}
+
+    def step(self, base: Mapping[str, np.ndarray], mean_delta: Mapping[str, np.ndarray]) -> Arrays:
+        _check_pair(base, mean_delta)
+        m = {k: np.float32(self.beta) * self.m.get(k, np.zeros_like(mean_delta[k])) + mean_delta[k] for k in base}
+        self.m = {k: v.astype(np.float32) for k, v in m.items()}
+        return {k: (base[k] + np.float32(self.lr) * self.m[k]).astype(np.float32) for k in base}
+
+    def state(self) -> Arrays:
+        return {f"m/{k}": v.copy() for k, v in self.m.items()}
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self.m = {k[2:]: np.array(v, np.float32) for k, v in state.items() if k.startswith("m/")}
+
+
+class FedAdam(ServerOptimizer):
+    """Adam on the server (Reddi et al. 2021) with bias correction:
+    m = b1 m + (1-b1) d; v = b2 v + (1-b2) d^2; new = base + lr mhat / (sqrt(vhat) + tau)."""
+
+    name = "fedadam"
+
+    def __init__(self, lr: float = 0.01, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+        self.lr, self.beta1, self.beta2, self.tau = float(lr), float(beta1), float(beta2), float(tau)
+        self.m: Arrays = {}
+        self.v: Arrays = {}
+        self.t = 0
+
+    def step(self, base: Mapping[str, np.ndarray], mean_delta: Mapping[str, np.ndarray]) -> Arrays:
+        _check_pair(base, mean_delta)
+        t = self.t + 1
+        b1, b2 = self.beta1, self.beta2
+        new_m, new_v, out = {}, {}, {}
+        for k in base:
+            d = np.asarray(mean_delta[k], np.float64)
+            m = b1 * self.m.get(k, np.zeros(d.shape)) + (1 - b1) * d
+            v = b2 * self.v.get(k, np.zeros(d.shape)) + (1 - b2) * d * d
+            mhat = m / (1 - b1**t)
+            vhat = v / (1 - b2**t)
+            out[k] = (base[k] + self.lr * mhat / (np.sqrt(vhat) + self.tau)).astype(np.float32)
+            new_m[k], new_v[k] = m.astype(np.float32), v.astype(np.float32)
+        self.m, self.v, self.t = new_m, new_v, t
+        return out
+
+    def state(self) -> Arrays:
+        st = {f"m/{k}": v.copy() for k, v in self.m.items()}
+        st.update({f"v/{k}": v.copy() for k, v in self.v.items()})
+        st["t"] = np.array(self.t, np.int64)
+        return st
+
+    def load_state(self, state: Mapping[str, np.ndarray]) -> None:
+        self.m = {k[2:]: np.array(v, np.float32) for k, v in state.items() if k.startswith("m/")}
+        self.v = {k[2:]: np.array(v, np.float32) for k, v in state.items() if k.startswith("v/")}
+        self.t = int(state["t"]) if "t" in state else 0
+
+
+STRATEGIES = ("fedavg", "fedavgm", "fedadam")
+
+
+def make_optimizer(strategy: str, lr: float | None = None) -> ServerOptimizer:
+    """By name; `lr` None takes the strategy's default (1.0, 1.0, 0.01)."""
+    if strategy == "fedavg":
+        return FedAvg() if lr is None else FedAvg(lr)
+    if strategy == "fedavgm":
+        return FedAvgM() if lr is None else FedAvgM(lr)
+    if strategy == "fedadam":
+        return FedAdam() if lr is None else FedAdam(lr)
+    raise ValueError(f"unknown strategy {strategy!r}; known: {list(STRATEGIES)}")
+
+
+def make_aggregator(clip_norm: float | None = None) -> Aggregator:
+    return WeightedMean() if clip_norm is None else ClippedMean(clip_norm)
