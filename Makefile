@@ -1,0 +1,49 @@
+# fedpers: every command a person needs. `make demo` and `make test` create .venv on first use.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+
+.PHONY: demo test bench proto lint docker-test clean help
+
+help:
+	@echo "make demo         create .venv, install, run the federated simulation on the digits data"
+	@echo "make test         create .venv, install test extras, run the test suite"
+	@echo "make bench        print the speed, memory, wire and server benchmark tables"
+	@echo "make proto        regenerate common/rpc from proto/federation.proto"
+	@echo "make lint         ruff over the code"
+	@echo "make docker-test  build the image and run the docker-compose fleet test"
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "fedpers needs Python >= 3.11 (found: $$($(PYTHON) --version))"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || \
+	  { echo "could not create $(VENV): on Debian/Ubuntu run 'apt-get install python3-venv'"; exit 1; }
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	@rm -f $(VENV)/.installed-*
+	@touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/fedpers-sim --devices 8 --rounds 10
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/speed.py
+	$(PY) bench/memory.py
+	$(PY) bench/wire.py
+	$(PY) bench/server.py
+
+proto: $(STAMP)
+	$(PY) -m common.rpc.generate
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check common client server tests bench
+
+docker-test: $(STAMP)
+	$(PY) -m pytest -q -m docker tests/test_docker.py -rs
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs
