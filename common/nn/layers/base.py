@@ -1,0 +1,148 @@
+"""The layer contract: layers *request* tensors while finalizing, and only read and write the
+views a run context hands them. Layer code never allocates (no np.empty / np.zeros).
+
+finalize(ctx) -> output shape          (batch dimension included)
+forward(run, training)                  reads run.input(i), writes run.output()
+calc_gradient(run)                      writes run.grad(k) for its trainable weights
+calc_derivative(run)                    writes run.din(i) = dL/d input i from run.dout()
+
+Integer handles returned by request_* index into run.weight / run.grad / run.tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+
+from ..order import Life
+from ..spec import LayerSpec, ModelError
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class WeightRequest:
+    name: str  # short name: "weight", "bias", "gamma", ...; full name is "<layer>.<name>"
+    shape: Shape
+    initializer: str  # one of spec.INITIALIZERS
+    trainable: bool  # False for running statistics (updated in forward, no gradient)
+    fan_in: int = 1
+    fan_out: int = 1
+
+
+@dataclass
+class ScratchRequest:
+    name: str
+    shape: Shape
+    life: Life  # which of this layer's steps touch it
+    dtype: type = np.float32
+
+
+@dataclass
+class InitContext:
+    """What finalize sees: the input shapes, and where it records its requests."""
+
+    layer_name: str
+    input_shapes: list[Shape]
+    batch: int
+    weights: list[WeightRequest] = field(default_factory=list)
+    scratch: list[ScratchRequest] = field(default_factory=list)
+    # When, beyond its own forward, this layer reads its inputs / its output.
+    input_life: Life = Life.NONE
+    output_life: Life = Life.NONE
+    # The output may share the input's buffer (elementwise in place) or is a reshape of it.
+    inplace: bool = False
+    view: bool = False
+    # calc_derivative may write din into the same buffer as dout (elementwise).
+    deriv_inplace: bool = False
+
+    def request_weight(
+        self, name: str, shape: Shape, initializer: str, trainable: bool = True, fan_in: int = 1, fan_out: int = 1
+    ) -> int:
+        self.weights.append(WeightRequest(name, tuple(shape), initializer, trainable, fan_in, fan_out))
+        return len(self.weights) - 1
+
+    def request_tensor(self, name: str, shape: Shape, life: Life, dtype: type = np.float32) -> int:
+        self.scratch.append(ScratchRequest(name, tuple(shape), life, dtype))
+        return len(self.scratch) - 1
+
+    def error(self, key: str | None, reason: str) -> ModelError:
+        return ModelError(self.layer_name, key, reason)
+
+
+class RunContext:
+    """Views for one layer at one step. Built by the graph; resolved again when swapping moves a tensor."""
+
+    __slots__ = ("inputs", "out", "weights", "grads", "tensors", "dins", "dout_", "batch", "aliased", "state")
+
+    def __init__(self) -> None:
+        self.inputs: list[np.ndarray] = []
+        self.out: np.ndarray | None = None
+        self.weights: list[np.ndarray] = []
+        self.grads: list[np.ndarray | None] = []
+        self.tensors: list[np.ndarray] = []
+        self.dins: list[np.ndarray | None] = []
+        self.dout_: np.ndarray | None = None
+        self.batch: int = 0
+        self.aliased: bool = False  # output shares the input's buffer (in place or view)
+        self.state: dict = {}  # per-layer scalars that live across steps (e.g. the loss value)
+
+    def input(self, i: int = 0) -> np.ndarray:
+        return self.inputs[i]
+
+    def output(self) -> np.ndarray:
+        return self.out
+
+    def weight(self, k: int) -> np.ndarray:
+        return self.weights[k]
+
+    def grad(self, k: int) -> np.ndarray | None:
+        return self.grads[k]
+
+    def tensor(self, k: int) -> np.ndarray:
+        return self.tensors[k]
+
+    def din(self, i: int = 0) -> np.ndarray | None:
+        """Where to write dL/d input i, or None when nothing upstream needs it."""
+        return self.dins[i]
+
+    def dout(self) -> np.ndarray:
+        return self.dout_
+
+
+class Layer:
+    """Base class: subclasses set `kind` and implement finalize + the three steps."""
+
+    kind: ClassVar[str] = ""
+    has_weights: ClassVar[bool] = False
+
+    def __init__(self, spec: LayerSpec) -> None:
+        self.spec = spec
+        self.name = spec.name
+
+    def finalize(self, ctx: InitContext) -> Shape:
+        raise NotImplementedError
+
+    def forward(self, run: RunContext, training: bool) -> None:
+        raise NotImplementedError
+
+    def calc_gradient(self, run: RunContext) -> None:
+        """Default: nothing to do (no trainable weights)."""
+
+    def calc_derivative(self, run: RunContext) -> None:
+        raise NotImplementedError
+
+
+LAYERS: dict[str, type[Layer]] = {}
+
+
+def register(cls: type[Layer]) -> type[Layer]:
+    """Class decorator: make a layer available under its INI type name."""
+    LAYERS[cls.kind] = cls
+    return cls
+
+
+Initializer = Callable[[np.random.Generator, WeightRequest], np.ndarray]

@@ -1,0 +1,43 @@
+"""Fully connected layer: y = x W + b over the flattened non-batch dims; W is (in, out)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..order import Life
+from .base import InitContext, Layer, RunContext, Shape, register
+
+
+@register
+class FullyConnected(Layer):
+    kind = "fully_connected"
+    has_weights = True
+
+    def finalize(self, ctx: InitContext) -> Shape:
+        if self.spec.unit is None:
+            raise ctx.error("unit", "a fully_connected layer needs Unit")
+        (shape,) = ctx.input_shapes
+        fan_in, units = math.prod(shape[1:]), self.spec.unit
+        self.w = ctx.request_weight(
+            "weight", (fan_in, units), self.spec.weight_initializer or "xavier_uniform", fan_in=fan_in, fan_out=units
+        )
+        self.b = ctx.request_weight("bias", (units,), self.spec.bias_initializer or "zeros")
+        ctx.input_life = Life.CALC_GRAD  # dW = x^T dy
+        return (ctx.batch, units)
+
+    def forward(self, run: RunContext, training: bool) -> None:
+        x, out = run.input(), run.output()
+        np.matmul(x.reshape(x.shape[0], -1), run.weight(self.w), out=out)
+        out += run.weight(self.b)
+
+    def calc_gradient(self, run: RunContext) -> None:
+        x, dy = run.input(), run.dout()
+        np.matmul(x.reshape(x.shape[0], -1).T, dy, out=run.grad(self.w))
+        np.sum(dy, axis=0, out=run.grad(self.b))
+
+    def calc_derivative(self, run: RunContext) -> None:
+        din = run.din()
+        if din is not None:
+            np.matmul(run.dout(), run.weight(self.w).T, out=din.reshape(din.shape[0], -1))

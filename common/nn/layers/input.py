@@ -1,0 +1,28 @@
+"""Input layer: the batch enters the arena here (the trainer puts it in run.state["batch_x"])."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import InitContext, Layer, RunContext, Shape, register
+
+
+@register
+class Input(Layer):
+    kind = "input"
+
+    def finalize(self, ctx: InitContext) -> Shape:
+        if self.spec.input_shape is None:
+            raise ctx.error("input_shape", "an input layer needs Input_Shape = C:H:W")
+        return (ctx.batch, *self.spec.input_shape)
+
+    def forward(self, run: RunContext, training: bool) -> None:
+        """Gather the batch rows run.state["batch_idx"] of run.state["batch_x"] (or all of it)."""
+        x, idx, out = run.state["batch_x"], run.state.get("batch_idx"), run.output()
+        if idx is None:
+            np.copyto(out, x.reshape(out.shape))
+        else:
+            np.take(x, idx, axis=0, out=out)
+
+    def calc_derivative(self, run: RunContext) -> None:
+        """Nothing upstream of the data."""

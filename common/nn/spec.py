@@ -1,0 +1,219 @@
+"""What a model is: plain, frozen records built from the Python API or read from INI files.
+
+Layers see typed fields, never string property bags; `ini.py` is the only place that parses text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+LOSSES = ("cross", "mse")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULERS = ("constant", "exponential", "step")
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "softmax", "none")
+INITIALIZERS = ("xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "zeros", "ones")
+POOLINGS = ("max", "average", "global_max", "global_average")
+
+# Which LayerSpec fields each layer type accepts (besides name, type, input_layers, trainable, personal).
+LAYER_KEYS: dict[str, frozenset[str]] = {
+    "input": frozenset({"input_shape"}),
+    "fully_connected": frozenset({"unit", "activation", "weight_initializer", "bias_initializer"}),
+    "conv2d": frozenset(
+        {"filters", "kernel_size", "stride", "padding", "activation", "weight_initializer", "bias_initializer"}
+    ),
+    "pooling2d": frozenset({"pool_size", "stride", "padding", "pooling"}),
+    "flatten": frozenset(),
+    "activation": frozenset({"activation"}),
+    "batch_normalization": frozenset({"epsilon", "momentum", "activation"}),
+    "dropout": frozenset({"dropout_rate"}),
+    "addition": frozenset({"activation"}),
+}
+COMMON_KEYS = frozenset({"input_layers", "trainable", "personal"})
+
+
+class ModelError(ValueError):
+    """A model description is wrong; the message names the section, key and reason."""
+
+    def __init__(self, section: str, key: str | None, reason: str) -> None:
+        self.section, self.key, self.reason = section, key, reason
+        where = f"[{section}]" + (f" {key}" if key else "")
+        super().__init__(f"{where}: {reason}")
+
+
+Padding = str | tuple[int, int]  # "same" | "valid" | (pad_h, pad_w)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer section. Unset fields are None and take the layer's default."""
+
+    name: str
+    type: str
+    input_layers: tuple[str, ...] = ()  # () means: the previous layer in file order
+    trainable: bool = True
+    personal: bool = False  # personal layers never leave the device
+    input_shape: tuple[int, int, int] | None = None  # C, H, W
+    unit: int | None = None
+    filters: int | None = None
+    kernel_size: tuple[int, int] | None = None
+    stride: tuple[int, int] | None = None
+    padding: Padding | None = None
+    pool_size: tuple[int, int] | None = None
+    pooling: str | None = None
+    activation: str | None = None
+    weight_initializer: str | None = None
+    bias_initializer: str | None = None
+    dropout_rate: float | None = None
+    epsilon: float | None = None
+    momentum: float | None = None
+
+    def __post_init__(self) -> None:
+        # '#', ';' and quotes would be read as comments/quoting in an INI file.
+        if not self.name or any(c in self.name for c in " .:,[]=\t\n#;\"'"):
+            raise ModelError(self.name or "?", None, "layer name: non-empty, no spaces or . : , [ ] = # ; quotes")
+        if self.type not in LAYER_KEYS:
+            raise ModelError(self.name, "type", f"unknown layer type {self.type!r}; known: {sorted(LAYER_KEYS)}")
+        allowed = LAYER_KEYS[self.type] | COMMON_KEYS
+        for f in fields(self):
+            if f.name in ("name", "type") or f.name in allowed:
+                continue
+            if getattr(self, f.name) != f.default:
+                raise ModelError(self.name, f.name, f"not a key of a {self.type} layer")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        def bad(key: str, reason: str) -> ModelError:
+            return ModelError(self.name, key, reason)
+
+        for key in ("unit", "filters"):
+            v = getattr(self, key)
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise bad(key, f"must be a positive integer, got {v!r}")
+        for key in ("kernel_size", "stride", "pool_size", "input_shape"):
+            v = getattr(self, key)
+            if v is not None and (not all(isinstance(x, int) and x > 0 for x in v)):
+                raise bad(key, f"must be positive integers, got {v!r}")
+        if isinstance(self.padding, str) and self.padding not in ("same", "valid"):
+            raise bad("padding", f"must be 'same', 'valid' or 'a,b', got {self.padding!r}")
+        if isinstance(self.padding, tuple) and not all(isinstance(x, int) and x >= 0 for x in self.padding):
+            raise bad("padding", f"must be non-negative integers, got {self.padding!r}")
+        if self.activation is not None and self.activation not in ACTIVATIONS:
+            raise bad("activation", f"unknown activation {self.activation!r}; known: {list(ACTIVATIONS)}")
+        if self.pooling is not None and self.pooling not in POOLINGS:
+            raise bad("pooling", f"unknown pooling {self.pooling!r}; known: {list(POOLINGS)}")
+        for key in ("weight_initializer", "bias_initializer"):
+            v = getattr(self, key)
+            if v is not None and v not in INITIALIZERS:
+                raise bad(key, f"unknown initializer {v!r}; known: {list(INITIALIZERS)}")
+        if self.dropout_rate is not None and not 0.0 <= self.dropout_rate < 1.0:
+            raise bad("dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise bad("epsilon", f"must be > 0, got {self.epsilon}")
+        if self.momentum is not None and not 0.0 <= self.momentum <= 1.0:
+            raise bad("momentum", f"must be in [0, 1], got {self.momentum}")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    type: str = "sgd"
+    learning_rate: float = 0.01
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    epsilon: float = 1e-7
+
+    def __post_init__(self) -> None:
+        if self.type not in OPTIMIZERS:
+            raise ModelError("Optimizer", "type", f"unknown optimizer {self.type!r}; known: {list(OPTIMIZERS)}")
+        if not self.learning_rate > 0:
+            raise ModelError("Optimizer", "learning_rate", f"must be > 0, got {self.learning_rate}")
+        for key in ("momentum", "beta1", "beta2"):
+            v = getattr(self, key)
+            if not 0.0 <= v < 1.0:
+                raise ModelError("Optimizer", key, f"must be in [0, 1), got {v}")
+        if self.weight_decay < 0:
+            raise ModelError("Optimizer", "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        if not self.epsilon > 0:
+            raise ModelError("Optimizer", "epsilon", f"must be > 0, got {self.epsilon}")
+
+
+@dataclass(frozen=True)
+class SchedulerSpec:
+    """Learning-rate schedule. exponential: lr * decay_rate ** (step / decay_steps);
+    step: learning_rates[i] from iterations[i-1] on (learning_rates has one more entry)."""
+
+    type: str = "constant"
+    decay_rate: float | None = None
+    decay_steps: int | None = None
+    learning_rates: tuple[float, ...] = ()
+    iterations: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        sec = "LearningRateScheduler"
+        if self.type not in SCHEDULERS:
+            raise ModelError(sec, "type", f"unknown scheduler {self.type!r}; known: {list(SCHEDULERS)}")
+        if self.type == "exponential":
+            if self.decay_rate is None or not 0 < self.decay_rate <= 1:
+                raise ModelError(sec, "decay_rate", "exponential needs decay_rate in (0, 1]")
+            if self.decay_steps is None or self.decay_steps <= 0:
+                raise ModelError(sec, "decay_steps", "exponential needs a positive decay_steps")
+        if self.type == "step":
+            if len(self.learning_rates) != len(self.iterations) + 1 or not self.iterations:
+                raise ModelError(sec, "iteration", "step needs N iterations and N+1 learning_rate values")
+            if list(self.iterations) != sorted(self.iterations) or self.iterations[0] <= 0:
+                raise ModelError(sec, "iteration", "iterations must be positive and increasing")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A whole model: layers in file order plus training settings."""
+
+    layers: tuple[LayerSpec, ...]
+    loss: str = "cross"
+    epochs: int = 1
+    batch_size: int = 32
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    save_path: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(self.layers))
+        if not self.layers:
+            raise ModelError("Model", None, "a model needs at least one layer")
+        if self.loss not in LOSSES:
+            raise ModelError("Model", "loss", f"unknown loss {self.loss!r}; known: {list(LOSSES)}")
+        if self.epochs <= 0:
+            raise ModelError("Model", "epochs", f"must be positive, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise ModelError("Model", "batch_size", f"must be positive, got {self.batch_size}")
+        seen: set[str] = set()
+        for i, layer in enumerate(self.layers):
+            if layer.name in seen:
+                raise ModelError(layer.name, None, "duplicate layer name")
+            if layer.name.lower() in ("model", "optimizer", "learningratescheduler", "dataset"):
+                raise ModelError(layer.name, None, "layer name collides with a reserved section")
+            if i == 0 and layer.input_layers:
+                raise ModelError(layer.name, "input_layers", "the first layer cannot name inputs")
+            for src in layer.input_layers:
+                if src not in seen:
+                    known = "an earlier layer" if src in {lay.name for lay in self.layers} else "a layer"
+                    raise ModelError(layer.name, "input_layers", f"{src!r} is not {known} of this model")
+            seen.add(layer.name)
+
+    def layer(self, name: str) -> LayerSpec:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def inputs_of(self, index: int) -> tuple[str, ...]:
+        """Resolved input layer names of layer `index` (default: the previous layer)."""
+        spec = self.layers[index]
+        if spec.input_layers:
+            return spec.input_layers
+        return (self.layers[index - 1].name,) if index > 0 else ()
+
+    def with_changes(self, **changes: Any) -> ModelSpec:
+        return replace(self, **changes)
