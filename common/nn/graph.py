@@ -1,0 +1,544 @@
+"""Compile a ModelSpec for one batch size: ordered nodes, every tensor with its lifespan, aliasing,
+a memory plan and the run contexts that execution uses. Planning happens here, once; the trainer
+only executes the result (TensorFlow Lite's split between planning and execution).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import layers as _layers  # noqa: F401  (fills LAYERS)
+from .init import initialize
+from .layers.activation import Activation
+from .layers.base import LAYERS, InitContext, Layer, RunContext, Shape, WeightRequest
+from .layers.loss import CrossEntropyLoss, MSELoss
+from .order import ExecOrder, Life, assign, num_steps, touches
+from .planner import PLANNERS, Plan, Usage, aligned, lower_bound
+from .pool import Arena
+from .spec import LayerSpec, ModelError, ModelSpec
+
+MODES = ("naive", "planned", "swap")
+
+
+@dataclass
+class Node:
+    """One executable layer: an INI layer, a realized activation, a multi-output split or the loss."""
+
+    name: str
+    layer: Layer
+    spec_name: str  # the INI layer this node came from (weights are named after it)
+    producers: list[tuple[int, int]]  # (node index, derivative slot) per input
+    consumers: list[tuple[int, int]] = field(default_factory=list)  # (node index, input index)
+    ctx: InitContext | None = None
+    out_shape: Shape = ()
+    trains: bool = False  # runs calc-gradient / apply-gradient
+    backprop: bool = False  # runs calc-derivative (something upstream trains)
+    order: ExecOrder | None = None
+
+
+@dataclass
+class TensorInfo:
+    """One logical tensor: who touches it when, and which buffer group holds it."""
+
+    name: str
+    shape: Shape
+    dtype: np.dtype
+    role: str  # weight | stat | grad | gradacc | opt | act | deriv | scratch
+    touches: set[int]
+    pinned: bool = False  # lives the whole run (weights, optimizer state, accumulated gradients)
+    external: bool = False  # provided by the caller (inference reads the trainer's weights)
+    group: int = -1
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass
+class Segment:
+    """Where a buffer group lives during [first, last]; a swapped group has two segments."""
+
+    first: int
+    last: int
+    offset: int = 0
+
+
+@dataclass
+class Group:
+    """Tensors sharing one buffer (views and in-place outputs); the planner sees only groups."""
+
+    members: list[int]
+    nbytes: int
+    touches: set[int]
+    pinned: bool
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def swapped(self) -> bool:
+        return len(self.segments) == 2
+
+
+@dataclass
+class WeightSpec:
+    """A model weight as the federation sees it."""
+
+    name: str
+    layer: str
+    shape: Shape
+    trainable: bool  # changed by local training (trainable layer; includes batch-norm running stats)
+    personal: bool
+
+
+@dataclass
+class Compiled:
+    spec: ModelSpec
+    batch: int
+    training: bool
+    mode: str
+    nodes: list[Node]
+    tensors: list[TensorInfo]
+    groups: list[Group]
+    plan: Plan
+    arena: Arena
+    steps: int
+    lookahead: int
+    micro_batch: int
+    views: dict[str, np.ndarray]  # weights / stats / optimizer state / accumulated grads by name
+    contexts: list[dict[str, RunContext]]  # per node: "forward", "calc_grad", "calc_deriv"
+    weight_owner: dict[str, int]  # weight name -> node index
+    opt_names: dict[str, list[str]]  # trainable weight -> its optimizer state tensors
+    naive_bytes: int
+    lower_bound_bytes: int
+    grad_acc: dict[str, str] = field(default_factory=dict)  # gradient -> its accumulator (micro-batching)
+
+    @property
+    def loss_node(self) -> Node:
+        return self.nodes[-1]
+
+    def input_node_indices(self) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if n.layer.kind == "input"]
+
+    def bytes_of(self, role: str) -> int:
+        return sum(t.nbytes for t in self.tensors if t.role == role and not t.external)
+
+
+class MultiOut(Layer):
+    """Hidden split node: one output read by several layers; its derivative sums theirs."""
+
+    kind = "multiout"
+
+    def __init__(self, name: str, fanout: int) -> None:
+        self.name = name
+        self.fanout = fanout
+
+    def finalize(self, ctx: InitContext) -> Shape:
+        ctx.view = True
+        return ctx.input_shapes[0]
+
+    def forward(self, run: RunContext, training: bool) -> None:
+        if not run.aliased:
+            np.copyto(run.output(), run.input())
+
+    def calc_derivative(self, run: RunContext) -> None:
+        din = run.din()
+        if din is None:
+            return
+        douts = run.state["douts"]
+        np.add(douts[0], douts[1], out=din)
+        for d in douts[2:]:
+            din += d
+
+
+def _expand(spec: ModelSpec) -> tuple[list[Node], dict[str, int]]:
+    """Layers in file order, with activations realized as their own nodes and the loss appended."""
+    nodes: list[Node] = []
+    out_of: dict[str, int] = {}  # INI layer name -> node producing its output
+    for i, ls in enumerate(spec.layers):
+        producers = []
+        for src in spec.inputs_of(i):
+            producers.append((out_of[src], 0))
+        if ls.type != "input" and not producers:
+            raise ModelError(ls.name, "input_layers", "this layer has no input")
+        if ls.type == "input" and i > 0 and ls.input_layers:
+            raise ModelError(ls.name, "input_layers", "an input layer takes no inputs")
+        if ls.type == "input":
+            producers = []
+        nodes.append(Node(ls.name, LAYERS[ls.type](ls), ls.name, producers))
+        if ls.type != "activation" and ls.activation not in (None, "none"):
+            act = LayerSpec(f"{ls.name}_act", "activation", activation=ls.activation, trainable=ls.trainable)
+            nodes.append(Node(f"{ls.name}/{ls.activation}", Activation(act), ls.name, [(len(nodes) - 1, 0)]))
+        out_of[ls.name] = len(nodes) - 1
+    last = nodes[-1]
+    if spec.loss == "cross":
+        if isinstance(last.layer, Activation):
+            fn = last.layer.spec.activation
+            if fn == "softmax":
+                nodes.pop()
+                last = nodes[-1]
+            elif fn not in (None, "none"):
+                raise ModelError(last.spec_name, "activation", f"Loss = cross needs a softmax last activation, got {fn}")
+        loss_layer: Layer = CrossEntropyLoss(LayerSpec("loss", "flatten"))
+    else:
+        loss_layer = MSELoss(LayerSpec("loss", "flatten"))
+    nodes.append(Node("loss", loss_layer, "loss", [(len(nodes) - 1, 0)]))
+    return nodes, out_of
+
+
+def _insert_multiouts(nodes: list[Node]) -> list[Node]:
+    """Give every output read by several layers a split node, so each derivative has one writer."""
+    readers: dict[int, list[tuple[int, int]]] = {}
+    for ci, n in enumerate(nodes):
+        for ii, (p, _) in enumerate(n.producers):
+            readers.setdefault(p, []).append((ci, ii))
+    out: list[Node] = []
+    new_index: dict[int, int] = {}
+    split_of: dict[int, int] = {}
+    slot_of: dict[tuple[int, int], int] = {}
+    for i, n in enumerate(nodes):
+        new_index[i] = len(out)
+        out.append(n)
+        fan = readers.get(i, [])
+        if len(fan) > 1:
+            split_of[i] = len(out)
+            out.append(Node(f"{n.name}/split", MultiOut(f"{n.name}/split", len(fan)), n.spec_name, [(new_index[i], 0)]))
+            for slot, reader in enumerate(fan):
+                slot_of[reader] = slot
+    for ci, n in enumerate(nodes):
+        n.producers = [
+            (split_of[p], slot_of[(ci, ii)]) if p in split_of else (new_index[p], 0)
+            for ii, (p, _) in enumerate(n.producers)
+        ]
+    return out
+
+
+def _finalize(nodes: list[Node], batch: int) -> None:
+    for n in nodes:
+        shapes = [nodes[p].out_shape for p, _ in n.producers]
+        ctx = InitContext(n.spec_name, shapes, batch)
+        shape = n.layer.finalize(ctx)
+        if any(d <= 0 for d in shape):
+            raise ModelError(n.spec_name, None, f"output shape {shape[1:]} is empty (input {[s[1:] for s in shapes]})")
+        n.ctx, n.out_shape = ctx, tuple(shape)
+
+
+def weight_specs(spec: ModelSpec) -> dict[str, WeightSpec]:
+    """Every weight of the model by name, with shape and whether training changes it / it is personal."""
+    nodes, _ = _expand(spec)
+    _finalize(nodes, 1)
+    out: dict[str, WeightSpec] = {}
+    for n in nodes:
+        ls = _layer_spec(spec, n.spec_name)
+        for w in n.ctx.weights:
+            name = f"{n.spec_name}.{w.name}"
+            out[name] = WeightSpec(name, n.spec_name, w.shape, bool(ls and ls.trainable), bool(ls and ls.personal))
+    return out
+
+
+def init_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
+    """Fresh float32 weights for every weight of the model, reproducible from the seed."""
+    nodes, _ = _expand(spec)
+    _finalize(nodes, 1)
+    out: dict[str, np.ndarray] = {}
+    for li, n in enumerate(nodes):
+        rng = np.random.default_rng([seed, li])
+        for w in n.ctx.weights:
+            out[f"{n.spec_name}.{w.name}"] = initialize(rng, w)
+    return out
+
+
+def _layer_spec(spec: ModelSpec, name: str) -> LayerSpec | None:
+    try:
+        return spec.layer(name)
+    except KeyError:
+        return None
+
+
+def compile(  # noqa: A001  (the graph's one verb)
+    spec: ModelSpec,
+    batch: int,
+    *,
+    training: bool = True,
+    mode: str = "planned",
+    lookahead: int = 2,
+    micro_batch: int = 1,
+    optimizer_slots: int = 0,
+    external: Mapping[str, np.ndarray] | None = None,
+    weights: Mapping[str, np.ndarray] | None = None,
+    seed: int = 0,
+    allocate: bool = True,
+) -> Compiled:
+    """Order, size and plan the model for `batch` examples per (micro-)step.
+
+    micro_batch > 1 compiles for batch // micro_batch examples and keeps gradients across the
+    micro-steps of one batch. `external` weights are used in place (not allocated in the arena);
+    `weights` are copied into the arena (default: fresh ones from `seed`).
+    With allocate=False only the sizes are computed (for budget search and `plan` reports).
+    """
+    if mode not in MODES:
+        raise ValueError(f"memory mode must be one of {MODES}, got {mode!r}")
+    if micro_batch < 1 or batch % micro_batch:
+        raise ValueError(f"micro_batch {micro_batch} must divide the batch size {batch}")
+    if lookahead < 1:
+        raise ValueError(f"lookahead must be >= 1, got {lookahead}")
+    step_batch = batch // micro_batch
+    nodes, _ = _expand(spec)
+    nodes = _insert_multiouts(nodes)
+    _finalize(nodes, step_batch)
+    for ci, n in enumerate(nodes):
+        for ii, (p, _) in enumerate(n.producers):
+            nodes[p].consumers.append((ci, ii))
+
+    # Which steps run: calc-gradient where weights train, calc-derivative where something upstream trains.
+    for n in nodes:
+        ls = _layer_spec(spec, n.spec_name)
+        has_grad = any(w.trainable for w in n.ctx.weights)
+        n.trains = training and has_grad and bool(ls and ls.trainable)
+        n.backprop = training and any(nodes[p].trains or nodes[p].backprop for p, _ in n.producers)
+    orders = assign([n.trains for n in nodes])
+    for n, o in zip(nodes, orders, strict=True):
+        n.order = o
+    steps = num_steps(orders)
+    last_step = steps - 1
+
+    def runs(n: Node, life: Life) -> Life:
+        """The part of `life` whose steps this node actually runs."""
+        keep = Life.FORWARD
+        if n.trains:
+            keep |= Life.CALC_GRAD | Life.APPLY_GRAD
+        if n.backprop:
+            keep |= Life.CALC_DERIV
+        return life & keep
+
+    tensors: list[TensorInfo] = []
+    by_name: dict[str, int] = {}
+
+    def add(name: str, shape: Shape, dtype, role: str, t: set[int], pinned: bool = False, ext: bool = False) -> int:
+        by_name[name] = len(tensors)
+        tensors.append(TensorInfo(name, tuple(shape), np.dtype(dtype), role, set(t), pinned, ext))
+        return len(tensors) - 1
+
+    ext = external or {}
+    weight_idx: list[list[int]] = []
+    grad_idx: list[list[int | None]] = []
+    acc_idx: dict[int, int] = {}
+    opt_names: dict[str, list[str]] = {}
+    weight_owner: dict[str, int] = {}
+    all_steps = {0, last_step}
+    for ni, n in enumerate(nodes):
+        w_ids, g_ids = [], []
+        for w in n.ctx.weights:
+            name = f"{n.spec_name}.{w.name}"
+            weight_owner[name] = ni
+            role = "weight" if w.trainable else "stat"
+            if name in ext:
+                wid = add(name, w.shape, np.float32, role, set(), pinned=True, ext=True)
+            else:
+                wid = add(name, w.shape, np.float32, role, all_steps, pinned=True)
+            w_ids.append(wid)
+            if n.trains and w.trainable:
+                o = n.order
+                if micro_batch > 1:
+                    g_ids.append(add(f"{name}:grad", w.shape, np.float32, "grad", {o.calc_grad}))
+                    acc_idx[g_ids[-1]] = add(f"{name}:gradacc", w.shape, np.float32, "gradacc", all_steps, pinned=True)
+                else:
+                    g_ids.append(add(f"{name}:grad", w.shape, np.float32, "grad", {o.calc_grad, o.apply_grad}))
+                opt_names[name] = []
+                for k in range(optimizer_slots):
+                    opt_names[name].append(f"{name}:opt{k}")
+                    add(opt_names[name][-1], w.shape, np.float32, "opt", all_steps, pinned=True)
+            else:
+                g_ids.append(None)
+        weight_idx.append(w_ids)
+        grad_idx.append(g_ids)
+
+    # Activations: written at the producer's forward, read by each consumer's forward and by whoever
+    # needs them again in backward.
+    out_idx: list[int] = []
+    for ni, n in enumerate(nodes):
+        t = {n.order.forward} | set(touches(runs(n, n.ctx.output_life), n.order))
+        for ci, _ in n.consumers:
+            c = nodes[ci]
+            t |= {c.order.forward} | set(touches(runs(c, c.ctx.input_life), c.order))
+        out_idx.append(add(f"{n.name}:out", n.out_shape, np.float32, "act", t))
+    # Derivatives: slot s of node n is written by its s-th reader's calc-derivative.
+    dout_idx: list[list[int]] = []
+    for ni, n in enumerate(nodes):
+        ids = []
+        if (n.trains or n.backprop) and n.consumers:
+            fan = n.layer.fanout if isinstance(n.layer, MultiOut) else 1
+            for s in range(fan):
+                t = set(touches(runs(n, Life.CALC_GRAD | Life.CALC_DERIV), n.order))
+                for ci, ii in n.consumers:
+                    if nodes[ci].producers[ii] == (ni, s):
+                        t.add(nodes[ci].order.calc_deriv)
+                suffix = f":dout{s}" if fan > 1 else ":dout"
+                ids.append(add(f"{n.name}{suffix}", n.out_shape, np.float32, "deriv", t))
+        dout_idx.append(ids)
+    scratch_idx: list[list[int | None]] = []
+    for n in nodes:
+        ids = []
+        for r in n.ctx.scratch:
+            t = set(touches(runs(n, r.life), n.order))
+            ids.append(add(f"{n.name}:{r.name}", r.shape, r.dtype, "scratch", t) if t else None)
+        scratch_idx.append(ids)
+
+    # Buffer groups: one per tensor, merged where a view or an in-place op may share bytes.
+    parent = list(range(len(tensors)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    group_touch: dict[int, set[int]] = {i: set(t.touches) for i, t in enumerate(tensors)}
+
+    def union(a: int, b: int) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[rb] = ra
+            group_touch[ra] |= group_touch.pop(rb)
+
+    aliased = [False] * len(nodes)
+    if mode != "naive":
+        for ni, n in enumerate(nodes):
+            if len(n.producers) != 1:
+                continue
+            p, slot = n.producers[0]
+            src, out = out_idx[p], out_idx[ni]
+            if tensors[src].nbytes != tensors[out].nbytes:
+                continue
+            f = n.order.forward
+            if n.ctx.view:
+                ok = True
+            elif n.ctx.inplace:
+                ok = max(group_touch[find(src)]) <= f
+            else:
+                continue
+            if not ok:
+                continue
+            union(src, out)
+            aliased[ni] = True
+            # The derivative follows the output: din written into the same bytes as dout.
+            if (n.ctx.view or n.ctx.deriv_inplace) and dout_idx[ni] and dout_idx[p]:
+                d_in, d_out = dout_idx[p][slot], dout_idx[ni][0]
+                cd = n.order.calc_deriv
+                if max(group_touch[find(d_out)]) <= cd and min(group_touch[find(d_in)]) >= cd:
+                    union(d_out, d_in)
+                elif n.ctx.view:
+                    raise AssertionError(f"{n.name}: view derivative could not alias")  # cannot happen
+
+    groups: list[Group] = []
+    root_group: dict[int, int] = {}
+    for i, t in enumerate(tensors):
+        if t.external:
+            continue
+        r = find(i)
+        if r not in root_group:
+            root_group[r] = len(groups)
+            groups.append(Group([], 0, group_touch[r], False))
+        g = groups[root_group[r]]
+        g.members.append(i)
+        g.nbytes = max(g.nbytes, t.nbytes)
+        g.pinned = g.pinned or t.pinned
+        t.group = root_group[r]
+
+    # Lifespans -> segments. Naive: everything lives the whole iteration. Swap: a group that is
+    # idle between its last forward use and its first backward use is out of memory in between.
+    n_fwd = len(nodes)
+    for g in groups:
+        first, last = (0, last_step) if (mode == "naive" or g.pinned) else (min(g.touches), max(g.touches))
+        g.segments = [Segment(first, last)]
+        if mode == "swap" and not g.pinned:
+            fwd = [t for t in g.touches if t < n_fwd]
+            bwd = [t for t in g.touches if t >= n_fwd]
+            if fwd and bwd:
+                out_end = max(fwd) + 1  # the write-out overlaps the next step
+                in_start = min(bwd) - lookahead  # read back `lookahead` steps ahead of use
+                if in_start > out_end + 1:
+                    g.segments = [Segment(first, out_end), Segment(in_start, last)]
+
+    usages = [Usage(g.nbytes, s.first, s.last) for g in groups for s in g.segments]
+    plan = PLANNERS["naive" if mode == "naive" else "greedy_by_size"](usages)
+    k = 0
+    for g in groups:
+        for s in g.segments:
+            s.offset = plan.offsets[k]
+            k += 1
+    naive_bytes = sum(aligned(t.nbytes) for t in tensors if not t.external)
+    lb = lower_bound(usages)
+    arena = Arena.from_plan(usages, plan) if allocate else None
+
+    compiled = Compiled(
+        spec=spec, batch=batch, training=training, mode=mode, nodes=nodes, tensors=tensors, groups=groups,
+        plan=plan, arena=arena, steps=steps, lookahead=lookahead, micro_batch=micro_batch, views={},
+        contexts=[], weight_owner=weight_owner, opt_names=opt_names, naive_bytes=naive_bytes,
+        lower_bound_bytes=lb,
+    )
+    if not allocate:
+        return compiled
+
+    def view(i: int | None, step: int) -> np.ndarray | None:
+        if i is None:
+            return None
+        t = tensors[i]
+        if t.external:
+            return ext[t.name]
+        g = groups[t.group]
+        for s in g.segments:
+            if s.first <= step <= s.last:
+                return arena.view(s.offset, t.shape, t.dtype)
+        return arena.view(g.segments[0].offset, t.shape, t.dtype)  # untouched at this step
+
+    for t in tensors:
+        if t.pinned:
+            compiled.views[t.name] = view(by_name[t.name], 0)
+    # Fresh values for weights (the trainer overwrites them) and zeroed optimizer state.
+    init = weights if weights is not None else ({} if external else init_weights(spec, seed))
+    for t in tensors:
+        if t.role in ("weight", "stat") and not t.external:
+            if t.name not in init:
+                raise KeyError(f"no value for weight {t.name!r}")
+            compiled.views[t.name][...] = init[t.name]
+        elif t.role in ("opt", "gradacc"):
+            compiled.views[t.name][...] = 0.0
+
+    for ni, n in enumerate(nodes):
+        state: dict = {"rng": np.random.default_rng([seed, ni, 7])}
+        per_step: dict[str, RunContext] = {}
+        for kind, step in (("forward", n.order.forward), ("calc_grad", n.order.calc_grad),
+                           ("calc_deriv", n.order.calc_deriv)):
+            run = RunContext()
+            run.inputs = [view(out_idx[p], step) for p, _ in n.producers]
+            run.out = view(out_idx[ni], step)
+            run.weights = [view(w, step) for w in weight_idx[ni]]
+            run.grads = [view(g, step) for g in grad_idx[ni]]
+            run.tensors = [view(s, step) for s in scratch_idx[ni]]
+            run.dins = [
+                view(dout_idx[p][s], step) if (dout_idx[p] and (nodes[p].trains or nodes[p].backprop)) else None
+                for p, s in n.producers
+            ]
+            run.dout_ = view(dout_idx[ni][0], step) if dout_idx[ni] else None
+            run.batch = step_batch
+            run.aliased = aliased[ni]
+            run.state = state
+            if isinstance(n.layer, MultiOut) and dout_idx[ni]:
+                state["douts"] = [view(d, step) for d in dout_idx[ni]]
+            per_step[kind] = run
+        compiled.contexts.append(per_step)
+    compiled.grad_acc = {tensors[g].name: tensors[a].name for g, a in acc_idx.items()}
+    return compiled
+
+
+def param_count(spec: ModelSpec) -> int:
+    return sum(math.prod(w.shape) for w in weight_specs(spec).values())
+
+
+def weight_request_of(compiled: Compiled, name: str) -> WeightRequest:
+    node = compiled.nodes[compiled.weight_owner[name]]
+    short = name.split(".", 1)[1]
+    return next(w for w in node.ctx.weights if w.name == short)

@@ -1,0 +1,70 @@
+"""Optimizers applied per layer as soon as its gradient exists, and learning-rate schedules.
+
+State lives in the arena as pinned tensors (`<weight>:opt<k>`), zeroed at compile time.
+Weight decay is L2 added to the gradient (as NNTrainer and torch.optim do).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .spec import OptimizerSpec, SchedulerSpec
+
+
+@njit(cache=True, nogil=True)
+def sgd_step(w, g, lr, wd):
+    for i in range(w.size):
+        w[i] -= lr * (g[i] + wd * w[i])
+
+
+@njit(cache=True, nogil=True)
+def sgd_momentum_step(w, g, v, lr, mu, wd):
+    for i in range(w.size):
+        v[i] = mu * v[i] + g[i] + wd * w[i]
+        w[i] -= lr * v[i]
+
+
+@njit(cache=True, nogil=True)
+def adam_step(w, g, m, v, lr, b1, b2, eps, wd, c1, c2):
+    """c1, c2 = 1 - beta^t bias corrections."""
+    for i in range(w.size):
+        gi = g[i] + wd * w[i]
+        m[i] = b1 * m[i] + (1.0 - b1) * gi
+        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi
+        w[i] -= lr * (m[i] / c1) / (math.sqrt(v[i] / c2) + eps)
+
+
+class Optimizer:
+    """Applies one update to one weight from its gradient and state views (all flat float32)."""
+
+    def __init__(self, spec: OptimizerSpec) -> None:
+        self.spec = spec
+        self.slots = {"sgd": 1 if spec.momentum > 0 else 0, "adam": 2}[spec.type]
+
+    def apply(self, w: np.ndarray, g: np.ndarray, state: list[np.ndarray], lr: float, iteration: int) -> None:
+        s = self.spec
+        f32 = np.float32
+        w, g = w.reshape(-1), g.reshape(-1)
+        if s.type == "adam":
+            t = iteration + 1
+            adam_step(
+                w, g, state[0].reshape(-1), state[1].reshape(-1), f32(lr), f32(s.beta1), f32(s.beta2),
+                f32(s.epsilon), f32(s.weight_decay), f32(1.0 - s.beta1**t), f32(1.0 - s.beta2**t),
+            )
+        elif self.slots:
+            sgd_momentum_step(w, g, state[0].reshape(-1), f32(lr), f32(s.momentum), f32(s.weight_decay))
+        else:
+            sgd_step(w, g, f32(lr), f32(s.weight_decay))
+
+
+def learning_rate(base: float, sched: SchedulerSpec, iteration: int) -> float:
+    """The learning rate at a 0-based iteration (batch) count."""
+    if sched.type == "exponential":
+        return base * sched.decay_rate ** (iteration / sched.decay_steps)
+    if sched.type == "step":
+        k = sum(1 for b in sched.iterations if iteration >= b)
+        return sched.learning_rates[k]
+    return base

@@ -1,0 +1,400 @@
+"""Trainer.fit / evaluate / predict over a compiled, memory-planned graph.
+
+Execution never allocates model tensors: compile once per batch size, then run steps. The
+backward sequence per layer is calc-gradient, calc-derivative, apply-gradient -- in that order,
+so a gradient lives only until its layer is updated (do not reorder).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from . import rss
+from .budget import Choice, choose, parse_size
+from .graph import Compiled, compile as compile_graph, init_weights
+from .optim import Optimizer, learning_rate
+from .spec import ModelSpec
+from .swap import SwapItem, Swapper, swap_schedule
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, float, float], None]  # step, total steps, running loss, running accuracy
+
+
+class WeightError(ValueError):
+    """Weights given to a model do not match it (names or shapes); the message names them."""
+
+
+class DataError(ValueError):
+    """Training data does not fit the model (shape, dtype, labels)."""
+
+
+@dataclass
+class FitResult:
+    loss: float
+    accuracy: float
+    steps: int
+    step_seconds: float  # median
+    epochs: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    examples: int
+
+
+@dataclass
+class MemoryReport:
+    mode: str
+    batch: int
+    micro_batch: int
+    lookahead: int
+    naive_bytes: int
+    arena_bytes: int
+    lower_bound_bytes: int
+    weights_bytes: int
+    optimizer_bytes: int
+    swap_out_bytes: int = 0
+    swap_in_bytes: int = 0
+    swap_wait_seconds: float = 0.0
+    rss_baseline_bytes: int | None = None
+    rss_peak_bytes: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Trainer:
+    """Trains one model on one device under a memory mode or a memory budget."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        memory: str = "planned",
+        memory_budget: str | int | None = None,
+        lookahead: int = 2,
+        micro_batch: int = 1,
+        swap_dir: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.spec = spec
+        self.memory, self.lookahead, self.micro_batch = memory, lookahead, micro_batch
+        self.budget = parse_size(memory_budget) if memory_budget is not None else None
+        self.swap_dir, self.seed = swap_dir, seed
+        self.optimizer = Optimizer(spec.optimizer)
+        self.choice: Choice | None = None
+        self._weights: dict[str, np.ndarray] = init_weights(spec, seed)
+        self._train: Compiled | None = None
+        self._infer: dict[int, Compiled] = {}
+        self._iteration = 0
+        self._swap_totals = [0, 0, 0.0]
+
+    # ---- weights -------------------------------------------------------------------------
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self._weights.items()}
+
+    def set_weights(self, weights: Mapping[str, np.ndarray], strict: bool = True) -> None:
+        """Copy weights in by name; strict requires every weight. Unknown or misshaped names: WeightError."""
+        unknown = sorted(set(weights) - set(self._weights))
+        missing = sorted(set(self._weights) - set(weights)) if strict else []
+        bad = [
+            f"{k} {tuple(np.shape(v))} != {self._weights[k].shape}"
+            for k, v in weights.items()
+            if k in self._weights and tuple(np.shape(v)) != self._weights[k].shape
+        ]
+        if unknown or missing or bad:
+            parts = []
+            if unknown:
+                parts.append(f"unknown: {', '.join(unknown)}")
+            if missing:
+                parts.append(f"missing: {', '.join(missing)}")
+            if bad:
+                parts.append(f"wrong shape: {'; '.join(bad)}")
+            raise WeightError("weights do not match the model: " + " | ".join(parts))
+        for k, v in weights.items():
+            arr = np.asarray(v, dtype=np.float32)
+            if not np.all(np.isfinite(arr)):
+                raise WeightError(f"weight {k} has NaN or Inf values")
+            self._weights[k][...] = arr
+
+    def save_weights(self, path: str) -> None:
+        np.savez(path, **self.get_weights())
+
+    def load_weights(self, path: str, strict: bool = True) -> None:
+        with np.load(path) as data:
+            self.set_weights({k: data[k] for k in data.files}, strict=strict)
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(v.nbytes for v in self._weights.values())
+
+    # ---- compile -------------------------------------------------------------------------
+    def compile(self, batch: int) -> Compiled:
+        """Plan training at `batch` (re-planned only when the batch size changes)."""
+        if self._train is not None and self._train.batch == batch:
+            return self._train
+        mode, la, mb = self.memory, self.lookahead, self.micro_batch
+        if self.budget is not None:
+            self.choice = choose(self.spec, batch, self.budget, self.optimizer.slots)
+            mode, la, mb = self.choice.mode, self.choice.lookahead, self.choice.micro_batch
+            log.info("memory budget %d bytes: chose %s", self.budget, self.choice.describe())
+        old = self._train
+        self._train = None
+        self._infer.clear()
+        c = compile_graph(self.spec, batch, mode=mode, lookahead=la, micro_batch=mb,
+                          optimizer_slots=self.optimizer.slots, weights=self._weights, seed=self.seed)
+        if old is not None:
+            for name in c.opt_names:
+                for o_new, o_old in zip(c.opt_names[name], old.opt_names.get(name, []), strict=False):
+                    c.views[o_new][...] = old.views[o_old]
+        self._weights = {k: c.views[k] for k in self._weights}
+        self._train = c
+        return c
+
+    def _inference(self, batch: int) -> Compiled:
+        if batch not in self._infer:
+            self._infer[batch] = compile_graph(self.spec, batch, training=False, mode="planned",
+                                               external=self._weights)
+        return self._infer[batch]
+
+    # ---- data checks -----------------------------------------------------------------------
+    def _check_data(self, x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+        shape = self.spec.layers[0].input_shape
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if x.ndim < 2 or int(np.prod(x.shape[1:])) != int(np.prod(shape)):
+            raise DataError(f"x has shape {x.shape}; the model's input is {':'.join(map(str, shape))} per example")
+        x = x.reshape(len(x), *shape)
+        if y is None:
+            return x, None
+        y = np.asarray(y)
+        if len(y) != len(x):
+            raise DataError(f"x has {len(x)} examples but y has {len(y)}")
+        if self.spec.loss == "cross":
+            if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+                raise DataError(f"Loss = cross needs integer class labels of shape (N,), got {y.dtype} {y.shape}")
+            classes = self._train_out_classes()
+            if len(y) and (y.min() < 0 or y.max() >= classes):
+                raise DataError(f"labels must be in [0, {classes}), got [{y.min()}, {y.max()}]")
+            return x, y.astype(np.int64)
+        classes = self._train_out_classes()
+        if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
+            y = np.eye(classes, dtype=np.float32)[y]  # class labels -> one-hot targets
+        return x, np.ascontiguousarray(y, dtype=np.float32).reshape(len(x), -1)
+
+    def _train_out_classes(self) -> int:
+        c = self._infer.get(1) or self._inference(1)
+        return int(np.prod(c.loss_node.out_shape[1:]))
+
+    # ---- training ----------------------------------------------------------------------------
+    def fit(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        shuffle: bool = True,
+        seed: int | None = None,
+        learning_rate: float | None = None,
+        progress: Progress | None = None,
+    ) -> FitResult:
+        """Train; the last partial batch of each epoch is dropped (shuffling varies it)."""
+        x, y = self._check_data(x, y)
+        epochs = epochs or self.spec.epochs
+        batch = min(batch_size or self.spec.batch_size, len(x))
+        if batch < 1:
+            raise DataError("no training examples")
+        c = self.compile(batch)
+        rng = np.random.default_rng(self.seed if seed is None else seed)
+        per_epoch = len(x) // batch
+        total = per_epoch * epochs
+        times: list[float] = []
+        history = []
+        swapper = self._start_swap(c)
+        try:
+            done = 0
+            for epoch in range(epochs):
+                order = rng.permutation(len(x)) if shuffle else np.arange(len(x))
+                loss_sum = 0.0
+                correct = 0
+                for b in range(per_epoch):
+                    idx = order[b * batch : (b + 1) * batch]
+                    t0 = time.perf_counter()
+                    ls, cr = self._train_step(c, x, y, idx, swapper, learning_rate)
+                    times.append(time.perf_counter() - t0)
+                    loss_sum += ls
+                    correct += cr
+                    done += 1
+                    if progress is not None:
+                        seen = (b + 1) * batch
+                        progress(done, total, loss_sum / seen, correct / seen)
+                n = per_epoch * batch
+                history.append({"epoch": epoch + 1, "loss": loss_sum / n, "accuracy": correct / n})
+                if not np.isfinite(loss_sum):
+                    log.warning("loss is %s after epoch %d: lower the learning rate", loss_sum, epoch + 1)
+        finally:
+            self._stop_swap(swapper)
+        last = history[-1]
+        return FitResult(last["loss"], last["accuracy"], total, float(np.median(times)), history)
+
+    def _start_swap(self, c: Compiled) -> Swapper | None:
+        items, file_off = [], 0
+        for g in c.groups:
+            if g.swapped:
+                a, b = g.segments
+                items.append(SwapItem(g.nbytes, a.offset, b.offset, file_off, a.last - 1, a.last + 1, b.first,
+                                      b.first + c.lookahead))
+                file_off += g.nbytes
+        if not items:
+            return None
+        return Swapper(swap_schedule(items), c.arena.buffer, self.swap_dir)
+
+    def _stop_swap(self, swapper: Swapper | None) -> None:
+        if swapper is not None:
+            swapper.close()
+            self._swap_totals[0] += swapper.bytes_out
+            self._swap_totals[1] += swapper.bytes_in
+            self._swap_totals[2] += swapper.wait_seconds
+
+    def _train_step(self, c: Compiled, x, y, idx, swapper: Swapper | None, lr: float | None) -> tuple[float, int]:
+        """One batch: forward and backward per micro-batch; weights updated after the last one."""
+        m = c.micro_batch
+        mb = len(idx) // m
+        lr_now = learning_rate(lr or self.spec.optimizer.learning_rate, self.spec.scheduler, self._iteration)
+        loss_state = c.contexts[-1]["forward"].state
+        loss_state["scale"] = 1.0 / len(idx)
+        loss_sum, correct = 0.0, 0
+        for k in range(m):
+            sl = idx[k * mb : (k + 1) * mb]
+            for i in c.input_node_indices():
+                c.contexts[i]["forward"].state.update(batch_x=x, batch_idx=sl)
+            loss_state["batch_y"] = y[sl]
+            if swapper is not None:
+                swapper.start_iteration()
+            for ni, node in enumerate(c.nodes):
+                if swapper is not None:
+                    swapper.before(node.order.forward)
+                node.layer.forward(c.contexts[ni]["forward"], True)
+                if swapper is not None:
+                    swapper.after(node.order.forward)
+            for ni in range(len(c.nodes) - 1, -1, -1):
+                self._backward_step(c, ni, swapper, apply=(k == m - 1), first_micro=(k == 0), lr=lr_now)
+            if swapper is not None:
+                swapper.finish_iteration()
+            loss_sum += loss_state["loss_sum"]
+            correct += loss_state["correct"]
+        self._iteration += 1
+        return loss_sum, correct
+
+    def _backward_step(self, c: Compiled, ni: int, swapper, *, apply: bool, first_micro: bool, lr: float) -> None:
+        """calc-gradient, calc-derivative, apply-gradient of one layer. Do not reorder."""
+        node = c.nodes[ni]
+        ctxs = c.contexts[ni]
+        o = node.order
+        if node.trains:
+            if swapper is not None:
+                swapper.before(o.calc_grad)
+            node.layer.calc_gradient(ctxs["calc_grad"])
+            if c.micro_batch > 1:
+                for w, g in zip(node.ctx.weights, ctxs["calc_grad"].grads, strict=True):
+                    if g is not None:
+                        acc = c.views[c.grad_acc[f"{node.spec_name}.{w.name}:grad"]]
+                        if first_micro:
+                            np.copyto(acc, g)
+                        else:
+                            acc += g
+            if swapper is not None:
+                swapper.after(o.calc_grad)
+        if node.backprop:
+            if swapper is not None:
+                swapper.before(o.calc_deriv)
+            node.layer.calc_derivative(ctxs["calc_deriv"])
+            if swapper is not None:
+                swapper.after(o.calc_deriv)
+        if node.trains and apply:
+            for w, wv, g in zip(node.ctx.weights, ctxs["calc_grad"].weights, ctxs["calc_grad"].grads, strict=True):
+                if g is None:
+                    continue
+                name = f"{node.spec_name}.{w.name}"
+                if c.micro_batch > 1:
+                    g = c.views[c.grad_acc[f"{name}:grad"]]
+                self.optimizer.apply(wv, g, [c.views[s] for s in c.opt_names[name]], lr, self._iteration)
+
+    # ---- inference -----------------------------------------------------------------------------
+    def _forward_batches(self, x: np.ndarray, y: np.ndarray | None, batch: int, collect: np.ndarray | None):
+        loss_sum, correct = 0.0, 0
+        n = len(x)
+        for start in range(0, n, batch):
+            stop = min(start + batch, n)
+            c = self._inference(stop - start)
+            for i in c.input_node_indices():
+                c.contexts[i]["forward"].state.update(batch_x=x[start:stop], batch_idx=None)
+            loss_state = c.contexts[-1]["forward"].state
+            loss_state["batch_y"] = None if y is None else y[start:stop]
+            for ni, node in enumerate(c.nodes):
+                node.layer.forward(c.contexts[ni]["forward"], False)
+            if collect is not None:
+                collect[start:stop] = c.contexts[-1]["forward"].out.reshape(stop - start, -1)
+            if y is not None:
+                loss_sum += loss_state["loss_sum"]
+                correct += loss_state["correct"]
+        return loss_sum, correct
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int | None = None) -> EvalResult:
+        x, y = self._check_data(x, y)
+        if not len(x):
+            raise DataError("no examples to evaluate")
+        loss_sum, correct = self._forward_batches(x, y, batch_size or self.spec.batch_size, None)
+        return EvalResult(loss_sum / len(x), correct / len(x), len(x))
+
+    def predict(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
+        """Class probabilities (cross) or outputs (mse), one row per example."""
+        x, _ = self._check_data(x, None)
+        out = np.empty((len(x), self._train_out_classes()), np.float32)
+        self._forward_batches(x, None, batch_size or self.spec.batch_size, out)
+        return out
+
+    # ---- reports -----------------------------------------------------------------------------
+    def memory_report(self, batch: int | None = None) -> MemoryReport:
+        """Sizes of the training plan (compiled at `batch` if not yet) and what was measured."""
+        c = self._train if batch is None and self._train is not None else self.compile(batch or self.spec.batch_size)
+        base = rss.baseline()
+        return MemoryReport(
+            mode=c.mode, batch=c.batch, micro_batch=c.micro_batch, lookahead=c.lookahead,
+            naive_bytes=c.naive_bytes, arena_bytes=c.plan.total, lower_bound_bytes=c.lower_bound_bytes,
+            weights_bytes=self.weights_bytes, optimizer_bytes=c.bytes_of("opt"),
+            swap_out_bytes=int(self._swap_totals[0]), swap_in_bytes=int(self._swap_totals[1]),
+            swap_wait_seconds=float(self._swap_totals[2]),
+            rss_baseline_bytes=base, rss_peak_bytes=rss.peak_rss_bytes() if base is not None else None,
+        )
+
+    def close(self) -> None:
+        """Drop the arenas (swap files are already gone: they are unlinked when opened)."""
+        self._train = None
+        self._infer.clear()
+
+    def __enter__(self) -> Trainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def warmup(spec: ModelSpec) -> None:
+    """Compile (or load from numba's cache) every kernel the model uses, on a tiny batch."""
+    t = Trainer(spec, memory="planned", seed=0)
+    shape = spec.layers[0].input_shape
+    x = np.zeros((2, *shape), np.float32)
+    classes = t._train_out_classes()
+    y = np.zeros(2, np.int64) if spec.loss == "cross" else np.zeros((2, classes), np.float32)
+    t.fit(x, y, epochs=1, batch_size=2, shuffle=False)
+    t.evaluate(x, y, batch_size=2)
+    t.close()
