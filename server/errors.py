@@ -1,0 +1,39 @@
+"""The refusals the server can give, by kind; server/service.py maps each kind to one gRPC status."""
+
+from __future__ import annotations
+
+
+class FederationError(Exception):
+    """Base of every refusal a device can receive; the message names the problem."""
+
+
+class BadToken(FederationError):
+    """Missing or wrong device id / session token, or wrong enrollment token (UNAUTHENTICATED)."""
+
+
+class StaleRound(FederationError):
+    """The update or request does not belong to the open round (FAILED_PRECONDITION)."""
+
+
+class NotSelected(StaleRound):
+    """The device is not selected for the open round."""
+
+
+class StaleBase(StaleRound):
+    """The update was trained from another base version than the round's."""
+
+
+class AlreadyReported(StaleRound):
+    """The device already has an accepted update in this round."""
+
+
+class BadUpdate(FederationError, ValueError):
+    """The update's content is wrong: tensor names, shapes, dtype, non-finite values, norm (INVALID_ARGUMENT)."""
+
+
+class UnknownVersion(FederationError, LookupError):
+    """The requested model version does not exist (NOT_FOUND)."""
+
+
+class ShuttingDown(FederationError):
+    """The server is stopping and takes no more work (UNAVAILABLE)."""

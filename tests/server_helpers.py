@@ -1,0 +1,86 @@
+"""Shared fakes for the server tests: a tiny model layout, update blobs and a fake clock."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from common import codec, wire
+from server import aggregate as ag
+from server import state as st
+from server.model import layout_from_specs
+from server.rounds import Coordinator, RoundPolicy
+
+INI = "[input]\ntype = input\ninput_shape = 1:1:4\n"
+
+
+@dataclass
+class FakeSpec:
+    name: str
+    layer: str
+    shape: tuple[int, ...]
+    trainable: bool
+    personal: bool
+
+
+SPECS = {
+    "fc1.weight": FakeSpec("fc1.weight", "fc1", (4, 3), True, False),
+    "fc1.bias": FakeSpec("fc1.bias", "fc1", (3,), True, False),
+    "emb.weight": FakeSpec("emb.weight", "emb", (2, 2), False, False),  # frozen: served, never updated
+    "head.weight": FakeSpec("head.weight", "head", (3, 2), True, True),  # personal: never on the server
+}
+LAYOUT = layout_from_specs(INI, SPECS)
+
+
+def initial_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal(s.shape).astype(np.float32) for n, s in SPECS.items()}
+
+
+def random_delta(seed: int, scale: float = 0.1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: (scale * rng.standard_normal(s)).astype(np.float32) for k, s in LAYOUT.shared_shapes.items()}
+
+
+def update_blob(delta: dict[str, np.ndarray], codec_name: str = "fp32") -> bytes:
+    tensors = []
+    for name, arr in delta.items():
+        if codec_name:
+            payload, _ = codec.encode(codec_name, arr)
+            tensors.append(wire.encoded_to_wire(name, arr.shape, codec_name, payload))
+        else:
+            tensors.append(wire.array_to_wire(name, arr))
+    return wire.tensorset_to_blob(tensors)
+
+
+def header(task: wire.Task, blob: bytes, num_examples: int = 10, **metrics: float) -> wire.UpdateHeader:
+    return wire.UpdateHeader(round_id=task.round_id, base_version=task.base_version, num_examples=num_examples,
+                             total_size=len(blob), sha256=wire.sha256(blob), codec="fp32", metrics=dict(metrics))
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def make_coordinator(store_dir, state=None, clock=None, strategy="fedavg", **policy) -> Coordinator:
+    from common.store import ModelStore
+
+    defaults = dict(rounds=3, min_devices=2, fraction=1.0, round_timeout=60.0)
+    defaults.update(policy)
+    return Coordinator(
+        state=state if state is not None else st.MemoryState(),
+        store=ModelStore(store_dir),
+        layout=LAYOUT,
+        initial_weights=initial_weights(),
+        aggregator=ag.WeightedMean(),
+        optimizer=ag.make_optimizer(strategy),
+        policy=RoundPolicy(**defaults),
+        training=wire.TrainingConfig(local_epochs=2, batch_size=8, learning_rate=0.05, codec="fp32"),
+        enroll_token="enroll-me",
+        clock=clock or Clock(),
+    )

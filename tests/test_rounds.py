@@ -1,0 +1,327 @@
+"""The round coordinator over plain values: selection, quorum, deadlines, refusals, restarts."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from server_helpers import LAYOUT, Clock, header, initial_weights, make_coordinator, random_delta, update_blob
+
+from common import wire
+from common.store import ModelStore
+from server import errors
+from server import state as st
+from server.rounds import Coordinator, weighted_metrics
+
+TRAIN, WAIT, DONE = wire.TaskKind.TRAIN, wire.TaskKind.WAIT, wire.TaskKind.DONE
+
+
+def _join(c: Coordinator, n: int) -> list[int]:
+    return [c.join("enroll-me", f"dev{i}").device_id for i in range(n)]
+
+
+def _chunks(blob: bytes, size: int = 64):
+    return wire.chunk_blob(blob, size)
+
+
+def _upload(c: Coordinator, dev: int, task: wire.Task, delta, n: int = 10, **metrics):
+    blob = update_blob(delta)
+    return c.accept_update(dev, header(task, blob, n, **metrics), _chunks(blob))
+
+
+def _sums(c: Coordinator) -> dict[str, np.ndarray]:
+    return {k: v.copy() for k, v in c.aggregator._sums.items()}
+
+
+def test_round_opens_only_when_enough_devices_wait(tmp_path: Path) -> None:
+    c = make_coordinator(tmp_path, min_devices=3)
+    devs = _join(c, 4)
+    assert c.get_task(devs[0]).kind == WAIT
+    assert c.get_task(devs[1]).kind == WAIT
+    t = c.get_task(devs[2])
+    assert t.kind == TRAIN and t.round_id >= 1 and t.base_version == 0
+    assert t.model_ini == LAYOUT.ini_text
+    assert t.config.shared_tensors == ("fc1.bias", "fc1.weight") and t.config.personal_layers == ("head",)
+    assert t.config.deadline_unix == c.clock() + 60.0 and t.config.local_epochs == 2
+    assert c.get_task(devs[0]).kind == TRAIN and c.get_task(devs[1]).round_id == t.round_id
+    assert c.get_task(devs[3]).kind == WAIT  # arrived after the round opened
+
+
+def test_fraction_samples_at_least_min_devices(tmp_path: Path) -> None:
+    c = make_coordinator(tmp_path, min_devices=2, fraction=0.25)
+    devs = _join(c, 8)
+    for d in devs[:7]:
+        c.get_task(d)  # rounds open at the 2nd: min 2 of 2
+    r = c.state.open_rounds()[0]
+    assert len(r.selected) == 2
+    c2 = make_coordinator(tmp_path / "b", min_devices=2, fraction=0.5, clock=Clock())
+    devs = _join(c2, 8)
+    c2._waiting = {d: c2.clock() for d in devs}
+    c2.tick()
+    assert len(c2.state.open_rounds()[0].selected) == 4
+
+
+def test_quorum_closes_round_with_weighted_mean(tmp_path: Path) -> None:
+    c = make_coordinator(tmp_path)
+    a, b = _join(c, 2)
+    c.get_task(a)
+    t = c.get_task(b)
+    d1, d2 = random_delta(1), random_delta(2)
+    r1 = _upload(c, a, t, d1, n=10, loss=1.0)
+    assert r1.accepted and r1.updates_in_round == 1 and c.version == 0
+    r2 = _upload(c, b, t, d2, n=30, loss=3.0)
+    assert r2.updates_in_round == 2 and c.version == 1
+    base = initial_weights()
+    stored = ModelStore(tmp_path).load_version(1)
+    for k in LAYOUT.shared:
+        want = base[k] + (10 * d1[k].astype(np.float64) + 30 * d2[k]) / 40
+        np.testing.assert_allclose(stored.weights[k], want, rtol=1e-5)
+    np.testing.assert_array_equal(stored.weights["emb.weight"], base["emb.weight"])  # frozen: unchanged
+    assert "head.weight" not in stored.weights  # personal: never stored
+    assert stored.meta["round_id"] == t.round_id and stored.meta["metrics"] == {"loss": 2.5}
+    closed = c.state.round(t.round_id)
+    assert closed.state == st.CLOSED and closed.version == 1 and closed.metrics == {"loss": 2.5}
+    t2 = c.get_task(a)
+    assert t2.kind == WAIT  # b has not asked yet
+    t2 = c.get_task(b)
+    assert t2.kind == TRAIN and t2.base_version == 1 and t2.round_id > t.round_id
+    assert wire.arrays_from_blob(c.model_blob(1)).keys() == set(LAYOUT.shapes)
+
+
+def test_deadline_closes_with_enough_updates(tmp_path: Path) -> None:
+    clock = Clock()
+    c = make_coordinator(tmp_path, min_devices=2, clock=clock)
+    devs = _join(c, 3)
+    c._waiting = {d: clock() for d in devs}
+    c.tick()
+    t = c.get_task(devs[0])
+    _upload(c, devs[0], t, random_delta(1))
+    _upload(c, devs[1], t, random_delta(2))
+    assert c.version == 0
+    clock.t += 61
+    c.tick()
+    assert c.version == 1 and c.state.round(t.round_id).state == st.CLOSED
+    with pytest.raises(errors.StaleRound, match=f"round {t.round_id} is not open"):
+        _upload(c, devs[2], t, random_delta(3))  # a straggler
+
+
+def test_deadline_abandons_without_enough_updates_and_reopens(tmp_path: Path, caplog) -> None:
+    clock = Clock()
+    c = make_coordinator(tmp_path, min_devices=2, clock=clock)
+    a, b = _join(c, 2)
+    c.get_task(a)
+    t = c.get_task(b)
+    _upload(c, a, t, random_delta(1))
+    clock.t += 61
+    c.tick()
+    r = c.state.round(t.round_id)
+    assert r.state == st.ABANDONED and "1 of 2 updates (need 2)" in r.reason
+    assert "abandoned" in caplog.text and c.version == 0
+    c.get_task(a)
+    t2 = c.get_task(b)
+    assert t2.kind == TRAIN and t2.round_id > t.round_id and t2.base_version == 0
+    assert c.aggregator.count == 0
+
+
+def test_refusals_leave_the_aggregate_unchanged(tmp_path: Path) -> None:
+    c = make_coordinator(tmp_path, min_devices=2)
+    a, b, outsider = _join(c, 3)
+    c.get_task(a)
+    t = c.get_task(b)
+    _upload(c, a, t, random_delta(1))
+    before, count = _sums(c), c.aggregator.count
+    cases = [
+        (errors.StaleRound, "round 99 is not open", b, wire.Task(TRAIN, 99, 0), random_delta(2), 10),
+        (errors.NotSelected, "not selected", outsider, t, random_delta(2), 10),
+        (errors.AlreadyReported, "already reported", a, t, random_delta(2), 10),
+        (errors.StaleBase, "trained from version 5", b, wire.Task(TRAIN, t.round_id, 5), random_delta(2), 10),
+        (errors.BadUpdate, "num_examples", b, t, random_delta(2), 0),
+        (errors.BadUpdate, "missing tensor", b, t, {"fc1.weight": random_delta(2)["fc1.weight"]}, 10),
+        (errors.BadUpdate, "unknown tensor", b, t, {**random_delta(2), "head.weight": np.zeros((3, 2), np.float32)},
+         10),
+        (errors.BadUpdate, "shape", b, t, {**random_delta(2), "fc1.bias": np.zeros(4, np.float32)}, 10),
+    ]
+    for exc, match, dev, task, delta, n in cases:
+        with pytest.raises(exc, match=match):
+            _upload(c, dev, task, delta, n)
+        assert c.aggregator.count == count
+        for k, v in before.items():
+            np.testing.assert_array_equal(c.aggregator._sums[k], v)
+    assert c.state.count_updates(t.round_id) == 1 and c.version == 0
+
+
+def test_bad_content_and_streams_are_refused(tmp_path: Path) -> None:
+    c = make_coordinator(tmp_path, min_devices=2, max_update_bytes=4096, norm_bound=10.0)
+    a, b = _join(c, 2)
+    c.get_task(a)
+    t = c.get_task(b)
+    nan = random_delta(1)
+    nan["fc1.weight"][1, 1] = np.nan
+    blob = update_blob(nan, codec_name="")
+    with pytest.raises(errors.BadUpdate, match="'fc1.weight' holds NaN or Inf"):
+        c.accept_update(a, header(t, blob), _chunks(blob))
+    half = {k: v.astype(np.float16) for k, v in random_delta(1).items()}
+    blob = update_blob(half, codec_name="")
+    with pytest.raises(errors.BadUpdate, match="dtype float16, expected float32"):
+        c.accept_update(a, header(t, blob), _chunks(blob))
+    blob = update_blob(random_delta(1, scale=100.0))
+    with pytest.raises(errors.BadUpdate, match="norm .* exceeds the bound 10"):
+        c.accept_update(a, header(t, blob), _chunks(blob))
+    blob = update_blob(random_delta(1))
+    with pytest.raises(wire.TruncatedStream):
+        c.accept_update(a, header(t, blob), list(_chunks(blob))[:-1])
+    bad = list(_chunks(blob))
+    bad[0].data = b"\0" + bad[0].data[1:]
+    with pytest.raises(wire.ChecksumMismatch):
+        c.accept_update(a, header(t, blob), bad)
+    big = wire.UpdateHeader(t.round_id, 0, 10, total_size=5000, sha256=b"x" * 32)
+    with pytest.raises(wire.Oversize, match="limit of 4096"):
+        c.accept_update(a, big, iter(()))
+    assert c.aggregator.count == 0 and c.state.count_updates(t.round_id) == 0
+    assert c.accept_update(a, header(t, blob), _chunks(blob)).accepted
+
+
+def test_finished_after_target_rounds(tmp_path: Path) -> None:
+    c = make_coordinator(tmp_path, rounds=2, min_devices=1)
+    (a,) = _join(c, 1)
+    for v in (1, 2):
+        t = c.get_task(a)
+        assert t.kind == TRAIN
+        _upload(c, a, t, random_delta(v))
+        assert c.version == v
+    assert c.finished and c.get_task(a).kind == DONE
+    with pytest.raises(errors.StaleRound, match="finished"):
+        _upload(c, a, t, random_delta(9))
+    s = c.status()
+    assert (s.version, s.rounds_completed, s.rounds_target, s.finished, s.devices_joined) == (2, 2, 2, True, 1)
+    assert [r.state for r in s.rounds] == ["closed", "closed"] and [r.version for r in s.rounds] == [1, 2]
+    assert s.rounds[0].devices == 1 and s.current_round == s.rounds[-1].round_id
+
+
+def test_restart_continues_from_latest_version_and_optimizer_state(tmp_path: Path) -> None:
+    db = tmp_path / "state.sqlite"
+    c = make_coordinator(tmp_path, state=st.SqliteState(db), strategy="fedavgm", rounds=5, min_devices=1)
+    (a,) = _join(c, 1)
+    for seed in (1, 2):
+        t = c.get_task(a)
+        _upload(c, a, t, random_delta(seed))
+    t_open = c.get_task(a)
+    assert t_open.kind == TRAIN and c.version == 2
+    momentum = {k: v.copy() for k, v in c.optimizer.m.items()}
+    weights = {k: v.copy() for k, v in c.weights.items()}
+    c.state.close()  # crash: the open round is left open in the database
+
+    c2 = make_coordinator(tmp_path, state=st.SqliteState(db), strategy="fedavgm", rounds=5, min_devices=1)
+    assert c2.version == 2 and c2.status().rounds_completed == 2
+    for k in weights:
+        np.testing.assert_array_equal(c2.weights[k], weights[k])
+    for k in momentum:
+        np.testing.assert_array_equal(c2.optimizer.m[k], momentum[k])
+    assert c2.state.round(t_open.round_id).reason == "server restarted"
+    token = c2.join("enroll-me", "dev0")  # same device name -> same id
+    assert token.device_id == a
+    t3 = c2.get_task(a)
+    assert t3.base_version == 2 and t3.round_id > t_open.round_id
+    d3 = random_delta(3)
+    _upload(c2, a, t3, d3)
+    for k in LAYOUT.shared:
+        np.testing.assert_allclose(c2.weights[k], weights[k] + 0.9 * momentum[k] + d3[k], rtol=1e-5)
+
+
+def test_restart_after_crash_between_version_file_and_round_close(tmp_path: Path) -> None:
+    db = tmp_path / "state.sqlite"
+    c = make_coordinator(tmp_path, state=st.SqliteState(db), min_devices=1)
+    (a,) = _join(c, 1)
+    t = c.get_task(a)
+    original = c.state.close_round
+
+    def crash(*args, **kw):
+        raise KeyboardInterrupt  # dies right after the version file is written
+
+    c.state.close_round = crash
+    with pytest.raises(KeyboardInterrupt):
+        _upload(c, a, t, random_delta(1))
+    assert ModelStore(tmp_path).latest_version() == 0  # rolled back: the file was removed
+    c.state.close_round = original
+    # a version file whose round was never closed (e.g. power loss after the rename):
+    ModelStore(tmp_path).save_version(1, c.weights, {"round_id": t.round_id, "metrics": {}})
+    c.state.close()
+    c2 = make_coordinator(tmp_path, state=st.SqliteState(db), min_devices=1)
+    assert c2.version == 1
+    r = c2.state.round(t.round_id)
+    assert r.state == st.CLOSED and r.version == 1
+
+
+def test_failed_close_keeps_round_open_and_optimizer_state(tmp_path: Path, monkeypatch) -> None:
+    c = make_coordinator(tmp_path, strategy="fedadam", min_devices=1)
+    (a,) = _join(c, 1)
+    t = c.get_task(a)
+
+    def disk_full(*args, **kw):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(c.store, "save_version", disk_full)
+    reply = _upload(c, a, t, random_delta(1))
+    assert reply.accepted and c.version == 0 and c.optimizer.t == 0
+    assert c.state.round(t.round_id).state == st.OPEN
+    monkeypatch.undo()
+    c.clock.t += 61
+    c.tick()  # the deadline retries the close
+    assert c.version == 1 and c.optimizer.t == 1
+
+
+def test_join_and_authenticate(tmp_path: Path) -> None:
+    c = make_coordinator(tmp_path)
+    with pytest.raises(errors.BadToken, match="enrollment"):
+        c.join("nope", "x")
+    r1 = c.join("enroll-me", "phone")
+    assert c.authenticate(str(r1.device_id), r1.session_token) == r1.device_id
+    r2 = c.join("enroll-me", "phone")
+    assert r2.device_id == r1.device_id
+    with pytest.raises(errors.BadToken, match="wrong session token"):
+        c.authenticate(r1.device_id, r1.session_token)  # replaced by the re-join
+    with pytest.raises(errors.BadToken, match="missing"):
+        c.authenticate(None, "t")
+    with pytest.raises(errors.BadToken, match="decimal"):
+        c.authenticate("abc", "t")
+    with pytest.raises(errors.BadToken, match="not enrolled"):
+        c.authenticate("99", "t")
+    with pytest.raises(errors.BadToken, match="not enrolled"):
+        c.authenticate(str(1 << 70), "t")
+    anon = c.join("enroll-me")
+    assert anon.device_id not in (r1.device_id,)
+
+
+def test_model_blob_versions(tmp_path: Path) -> None:
+    c = make_coordinator(tmp_path, min_devices=1)
+    (a,) = _join(c, 1)
+    v0 = wire.arrays_from_blob(c.model_blob(0))
+    t = c.get_task(a)
+    _upload(c, a, t, random_delta(1))
+    np.testing.assert_array_equal(wire.arrays_from_blob(c.model_blob(0))["fc1.bias"], v0["fc1.bias"])
+    assert not np.array_equal(wire.arrays_from_blob(c.model_blob(1))["fc1.bias"], v0["fc1.bias"])
+    with pytest.raises(errors.UnknownVersion, match="version 7"):
+        c.model_blob(7)
+
+
+def test_stop_abandons_open_round(tmp_path: Path) -> None:
+    c = make_coordinator(tmp_path, min_devices=1)
+    (a,) = _join(c, 1)
+    t = c.get_task(a)
+    c.stop()
+    assert c.state.round(t.round_id).reason == "server stopping"
+    with pytest.raises(errors.ShuttingDown):
+        c.get_task(a)
+    with pytest.raises(errors.ShuttingDown):
+        _upload(c, a, t, random_delta(1))
+
+
+def test_store_with_another_model_is_refused(tmp_path: Path) -> None:
+    ModelStore(tmp_path).save_version(0, {"other": np.zeros(3, np.float32)})
+    with pytest.raises(Exception, match="different model"):
+        make_coordinator(tmp_path)
+
+
+def test_weighted_metrics() -> None:
+    ups = [st.UpdateRecord(1, 1, 10, 0, "", 0, {"acc": 0.5, "loss": 1.0}),
+           st.UpdateRecord(1, 2, 30, 0, "", 0, {"acc": 0.9})]
+    assert weighted_metrics(ups) == pytest.approx({"acc": 0.8, "loss": 1.0})
