@@ -270,6 +270,7 @@ def compile(  # noqa: A001  (the graph's one verb)
     weights: Mapping[str, np.ndarray] | None = None,
     seed: int = 0,
     allocate: bool = True,
+    dtype: type = np.float32,
 ) -> Compiled:
     """Order, size and plan the model for `batch` examples per (micro-)step.
 
@@ -277,6 +278,7 @@ def compile(  # noqa: A001  (the graph's one verb)
     micro-steps of one batch. `external` weights are used in place (not allocated in the arena);
     `weights` are copied into the arena (default: fresh ones from `seed`).
     With allocate=False only the sizes are computed (for budget search and `plan` reports).
+    dtype=np.float64 exists for gradient checks; training runs in float32.
     """
     if mode not in MODES:
         raise ValueError(f"memory mode must be one of {MODES}, got {mode!r}")
@@ -335,21 +337,21 @@ def compile(  # noqa: A001  (the graph's one verb)
             weight_owner[name] = ni
             role = "weight" if w.trainable else "stat"
             if name in ext:
-                wid = add(name, w.shape, np.float32, role, set(), pinned=True, ext=True)
+                wid = add(name, w.shape, dtype, role, set(), pinned=True, ext=True)
             else:
-                wid = add(name, w.shape, np.float32, role, all_steps, pinned=True)
+                wid = add(name, w.shape, dtype, role, all_steps, pinned=True)
             w_ids.append(wid)
             if n.trains and w.trainable:
                 o = n.order
                 if micro_batch > 1:
-                    g_ids.append(add(f"{name}:grad", w.shape, np.float32, "grad", {o.calc_grad}))
-                    acc_idx[g_ids[-1]] = add(f"{name}:gradacc", w.shape, np.float32, "gradacc", all_steps, pinned=True)
+                    g_ids.append(add(f"{name}:grad", w.shape, dtype, "grad", {o.calc_grad}))
+                    acc_idx[g_ids[-1]] = add(f"{name}:gradacc", w.shape, dtype, "gradacc", all_steps, pinned=True)
                 else:
-                    g_ids.append(add(f"{name}:grad", w.shape, np.float32, "grad", {o.calc_grad, o.apply_grad}))
+                    g_ids.append(add(f"{name}:grad", w.shape, dtype, "grad", {o.calc_grad, o.apply_grad}))
                 opt_names[name] = []
                 for k in range(optimizer_slots):
                     opt_names[name].append(f"{name}:opt{k}")
-                    add(opt_names[name][-1], w.shape, np.float32, "opt", all_steps, pinned=True)
+                    add(opt_names[name][-1], w.shape, dtype, "opt", all_steps, pinned=True)
             else:
                 g_ids.append(None)
         weight_idx.append(w_ids)
@@ -363,7 +365,7 @@ def compile(  # noqa: A001  (the graph's one verb)
         for ci, _ in n.consumers:
             c = nodes[ci]
             t |= {c.order.forward} | set(touches(runs(c, c.ctx.input_life), c.order))
-        out_idx.append(add(f"{n.name}:out", n.out_shape, np.float32, "act", t))
+        out_idx.append(add(f"{n.name}:out", n.out_shape, dtype, "act", t))
     # Derivatives: slot s of node n is written by its s-th reader's calc-derivative.
     dout_idx: list[list[int]] = []
     for ni, n in enumerate(nodes):
@@ -376,14 +378,15 @@ def compile(  # noqa: A001  (the graph's one verb)
                     if nodes[ci].producers[ii] == (ni, s):
                         t.add(nodes[ci].order.calc_deriv)
                 suffix = f":dout{s}" if fan > 1 else ":dout"
-                ids.append(add(f"{n.name}{suffix}", n.out_shape, np.float32, "deriv", t))
+                ids.append(add(f"{n.name}{suffix}", n.out_shape, dtype, "deriv", t))
         dout_idx.append(ids)
     scratch_idx: list[list[int | None]] = []
     for n in nodes:
         ids = []
         for r in n.ctx.scratch:
             t = set(touches(runs(n, r.life), n.order))
-            ids.append(add(f"{n.name}:{r.name}", r.shape, r.dtype, "scratch", t) if t else None)
+            rdt = dtype if np.dtype(r.dtype) == np.float32 else r.dtype
+            ids.append(add(f"{n.name}:{r.name}", r.shape, rdt, "scratch", t) if t else None)
         scratch_idx.append(ids)
 
     # Buffer groups: one per tensor, merged where a view or an in-place op may share bytes.
@@ -532,6 +535,13 @@ def compile(  # noqa: A001  (the graph's one verb)
         compiled.contexts.append(per_step)
     compiled.grad_acc = {tensors[g].name: tensors[a].name for g, a in acc_idx.items()}
     return compiled
+
+
+def output_size(spec: ModelSpec) -> int:
+    """Values per example at the model's output (classes for Loss = cross)."""
+    nodes, _ = _expand(spec)
+    _finalize(nodes, 1)
+    return int(np.prod(nodes[-1].out_shape[1:]))
 
 
 def param_count(spec: ModelSpec) -> int:
