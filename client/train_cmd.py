@@ -1,0 +1,94 @@
+"""`fedpers-client train`: train a model locally on a DATA.npz, no server needed."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from common.nn import BudgetError, ModelError, Trainer, WeightError, load_ini, output_size, rss, warmup
+from common.nn.budget import format_size
+
+from .data import DataError, check_against_model, load_data
+from .progress import ProgressBar
+
+log = logging.getLogger(__name__)
+MEMORY_MODES = ("naive", "planned", "swap")
+
+
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    """The trainer's memory flags, shared by train, plan and run."""
+    p.add_argument("--memory", choices=MEMORY_MODES, default="planned",
+                   help="naive: every tensor its own buffer; planned: one planned arena (default); "
+                        "swap: planned + saved activations swapped to a file")
+    p.add_argument("--lookahead", type=int, default=2, metavar="K",
+                   help="swap mode: read tensors back K steps before use (default 2)")
+    p.add_argument("--micro-batch", type=int, default=1, metavar="M",
+                   help="run each batch as M micro-batches with gradient accumulation (default 1)")
+    p.add_argument("--swap-dir", default=None, metavar="DIR", help="where the swap file lives (default: temp dir)")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE",
+                   help="e.g. 48MiB: pick the fastest mode, lookahead and micro-batch whose arena fits")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("train", help="train a model locally on DATA.npz",
+                              description="Train MODEL.ini on DATA.npz on this machine, without a server.")
+    p.add_argument("model", type=Path, metavar="MODEL.ini", help="NNTrainer-style model file")
+    p.add_argument("--data", required=True, type=Path, metavar="DATA.npz",
+                   help="x float32 (N,C,H,W) or (N,F), y integer labels (N,); optional x_test, y_test")
+    p.add_argument("--epochs", type=int, default=None, metavar="N", help="override [Model] Epochs")
+    p.add_argument("--batch", type=int, default=None, metavar="B", help="override [Model] batch_size")
+    p.add_argument("--lr", type=float, default=None, metavar="X", help="override the learning rate")
+    p.add_argument("--init-weights", type=Path, default=None, metavar="W.npz", help="start from these weights")
+    p.add_argument("--save-weights", type=Path, default=None, metavar="OUT.npz", help="write trained weights here")
+    p.add_argument("--no-shuffle", action="store_true", help="keep batch order (reproducible runs)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for init, shuffling, dropout")
+    p.add_argument("--json", action="store_true", help="print one JSON object with the results at the end")
+    add_memory_args(p)
+    return p
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        spec = load_ini(args.model)
+        data = load_data(args.data)
+        check_against_model(data, spec.layers[0].input_shape, output_size(spec) if spec.loss == "cross" else None,
+                            str(args.data))
+        warmup(spec)
+        rss.mark_baseline()
+        trainer = Trainer(spec, memory=args.memory, memory_budget=args.memory_budget, lookahead=args.lookahead,
+                          micro_batch=args.micro_batch, swap_dir=args.swap_dir, seed=args.seed)
+        if args.init_weights:
+            trainer.load_weights(str(args.init_weights))
+        batch = min(args.batch or spec.batch_size, data.num_examples)
+        trainer.compile(batch)
+        if trainer.choice is not None:
+            print(f"memory budget {args.memory_budget}: {trainer.choice.describe()}", file=sys.stderr)
+        result = trainer.fit(data.x, data.y, epochs=args.epochs, batch_size=batch, shuffle=not args.no_shuffle,
+                             seed=args.seed, learning_rate=args.lr, progress=ProgressBar())
+        report = trainer.memory_report()
+        test = trainer.evaluate(data.x_test, data.y_test) if data.x_test is not None else None
+        if args.save_weights:
+            trainer.save_weights(str(args.save_weights))
+    except (ModelError, DataError, WeightError, BudgetError, FileNotFoundError, ValueError) as e:
+        print(f"fedpers-client train: {e}", file=sys.stderr)
+        return 2
+    out = {
+        "loss": result.loss, "accuracy": result.accuracy, "steps": result.steps,
+        "step_seconds": result.step_seconds, "epochs": result.epochs, "memory": report.to_dict(),
+    }
+    if test is not None:
+        out["test_loss"], out["test_accuracy"] = test.loss, test.accuracy
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"loss {result.loss:.4f}  accuracy {result.accuracy:.4f}  steps {result.steps}  "
+              f"median step {result.step_seconds * 1e3:.2f} ms")
+        if test is not None:
+            print(f"test loss {test.loss:.4f}  test accuracy {test.accuracy:.4f}")
+        print(f"memory ({report.mode}): arena {format_size(report.arena_bytes)}, lower bound "
+              f"{format_size(report.lower_bound_bytes)}, naive {format_size(report.naive_bytes)}, "
+              f"rss growth {format_size(max(0, (report.rss_peak_bytes or 0) - (report.rss_baseline_bytes or 0)))}")
+    return 0
