@@ -1,0 +1,173 @@
+"""Every memory mode computes the same numbers; swap cleans up; budgets choose or refuse."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from common.nn import BudgetError, Trainer, compile
+from tests import nets
+
+
+def data_for(spec, n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = spec.layers[0].input_shape
+    x = rng.standard_normal((n, *shape)).astype(np.float32)
+    classes = {"cross": None}.get(spec.loss)
+    out = spec.layers[-1].unit or 5
+    y = rng.integers(0, out, n) if classes is None else None
+    return x, y
+
+
+def train(spec, mode, micro=1, steps=20, batch=8, lookahead=2):
+    x, y = data_for(spec)
+    t = Trainer(spec, memory=mode, micro_batch=micro, lookahead=lookahead, seed=3)
+    per_epoch = len(x) // batch
+    t.fit(x, y, epochs=steps // per_epoch, batch_size=batch, shuffle=False)
+    return t
+
+
+def assert_same_weights(a: Trainer, b: Trainer, rtol=1e-6):
+    wa, wb = a.get_weights(), b.get_weights()
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        scale = max(np.abs(wa[k]).max(), 1e-12)
+        assert np.abs(wa[k] - wb[k]).max() / scale <= rtol, k
+
+
+NETS = {
+    "mlp": lambda: nets.mlp(),
+    "cnn_bn": lambda: nets.cnn(batch_norm=True, stride=2),
+    "residual": nets.residual,
+    "partly_frozen": lambda: nets.cnn(batch_norm=False, frozen=("c1", "c2")),
+    "frozen_middle": lambda: nets.mlp(frozen=("fc2",)),
+}
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_planned_and_swap_equal_naive(net):
+    spec = NETS[net]()
+    naive = train(spec, "naive")
+    changed = naive.get_weights()
+    fresh = Trainer(spec, seed=3).get_weights()
+    assert any(not np.array_equal(changed[k], fresh[k]) for k in fresh), "training changed nothing"
+    for mode in ("planned", "swap"):
+        assert_same_weights(naive, train(spec, mode))
+
+
+@pytest.mark.parametrize("net", ["mlp", "residual", "partly_frozen"])
+def test_micro_batches_equal_whole_batches_without_batch_norm(net):
+    spec = NETS[net]()
+    whole = train(spec, "planned")
+    for micro in (2, 4):
+        assert_same_weights(whole, train(spec, "planned", micro=micro), rtol=2e-5)
+    assert_same_weights(whole, train(spec, "swap", micro=2), rtol=2e-5)
+
+
+def test_planned_arena_is_smaller_and_near_the_lower_bound():
+    spec = nets.cnn()
+    naive = compile(spec, 16, mode="naive", allocate=False)
+    planned = compile(spec, 16, mode="planned", allocate=False)
+    swap = compile(spec, 16, mode="swap", lookahead=1, allocate=False)
+    assert planned.plan.total < naive.plan.total
+    assert planned.plan.total <= 1.05 * planned.lower_bound_bytes
+    assert swap.plan.total <= planned.plan.total
+    assert any(g.swapped for g in swap.groups)
+
+
+def test_micro_batching_shrinks_the_activation_window():
+    spec = nets.cnn(batch_norm=False)
+    sizes = [compile(spec, 32, micro_batch=m, allocate=False).plan.total for m in (1, 2, 4)]
+    assert sizes[0] > sizes[1] > sizes[2]
+
+
+def test_frozen_prefix_saves_no_activation_or_gradient():
+    spec = nets.cnn(batch_norm=False, frozen=("c1", "c2"))
+    c = compile(spec, 8, allocate=False)
+    names = {t.name for t in c.tensors}
+    assert "c1.weight:grad" not in names and "c2.weight:grad" not in names
+    assert "out.weight:grad" in names
+    # nothing before `out` trains, so no derivative flows below it and conv outputs die in forward
+    assert not any(t.role == "deriv" and t.name.startswith(("c1", "c2", "r1")) for t in c.tensors)
+    n_fwd = len(c.nodes)
+    for t in c.tensors:
+        if t.name.startswith(("c1:", "c2:", "r1:")):
+            assert max(t.touches) < n_fwd, t.name
+
+
+def test_swap_moves_bytes_and_leaves_no_file(tmp_path):
+    spec = nets.cnn(batch_norm=False)
+    x, y = data_for(spec)
+    t = Trainer(spec, memory="swap", lookahead=1, swap_dir=str(tmp_path), seed=0)
+    t.fit(x, y, epochs=1, batch_size=8, shuffle=False)
+    rep = t.memory_report()
+    assert rep.swap_out_bytes > 0 and rep.swap_in_bytes == rep.swap_out_bytes
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_swap_file_gone_after_an_exception_mid_epoch(tmp_path):
+    spec = nets.mlp()
+    x, y = data_for(spec)
+    t = Trainer(spec, memory="swap", lookahead=1, swap_dir=str(tmp_path), seed=0)
+
+    def boom(step, total, loss, acc):
+        assert list(tmp_path.iterdir()) == []  # unlinked while still in use
+        if step == 2:
+            raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        t.fit(x, y, epochs=1, batch_size=8, progress=boom)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_swap_file_gone_after_sigint(tmp_path):
+    script = textwrap.dedent(f"""
+        import os, signal, numpy as np, sys
+        sys.path.insert(0, {os.getcwd()!r})
+        from tests import nets
+        from common.nn import Trainer
+        spec = nets.mlp()
+        x = np.random.default_rng(0).standard_normal((4000, 1, 1, 12)).astype(np.float32)
+        y = np.random.default_rng(1).integers(0, 4, 4000)
+        t = Trainer(spec, memory="swap", lookahead=1, swap_dir={str(tmp_path)!r})
+        def progress(step, total, loss, acc):
+            if step == 5:
+                print("training", flush=True)
+                os.kill(os.getpid(), signal.SIGINT)
+        t.fit(x, y, epochs=50, batch_size=8, progress=progress)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "training" in proc.stdout
+    assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_budget_picks_the_fastest_mode_that_fits():
+    spec = nets.cnn(batch_norm=False)
+    planned = compile(spec, 16, allocate=False, optimizer_slots=2).plan.total
+    t = Trainer(spec, memory_budget=planned)
+    t.compile(16)
+    assert t.choice.mode == "planned" and t.choice.micro_batch == 1
+    t = Trainer(spec, memory_budget=planned - 64)
+    t.compile(16)
+    assert t.choice.mode == "swap" or t.choice.micro_batch > 1
+    assert t.memory_report().arena_bytes <= planned - 64
+
+
+def test_budget_below_the_minimum_names_the_smallest_and_trains_nothing():
+    spec = nets.cnn(batch_norm=False)
+    x, y = data_for(spec)
+    t = Trainer(spec, memory_budget="1KiB")
+    before = t.get_weights()
+    with pytest.raises(BudgetError, match=r"smallest plan needs [0-9.]+KiB \(\d+ bytes\)") as err:
+        t.fit(x, y, epochs=1, batch_size=8)
+    smallest = int(str(err.value).split("(")[1].split(" bytes")[0])
+    after = t.get_weights()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    ok = Trainer(spec, memory_budget=smallest)
+    ok.fit(x, y, epochs=1, batch_size=8)
+    assert ok.memory_report().arena_bytes <= smallest

@@ -1,0 +1,106 @@
+"""Finite-difference gradient checks (float64) through the compiled graph: DAGs, frozen layers,
+strided and padded convolutions, batch norm, both losses."""
+
+import numpy as np
+import pytest
+
+from common.nn import LayerSpec, ModelSpec, compile, init_weights
+from tests import nets
+
+
+def loss_and_grads(spec, weights, x, y):
+    c = compile(spec, len(x), mode="naive", dtype=np.float64, weights=weights)
+    for i in c.input_node_indices():
+        c.contexts[i]["forward"].state.update(batch_x=x, batch_idx=None)
+    state = c.contexts[-1]["forward"].state
+    state.update(batch_y=y, scale=1.0 / len(x))
+    for ni, node in enumerate(c.nodes):
+        node.layer.forward(c.contexts[ni]["forward"], True)
+    grads = {}
+    for ni in range(len(c.nodes) - 1, -1, -1):
+        node, ctxs = c.nodes[ni], c.contexts[ni]
+        if node.trains:
+            node.layer.calc_gradient(ctxs["calc_grad"])
+            for w, g in zip(node.ctx.weights, ctxs["calc_grad"].grads, strict=True):
+                if g is not None:
+                    grads[f"{node.spec_name}.{w.name}"] = g.copy()
+        if node.backprop:
+            node.layer.calc_derivative(ctxs["calc_deriv"])
+    return state["loss_sum"] / len(x), grads
+
+
+def check(spec, x, y, samples=6, eps=1e-6, rtol=1e-4):
+    w = {k: v.astype(np.float64) for k, v in init_weights(spec, seed=1).items()}
+    _, grads = loss_and_grads(spec, w, x, y)
+    rng = np.random.default_rng(0)
+    for name, g in grads.items():
+        flat = w[name].reshape(-1)
+        for i in rng.choice(flat.size, min(samples, flat.size), replace=False):
+            old = flat[i]
+            flat[i] = old + eps
+            lp, _ = loss_and_grads(spec, w, x, y)
+            flat[i] = old - eps
+            lm, _ = loss_and_grads(spec, w, x, y)
+            flat[i] = old
+            num = (lp - lm) / (2 * eps)
+            ana = g.reshape(-1)[i]
+            assert abs(num - ana) <= rtol * max(1.0, abs(num), abs(ana)) + 1e-7, (name, i, num, ana)
+    return grads
+
+
+def inputs(spec, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, *spec.layers[0].input_shape))
+    return x
+
+
+def labels(n, classes, seed=1):
+    return np.random.default_rng(seed).integers(0, classes, n).astype(np.int64)
+
+
+def test_mlp_cross_entropy():
+    spec = nets.mlp()
+    grads = check(spec, inputs(spec), labels(6, 4))
+    assert set(grads) == {f"{l}.{p}" for l in ("fc1", "fc2", "out") for p in ("weight", "bias")}
+
+
+def test_mlp_mean_squared_error():
+    spec = nets.mlp(loss="mse")
+    y = np.random.default_rng(2).standard_normal((6, 4))
+    check(spec, inputs(spec), y)
+
+
+def test_frozen_middle_layer_passes_derivatives_but_has_no_gradient():
+    spec = nets.mlp(frozen=("fc2",))
+    grads = check(spec, inputs(spec), labels(6, 4))
+    assert "fc2.weight" not in grads and "fc1.weight" in grads
+
+
+def test_conv_stride_padding_batch_norm():
+    spec = nets.cnn(batch_norm=True, stride=2)
+    grads = check(spec, inputs(spec), labels(6, 3))
+    assert {"c1.weight", "c2.weight", "bn1.gamma", "bn1.beta", "out.weight"} <= set(grads)
+    assert "bn1.running_mean" not in grads
+
+
+def test_residual_dag_with_addition():
+    spec = nets.residual()
+    grads = check(spec, inputs(spec), labels(6, 5))
+    assert {"c1.weight", "c2.weight", "c3.weight"} <= set(grads)
+
+
+def test_frozen_convs_under_a_trained_head():
+    spec = nets.cnn(batch_norm=False, frozen=("c1", "c2"))
+    grads = check(spec, inputs(spec), labels(6, 3))
+    assert set(grads) == {"out.weight", "out.bias"}
+
+
+@pytest.mark.parametrize("fn", ["sigmoid", "tanh", "relu", "none"])
+def test_standalone_activation_layers(fn):
+    spec = ModelSpec(layers=(
+        LayerSpec("in", "input", input_shape=(1, 1, 5)),
+        LayerSpec("fc", "fully_connected", unit=7),
+        LayerSpec("act", "activation", activation=fn),
+        LayerSpec("out", "fully_connected", unit=3, activation="softmax"),
+    ))
+    check(spec, inputs(spec), labels(6, 3))

@@ -1,0 +1,62 @@
+import numpy as np
+import pytest
+
+from common.nn.planner import PLANNERS, Plan, PlanError, Usage, aligned, lower_bound, validate
+from common.nn.pool import Arena
+
+
+def random_usages(rng: np.random.Generator, n: int, steps: int) -> list[Usage]:
+    out = []
+    for _ in range(n):
+        a, b = sorted(rng.integers(0, steps, 2))
+        out.append(Usage(int(rng.integers(1, 5000)), int(a), int(b)))
+    return out
+
+
+def overlaps_exhaustively(usages, plan) -> list[tuple[int, int]]:
+    bad = []
+    for i, u in enumerate(usages):
+        for j in range(i + 1, len(usages)):
+            v = usages[j]
+            time = u.first <= v.last and v.first <= u.last
+            a0, a1 = plan.offsets[i], plan.offsets[i] + aligned(u.size)
+            b0, b1 = plan.offsets[j], plan.offsets[j] + aligned(v.size)
+            if time and a0 < b1 and b0 < a1:
+                bad.append((i, j))
+    return bad
+
+
+@pytest.mark.parametrize("name", sorted(PLANNERS))
+@pytest.mark.parametrize("seed", range(25))
+def test_no_live_overlap_on_random_intervals(name, seed):
+    rng = np.random.default_rng(seed)
+    usages = random_usages(rng, int(rng.integers(1, 60)), int(rng.integers(1, 40)))
+    plan = PLANNERS[name](usages)
+    assert overlaps_exhaustively(usages, plan) == []
+    validate(usages, plan)
+    assert all(o % 64 == 0 for o in plan.offsets)
+    assert plan.total >= lower_bound(usages)
+    assert max(o + aligned(u.size) for o, u in zip(plan.offsets, usages, strict=True)) <= plan.total
+
+
+def test_greedy_reuses_memory_of_dead_buffers():
+    usages = [Usage(1000, 0, 1), Usage(1000, 2, 3), Usage(1000, 4, 5)]
+    assert PLANNERS["greedy_by_size"](usages).total == aligned(1000)
+    assert PLANNERS["naive"](usages).total == 3 * aligned(1000)
+    assert lower_bound(usages) == aligned(1000)
+
+
+def test_validate_refuses_a_bad_plan():
+    usages = [Usage(100, 0, 3), Usage(100, 2, 5)]
+    with pytest.raises(PlanError, match="overlap"):
+        validate(usages, Plan((0, 64), 256, "bad"))
+    with pytest.raises(PlanError, match="outside"):
+        Arena.from_plan(usages, Plan((0, 128), 200, "bad"))
+
+
+def test_arena_views_are_aligned_and_bounded():
+    arena = Arena(4096)
+    v = arena.view(128, (4, 8), np.float32)
+    assert v.ctypes.data % 64 == 0 and v.shape == (4, 8)
+    with pytest.raises(IndexError):
+        arena.view(4000, (100,), np.float32)

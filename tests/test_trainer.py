@@ -1,0 +1,144 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.nn import DataError, Trainer, WeightError, load_ini
+from tests import nets
+
+MODELS = Path(__file__).resolve().parent.parent / "common" / "models"
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    p = np.random.default_rng(0).permutation(len(x))
+    tr, te = p[: int(0.8 * len(x))], p[int(0.8 * len(x)) :]
+    return x[tr], d.target[tr], x[te], d.target[te]
+
+
+def test_digits_cnn_reaches_95_percent(digits):
+    x, y, xt, yt = digits
+    t = Trainer(load_ini(MODELS / "digits_cnn.ini"), seed=0)
+    t.fit(x, y, epochs=10, seed=0)
+    assert t.evaluate(xt, yt).accuracy >= 0.95
+    probs = t.predict(xt[:7])
+    assert probs.shape == (7, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_weights_round_trip_through_npz(tmp_path):
+    spec = nets.mlp()
+    a = Trainer(spec, seed=1)
+    a.save_weights(str(tmp_path / "w.npz"))
+    b = Trainer(spec, seed=2)
+    b.load_weights(str(tmp_path / "w.npz"))
+    wa, wb = a.get_weights(), b.get_weights()
+    assert all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert set(np.load(tmp_path / "w.npz").files) == {"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias",
+                                                      "out.weight", "out.bias"}
+    assert wa["fc1.weight"].shape == (12, 16)  # (in_features, out_features)
+
+
+def test_set_weights_names_what_is_wrong():
+    t = Trainer(nets.mlp())
+    w = t.get_weights()
+    with pytest.raises(WeightError, match="missing: out.bias"):
+        t.set_weights({k: v for k, v in w.items() if k != "out.bias"})
+    with pytest.raises(WeightError, match="unknown: nope"):
+        t.set_weights({**w, "nope": np.zeros(3)})
+    with pytest.raises(WeightError, match=r"wrong shape: fc1.weight \(3, 3\)"):
+        t.set_weights({**w, "fc1.weight": np.zeros((3, 3))})
+    t.set_weights({"out.bias": np.ones(4)}, strict=False)
+    assert np.array_equal(t.get_weights()["out.bias"], np.ones(4))
+
+
+def test_bad_data_is_refused():
+    t = Trainer(nets.mlp())
+    with pytest.raises(DataError, match="input is 1:1:12"):
+        t.fit(np.zeros((8, 5), np.float32), np.zeros(8, np.int64))
+    with pytest.raises(DataError, match="labels must be in"):
+        t.fit(np.zeros((8, 12), np.float32), np.full(8, 9))
+    with pytest.raises(DataError, match="integer class labels"):
+        t.fit(np.zeros((8, 12), np.float32), np.zeros(8, np.float32))
+
+
+def test_adam_step_matches_a_hand_computation():
+    spec = nets.mlp(opt="adam")
+    t = Trainer(spec, seed=0)
+    x = np.random.default_rng(0).standard_normal((4, 12)).astype(np.float32)
+    y = np.array([0, 1, 2, 3])
+    before = t.get_weights()
+    t.fit(x, y, epochs=1, batch_size=4, shuffle=False)
+    after = t.get_weights()
+    # first Adam step moves every weight with a non-zero gradient by lr * g/(|g| + eps') ~ lr
+    step = np.abs(after["out.bias"] - before["out.bias"])
+    assert np.allclose(step, spec.optimizer.learning_rate, rtol=1e-3)
+
+
+def run_cli(*args, check=True):
+    proc = subprocess.run([sys.executable, "-m", "client", *args], capture_output=True, text=True, timeout=600)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture(scope="module")
+def digits_file(digits, tmp_path_factory):
+    x, y, xt, yt = digits
+    path = tmp_path_factory.mktemp("data") / "digits.npz"
+    np.savez(path, x=x[:256], y=y[:256], x_test=xt[:64], y_test=yt[:64])
+    return path
+
+
+def test_cli_train_json(digits_file, tmp_path):
+    out = tmp_path / "w.npz"
+    proc = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(digits_file), "--epochs", "2",
+                   "--batch", "32", "--no-shuffle", "--json", "--save-weights", str(out))
+    rep = json.loads(proc.stdout)
+    assert rep["steps"] == 16 and 0 <= rep["accuracy"] <= 1 and rep["step_seconds"] > 0
+    mem = rep["memory"]
+    for key in ("naive_bytes", "arena_bytes", "lower_bound_bytes", "weights_bytes", "optimizer_bytes",
+                "swap_out_bytes", "swap_in_bytes", "swap_wait_seconds", "rss_baseline_bytes", "rss_peak_bytes"):
+        assert key in mem
+    assert mem["arena_bytes"] <= mem["naive_bytes"]
+    assert mem["rss_peak_bytes"] >= mem["rss_baseline_bytes"] > 0
+    assert out.exists() and "conv1.weight" in np.load(out).files
+    again = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(digits_file), "--epochs", "2",
+                    "--batch", "32", "--no-shuffle", "--json", "--memory", "swap", "--lookahead", "1")
+    assert json.loads(again.stdout)["loss"] == pytest.approx(rep["loss"], rel=1e-6)
+    assert json.loads(again.stdout)["memory"]["swap_out_bytes"] > 0
+
+
+def test_cli_train_refuses_bad_data_with_exit_2(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros((4, 3, 3), np.float32), y=np.zeros(4, np.int64))
+    proc = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(bad), check=False)
+    assert proc.returncode == 2 and "shape" in proc.stderr
+    wrong_key = tmp_path / "wrong.npz"
+    np.savez(wrong_key, features=np.zeros((4, 1, 8, 8), np.float32), y=np.zeros(4, np.int64))
+    proc = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(wrong_key), check=False)
+    assert proc.returncode == 2 and "'x'" in proc.stderr
+
+
+def test_cli_budget_too_small_exit_2(digits_file):
+    proc = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(digits_file), "--memory-budget", "2KiB",
+                   check=False)
+    assert proc.returncode == 2 and "smallest plan needs" in proc.stderr
+
+
+def test_cli_plan_table_json_and_png(tmp_path):
+    proc = run_cli("plan", str(MODELS / "digits_cnn.ini"), "--batch", "16", "--json")
+    plan = json.loads(proc.stdout)
+    tot = plan["totals"]
+    assert tot["arena_bytes"] <= tot["naive_bytes"] and tot["lower_bound_bytes"] <= tot["arena_bytes"]
+    assert any(r["name"] == "conv1.weight" for r in plan["tensors"])
+    png = tmp_path / "plan.png"
+    text = run_cli("plan", str(MODELS / "digits_cnn.ini"), "--memory", "swap", "--png", str(png)).stdout
+    assert "arena_bytes" in text and "lower_bound_bytes" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
