@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 from common import codec, wire
+from common.rpc import federation_pb2 as pb
+from common.rpc import federation_pb2_grpc as pb_grpc
 from server import aggregate as ag
 from server import state as st
 from server.model import layout_from_specs
@@ -84,3 +87,31 @@ def make_coordinator(store_dir, state=None, clock=None, strategy="fedavg", **pol
         enroll_token="enroll-me",
         clock=clock or Clock(),
     )
+
+
+class Device:
+    """A minimal test device speaking the protocol directly."""
+
+    def __init__(self, address: str, name: str, enroll: str = "enroll-me") -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.FederationStub(self.channel)
+        reply = wire.join_reply_from_proto(self.stub.Join(wire.join_request_to_proto(wire.JoinRequest(enroll, name))))
+        self.id, self.token = reply.device_id, reply.session_token
+
+    @property
+    def md(self):
+        return wire.auth_metadata(self.id, self.token)
+
+    def task(self) -> wire.Task:
+        return wire.task_from_proto(self.stub.GetTask(pb.TaskRequest(), metadata=self.md, timeout=10))
+
+    def download(self, version: int) -> dict[str, np.ndarray]:
+        chunks = self.stub.DownloadModel(pb.DownloadRequest(version=version), metadata=self.md, timeout=10)
+        return wire.arrays_from_blob(wire.join_chunks(chunks))
+
+    def upload(self, messages) -> wire.UploadReply:
+        return wire.upload_reply_from_proto(self.stub.UploadUpdate(iter(list(messages)), metadata=self.md,
+                                                                   timeout=10))
+
+    def close(self) -> None:
+        self.channel.close()

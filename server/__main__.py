@@ -1,0 +1,151 @@
+"""fedpers-server: run the aggregation server, or ask a running one for its health or status.
+
+    fedpers-server --model MODEL.ini --store DIR [options]      (same as `fedpers-server serve ...`)
+    fedpers-server health --address HOST:PORT                   exit 0 iff SERVING (docker HEALTHCHECK)
+    fedpers-server status --address HOST:PORT [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+import grpc
+
+SUBCOMMANDS = ("serve", "health", "status")
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the aggregation server (the default)",
+                       description="Run the aggregation server. Flags override --config.")
+    a = p.add_argument
+    a("--config", help="TOML file with the same keys as the long flags ('-' or '_'); flags override it")
+    a("--model", help="model INI file (the server makes version 0 from it)")
+    a("--listen", help="HOST:PORT to bind (port 0: a free port; default 127.0.0.1:50051)")
+    a("--store", help="directory for model versions and the state database")
+    a("--rounds", type=int, help="rounds to complete before tasks say DONE (default 10)")
+    a("--min-devices", type=int, help="devices needed to open and to close a round (default 2)")
+    a("--fraction", type=float, help="fraction of waiting devices sampled per round (default 1.0)")
+    a("--round-timeout", type=float, help="seconds until a round's deadline (default 60)")
+    a("--strategy", choices=("fedavg", "fedavgm", "fedadam"), help="server optimizer (default fedavg)")
+    a("--server-lr", type=float, help="server learning rate (default: 1.0 fedavg/fedavgm, 0.01 fedadam)")
+    a("--enroll-token", help="token devices must present to Join (default: open enrollment)")
+    a("--personal-layers", help="comma-separated layers that stay on the devices (besides personal = true)")
+    a("--local-epochs", type=int, help="local epochs per round (default: the INI's Epochs)")
+    a("--batch-size", type=int, help="device batch size (default: the INI's batch_size)")
+    a("--learning-rate", type=float, help="device learning rate (default: the INI's Learning_rate)")
+    a("--codec", help="delta codec devices use: fp32, fp16, int8, topk:F, with optional +zstd (default fp32)")
+    a("--seed", type=int, help="seed for version 0 and device sampling (default 0)")
+    a("--log-level", help="DEBUG, INFO, WARNING... (default INFO)")
+    a("--clip-norm", type=float, help="clip each delta to this L2 norm before averaging")
+    a("--norm-bound", type=float, help="refuse updates whose L2 norm exceeds this")
+    a("--max-update-mb", type=float, help="largest accepted update (default: 2x fp32 shared size + 1 MiB)")
+    a("--workers", type=int, help="gRPC handler threads; bounds concurrent uploads and memory (default 8)")
+    a("--retry-after", type=float, help="seconds a waiting device is told to wait (default 0.5)")
+    a("--port-file", help="write the bound port to this file once serving")
+    a("--grace", type=float, default=5.0, help="seconds in-flight calls get on SIGTERM/SIGINT (default 5)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedpers-server", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command")
+    _serve_parser(sub)
+    for name, text in (("health", "exit 0 iff the server reports SERVING"), ("status", "print GetStatus")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--address", required=True, help="HOST:PORT of the server")
+        p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+        if name == "status":
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from server import app
+    from server.config import ConfigError, load_config
+
+    flags: dict[str, Any] = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "grace")}
+    try:
+        cfg = load_config(flags, ns.config)
+    except ConfigError as exc:
+        print(f"fedpers-server: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        logging.getLogger("server").info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        running = app.start(cfg)
+    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
+        logging.getLogger("server").error("cannot start: %s", exc)
+        return 1
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        running.stop(ns.grace)
+    return 0
+
+
+def _health(ns: argparse.Namespace) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(ns.address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
+                                                              timeout=ns.timeout)
+        except grpc.RpcError as exc:
+            print(f"{ns.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(f"{ns.address}: {name}")
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def _status(ns: argparse.Namespace) -> int:
+    from common import wire
+    from common.rpc import federation_pb2 as pb
+    from common.rpc import federation_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(ns.address) as channel:
+        try:
+            reply = pb_grpc.FederationStub(channel).GetStatus(pb.StatusRequest(), timeout=ns.timeout)
+        except grpc.RpcError as exc:
+            print(f"{ns.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = wire.status_from_proto(reply)
+    if ns.json:
+        print(json.dumps(dataclasses.asdict(status), indent=2, sort_keys=True))
+        return 0
+    print(f"version {status.version}   rounds {status.rounds_completed}/{status.rounds_target}   "
+          f"devices {status.devices_joined}   round {status.current_round} ({status.round_state or '-'})"
+          f"{'   finished' if status.finished else ''}")
+    if status.rounds:
+        print(f"{'round':>6} {'state':>10} {'version':>8} {'devices':>8}  metrics")
+        for r in status.rounds:
+            metrics = "  ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()))
+            print(f"{r.round_id:>6} {r.state:>10} {r.version:>8} {r.devices:>8}  {metrics}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or (args[0] not in SUBCOMMANDS and args[0] not in ("-h", "--help")):
+        args.insert(0, "serve")
+    ns = _parser().parse_args(args)
+    return {"serve": _serve, "health": _health, "status": _status}[ns.command](ns)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""Assemble a running server from a ServerConfig, and stop it cleanly.
+
+Order of a stop: health says NOT_SERVING, the gRPC server refuses new calls and gives
+in-flight ones a grace period (an upload that completes the round still closes it), then the
+coordinator abandons whatever round is still open, the ticker ends and the database closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health
+
+from common import codec, wire
+from common.store import ModelStore, atomic_write_bytes
+from server.aggregate import make_aggregator, make_optimizer
+from server.config import ConfigError, ServerConfig
+from server.model import load_model
+from server.rounds import Coordinator, RoundPolicy
+from server.service import build_server
+from server.state import SqliteState
+
+log = logging.getLogger(__name__)
+
+STATE_DB = "state.sqlite"
+
+
+def build_coordinator(cfg: ServerConfig) -> Coordinator:
+    """Model + store + state + policy -> Coordinator (continuing from the store's latest version)."""
+    from common.nn import load_ini
+
+    try:
+        codec.parse_codec(cfg.codec)
+    except codec.CodecError as exc:
+        raise ConfigError(f"codec: {exc}") from None
+    spec = load_ini(cfg.model)
+    layout, weights = load_model(cfg.model, cfg.personal_layers, cfg.seed)
+    training = wire.TrainingConfig(
+        local_epochs=cfg.local_epochs or spec.epochs,
+        batch_size=cfg.batch_size or spec.batch_size,
+        learning_rate=cfg.learning_rate or spec.optimizer.learning_rate,
+        codec=cfg.codec,
+    )
+    policy = RoundPolicy(
+        rounds=cfg.rounds, min_devices=cfg.min_devices, fraction=cfg.fraction, round_timeout=cfg.round_timeout,
+        retry_after=cfg.retry_after, waiting_ttl=cfg.waiting_ttl,
+        max_update_bytes=int(cfg.max_update_mb * (1 << 20)) if cfg.max_update_mb else None,
+        norm_bound=cfg.norm_bound, seed=cfg.seed,
+    )
+    cfg.store.mkdir(parents=True, exist_ok=True)
+    return Coordinator(
+        state=SqliteState(cfg.store / STATE_DB), store=ModelStore(cfg.store), layout=layout,
+        initial_weights=weights, aggregator=make_aggregator(cfg.clip_norm),
+        optimizer=make_optimizer(cfg.strategy, cfg.server_lr), policy=policy, training=training,
+        enroll_token=cfg.enroll_token,
+    )
+
+
+@dataclass
+class RunningServer:
+    """A started server: its bound port, and `stop()`."""
+
+    server: grpc.Server
+    port: int
+    host: str
+    coordinator: Coordinator
+    health: health.HealthServicer
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _ticker: threading.Thread | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def _tick_loop(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                self.coordinator.tick()
+            except Exception:  # keep ticking; the next tick retries
+                log.exception("round tick failed")
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Graceful stop; leaves state and store consistent. Idempotent."""
+        if self._stop.is_set():
+            return
+        log.info("stopping: finishing in-flight calls (grace %.1fs)", grace)
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+        self.coordinator.stop()
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join()
+        self.coordinator.state.close()
+        log.info("stopped at version %d", self.coordinator.version)
+
+
+def start(cfg: ServerConfig, coordinator: Coordinator | None = None) -> RunningServer:
+    """Build (unless given) the coordinator, bind, start serving and the deadline ticker."""
+    coord = coordinator or build_coordinator(cfg)
+    server, port, health_servicer = build_server(coord, cfg.listen, cfg.workers)
+    server.start()
+    host = cfg.listen.rsplit(":", 1)[0]
+    running = RunningServer(server=server, port=port, host=host, coordinator=coord, health=health_servicer)
+    interval = min(1.0, max(0.05, cfg.round_timeout / 20))
+    running._ticker = threading.Thread(target=running._tick_loop, args=(interval,), name="fedpers-ticker",
+                                       daemon=True)
+    running._ticker.start()
+    log.info("fedpers-server listening on %s (version %d, %d/%d rounds done, strategy %s)", running.address,
+             coord.version, coord.status().rounds_completed, cfg.rounds, cfg.strategy)
+    if cfg.port_file is not None:
+        atomic_write_bytes(cfg.port_file, f"{port}\n".encode())
+    return running

@@ -1,0 +1,114 @@
+"""Server settings: one typed record, filled from defaults < TOML file (--config) < command-line flags."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from server.aggregate import STRATEGIES
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or out of range; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: Path
+    store: Path
+    listen: str = "127.0.0.1:50051"
+    rounds: int = 10
+    min_devices: int = 2
+    fraction: float = 1.0
+    round_timeout: float = 60.0
+    strategy: str = "fedavg"
+    server_lr: float | None = None  # None: the strategy's default (fedavg/fedavgm 1.0, fedadam 0.01)
+    enroll_token: str = ""  # empty: anyone may join
+    personal_layers: tuple[str, ...] = ()
+    local_epochs: int | None = None  # None: from the model INI ([Model] Epochs)
+    batch_size: int | None = None  # None: from the model INI
+    learning_rate: float | None = None  # None: from the model INI ([Optimizer] Learning_rate)
+    codec: str = "fp32"
+    seed: int = 0
+    log_level: str = "INFO"
+    clip_norm: float | None = None  # clip each delta to this global L2 norm before averaging
+    norm_bound: float | None = None  # refuse updates whose global L2 norm is larger
+    max_update_mb: float | None = None  # None: 2x the fp32 size of the shared tensors + 1 MiB
+    workers: int = 8  # gRPC handler threads: bounds concurrent uploads, hence server memory
+    retry_after: float = 0.5  # seconds a waiting device is told to wait
+    waiting_ttl: float = 30.0
+    port_file: Path | None = None  # write the bound port here once serving (for --listen HOST:0)
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{key}: {why}")
+
+        if self.strategy not in STRATEGIES:
+            raise bad("strategy", f"unknown {self.strategy!r}; known: {list(STRATEGIES)}")
+        if self.rounds < 0:
+            raise bad("rounds", f"must be >= 0, got {self.rounds}")
+        if self.min_devices < 1:
+            raise bad("min_devices", f"must be >= 1, got {self.min_devices}")
+        if not 0 < self.fraction <= 1:
+            raise bad("fraction", f"must be in (0, 1], got {self.fraction}")
+        if not self.round_timeout > 0:
+            raise bad("round_timeout", f"must be > 0, got {self.round_timeout}")
+        if self.workers < 1:
+            raise bad("workers", f"must be >= 1, got {self.workers}")
+        for key in ("server_lr", "clip_norm", "norm_bound", "max_update_mb", "learning_rate"):
+            v = getattr(self, key)
+            if v is not None and not v > 0:
+                raise bad(key, f"must be > 0, got {v}")
+        for key in ("local_epochs", "batch_size"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise bad(key, f"must be >= 1, got {v}")
+        if ":" not in self.listen:
+            raise bad("listen", f"must be HOST:PORT, got {self.listen!r}")
+
+
+_FIELDS = {f.name: f for f in fields(ServerConfig)}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    if key in ("model", "store", "port_file"):
+        return Path(value) if value is not None else None
+    if key == "personal_layers":
+        if isinstance(value, str):
+            return tuple(s.strip() for s in value.split(",") if s.strip())
+        return tuple(str(s) for s in value)
+    return value
+
+
+def load_config(flags: Mapping[str, Any], config_file: str | Path | None = None) -> ServerConfig:
+    """Merge a TOML file (keys as the long flags, with '_' or '-') and flags (None = not given)."""
+    merged: dict[str, Any] = {}
+    if config_file is not None:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        data = data.get("server", data)  # a [server] table or top-level keys
+        for raw_key, value in data.items():
+            key = raw_key.replace("-", "_")
+            if key not in _FIELDS:
+                raise ConfigError(f"{path}: unknown key {raw_key!r}; known: {sorted(_FIELDS)}")
+            if key in ("model", "store", "port_file") and value is not None and not Path(value).is_absolute():
+                value = path.parent / value  # relative to the config file
+            merged[key] = value
+    merged.update({k: v for k, v in flags.items() if v is not None and k in _FIELDS})
+    for key in ("model", "store"):
+        if key not in merged:
+            raise ConfigError(f"{key}: required (--{key} or in the --config file)")
+    try:
+        return ServerConfig(**{k: _coerce(k, v) for k, v in merged.items()})
+    except TypeError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def with_overrides(cfg: ServerConfig, **changes: Any) -> ServerConfig:
+    return replace(cfg, **{k: _coerce(k, v) for k, v in changes.items()})

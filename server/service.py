@@ -1,0 +1,184 @@
+"""The gRPC transport: an auth interceptor, a thin servicer and ONE table from errors to status codes.
+
+Each RPC decodes its request through common.wire, calls the round coordinator and encodes the
+reply. Known refusals become a status code with a message naming the problem; anything else is
+logged and reported as INTERNAL.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from common import codec, wire
+from common.rpc import federation_pb2 as pb
+from common.rpc import federation_pb2_grpc as pb_grpc
+from common.store import MissingVersion
+from server import errors
+from server.aggregate import AggregationError
+from server.rounds import Coordinator
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "fedpers.v1.Federation"
+_PREFIX = f"/{SERVICE_NAME}/"
+# Calls that need no session token: enrolling, and the secret-free progress report.
+UNAUTHENTICATED_METHODS = frozenset({f"{_PREFIX}Join", f"{_PREFIX}GetStatus"})
+
+# The one mapping from refusal kinds to gRPC status codes; first match wins (subclasses first).
+ERROR_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
+    (errors.BadToken, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.StaleRound, grpc.StatusCode.FAILED_PRECONDITION),  # also NotSelected, StaleBase, AlreadyReported
+    (wire.Oversize, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.BadUpdate, grpc.StatusCode.INVALID_ARGUMENT),  # names, shapes, dtype, NaN/Inf, norm
+    (wire.WireError, grpc.StatusCode.INVALID_ARGUMENT),  # truncated, checksum, chunk order, malformed
+    (codec.CodecError, grpc.StatusCode.INVALID_ARGUMENT),
+    (AggregationError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.UnknownVersion, grpc.StatusCode.NOT_FOUND),
+    (MissingVersion, grpc.StatusCode.NOT_FOUND),
+    (errors.ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+)
+
+# Every message is at most one chunk (1 MiB) plus framing; refuse anything larger at the transport.
+MAX_MESSAGE_BYTES = wire.MAX_CHUNK_SIZE + (64 << 10)
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode | None:
+    for kind, code in ERROR_STATUS:
+        if isinstance(exc, kind):
+            return code
+    return None
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    code = status_for(exc)
+    if code is None:
+        log.exception("unexpected error in %s", type(exc).__name__)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__})")
+    log.info("refused with %s: %s", code.name, exc)
+    context.abort(code, f"{type(exc).__name__}: {exc}")
+
+
+def mapped_errors(fn: Callable) -> Callable:
+    """Turn the refusals of ERROR_STATUS into status codes (works for streaming responses too)."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen(self: Any, request: Any, context: grpc.ServicerContext):
+            try:
+                yield from fn(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - mapped or reported as INTERNAL
+                _abort(context, exc)
+        return gen
+
+    @functools.wraps(fn)
+    def call(self: Any, request: Any, context: grpc.ServicerContext):
+        try:
+            return fn(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - mapped or reported as INTERNAL
+            _abort(context, exc)
+    return call
+
+
+def _device_id(context: grpc.ServicerContext) -> int:
+    """The (already authenticated) caller's device id from the call metadata."""
+    md = dict(context.invocation_metadata())
+    return int(md[wire.DEVICE_KEY])
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Checks x-fedpers-device / x-fedpers-token on every Federation call except Join and GetStatus."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(_PREFIX) or method in UNAUTHENTICATED_METHODS:
+            return handler
+        md = dict(handler_call_details.invocation_metadata or ())
+        try:
+            self.coordinator.authenticate(md.get(wire.DEVICE_KEY), md.get(wire.TOKEN_KEY))
+        except errors.BadToken as exc:
+            return _refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED, f"BadToken: {exc}")
+        return handler
+
+
+def _refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+    def refuse(request: Any, context: grpc.ServicerContext) -> None:
+        context.abort(code, message)
+
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, handler.response_streaming)]
+    return make(refuse, request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+class FederationServicer(pb_grpc.FederationServicer):
+    """fedpers.v1.Federation: decode, call the coordinator, encode."""
+
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    @mapped_errors
+    def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
+        req = wire.join_request_from_proto(request)
+        return wire.join_reply_to_proto(self.coordinator.join(req.enroll_token, req.device_name))
+
+    @mapped_errors
+    def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.TaskReply:
+        return wire.task_to_proto(self.coordinator.get_task(_device_id(context)))
+
+    @mapped_errors
+    def DownloadModel(self, request: pb.DownloadRequest, context: grpc.ServicerContext):
+        req = wire.download_request_from_proto(request)
+        blob = self.coordinator.model_blob(req.version)
+        if not 0 <= req.offset <= len(blob):
+            raise wire.MalformedMessage(f"offset {req.offset} is outside version {req.version} ({len(blob)} bytes)")
+        yield from wire.chunk_blob(blob, start=req.offset)
+
+    @mapped_errors
+    def UploadUpdate(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadReply:
+        device_id = _device_id(context)
+        header, chunks = wire.split_upload(request_iterator)
+        return wire.upload_reply_to_proto(self.coordinator.accept_update(device_id, header, chunks))
+
+    @mapped_errors
+    def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
+        return wire.status_to_proto(self.coordinator.status())
+
+
+def build_server(coordinator: Coordinator, listen: str, workers: int = 8) -> tuple[grpc.Server, int,
+                                                                                       health.HealthServicer]:
+    """A gRPC server with the Federation and grpc.health.v1 services, bound to `listen`
+    (port 0 picks a free port); returns (server, bound port, health servicer). Not started."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedpers-rpc"),
+        interceptors=[AuthInterceptor(coordinator)],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.so_reuseport", 0),
+        ],
+    )
+    pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"could not bind {listen}")
+    for name in ("", SERVICE_NAME):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server, port, health_servicer

@@ -1,0 +1,134 @@
+"""fedpers-server as a process: serve from a real INI, health, status, SIGTERM, restart, TOML config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common import codec, wire
+from server.config import ConfigError, load_config
+from tests.server_helpers import Device
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = ROOT / "common" / "models" / "mlp.ini"
+
+
+def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+class ServerProcess:
+    def __init__(self, store: Path, *extra: str) -> None:
+        self.port_file = store / "port"
+        self.port_file.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--model", str(MODEL), "--store", str(store), "--listen", "127.0.0.1:0",
+             "--port-file", str(self.port_file), "--personal-layers", "output", *extra],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        deadline = time.monotonic() + 60
+        while not self.port_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"server did not start:\n{self.proc.communicate()[0]}")
+            time.sleep(0.05)
+        self.address = f"127.0.0.1:{int(self.port_file.read_text())}"
+
+    def terminate(self) -> tuple[int, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        return self.proc.returncode, out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def _fp32_update(task: wire.Task, shapes: dict[str, tuple[int, ...]], seed: int):
+    rng = np.random.default_rng(seed)
+    tensors = []
+    for name in task.config.shared_tensors:
+        payload, _ = codec.encode("fp32", (0.01 * rng.standard_normal(shapes[name])).astype(np.float32))
+        tensors.append(wire.encoded_to_wire(name, shapes[name], "fp32", payload))
+    blob = wire.tensorset_to_blob(tensors)
+    hdr = wire.UpdateHeader(task.round_id, task.base_version, 20, len(blob), wire.sha256(blob), "fp32", {"loss": 1.0})
+    return wire.upload_messages(hdr, blob)
+
+
+def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, "--rounds", "2", "--min-devices", "1", "--enroll-token", "t0k")
+    try:
+        health = _cli("health", "--address", server.address)
+        assert health.returncode == 0 and "SERVING" in health.stdout
+        dev = Device(server.address, "d1", enroll="t0k")
+        task = dev.task()
+        assert task.kind == wire.TaskKind.TRAIN and task.config.personal_layers == ("output",)
+        assert task.config.shared_tensors == ("fc1.bias", "fc1.weight", "fc2.bias", "fc2.weight")
+        assert task.config.local_epochs == 10 and task.config.batch_size == 64  # from the INI
+        assert "[fc1]" in task.model_ini
+        base = dev.download(0)
+        assert "output.weight" not in base  # personal: never served
+        shapes = {k: v.shape for k, v in base.items()}
+        assert dev.upload(_fp32_update(task, shapes, 1)).accepted
+        status = json.loads(_cli("status", "--address", server.address, "--json").stdout)
+        assert status["version"] == 1 and status["rounds_completed"] == 1 and status["rounds_target"] == 2
+        table = _cli("status", "--address", server.address)
+        assert table.returncode == 0 and "rounds 1/2" in table.stdout
+        dev.task()  # round 2 opens; SIGTERM abandons it
+        dev.close()
+        code, out = server.terminate()
+        assert code == 0, out
+        assert "round 2 abandoned: server stopping" in out and "stopped at version 1" in out
+    finally:
+        server.kill()
+    stored = sorted(os.listdir(tmp_path / "models"))
+    assert stored == ["v000000000000.fpst", "v000000000001.fpst"]
+    for name in stored:
+        assert b"output" not in (tmp_path / "models" / name).read_bytes()
+
+    server = ServerProcess(tmp_path, "--rounds", "2", "--min-devices", "1", "--enroll-token", "t0k")
+    try:
+        dev = Device(server.address, "d1", enroll="t0k")
+        task = dev.task()
+        assert task.base_version == 1
+        assert dev.upload(_fp32_update(task, shapes, 2)).accepted
+        assert dev.task().kind == wire.TaskKind.DONE
+        dev.close()
+        assert server.terminate()[0] == 0
+    finally:
+        server.kill()
+    assert _cli("health", "--address", server.address, timeout=30).returncode == 1  # nothing listens now
+
+
+def test_bad_settings_exit_with_a_message(tmp_path: Path) -> None:
+    r = _cli("--store", str(tmp_path))
+    assert r.returncode == 2 and "model: required" in r.stderr
+    r = _cli("--model", str(MODEL), "--store", str(tmp_path), "--fraction", "2")
+    assert r.returncode == 2 and "fraction" in r.stderr
+    r = _cli("--model", str(MODEL), "--store", str(tmp_path), "--personal-layers", "nope", "--listen", "127.0.0.1:0")
+    assert r.returncode == 1 and "not layers with weights" in r.stderr
+
+
+def test_toml_config_and_flag_override(tmp_path: Path) -> None:
+    (tmp_path / "server.toml").write_text(
+        '[server]\nmodel = "m.ini"\nstore = "/abs/store"\nrounds = 7\nmin-devices = 3\npersonal_layers = ["out"]\n'
+        'strategy = "fedadam"\n')
+    cfg = load_config({"rounds": 4, "fraction": None}, tmp_path / "server.toml")
+    assert cfg.rounds == 4 and cfg.min_devices == 3 and cfg.strategy == "fedadam"
+    assert cfg.model == tmp_path / "m.ini" and cfg.store == Path("/abs/store")
+    assert cfg.personal_layers == ("out",) and cfg.fraction == 1.0
+    (tmp_path / "bad.toml").write_text('model = "m"\nstore = "s"\nround = 3\n')
+    with pytest.raises(ConfigError, match="unknown key 'round'"):
+        load_config({}, tmp_path / "bad.toml")
+    with pytest.raises(ConfigError, match="strategy"):
+        load_config({"model": "m", "store": "s", "strategy": "sgd"})

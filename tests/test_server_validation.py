@@ -1,0 +1,225 @@
+"""Bad input over real gRPC on 127.0.0.1: each refusal has its status code, and the aggregate is unchanged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from common import codec, wire
+from common.rpc import federation_pb2 as pb
+from common.rpc import federation_pb2_grpc as pb_grpc
+from server import app
+from server import state as st
+from server.config import ServerConfig
+from tests.server_helpers import LAYOUT, Device, header, initial_weights, make_coordinator, random_delta, update_blob
+
+Code = grpc.StatusCode
+
+
+def _cfg(tmp_path: Path, **kw) -> ServerConfig:
+    return ServerConfig(model=tmp_path / "unused.ini", store=tmp_path, listen="127.0.0.1:0", workers=4, **kw)
+
+
+@pytest.fixture
+def fed(tmp_path: Path):
+    """A running server (fake 2-tensor model, min 2 devices) with two devices in an open round."""
+    coord = make_coordinator(tmp_path, min_devices=2, rounds=2, max_update_bytes=64 << 10, round_timeout=600,
+                             clock=__import__("time").time)
+    running = app.start(_cfg(tmp_path, round_timeout=600), coordinator=coord)
+    a, b = Device(running.address, "a"), Device(running.address, "b")
+    assert a.task().kind == wire.TaskKind.WAIT
+    task = b.task()
+    assert task.kind == wire.TaskKind.TRAIN and a.task().round_id == task.round_id
+    yield running, a, b, task
+    a.close()
+    b.close()
+    running.stop(grace=1)
+
+
+def _msgs(task: wire.Task, blob: bytes, chunk_size: int = 100, **hdr_changes):
+    hdr = header(task, blob)
+    hdr = wire.UpdateHeader(**{**hdr.__dict__, **hdr_changes})
+    return list(wire.upload_messages(hdr, blob, chunk_size))
+
+
+def _snapshot(coord):
+    return coord.aggregator.count, {k: v.copy() for k, v in coord.aggregator._sums.items()}
+
+
+def _assert_unchanged(coord, snap, round_id: int) -> None:
+    count, sums = snap
+    assert coord.aggregator.count == count and coord.state.count_updates(round_id) == count
+    for k, v in sums.items():
+        np.testing.assert_array_equal(coord.aggregator._sums[k], v)
+
+
+def _refused(fn, code: Code, match: str) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    assert info.value.code() == code, info.value.details()
+    assert match in info.value.details(), info.value.details()
+
+
+def _nan_fp32_payload(shape) -> bytes:
+    payload, _ = codec.encode("fp32", np.zeros(shape, np.float32))
+    return payload[:-4] + np.array([np.inf], "<f4").tobytes()  # fp32 body is raw floats; poison the last
+
+
+def _bad_cases(task: wire.Task):
+    good = random_delta(5)
+    shapes = LAYOUT.shared_shapes
+
+    def with_tensor(name, t):
+        ts = [wire.encoded_to_wire(k, v.shape, "fp32", codec.encode("fp32", v)[0])
+              for k, v in good.items() if k != name]
+        return wire.tensorset_to_blob([*ts, t] if t is not None else ts)
+
+    unknown = wire.tensorset_to_blob([wire.encoded_to_wire(k, v.shape, "fp32", codec.encode("fp32", v)[0])
+                                      for k, v in {**good, "head.weight": np.zeros((3, 2), np.float32)}.items()])
+    blob = update_blob(good)
+    truncated = _msgs(task, blob)[:-1]
+    corrupted = _msgs(task, blob)
+    corrupted[2].chunk.data = b"\xff" + corrupted[2].chunk.data[1:]
+    lying = _msgs(task, blob, total_size=len(blob) - 50)
+    for m in lying[1:]:
+        m.chunk.total_size = len(blob) - 50  # header and chunks agree, but more bytes follow
+    return [
+        ("wrong round", _msgs(task, blob, round_id=task.round_id + 7), Code.FAILED_PRECONDITION, "is not open"),
+        ("stale base", _msgs(task, blob, base_version=3), Code.FAILED_PRECONDITION, "trained from version 3"),
+        ("unknown tensor", _msgs(task, unknown), Code.INVALID_ARGUMENT, "unknown tensor(s) ['head.weight']"),
+        ("missing tensor", _msgs(task, with_tensor("fc1.bias", None)), Code.INVALID_ARGUMENT,
+         "missing tensor(s) ['fc1.bias']"),
+        ("wrong shape", _msgs(task, with_tensor("fc1.bias", wire.encoded_to_wire(
+            "fc1.bias", (4,), "fp32", codec.encode("fp32", np.zeros(4, np.float32))[0]))),
+         Code.INVALID_ARGUMENT, "'fc1.bias' has shape (4,), expected (3,)"),
+        ("wrong dtype", _msgs(task, with_tensor("fc1.bias", wire.array_to_wire("fc1.bias", np.zeros(3, np.int32)))),
+         Code.INVALID_ARGUMENT, "dtype int32, expected float32"),
+        ("NaN raw", _msgs(task, with_tensor("fc1.bias", wire.array_to_wire(
+            "fc1.bias", np.array([0, np.nan, 0], np.float32)))), Code.INVALID_ARGUMENT, "NaN or Inf"),
+        ("Inf in codec payload", _msgs(task, with_tensor("fc1.weight", wire.encoded_to_wire(
+            "fc1.weight", shapes["fc1.weight"], "fp32", _nan_fp32_payload(shapes["fc1.weight"])))),
+         Code.INVALID_ARGUMENT, "non-finite"),
+        ("corrupted codec payload", _msgs(task, with_tensor("fc1.weight", wire.encoded_to_wire(
+            "fc1.weight", shapes["fc1.weight"], "fp32", b"garbage"))), Code.INVALID_ARGUMENT, "fc1.weight"),
+        ("truncated stream", truncated, Code.INVALID_ARGUMENT, "TruncatedStream"),
+        ("checksum mismatch", corrupted, Code.INVALID_ARGUMENT, "ChecksumMismatch"),
+        ("no header", _msgs(task, blob)[1:], Code.INVALID_ARGUMENT, "must start with an UpdateHeader"),
+        ("oversize announced", _msgs(task, blob, total_size=1 << 20), Code.RESOURCE_EXHAUSTED, "exceeds the limit"),
+        ("more bytes than announced", lying, Code.RESOURCE_EXHAUSTED, "more than the announced"),
+        ("zero examples", _msgs(task, blob, num_examples=0), Code.INVALID_ARGUMENT, "num_examples"),
+    ]
+
+
+def test_bad_uploads_are_refused_and_leave_the_aggregate_unchanged(fed) -> None:
+    running, a, b, task = fed
+    coord = running.coordinator
+    a.upload(wire.upload_messages(header(task, update_blob(random_delta(1))), update_blob(random_delta(1)), 100))
+    snap = _snapshot(coord)
+    assert snap[0] == 1
+    for what, msgs, code, match in _bad_cases(task):
+        _refused(lambda m=msgs: b.upload(m), code, match)
+        _assert_unchanged(coord, snap, task.round_id)
+        assert coord.version == 0, what
+    # a device that already reported, and one that is not selected
+    blob = update_blob(random_delta(2))
+    _refused(lambda: a.upload(_msgs(task, blob)), Code.FAILED_PRECONDITION, "already reported")
+    outsider = Device(running.address, "c")
+    _refused(lambda: outsider.upload(_msgs(task, blob)), Code.FAILED_PRECONDITION, "not selected")
+    outsider.close()
+    _assert_unchanged(coord, snap, task.round_id)
+
+
+def test_oversize_single_message_is_refused_by_the_transport(fed) -> None:
+    running, a, b, task = fed
+    snap = _snapshot(running.coordinator)
+    big = pb.UploadMessage(chunk=pb.Chunk(offset=0, data=b"x" * (3 << 20), total_size=3 << 20))
+    hdr = pb.UploadMessage(header=wire.update_header_to_proto(header(task, b"x" * 10)))
+    _refused(lambda: b.upload([hdr, big]), Code.RESOURCE_EXHAUSTED, "")
+    _assert_unchanged(running.coordinator, snap, task.round_id)
+
+
+def test_wrong_token_is_unauthenticated_on_every_call(fed) -> None:
+    running, a, b, task = fed
+    snap = _snapshot(running.coordinator)
+    blob = update_blob(random_delta(1))
+    bad = wire.auth_metadata(a.id, "not-the-token")
+    calls = [
+        lambda: a.stub.GetTask(pb.TaskRequest(), metadata=bad, timeout=10),
+        lambda: list(a.stub.DownloadModel(pb.DownloadRequest(version=0), metadata=bad, timeout=10)),
+        lambda: a.stub.UploadUpdate(iter(_msgs(task, blob)), metadata=bad, timeout=10),
+        lambda: a.stub.GetTask(pb.TaskRequest(), timeout=10),  # no metadata at all
+        lambda: a.stub.GetTask(pb.TaskRequest(), metadata=wire.auth_metadata(999, a.token), timeout=10),
+    ]
+    for call in calls:
+        _refused(call, Code.UNAUTHENTICATED, "BadToken")
+    _refused(lambda: a.stub.Join(pb.JoinRequest(enroll_token="wrong"), timeout=10), Code.UNAUTHENTICATED,
+             "enrollment")
+    _assert_unchanged(running.coordinator, snap, task.round_id)
+
+
+def test_download_status_health_and_a_full_round(fed) -> None:
+    running, a, b, task = fed
+    v0 = a.download(0)
+    assert set(v0) == set(LAYOUT.shapes) and "head.weight" not in v0
+    np.testing.assert_array_equal(v0["fc1.weight"], initial_weights()["fc1.weight"])
+    resumed = list(a.stub.DownloadModel(pb.DownloadRequest(version=0, offset=50), metadata=a.md, timeout=10))
+    assert resumed[0].offset == 50
+    _refused(lambda: list(a.stub.DownloadModel(pb.DownloadRequest(version=5), metadata=a.md, timeout=10)),
+             Code.NOT_FOUND, "version 5")
+    d1, d2 = random_delta(11), random_delta(12)
+    for dev, d, n in ((a, d1, 5), (b, d2, 15)):
+        blob = update_blob(d)
+        reply = dev.upload(wire.upload_messages(header(task, blob, n, accuracy=n / 20), blob))
+        assert reply.accepted
+    assert reply.updates_in_round == 2
+    v1 = a.download(1)
+    for k in LAYOUT.shared:
+        np.testing.assert_allclose(v1[k], v0[k] + (5 * d1[k].astype(np.float64) + 15 * d2[k]) / 20, rtol=1e-5)
+    stub = pb_grpc.FederationStub(a.channel)
+    status = wire.status_from_proto(stub.GetStatus(pb.StatusRequest(), timeout=10))  # no token needed
+    assert status.version == 1 and status.rounds_completed == 1 and status.devices_joined == 2
+    assert status.rounds[0].state == "closed" and status.rounds[0].metrics["accuracy"] == pytest.approx(0.625)
+    health = health_pb2_grpc.HealthStub(a.channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    _refused(lambda: a.upload(_msgs(task, update_blob(d1))), Code.FAILED_PRECONDITION, "is not open")
+
+
+def test_restart_continues_from_the_last_version(tmp_path: Path) -> None:
+    def start():
+        import time
+
+        coord = make_coordinator(tmp_path, state=st.SqliteState(tmp_path / "state.sqlite"), strategy="fedadam",
+                                 min_devices=1, rounds=5, clock=time.time)
+        return app.start(_cfg(tmp_path), coordinator=coord)
+
+    running = start()
+    dev = Device(running.address, "solo")
+    for seed in (1, 2):
+        t = dev.task()
+        blob = update_blob(random_delta(seed))
+        dev.upload(wire.upload_messages(header(t, blob), blob))
+    weights = dev.download(2)
+    adam_t = running.coordinator.optimizer.t
+    open_round = dev.task()  # a round is open when the server stops
+    dev.close()
+    running.stop(grace=1)
+    running2 = start()
+    try:
+        dev = Device(running2.address, "solo")
+        status = wire.status_from_proto(dev.stub.GetStatus(pb.StatusRequest(), timeout=10))
+        assert status.version == 2 and status.rounds_completed == 2
+        assert running2.coordinator.optimizer.t == adam_t == 2
+        t = dev.task()
+        assert t.kind == wire.TaskKind.TRAIN and t.base_version == 2 and t.round_id > open_round.round_id
+        got = dev.download(2)
+        for k in weights:
+            np.testing.assert_array_equal(got[k], weights[k])
+        abandoned = [r for r in status.rounds if r.round_id == open_round.round_id]
+        assert abandoned and abandoned[0].state == "abandoned"
+        dev.close()
+    finally:
+        running2.stop(grace=1)
