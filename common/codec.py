@@ -282,7 +282,7 @@ def _zlib_decompress(data: bytes, limit: int) -> bytes:
         d = zlib.decompressobj()
         out = d.decompress(data, limit + 1)
         if len(out) > limit or d.unconsumed_tail or d.unused_data or not d.eof:
-            raise CodecError("zlib payload is truncated, has trailing bytes or is larger than any payload of this shape")
+            raise CodecError("zlib payload is truncated, has trailing bytes or is too large for this shape")
         return out
     except zlib.error as exc:
         raise CodecError(f"zlib payload is corrupted: {exc}") from exc
