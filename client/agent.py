@@ -1,0 +1,462 @@
+"""The device agent: join, ask for work, pull the base, train locally, push a compressed delta.
+
+One round (DESIGN.md, "One round, as data"): GetTask -> DownloadModel (resumable) -> overlay the
+device's local tensors -> evaluate the global model -> Trainer.fit -> evaluate the personalized
+model -> delta of the shared tensors -> codec with the carried residual -> UploadUpdate -> save
+local tensors, residual and bookkeeping in one atomic write. Personal layers are checked never
+to be in the shared set and are never serialized for the server.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import resource
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from client.data import Dataset, check_against_model, load_data
+from client.personal import (
+    DeviceState,
+    PersonalStore,
+    RoundRecord,
+    check_shared,
+    overlay,
+    personal_layer_names,
+    report_dict,
+    split_weights,
+)
+from common import codec as codecs
+from common import wire
+from common.rpc import federation_pb2 as pb
+from common.rpc import federation_pb2_grpc as pb_grpc
+from common.store import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+RPC_TIMEOUT = 60.0
+MODEL_FILE = "model.ini"
+
+
+class AgentError(RuntimeError):
+    """The agent cannot go on (server refused an update as malformed, bad model, ...)."""
+
+
+class Stopped(Exception):
+    """A stop was requested (SIGTERM/SIGINT) while waiting; the state on disk is consistent."""
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """How `fedpers-client run` was asked to behave."""
+
+    server: str
+    data: Path
+    state: Path
+    enroll_token: str = ""
+    memory: str = "planned"
+    memory_budget: str | None = None
+    codec: str | None = None  # overrides the server's codec
+    local_epochs: int | None = None  # overrides the server's local epochs
+    name: str | None = None
+    max_rounds: int | None = None
+    save_uploads: bool = False  # keep a copy of every uploaded blob in <state>/uploads
+    retry_seconds: float = 120.0  # keep retrying an unreachable server this long
+    backoff_initial: float = 0.1
+    backoff_max: float = 3.0
+
+
+@dataclass
+class RunResult:
+    """How a run ended."""
+
+    reason: str  # done | max_rounds | stopped
+    rounds: int  # rounds completed in this run
+    report: dict[str, Any]
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process: VmHWM from /proc (getrusage's ru_maxrss can carry the
+    parent's peak across exec), else ru_maxrss (KiB on Linux)."""
+    from common.nn import rss
+
+    return rss.peak_rss_bytes() or int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class Agent:
+    """One device. `run()` loops until the federation is done, max_rounds, or `stop` is set."""
+
+    def __init__(self, config: AgentConfig, stop: threading.Event | None = None) -> None:
+        self.cfg = config
+        self.stop = stop or threading.Event()
+        self.store = PersonalStore(config.state)
+        self.data: Dataset = load_data(config.data)
+        self.state: DeviceState = self.store.load_or_create(config.name)
+        if config.codec:
+            codecs.parse_codec(config.codec)  # refuse a bad name before touching the network
+        self._channel: grpc.Channel | None = None
+        self._stub: pb_grpc.FederationStub | None = None
+        self._token = ""
+        self._models: dict[str, tuple[Any, Any]] = {}  # model INI digest -> (spec, trainer)
+        self._memory_report: dict[str, Any] | None = None
+        self._rng = random.Random(self.state.name)  # jitter only
+        self._last_final_version = -1
+        self._final_global: float | None = None
+        model_path = self.cfg.state / MODEL_FILE
+        self._last_model_ini = model_path.read_text() if model_path.exists() else ""
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _connect(self) -> pb_grpc.FederationStub:
+        if self._stub is None:
+            self._channel = grpc.insecure_channel(self.cfg.server)
+            self._stub = pb_grpc.FederationStub(self._channel)
+        return self._stub
+
+    def close(self) -> None:
+        for _, trainer in self._models.values():
+            try:
+                trainer.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                log.debug("trainer close failed", exc_info=True)
+        self._models.clear()
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = self._stub = None
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        assert self.state.device_id is not None
+        return wire.auth_metadata(self.state.device_id, self._token)
+
+    def _wait(self, seconds: float) -> None:
+        if self.stop.wait(max(0.0, seconds)):
+            raise Stopped
+
+    def _retry(self, what: str, call: Callable[[], T]) -> T:
+        """Run an RPC; on UNAVAILABLE/DEADLINE_EXCEEDED back off exponentially (with jitter) and try
+        again for up to retry_seconds; on UNAUTHENTICATED join again once."""
+        delay = self.cfg.backoff_initial
+        first_failure: float | None = None
+        rejoined = False
+        while True:
+            if self.stop.is_set():
+                raise Stopped
+            try:
+                return call()
+            except grpc.RpcError as exc:
+                code = exc.code() if hasattr(exc, "code") else None
+                if code == grpc.StatusCode.UNAUTHENTICATED and not rejoined and what != "Join":
+                    log.warning("%s: session refused (%s); joining again", what, exc.details())
+                    rejoined = True
+                    self.join()
+                    continue
+                if code not in RETRYABLE:
+                    raise
+                now = time.monotonic()
+                first_failure = first_failure or now
+                if now - first_failure > self.cfg.retry_seconds:
+                    raise AgentError(f"{what}: server {self.cfg.server} unreachable for {self.cfg.retry_seconds:.0f}s "
+                                     f"({code.name}: {exc.details()})") from None
+                log.info("%s: %s (%s); retrying in %.2fs", what, code.name, exc.details(), delay)
+                self._wait(delay * (0.5 + self._rng.random()))
+                delay = min(delay * 2, self.cfg.backoff_max)
+
+    # ------------------------------------------------------------------ protocol steps
+
+    def join(self) -> int:
+        stub = self._connect()
+        req = wire.join_request_to_proto(wire.JoinRequest(self.cfg.enroll_token, self.state.name))
+        reply = wire.join_reply_from_proto(
+            self._retry("Join", lambda: stub.Join(req, timeout=RPC_TIMEOUT, wait_for_ready=False))
+        )
+        if self.state.device_id not in (None, reply.device_id):
+            log.warning("server gave id %d, this device had %d", reply.device_id, self.state.device_id)
+        if self.state.device_id != reply.device_id:
+            self.state.device_id = reply.device_id
+            self.store.save(self.state)
+        self._token = reply.session_token
+        log.info("joined %s as device %d (%s)", self.cfg.server, reply.device_id, self.state.name)
+        return reply.device_id
+
+    def get_task(self) -> wire.Task:
+        stub = self._connect()
+        reply = self._retry("GetTask", lambda: stub.GetTask(pb.TaskRequest(), metadata=self._metadata(),
+                                                            timeout=RPC_TIMEOUT))
+        return wire.task_from_proto(reply)
+
+    def download(self, version: int) -> dict[str, np.ndarray]:
+        """The shared weights of `version`; a broken stream resumes at the byte it reached."""
+        stub = self._connect()
+        got = bytearray()
+        announced: dict[str, Any] = {}
+
+        def attempt() -> bytes:
+            req = wire.download_request_to_proto(wire.DownloadRequest(version, len(got)))
+
+            def tap(stream):
+                for chunk in stream:
+                    if "total" not in announced:
+                        announced.update(total=chunk.total_size, sha=bytes(chunk.sha256))
+                    elif chunk.sha256 != announced["sha"]:  # a different blob: start over
+                        got.clear()
+                        announced.update(total=chunk.total_size, sha=bytes(chunk.sha256))
+                        raise wire.ChecksumMismatch("the model changed while resuming its download")
+                    yield chunk
+                    if chunk.offset == len(got):
+                        got.extend(chunk.data)
+                        self.state.bytes_down += len(chunk.data)
+
+            prefix = bytes(got)
+            stream = stub.DownloadModel(req, metadata=self._metadata(), timeout=RPC_TIMEOUT)
+            return wire.join_chunks(tap(stream), expected_total=announced.get("total"),
+                                    expected_sha256=announced.get("sha"), received=prefix)
+
+        tries = 0
+        while True:
+            try:
+                blob = self._retry(f"DownloadModel(v{version})", attempt)
+                break
+            except wire.WireError as exc:
+                tries += 1
+                if tries >= 3:
+                    raise AgentError(f"download of version {version} keeps failing its checks: {exc}") from None
+                log.warning("download of version %d failed its checks (%s); starting over", version, exc)
+                got.clear()
+                announced.clear()
+        return wire.arrays_from_blob(blob)
+
+    def upload(self, header: wire.UpdateHeader, blob: bytes) -> wire.UploadReply:
+        stub = self._connect()
+
+        def call() -> pb.UploadReply:
+            return stub.UploadUpdate(wire.upload_messages(header, blob), metadata=self._metadata(),
+                                     timeout=RPC_TIMEOUT)
+
+        return wire.upload_reply_from_proto(self._retry("UploadUpdate", call))
+
+    # ------------------------------------------------------------------ model and training
+
+    def _model(self, model_ini: str) -> tuple[Any, Any]:
+        from common.nn import Trainer, parse_ini
+
+        key = hashlib.sha256(model_ini.encode()).hexdigest()
+        if key not in self._models:
+            for _, old in self._models.values():
+                old.close()
+            self._models.clear()
+            spec = parse_ini(model_ini)
+            first = spec.layers[0]
+            last = spec.layers[-1]
+            num_classes = last.unit if last.type == "fully_connected" else None
+            if first.input_shape is not None:
+                check_against_model(self.data, first.input_shape, num_classes, str(self.cfg.data))
+            swap_dir = str(self.cfg.state / "swap") if self.cfg.memory == "swap" else None
+            trainer = Trainer(spec, memory=self.cfg.memory, memory_budget=self.cfg.memory_budget,
+                              seed=codecs.derive_seed(self.state.name) & 0x7FFFFFFF, swap_dir=swap_dir)
+            self._models[key] = (spec, trainer)
+        return self._models[key]
+
+    def _remember_model(self, model_ini: str) -> None:
+        """Keep the model text in --state, so a restarted device can still evaluate the final base."""
+        if model_ini != self._last_model_ini:
+            atomic_write_bytes(self.cfg.state / MODEL_FILE, model_ini.encode())
+            self._last_model_ini = model_ini
+
+    def _initial_weights(self, spec: Any) -> dict[str, np.ndarray]:
+        from common.nn import init_weights
+
+        return init_weights(spec, 0)
+
+    def train_round(self, task: wire.Task) -> bool:
+        """One TRAIN task end to end. Returns True when the server accepted the update."""
+        from common.nn import weight_specs
+
+        assert task.config is not None
+        cfg = task.config
+        spec, trainer = self._model(task.model_ini)
+        self._remember_model(task.model_ini)
+        wspecs = weight_specs(spec)
+        personal = personal_layer_names(spec.layers, cfg.personal_layers)
+        shared = check_shared(cfg.shared_tensors, {n: w.layer for n, w in wspecs.items()}, personal)
+        codec_name = self.cfg.codec or cfg.codec or "fp32"
+        codec_spec = codecs.parse_codec(codec_name)
+        epochs = self.cfg.local_epochs or cfg.local_epochs or spec.epochs
+        batch = cfg.batch_size or spec.batch_size
+        lr = cfg.learning_rate or None
+        r, v = task.round_id, task.base_version
+        log.info("round %d: training from base v%d (%d shared tensors, personal layers %s, codec %s, %d epochs)",
+                 r, v, len(shared), sorted(personal) or "none", codec_name, epochs)
+
+        down_before = self.state.bytes_down
+        base = self.download(v)
+        missing = sorted(set(shared) - set(base))
+        foreign = sorted(n for n in base if n not in wspecs or wspecs[n].layer in personal)
+        if missing or foreign:
+            raise AgentError(f"base v{v} does not fit the task: missing shared tensors {missing}, "
+                             f"unknown or personal tensors {foreign}")
+        if self.stop.is_set():
+            raise Stopped
+        start = overlay(self._initial_weights(spec), base, self.state.local)
+        trainer.set_weights(start, strict=False)
+        glob = trainer.evaluate(self.data.x_test, self.data.y_test)
+
+        t0 = time.perf_counter()
+        seed = codecs.derive_seed(self.state.device_id, r) & 0x7FFFFFFF
+        fit = trainer.fit(self.data.x, self.data.y, epochs=epochs, batch_size=batch, shuffle=True, seed=seed,
+                          learning_rate=lr)
+        train_seconds = time.perf_counter() - t0
+        if self.stop.is_set():  # training finished but we are asked to stop: abandon, state untouched
+            log.info("round %d: stop requested; abandoning the trained update", r)
+            raise Stopped
+        pers = trainer.evaluate(self.data.x_test, self.data.y_test)
+        trained = trainer.get_weights()
+        self._memory_report = trainer.memory_report().to_dict()
+
+        # delta of the shared tensors only; local tensors are never serialized for the server
+        up, local = split_weights(trained, shared)
+        residuals = self.state.residuals if self.state.codec == codec_spec.name else {}
+        new_residuals: dict[str, np.ndarray] = {}
+        tensors = []
+        for name in shared:
+            delta = up[name].astype(np.float32) - base[name].astype(np.float32)
+            res = residuals.get(name)
+            if res is not None and res.shape != delta.shape:
+                res = None
+            payload, new_res = codecs.encode(codec_spec, delta, res, codecs.derive_seed(self.state.device_id, r, name))
+            if new_res is not None:
+                new_residuals[name] = new_res
+            tensors.append(wire.encoded_to_wire(name, delta.shape, codec_spec.name, payload))
+        blob = wire.tensorset_to_blob(tensors)
+        metrics = {
+            "loss": float(fit.loss),
+            "accuracy": float(fit.accuracy),
+            "global_accuracy": float(glob.accuracy),
+            "global_loss": float(glob.loss),
+            "personalized_accuracy": float(pers.accuracy),
+            "personalized_loss": float(pers.loss),
+            "test_examples": float(self.data.y_test.size),
+        }
+        header = wire.UpdateHeader(round_id=r, base_version=v, num_examples=self.data.num_examples,
+                                   total_size=len(blob), sha256=wire.sha256(blob), codec=codec_spec.name,
+                                   metrics=metrics)
+        if self.cfg.save_uploads:
+            self.store.save_upload(r, blob)
+        try:
+            reply = self.upload(header, blob)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                log.warning("round %d: update refused (%s); dropping it", r, exc.details())
+                return False
+            raise AgentError(f"round {r}: the server refused the update: {exc.code().name}: {exc.details()}") from None
+        if not reply.accepted:
+            log.warning("round %d: update not accepted (%s)", r, reply.message)
+            return False
+
+        # commit: local tensors + residuals + bookkeeping in one atomic write
+        self.state.local = local
+        self.state.residuals = new_residuals
+        self.state.codec = codec_spec.name
+        self.state.last_round = r
+        self.state.base_version = v
+        self.state.bytes_up += len(blob)
+        self.state.history.append(RoundRecord(
+            round_id=r, base_version=v, num_examples=self.data.num_examples,
+            global_accuracy=float(glob.accuracy), global_loss=float(glob.loss),
+            personalized_accuracy=float(pers.accuracy), personalized_loss=float(pers.loss),
+            train_loss=float(fit.loss), train_accuracy=float(fit.accuracy), bytes_up=len(blob),
+            bytes_down=self.state.bytes_down - down_before, train_seconds=train_seconds, codec=codec_spec.name,
+            epochs=int(epochs),
+        ))
+        self.store.save(self.state)
+        self.write_report()
+        log.info("round %d: sent %d bytes; global acc %.3f -> personalized %.3f (%d in round)",
+                 r, len(blob), glob.accuracy, pers.accuracy, reply.updates_in_round)
+        return True
+
+    def evaluate_final(self, task: wire.Task) -> None:
+        """After DONE: the final base (with this device's local tensors) on the held-out split."""
+        model_ini = task.model_ini or self._last_model_ini
+        if not model_ini or task.base_version <= 0 or not self.state.history:
+            return
+        try:
+            spec, trainer = self._model(model_ini)
+            base = self.download(task.base_version)
+            trainer.set_weights(overlay(self._initial_weights(spec), base, self.state.local), strict=False)
+            self._final_global = float(trainer.evaluate(self.data.x_test, self.data.y_test).accuracy)
+            self._last_final_version = task.base_version
+            log.info("final base v%d: accuracy %.3f on the held-out split", task.base_version, self._final_global)
+        except (grpc.RpcError, AgentError, ValueError) as exc:
+            log.warning("could not evaluate the final model: %s", exc)
+
+    # ------------------------------------------------------------------ the loop
+
+    def report(self, finished: bool = False, reason: str = "") -> dict[str, Any]:
+        extra: dict[str, Any] = {
+            "peak_rss_bytes": peak_rss_bytes(),
+            "memory_report": self._memory_report,
+            "train_examples": self.data.num_examples,
+            "test_examples": int(self.data.y_test.size),
+            "finished": finished,
+            "reason": reason,
+        }
+        if self._final_global is not None:
+            extra["final_global_accuracy"] = self._final_global
+            extra["final_version"] = self._last_final_version
+        return report_dict(self.state, extra)
+
+    def write_report(self, finished: bool = False, reason: str = "") -> dict[str, Any]:
+        rep = self.report(finished, reason)
+        self.store.write_report(rep)
+        return rep
+
+    def run(self) -> RunResult:
+        done_here = 0
+        reason = "stopped"
+        try:
+            self.join()
+            while True:
+                if self.cfg.max_rounds is not None and done_here >= self.cfg.max_rounds:
+                    reason = "max_rounds"
+                    break
+                task = self.get_task()
+                if task.kind == wire.TaskKind.DONE:
+                    log.info("the federation is done")
+                    self.evaluate_final(task)
+                    reason = "done"
+                    break
+                if task.kind == wire.TaskKind.WAIT:
+                    self._wait(task.retry_after_seconds or 0.5)
+                    continue
+                if self.train_round(task):
+                    done_here += 1
+                else:
+                    self._wait(task.retry_after_seconds or 0.5)
+        except Stopped:
+            log.info("stopped; state in %s is consistent", self.cfg.state)
+            reason = "stopped"
+        except BaseException:
+            reason = "error"
+            raise
+        finally:
+            rep = self.write_report(finished=reason == "done", reason=reason)
+            self.close()
+        return RunResult(reason=reason, rounds=done_here, report=rep)
+
+
+def describe(cfg: AgentConfig) -> dict[str, Any]:
+    """The config as plain JSON (for logs)."""
+    out = asdict(cfg)
+    out["data"], out["state"] = str(cfg.data), str(cfg.state)
+    out.pop("enroll_token", None)
+    return out

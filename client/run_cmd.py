@@ -1,0 +1,111 @@
+"""`fedpers-client run`: the device agent's command line.
+
+Exit codes: 0 when the federation is done, --max-rounds is reached or SIGTERM/SIGINT stopped
+the device (its state is consistent); 2 for bad input (data file, state directory, codec name);
+1 when the server refuses the device's updates or stays unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+MEMORY_MODES = ("naive", "planned", "swap")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("run", help="run a device: join, train rounds, send compressed deltas",
+                              description="Run one device of a federation until the server says it is done.")
+    p.add_argument("--server", required=True, metavar="HOST:PORT", help="address of fedpers-server")
+    p.add_argument("--data", required=True, type=Path, metavar="DATA.npz",
+                   help="this device's private data: x, y[, x_test, y_test]")
+    p.add_argument("--state", required=True, type=Path, metavar="DIR",
+                   help="where the device keeps its name, personal layers and codec residual")
+    p.add_argument("--enroll-token", default="", metavar="T", help="token the server requires to join")
+    p.add_argument("--memory", choices=MEMORY_MODES, default="planned", help="trainer memory mode")
+    p.add_argument("--memory-budget", default=None, metavar="SIZE", help="e.g. 64MiB: the trainer's arena budget")
+    p.add_argument("--codec", default=None, metavar="C",
+                   help="delta codec, overriding the server's: fp32|fp16|int8|topk:F, optional +zstd")
+    p.add_argument("--local-epochs", type=int, default=None, metavar="N", help="override the server's local epochs")
+    p.add_argument("--name", default=None, help="stable device name (same name -> same device id)")
+    p.add_argument("--max-rounds", type=int, default=None, metavar="N", help="stop after N rounds in this run")
+    p.add_argument("--save-uploads", action="store_true",
+                   help="debug: keep a copy of every uploaded blob in DIR/uploads")
+    p.add_argument("--retry-seconds", type=float, default=120.0, metavar="S",
+                   help="how long to keep retrying an unreachable server")
+    p.add_argument("--json", action="store_true", help="print the device's final report as JSON on stdout")
+    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.set_defaults(func=main)
+    return p
+
+
+def _install_signal_handlers(stop: threading.Event) -> None:
+    def handler(signum: int, frame: object) -> None:
+        log.info("%s: finishing the current step, then stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the agent with parsed arguments; returns the exit code."""
+    from client.agent import Agent, AgentConfig, AgentError
+    from client.data import DataError
+    from client.personal import PersonalLeak, StateError
+    from common.codec import CodecError
+
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    if args.local_epochs is not None and args.local_epochs <= 0:
+        print("fedpers-client run: --local-epochs must be positive", file=sys.stderr)
+        return 2
+    if args.max_rounds is not None and args.max_rounds < 0:
+        print("fedpers-client run: --max-rounds must be >= 0", file=sys.stderr)
+        return 2
+    cfg = AgentConfig(
+        server=args.server, data=args.data, state=args.state, enroll_token=args.enroll_token,
+        memory=args.memory, memory_budget=args.memory_budget, codec=args.codec, local_epochs=args.local_epochs,
+        name=args.name, max_rounds=args.max_rounds, save_uploads=args.save_uploads,
+        retry_seconds=args.retry_seconds,
+    )
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        _install_signal_handlers(stop)
+    try:
+        agent = Agent(cfg, stop)
+    except (DataError, StateError, CodecError) as exc:
+        print(f"fedpers-client run: {exc}", file=sys.stderr)
+        return 2
+    try:
+        result = agent.run()
+    except (AgentError, PersonalLeak) as exc:
+        log.error("%s", exc)
+        return 1
+    except (DataError, CodecError, ValueError) as exc:
+        log.error("%s", exc)
+        return 2
+    if args.json:
+        print(json.dumps(result.report, sort_keys=True))
+    log.info("device %s: %s after %d rounds in this run", result.report.get("name"), result.reason, result.rounds)
+    return 0
+
+
+def standalone(argv: list[str] | None = None) -> int:
+    """`python -m client.run_cmd ...` without the client's top-level parser."""
+    parser = argparse.ArgumentParser(prog="fedpers-client")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(standalone())
