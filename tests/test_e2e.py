@@ -1,0 +1,218 @@
+"""End to end over real gRPC on 127.0.0.1: one server process and three device processes.
+
+One federation (3 rounds, top-k codec with error feedback, devices keep copies of their uploads)
+is run once per module; device 0 stops after round 1 and is started again. The tests then check
+the run from every side: completion, the server's bases against a numpy FedAvg of the very
+payloads the devices sent, personal layers absent from everything the server received or
+stored, and the restarted device resuming with its saved personal layers.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.partition import partition_digits, write_partition
+from client.personal import PersonalStore
+from client.sim import Child, get_status, wait_for_server
+from common import codec, wire
+from common.store import ModelStore
+
+MODEL = Path(__file__).parent / "data" / "digits_mlp_personal.ini"
+PERSONAL = "privhead"
+ROUNDS = 3
+DEVICES = 3
+CODEC = "topk:0.3+zstd"
+TOKEN = "e2e-token"
+
+
+def _server(tmp: Path, *extra: str, min_devices: int = DEVICES, rounds: int = ROUNDS) -> tuple[Child, str]:
+    port_file = tmp / "server.port"
+    argv = [sys.executable, "-m", "server", "serve", "--model", str(MODEL), "--listen", "127.0.0.1:0",
+            "--port-file", str(port_file), "--store", str(tmp / "store"), "--rounds", str(rounds),
+            "--min-devices", str(min_devices), "--round-timeout", "120", "--codec", CODEC, "--local-epochs", "1",
+            "--enroll-token", TOKEN, "--retry-after", "0.1", "--strategy", "fedavg", "--server-lr", "1.0", *extra]
+    server = Child.start("server", argv, tmp / "logs" / "server.log")
+    return server, wait_for_server(port_file, server, timeout=60)
+
+
+def _device(tmp: Path, address: str, i: int, *extra: str) -> Child:
+    argv = [sys.executable, "-m", "client.run_cmd", "run", "--server", address, "--data",
+            str(tmp / "data" / f"device-{i}.npz"), "--state", str(tmp / "dev" / str(i)), "--name", f"e2e-{i}",
+            "--enroll-token", TOKEN, "--save-uploads", "--retry-seconds", "30", *extra]
+    return Child.start(f"device-{i}", argv, tmp / "logs" / f"device-{i}-{time.monotonic_ns()}.log")
+
+
+def _wait(child: Child, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while child.poll() is None:
+        if time.monotonic() > deadline:
+            child.stop()
+            raise AssertionError(f"{child.name} did not finish in {timeout}s:\n{child.tail(30)}")
+        time.sleep(0.05)
+    return child.stop()
+
+
+@pytest.fixture(scope="module")
+def fed(tmp_path_factory):
+    """Run the federation once; yields paths and what the processes left behind."""
+    tmp = tmp_path_factory.mktemp("e2e")
+    splits = partition_digits(DEVICES, seed=1)
+    # few samples keep the run short
+    small = [type(s)(s.x[:96], s.y[:96], s.x_test[:40], s.y_test[:40], s.distortion) for s in splits]
+    write_partition(tmp / "data", small)
+    server, address = _server(tmp)
+    children: list[Child] = []
+    try:
+        first = _device(tmp, address, 0, "--max-rounds", "1")
+        children = [first] + [_device(tmp, address, i) for i in range(1, DEVICES)]
+        assert _wait(first, 90) == 0, first.tail(30)
+        snapshot = PersonalStore(tmp / "dev" / "0").load()
+        report_after_first = PersonalStore(tmp / "dev" / "0").read_report()
+        restarted = _device(tmp, address, 0, "--json")
+        children.append(restarted)
+        codes = [_wait(c, 120) for c in children[1:]]
+        status = get_status(address)
+    finally:
+        for c in children:
+            c.stop()
+        server.stop()
+    yield {
+        "tmp": tmp, "codes": codes, "status": status, "snapshot": snapshot,
+        "report_after_first": report_after_first, "restarted_log": restarted.log_path,
+    }
+
+
+def test_devices_complete_three_rounds(fed):
+    assert fed["codes"] == [0] * DEVICES
+    status = fed["status"]
+    assert status.finished and status.rounds_completed == ROUNDS and status.version == ROUNDS
+    closed = [r for r in status.rounds if r.state == "closed"]
+    assert [r.version for r in closed] == [1, 2, 3] and all(r.devices == DEVICES for r in closed)
+    for i in range(DEVICES):
+        rep = PersonalStore(fed["tmp"] / "dev" / str(i)).read_report()
+        assert rep["finished"] and [r["round_id"] for r in rep["rounds"]] == [1, 2, 3]
+        assert rep["bytes_up"] > 0 and rep["bytes_down"] > 0 and rep["peak_rss_bytes"] > 0
+        assert 0.0 <= rep["personalized_accuracy"] <= 1.0
+    # round metrics reach the server: each round's personalized accuracy is reported
+    assert all("personalized_accuracy" in r.metrics and "global_accuracy" in r.metrics for r in closed)
+
+
+def _decoded_upload(path: Path) -> dict[str, np.ndarray]:
+    out = {}
+    for t in wire.tensorset_from_blob(path.read_bytes()):
+        assert t.codec == codec.parse_codec(CODEC).name
+        out[t.name] = codec.decode(t.codec, t.data, t.shape)
+    return out
+
+
+def test_new_base_equals_numpy_fedavg_of_the_sent_deltas(fed):
+    tmp = fed["tmp"]
+    store = ModelStore(tmp / "store")
+    assert store.versions() == [0, 1, 2, 3]
+    for r in range(1, ROUNDS + 1):
+        base = store.load_version(r - 1).weights
+        total = None
+        weight = 0.0
+        for i in range(DEVICES):
+            state = PersonalStore(tmp / "dev" / str(i)).load()
+            rec = next(h for h in state.history if h.round_id == r)
+            assert rec.base_version == r - 1
+            delta = _decoded_upload(tmp / "dev" / str(i) / "uploads" / f"round-{r:06d}.blob")
+            assert set(delta) == set(base)
+            contrib = {k: rec.num_examples * v.astype(np.float64) for k, v in delta.items()}
+            total = contrib if total is None else {k: total[k] + contrib[k] for k in total}
+            weight += rec.num_examples
+        expected = {k: (base[k] + (total[k] / weight).astype(np.float32)).astype(np.float32) for k in base}
+        got = store.load_version(r).weights
+        assert set(got) == set(expected)
+        for k in expected:
+            np.testing.assert_allclose(got[k], expected[k], rtol=1e-6, atol=1e-7, err_msg=f"round {r} {k}")
+
+
+def _server_side_bytes(tmp: Path) -> list[tuple[str, bytes]]:
+    files = [p for p in (tmp / "store").rglob("*") if p.is_file()]
+    files += list((tmp / "dev").glob("*/uploads/*.blob"))
+    assert len(files) >= 4 + DEVICES * ROUNDS
+    return [(str(p), p.read_bytes()) for p in files]
+
+
+def test_personal_layers_never_reach_the_server(fed):
+    tmp = fed["tmp"]
+    blobs = _server_side_bytes(tmp)
+    for path, data in blobs:
+        assert f"{PERSONAL}.".encode() not in data, f"personal tensor name in {path}"
+    personal_arrays = []
+    for i in range(DEVICES):
+        state = PersonalStore(tmp / "dev" / str(i)).load()
+        personal_arrays += [v for k, v in state.local.items() if k.startswith(PERSONAL + ".")]
+    personal_arrays += [v for k, v in fed["snapshot"].local.items() if k.startswith(PERSONAL + ".")]
+    assert len(personal_arrays) == 2 * (DEVICES + 1)
+    needles = set()
+    for arr in personal_arrays:
+        flat = np.ascontiguousarray(arr, np.float32).reshape(-1)
+        assert np.count_nonzero(flat) > 0
+        # every run of 3 consecutive values (12 bytes) of every personal tensor, as raw float32
+        for j in range(0, flat.size - 2):
+            if np.count_nonzero(flat[j:j + 3]):
+                needles.add(flat[j:j + 3].tobytes())
+    assert len(needles) > 100
+    # the scan finds what it looks for: the device's own state file holds its personal layer
+    own = (tmp / "dev" / "1" / "device.fpst").read_bytes()
+    assert f"{PERSONAL}.".encode() in own and any(n in own for n in needles)
+    for path, data in blobs:
+        leaked = [n for n in needles if n in data]
+        assert not leaked, f"{len(leaked)} runs of personal values found in {path}"
+
+
+def test_restarted_device_resumes_with_its_personal_layers(fed):
+    tmp = fed["tmp"]
+    snap = fed["snapshot"]
+    assert snap.last_round == 1 and [h.round_id for h in snap.history] == [1]
+    assert set(snap.local) == {f"{PERSONAL}.weight", f"{PERSONAL}.bias"}
+    assert snap.residuals and snap.codec == codec.parse_codec(CODEC).name
+    final = PersonalStore(tmp / "dev" / "0").load()
+    assert final.device_id == snap.device_id == fed["report_after_first"]["id"]
+    assert [h.round_id for h in final.history] == [1, 2, 3]
+    # round 2 started from base v1 plus the personal layer saved after round 1: its "global" accuracy
+    # is exactly what those weights score on the device's held-out split
+    from client.data import load_data
+    from common.nn import Trainer, init_weights, load_ini
+
+    spec = load_ini(MODEL)
+    weights = init_weights(spec, 0)
+    weights.update(ModelStore(tmp / "store").load_version(1).weights)
+    weights.update(snap.local)
+    data = load_data(tmp / "data" / "device-0.npz")
+    with Trainer(spec) as t:
+        t.set_weights(weights)
+        acc = t.evaluate(data.x_test, data.y_test).accuracy
+    assert final.history[1].global_accuracy == pytest.approx(acc, abs=1e-12)
+    # the restarted process printed its final report as JSON (--json)
+    out = [line for line in fed["restarted_log"].read_text().splitlines() if line.startswith("{")]
+    assert out and json.loads(out[-1])["last_round"] == 3
+
+
+def test_sigterm_while_waiting_exits_cleanly(tmp_path):
+    write_partition(tmp_path / "data", partition_digits(2, seed=2)[:1])
+    server, address = _server(tmp_path, min_devices=2, rounds=1)
+    try:
+        dev = _device(tmp_path, address, 0)
+        deadline = time.monotonic() + 60
+        while get_status(address).devices_joined < 1:  # joined, now waiting for a second device
+            assert time.monotonic() < deadline and dev.poll() is None, dev.tail(30)
+            time.sleep(0.05)
+        dev.proc.send_signal(signal.SIGTERM)
+        assert _wait(dev, 30) == 0, dev.tail(30)
+        state = PersonalStore(tmp_path / "dev" / "0").load()
+        assert state is not None and state.name == "e2e-0" and state.last_round == 0
+        rep = PersonalStore(tmp_path / "dev" / "0").read_report()
+        assert rep["reason"] == "stopped" and not rep["finished"]
+    finally:
+        server.stop()
