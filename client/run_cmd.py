@@ -41,7 +41,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--retry-seconds", type=float, default=120.0, metavar="S",
                    help="how long to keep retrying an unreachable server")
     p.add_argument("--json", action="store_true", help="print the device's final report as JSON on stdout")
-    p.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    p.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level of the agent (default INFO)")
     p.set_defaults(func=main)
     return p
 
@@ -62,8 +62,12 @@ def main(args: argparse.Namespace) -> int:
     from client.personal import PersonalLeak, StateError
     from common.codec import CodecError
 
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    level_name = getattr(args, "log_level", None)
+    if level_name in (None, "WARNING"):  # the agent logs its progress unless asked for something else
+        level_name = "INFO"
+    level = getattr(logging, str(level_name).upper(), logging.INFO)
+    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
+    logging.getLogger().setLevel(level)  # also when fedpers-client's own parser configured logging first
     if args.local_epochs is not None and args.local_epochs <= 0:
         print("fedpers-client run: --local-epochs must be positive", file=sys.stderr)
         return 2

@@ -116,7 +116,7 @@ def server_argv(args: argparse.Namespace, model: Path, port_file: Path, store: P
 
 
 def device_argv(args: argparse.Namespace, address: str, data: Path, state: Path, name: str, token: str) -> list[str]:
-    argv = [sys.executable, "-m", "client.run_cmd", "run", "--server", address, "--data", str(data),
+    argv = [sys.executable, "-m", "client", "run", "--server", address, "--data", str(data),
             "--state", str(state), "--name", name, "--enroll-token", token, "--memory", args.memory, "--json"]
     if args.memory_budget:
         argv += ["--memory-budget", args.memory_budget]
@@ -528,6 +528,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(getattr(logging, str(args.log_level).upper(), logging.WARNING))
     if args.devices < 1 or args.rounds < 1 or args.local_epochs < 1:
         print("fedpers-sim: --devices, --rounds and --local-epochs must be positive", file=sys.stderr)
+        return 2
+    if not Path(args.model).is_file():
+        print(f"fedpers-sim: model file {args.model} does not exist", file=sys.stderr)
         return 2
     try:
         simulate(args)

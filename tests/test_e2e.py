@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -22,6 +23,8 @@ from client.partition import partition_digits, write_partition
 from client.personal import PersonalStore
 from client.sim import Child, get_status, wait_for_server
 from common import codec, wire
+from common.rpc import federation_pb2 as pb
+from common.rpc import federation_pb2_grpc as pb_grpc
 from common.store import ModelStore
 
 MODEL = Path(__file__).parent / "data" / "digits_mlp_personal.ini"
@@ -43,7 +46,7 @@ def _server(tmp: Path, *extra: str, min_devices: int = DEVICES, rounds: int = RO
 
 
 def _device(tmp: Path, address: str, i: int, *extra: str) -> Child:
-    argv = [sys.executable, "-m", "client.run_cmd", "run", "--server", address, "--data",
+    argv = [sys.executable, "-m", "client", "run", "--server", address, "--data",
             str(tmp / "data" / f"device-{i}.npz"), "--state", str(tmp / "dev" / str(i)), "--name", f"e2e-{i}",
             "--enroll-token", TOKEN, "--save-uploads", "--retry-seconds", "30", *extra]
     return Child.start(f"device-{i}", argv, tmp / "logs" / f"device-{i}-{time.monotonic_ns()}.log")
@@ -216,3 +219,54 @@ def test_sigterm_while_waiting_exits_cleanly(tmp_path):
         assert rep["reason"] == "stopped" and not rep["finished"]
     finally:
         server.stop()
+
+
+class _FlakyServicer(pb_grpc.FederationServicer):
+    """Join fails once with UNAVAILABLE; the first download breaks after two chunks."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+        self.joins = 0
+        self.offsets: list[int] = []
+
+    def Join(self, request, context):
+        self.joins += 1
+        if self.joins == 1:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "starting up")
+        return pb.JoinReply(device_id=5, session_token="tok")
+
+    def DownloadModel(self, request, context):
+        self.offsets.append(request.offset)
+        chunks = list(wire.chunk_blob(self.blob, chunk_size=1000, start=request.offset))
+        if len(self.offsets) == 1:
+            yield from chunks[:2]
+            context.abort(grpc.StatusCode.UNAVAILABLE, "link dropped")
+        yield from chunks
+
+
+def test_join_retries_and_download_resumes_at_the_byte_it_reached(tmp_path):
+    from concurrent import futures
+
+    from client.agent import Agent, AgentConfig
+
+    arrays = {"a.weight": np.arange(2000, dtype=np.float32), "b.bias": np.ones(3, np.float32)}
+    blob = wire.arrays_to_blob(arrays)
+    servicer = _FlakyServicer(blob)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    write_partition(tmp_path / "data", partition_digits(2, seed=0)[:1])
+    agent = Agent(AgentConfig(server=f"127.0.0.1:{port}", data=tmp_path / "data" / "device-0.npz",
+                              state=tmp_path / "state", backoff_initial=0.01))
+    try:
+        assert agent.join() == 5 and servicer.joins == 2
+        got = agent.download(3)
+    finally:
+        agent.close()
+        server.stop(0)
+    assert servicer.offsets == [0, 2000]
+    assert set(got) == set(arrays)
+    for k in arrays:
+        np.testing.assert_array_equal(got[k], arrays[k])
+    assert agent.state.bytes_down == len(blob)

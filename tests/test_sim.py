@@ -1,0 +1,65 @@
+"""fedpers-sim: the one-command simulation and its partition / local-only subcommands."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from client import sim
+
+MODEL = Path(__file__).parent / "data" / "digits_mlp_personal.ini"
+
+
+def test_simulation_writes_report_plot_and_table(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = sim.main(["--devices", "3", "--rounds", "2", "--local-epochs", "1", "--model", str(MODEL),
+                     "--report-dir", str(out), "--codec", "int8+zstd", "--seed", "3"])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    for r in report["rounds"]:
+        assert {"round", "version", "devices", "global_accuracy"} <= set(r) and r["devices"] == 3
+        assert 0 <= r["global_accuracy"] <= 1
+    assert len(report["devices"]) == 3
+    ids = set()
+    for d in report["devices"]:
+        assert {"id", "global_accuracy", "personalized_accuracy", "local_only_accuracy", "bytes_up", "bytes_down",
+                "peak_rss_bytes"} <= set(d)
+        for key in ("global_accuracy", "personalized_accuracy", "local_only_accuracy"):
+            assert 0 <= d[key] <= 1, (key, d)
+        assert d["bytes_up"] > 0 and d["bytes_down"] > 0 and d["peak_rss_bytes"] > 0 and d["rounds_trained"] == 2
+        ids.add(d["id"])
+    assert len(ids) == 3
+    assert report["config"]["codec"] == "int8+zstd"
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "round   2/2" in text and "local-only%" in text and "mean" in text
+    assert not (out / "work" / "data").exists()  # device data is removed unless --keep-work
+
+
+def test_partition_subcommand(tmp_path, capsys):
+    assert sim.main(["partition", "--devices", "4", "--out", str(tmp_path), "--seed", "5", "--alpha", "0.3"]) == 0
+    printed = capsys.readouterr().out.split()
+    assert printed == [str(tmp_path / f"device-{i}.npz") for i in range(4)]
+    sizes = [np.load(tmp_path / f"device-{i}.npz")["y"].size for i in range(4)]
+    assert min(sizes) > 0
+    assert sim.main(["partition", "--devices", "1000", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_local_only_subcommand(tmp_path):
+    sim.main(["partition", "--devices", "2", "--out", str(tmp_path)])
+    out = tmp_path / "lo.json"
+    assert sim.main(["local-only", "--data", str(tmp_path / "device-0.npz"), "--model", str(MODEL),
+                     "--epochs", "3", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["epochs"] == 3 and 0 <= res["accuracy"] <= 1
+
+
+def test_bad_arguments_are_refused(tmp_path, capsys):
+    assert sim.main(["--devices", "0"]) == 2
+    assert sim.main(["--codec", "nope", "--report-dir", str(tmp_path / "r")]) == 2
+    assert sim.main(["--model", str(tmp_path / "missing.ini"), "--report-dir", str(tmp_path / "r2")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown codec" in err and "does not exist" in err
