@@ -17,7 +17,7 @@ from common.nn.layers import LAYERS
 from common.nn.layers.base import InitContext, Layer, RunContext
 from common.nn.layers.loss import CrossEntropyLoss, MSELoss
 from common.nn.order import Life
-from common.nn.spec import LayerSpec
+from common.nn.spec import LayerSpec, ModelError
 from tests.layer_harness import LayerRun, LifeViolation, check_gradients
 
 TOL = 1e-6  # relative (to max(1, |grad|)); float64 central differences land near 1e-9
@@ -249,3 +249,98 @@ def test_harness_catches_lifespan_violations(bad: type[Layer]) -> None:
     lr.forward(np.ones((2, 3)))
     with pytest.raises(LifeViolation):
         lr.backward(np.ones((2, 3)))
+
+
+# ---- layer semantics beyond gradients ------------------------------------------------------------
+def test_batch_norm_running_stats_follow_momentum_in_training_only() -> None:
+    lr = LayerRun.build(LAYERS["batch_normalization"](LayerSpec("bn", "batch_normalization")), [(4, 2, 3, 3)])
+    x = np.random.default_rng(0).standard_normal((4, 2, 3, 3)) * 3 + 1
+    lr.forward(x, training=True)
+    mean, var = x.mean(axis=(0, 2, 3)), x.var(axis=(0, 2, 3))
+    np.testing.assert_allclose(lr.weight("running_mean"), 0.01 * mean, rtol=1e-12)
+    np.testing.assert_allclose(lr.weight("running_var"), 0.99 + 0.01 * var, rtol=1e-12)
+    before = lr.weight("running_mean").copy()
+    out = lr.forward(x, training=False)  # evaluation: running statistics, no update
+    np.testing.assert_array_equal(lr.weight("running_mean"), before)
+    rm, rv = lr.weight("running_mean"), lr.weight("running_var")
+    expected = (x - rm[None, :, None, None]) / np.sqrt(rv[None, :, None, None] + 1e-3)
+    np.testing.assert_allclose(out, expected, rtol=1e-12)
+
+
+def test_frozen_batch_norm_uses_running_stats_and_keeps_them() -> None:
+    layer = LAYERS["batch_normalization"](LayerSpec("bn", "batch_normalization", trainable=False, epsilon=0.01))
+    lr = LayerRun.build(layer, [(5, 3)])
+    assert lr.ctx.scratch == [] and lr.run.grads == [None] * 4  # saves nothing, no gradients
+    lr.weight("running_mean")[...] = [1.0, 2.0, 3.0]
+    lr.weight("running_var")[...] = [4.0, 1.0, 0.25]
+    x = np.random.default_rng(0).standard_normal((5, 3))
+    out = lr.forward(x, training=True)
+    np.testing.assert_allclose(out, (x - [1.0, 2.0, 3.0]) / np.sqrt(np.array([4.0, 1.0, 0.25]) + 0.01))
+    np.testing.assert_array_equal(lr.weight("running_mean"), [1.0, 2.0, 3.0])
+
+
+def test_dropout_scales_kept_units_and_is_identity_in_eval() -> None:
+    lr = LayerRun.build(LAYERS["dropout"](LayerSpec("d", "dropout", dropout_rate=0.25)), [(50, 40)])
+    x = np.random.default_rng(0).random((50, 40)) + 1.0
+    out = lr.forward(x, training=True)
+    kept = out != 0
+    assert 0.7 < kept.mean() < 0.8
+    np.testing.assert_allclose(out[kept], x[kept] / 0.75)
+    again = lr.forward(x, training=True)
+    assert (again != 0).mean() > 0.7 and not np.array_equal(kept, again != 0)  # a fresh mask per step
+    np.testing.assert_array_equal(lr.forward(x, training=False), x)
+    dins, _ = lr.backward(np.ones((50, 40)))
+    np.testing.assert_array_equal(dins[0], np.ones((50, 40)))  # after an eval forward: identity
+
+
+def test_dropout_masks_repeat_for_the_same_generator_seed() -> None:
+    def masks(seed: int) -> np.ndarray:
+        lr = LayerRun.build(LAYERS["dropout"](LayerSpec("d", "dropout", dropout_rate=0.5)), [(8, 8)])
+        lr.run.state["rng"] = np.random.default_rng(seed)
+        return np.stack([lr.forward(np.ones((8, 8))) != 0 for _ in range(3)])
+
+    np.testing.assert_array_equal(masks(5), masks(5))
+    assert not np.array_equal(masks(5), masks(6))
+
+
+@pytest.mark.parametrize(
+    ("kw", "in_shape", "out_shape"),
+    [
+        ({"kernel_size": (3, 3), "padding": "same"}, (2, 3, 7, 6), (2, 4, 7, 6)),
+        ({"kernel_size": (3, 3), "padding": "same", "stride": (2, 2)}, (2, 3, 7, 6), (2, 4, 4, 3)),
+        ({"kernel_size": (3, 3)}, (2, 3, 7, 6), (2, 4, 5, 4)),
+        ({"kernel_size": (5, 3), "padding": (2, 1), "stride": (2, 1)}, (1, 1, 9, 9), (1, 4, 5, 9)),
+    ],
+)
+def test_conv_output_shapes(kw: dict, in_shape: tuple, out_shape: tuple) -> None:
+    lr = LayerRun.build(LAYERS["conv2d"](LayerSpec("c", "conv2d", filters=4, **kw)), [in_shape])
+    assert lr.out_shape == out_shape
+    assert lr.weight("weight").shape == (4, in_shape[1], *kw["kernel_size"]) and lr.weight("bias").shape == (4,)
+
+
+def test_pooling_stride_defaults_to_pool_size_and_global_gives_1x1() -> None:
+    pool = LayerRun.build(
+        LAYERS["pooling2d"](LayerSpec("p", "pooling2d", pooling="max", pool_size=(2, 3))), [(1, 2, 8, 9)]
+    )
+    assert pool.out_shape == (1, 2, 4, 3)
+    glob = LayerRun.build(LAYERS["pooling2d"](LayerSpec("p", "pooling2d", pooling="global_average")), [(3, 5, 4, 4)])
+    assert glob.out_shape == (3, 5, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("type_", "kw", "shape", "key"),
+    [
+        ("conv2d", {"kernel_size": (3, 3)}, (1, 1, 5, 5), "filters"),
+        ("conv2d", {"filters": 2}, (1, 1, 5, 5), "kernel_size"),
+        ("conv2d", {"filters": 2, "kernel_size": (7, 7)}, (1, 1, 5, 5), "kernel_size"),
+        ("conv2d", {"filters": 2, "kernel_size": (3, 3)}, (1, 25), "input_layers"),
+        ("pooling2d", {"pool_size": (2, 2)}, (1, 1, 4, 4), "pooling"),
+        ("pooling2d", {"pooling": "max"}, (1, 1, 4, 4), "pool_size"),
+        ("pooling2d", {"pooling": "max", "pool_size": (2, 2), "padding": (2, 2)}, (1, 1, 4, 4), "padding"),
+        ("batch_normalization", {}, (1, 2, 3), "input_layers"),
+    ],
+)
+def test_bad_layer_settings_name_the_key(type_: str, kw: dict, shape: tuple, key: str) -> None:
+    with pytest.raises(ModelError) as err:
+        LAYERS[type_](LayerSpec("bad", type_, **kw)).finalize(InitContext("bad", [shape], shape[0]))
+    assert err.value.key == key and err.value.section == "bad"
