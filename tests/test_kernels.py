@@ -82,10 +82,10 @@ def check_im2col(dtype, rng):
     for geom in CONV_GEOMETRIES:
         x, w, _, _, stride, pads, (oh, ow) = conv_setup(geom, dtype, rng)
         kh, kw = w.shape[2:]
-        col = np.full((x.shape[1] * kh * kw, oh * ow), np.nan, dtype)
-        conv2d.im2col(x[0], col, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
-        ref = windows(x[:1], kh, kw, stride, pads)[0, :, :oh, :ow]  # (C, OH, OW, kh, kw)
-        np.testing.assert_array_equal(col, ref.transpose(0, 3, 4, 1, 2).reshape(col.shape))
+        col = np.full((x.shape[0], x.shape[1] * kh * kw, oh * ow), np.nan, dtype)
+        conv2d.im2col(x, col, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
+        ref = windows(x, kh, kw, stride, pads)[:, :, :oh, :ow]  # (N, C, OH, OW, kh, kw)
+        np.testing.assert_array_equal(col, ref.transpose(0, 1, 4, 5, 2, 3).reshape(col.shape))
 
 
 def check_col2im(dtype, rng):
@@ -93,12 +93,12 @@ def check_col2im(dtype, rng):
     for geom in CONV_GEOMETRIES:
         x, w, _, _, stride, pads, (oh, ow) = conv_setup(geom, dtype, rng)
         kh, kw = w.shape[2:]
-        col = np.empty((x.shape[1] * kh * kw, oh * ow), dtype)
-        conv2d.im2col(x[0], col, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
+        col = np.empty((x.shape[0], x.shape[1] * kh * kw, oh * ow), dtype)
+        conv2d.im2col(x, col, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
         g = rng.standard_normal(col.shape).astype(dtype)
-        back = np.full(x[0].shape, np.nan, dtype)
+        back = np.full(x.shape, np.nan, dtype)
         conv2d.col2im(g, back, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
-        np.testing.assert_allclose(np.vdot(col, g), np.vdot(x[0], back), **tol(dtype))
+        np.testing.assert_allclose(np.vdot(col, g), np.vdot(x, back), **tol(dtype))
 
 
 def check_flip_kernel(dtype, rng):
@@ -109,9 +109,9 @@ def check_flip_kernel(dtype, rng):
 
 
 def check_add_bias(dtype, rng):
-    out = rng.standard_normal((4, 7)).astype(dtype)
+    out = rng.standard_normal((2, 4, 7)).astype(dtype)
     b = rng.standard_normal(4).astype(dtype)
-    ref = out + b[:, None]
+    ref = out + b[None, :, None]
     conv2d.add_bias(out, b)
     np.testing.assert_allclose(out, ref, **tol(dtype))
 
@@ -123,25 +123,47 @@ def check_bias_grad(dtype, rng):
     np.testing.assert_allclose(db, dy.astype(np.float64).sum(axis=(0, 2)), **tol(dtype))
 
 
+def check_sum_tile(dtype, rng):
+    parts = rng.standard_normal((3, 4, 5)).astype(dtype)
+    acc = rng.standard_normal((4, 5)).astype(dtype)
+    start = acc.copy()
+    conv2d.sum_tile(parts, acc, False)
+    np.testing.assert_allclose(acc, start + parts.sum(axis=0), **tol(dtype))
+    conv2d.sum_tile(parts[:2], acc, True)
+    np.testing.assert_allclose(acc, parts[:2].sum(axis=0), **tol(dtype))
+
+
+def columns(tile: int | None, rows: int, cols: int, dtype) -> np.ndarray | None:
+    return None if tile is None else np.full((tile, rows, cols), np.nan, dtype)
+
+
+TILES = (1, 2, 3)  # one sample, a tile dividing the batch of 2, a tile larger than it
+
+
 def check_conv_forward(dtype, rng):
     for geom in CONV_GEOMETRIES:
         x, w, b, dy, stride, pads, (oh, ow) = conv_setup(geom, dtype, rng)
-        out = np.full(dy.shape, np.nan, dtype)
-        col = np.empty((w[0].size, oh * ow), dtype)
-        conv2d.conv2d_forward(x, w, b, out, col, stride, pads)
-        np.testing.assert_allclose(out, ref_conv(x, w, b, stride, pads)[:, :, :oh, :ow], **tol(dtype))
+        ref = ref_conv(x, w, b, stride, pads)[:, :, :oh, :ow]
+        pointwise = conv2d._is_pointwise(w.shape, stride, pads)
+        for tile in (None,) if pointwise else TILES:
+            out = np.full(dy.shape, np.nan, dtype)
+            conv2d.conv2d_forward(x, w, b, out, columns(tile, w[0].size, oh * ow, dtype), stride, pads)
+            np.testing.assert_allclose(out, ref, **tol(dtype), err_msg=f"{geom} tile={tile}")
 
 
 def check_conv_weight_grad(dtype, rng):
     for geom in CONV_GEOMETRIES:
         x, w, b, dy, stride, pads, (oh, ow) = conv_setup(geom, dtype, rng)
-        gw, gb = np.full(w.shape, np.nan, dtype), np.full(b.shape, np.nan, dtype)
-        col = np.empty((w[0].size, oh * ow), dtype)
-        acc, tmp = np.empty((w[0].size, w.shape[0]), dtype), np.empty((w[0].size, w.shape[0]), dtype)
-        conv2d.conv2d_weight_grad(x, dy, gw, gb, col, acc, tmp, stride, pads)
         ref_w, ref_b = ref_conv_wgrad(x, dy, w.shape[2], w.shape[3], stride, pads)
-        np.testing.assert_allclose(gw, ref_w, **tol(dtype))
-        np.testing.assert_allclose(gb, ref_b, **tol(dtype))
+        pointwise = conv2d._is_pointwise(w.shape, stride, pads)
+        for tile in TILES:
+            gw, gb = np.full(w.shape, np.nan, dtype), np.full(b.shape, np.nan, dtype)
+            col = columns(None if pointwise else tile, w[0].size, oh * ow, dtype)
+            parts = np.full((tile, w[0].size, w.shape[0]), np.nan, dtype)
+            acc = np.full((w[0].size, w.shape[0]), np.nan, dtype)
+            conv2d.conv2d_weight_grad(x, dy, gw, gb, col, parts, acc, stride, pads)
+            np.testing.assert_allclose(gw, ref_w, **tol(dtype), err_msg=f"{geom} tile={tile}")
+            np.testing.assert_allclose(gb, ref_b, **tol(dtype))
 
 
 def check_conv_input_grad(dtype, rng):
@@ -150,12 +172,14 @@ def check_conv_input_grad(dtype, rng):
         x, w, b, dy, stride, pads, (oh, ow) = conv_setup(geom, dtype, rng)
         f, c, kh, kw = w.shape
         ref = ref_conv_xgrad(dy, w, x.shape, stride, pads)
+        pointwise = conv2d._is_pointwise(w.shape, stride, pads)
         for flipped in (False, True) if tuple(stride) == (1, 1) else (False,):
-            col = np.empty((f * kh * kw, x.shape[2] * x.shape[3]) if flipped else (c * kh * kw, oh * ow), dtype)
-            wf = np.empty((c, f * kh * kw), dtype)
-            dx = np.full(x.shape, np.nan, dtype)
-            conv2d.conv2d_input_grad(dy, w, dx, col, wf, stride, pads, flipped)
-            np.testing.assert_allclose(dx, ref, **tol(dtype), err_msg=f"{geom} flipped={flipped}")
+            for tile in (None,) if pointwise else TILES:
+                rows, cols = (f * kh * kw, x.shape[2] * x.shape[3]) if flipped else (c * kh * kw, oh * ow)
+                wf = np.empty((c, f * kh * kw), dtype)
+                dx = np.full(x.shape, np.nan, dtype)
+                conv2d.conv2d_input_grad(dy, w, dx, columns(tile, rows, cols, dtype), wf, stride, pads, flipped)
+                np.testing.assert_allclose(dx, ref, **tol(dtype), err_msg=f"{geom} flipped={flipped} tile={tile}")
 
 
 POOL_GEOMETRIES = [  # (x shape, pool, stride, padding)
@@ -378,6 +402,7 @@ KERNEL_CHECKS: dict[str, Callable[[type, np.random.Generator], None]] = {
     "flip_kernel": check_flip_kernel,
     "add_bias": check_add_bias,
     "bias_grad": check_bias_grad,
+    "sum_tile": check_sum_tile,
     "conv2d_forward": check_conv_forward,
     "conv2d_weight_grad": check_conv_weight_grad,
     "conv2d_input_grad": check_conv_input_grad,

@@ -1,10 +1,12 @@
-"""2-D convolution over NCHW data: per-sample im2col (numba) + one BLAS product per sample.
+"""2-D convolution over NCHW data: tiled im2col (numba) + batched BLAS products (np.matmul).
 
-Weight (filters, channels, kh, kw), bias (filters,). Forward: col = im2col(x[n]) is
-(C*kh*kw, OH*OW) and out[n] = W2 @ col with W2 = W viewed as (F, C*kh*kw). The column buffer
-holds ONE sample, never the batch. Backward:
-- dW^T = sum_n col_n @ dy_n^T, accumulated in a weight-sized (K, F) scratch (this product shape
-  measured fastest on OpenBLAS), transposed into the gradient at the end;
+Weight (filters, channels, kh, kw), bias (filters,). Forward: col[t] = im2col(x[n]) is
+(C*kh*kw, OH*OW) and out[n] = W2 @ col[t] with W2 = W viewed as (F, C*kh*kw). The column buffer
+holds one tile of samples: as many as fit COL_TILE_BYTES, at least one -- never the batch. A tile
+of several samples only saves Python calls on small layers; big layers run one sample at a time.
+Backward:
+- dW^T = sum_n col_n @ dy_n^T, summed per tile into a weight-sized (K, F) scratch (this product
+  shape measured fastest on OpenBLAS), transposed into the gradient at the end;
 - dx for stride 1 is a stride-1 convolution of dy with the flipped, transposed kernel
   (im2col of dy + one product with a reduction of F*kh*kw), which avoids both the low-reduction
   product W2^T @ dy and the scatter of col2im; other strides use W2^T @ dy + col2im.
@@ -22,6 +24,7 @@ from .base import InitContext, Layer, RunContext, Shape, register
 
 DTYPES = ("float32", "float64")  # float32 is what runs; float64 serves the gradient checks
 REDUCE = {"reassoc", "nsz"}  # lets LLVM vectorize sums (order of additions may change); nothing else
+COL_TILE_BYTES = 1 << 20  # column buffer budget: a tile of samples up to 1 MiB, else one sample
 
 
 def signatures(template: str) -> list[str]:
@@ -51,83 +54,87 @@ def output_size(n: int, k: int, s: int, before: int, after: int) -> int:
 
 
 @njit(
-    signatures("void({t}[:,:,::1], {t}[:,::1], int64, int64, int64, int64, int64, int64, int64, int64)"),
+    signatures("void({t}[:,:,:,::1], {t}[:,:,::1], int64, int64, int64, int64, int64, int64, int64, int64)"),
     cache=True,
     nogil=True,
 )
 def im2col(x, col, kh, kw, sh, sw, ph, pw, oh, ow):
-    """x (C, H, W) -> col (C*kh*kw, oh*ow): row (c, ki, kj), column (i, j) = x[c, i*sh+ki-ph, j*sw+kj-pw] or 0."""
-    c_in, h, w = x.shape
+    """x (T, C, H, W) -> col (T, C*kh*kw, oh*ow): col[t, (c, ki, kj), (i, j)] = x[t, c, i*sh+ki-ph, j*sw+kj-pw] or 0."""
+    tile, c_in, h, w = x.shape
     xf = x.reshape(x.size)
     cf = col.reshape(col.size)
     p = oh * ow
+    k_rows = c_in * kh * kw
     usw = uint64(sw)
-    for c in range(c_in):
-        for ki in range(kh):
-            for kj in range(kw):
-                row = ((c * kh + ki) * kw + kj) * p
-                off = kj - pw
-                # columns j with 0 <= j*sw + off < w
-                j0 = 0 if off >= 0 else min((-off + sw - 1) // sw, ow)
-                j1 = min((w - 1 - off) // sw + 1, ow) if w - 1 - off >= 0 else 0
-                if j1 < j0:
-                    j1 = j0
-                for i in range(oh):
-                    ih = i * sh + ki - ph
-                    o = uint64(row + i * ow)
-                    if ih < 0 or ih >= h:
-                        for j in range(ow):
+    for t in range(tile):
+        for c in range(c_in):
+            for ki in range(kh):
+                for kj in range(kw):
+                    row = (t * k_rows + (c * kh + ki) * kw + kj) * p
+                    off = kj - pw
+                    # columns j with 0 <= j*sw + off < w
+                    j0 = 0 if off >= 0 else min((-off + sw - 1) // sw, ow)
+                    j1 = min((w - 1 - off) // sw + 1, ow) if w - 1 - off >= 0 else 0
+                    if j1 < j0:
+                        j1 = j0
+                    for i in range(oh):
+                        ih = i * sh + ki - ph
+                        o = uint64(row + i * ow)
+                        if ih < 0 or ih >= h:
+                            for j in range(ow):
+                                cf[o + uint64(j)] = 0.0
+                            continue
+                        for j in range(j0):
                             cf[o + uint64(j)] = 0.0
-                        continue
-                    for j in range(j0):
-                        cf[o + uint64(j)] = 0.0
-                    src = uint64((c * h + ih) * w + off + j0 * sw)
-                    dst = o + uint64(j0)
-                    if sw == 1:
-                        for j in range(j1 - j0):
-                            cf[dst + uint64(j)] = xf[src + uint64(j)]
-                    else:
-                        for j in range(j1 - j0):
-                            cf[dst + uint64(j)] = xf[src + uint64(j) * usw]
-                    for j in range(j1, ow):
-                        cf[o + uint64(j)] = 0.0
+                        src = uint64(((t * c_in + c) * h + ih) * w + off + j0 * sw)
+                        dst = o + uint64(j0)
+                        if sw == 1:
+                            for j in range(j1 - j0):
+                                cf[dst + uint64(j)] = xf[src + uint64(j)]
+                        else:
+                            for j in range(j1 - j0):
+                                cf[dst + uint64(j)] = xf[src + uint64(j) * usw]
+                        for j in range(j1, ow):
+                            cf[o + uint64(j)] = 0.0
 
 
 @njit(
-    signatures("void({t}[:,::1], {t}[:,:,::1], int64, int64, int64, int64, int64, int64, int64, int64)"),
+    signatures("void({t}[:,:,::1], {t}[:,:,:,::1], int64, int64, int64, int64, int64, int64, int64, int64)"),
     cache=True,
     nogil=True,
 )
 def col2im(col, dx, kh, kw, sh, sw, ph, pw, oh, ow):
-    """The adjoint of im2col: dx (C, H, W) = sum of col entries over the positions they came from."""
-    c_in, h, w = dx.shape
+    """The adjoint of im2col: dx (T, C, H, W) = sum of col entries over the positions they came from."""
+    tile, c_in, h, w = dx.shape
     xf = dx.reshape(dx.size)
     cf = col.reshape(col.size)
     p = oh * ow
+    k_rows = c_in * kh * kw
     usw = uint64(sw)
     for k in range(xf.size):
         xf[k] = 0.0
-    for c in range(c_in):
-        for ki in range(kh):
-            for kj in range(kw):
-                row = ((c * kh + ki) * kw + kj) * p
-                off = kj - pw
-                j0 = 0 if off >= 0 else min((-off + sw - 1) // sw, ow)
-                j1 = min((w - 1 - off) // sw + 1, ow) if w - 1 - off >= 0 else 0
-                if j1 < j0:
-                    j1 = j0
-                for i in range(oh):
-                    ih = i * sh + ki - ph
-                    if ih < 0 or ih >= h:
-                        continue
-                    dst = uint64((c * h + ih) * w + off + j0 * sw)
-                    src = uint64(row + i * ow + j0)
-                    if sw == 1:
-                        for j in range(j1 - j0):
-                            xf[dst + uint64(j)] += cf[src + uint64(j)]
-                    else:
-                        for j in range(j1 - j0):
-                            xf[dst + uint64(j) * usw] += cf[src + uint64(j)]
+    for t in range(tile):
+        for c in range(c_in):
+            for ki in range(kh):
+                for kj in range(kw):
+                    row = (t * k_rows + (c * kh + ki) * kw + kj) * p
+                    off = kj - pw
+                    j0 = 0 if off >= 0 else min((-off + sw - 1) // sw, ow)
+                    j1 = min((w - 1 - off) // sw + 1, ow) if w - 1 - off >= 0 else 0
+                    if j1 < j0:
+                        j1 = j0
+                    for i in range(oh):
+                        ih = i * sh + ki - ph
+                        if ih < 0 or ih >= h:
+                            continue
+                        dst = uint64(((t * c_in + c) * h + ih) * w + off + j0 * sw)
+                        src = uint64(row + i * ow + j0)
+                        if sw == 1:
+                            for j in range(j1 - j0):
+                                xf[dst + uint64(j)] += cf[src + uint64(j)]
+                        else:
+                            for j in range(j1 - j0):
+                                xf[dst + uint64(j) * usw] += cf[src + uint64(j)]
 
 
 @njit(signatures("void({t}[:,:,:,::1], {t}[:,::1])"), cache=True, nogil=True)
@@ -141,14 +148,15 @@ def flip_kernel(w, wf):
                     wf[c, (f * kh + u) * kw + v] = w[f, c, kh - 1 - u, kw - 1 - v]
 
 
-@njit(signatures("void({t}[:,::1], {t}[::1])"), cache=True, nogil=True)
+@njit(signatures("void({t}[:,:,::1], {t}[::1])"), cache=True, nogil=True)
 def add_bias(out, b):
-    """out (F, P) += b[:, None]."""
-    f_out, p = out.shape
-    for f in range(f_out):
-        v = b[f]
-        for j in range(p):
-            out[f, j] += v
+    """out (T, F, P) += b[None, :, None]."""
+    tile, f_out, p = out.shape
+    for t in range(tile):
+        for f in range(f_out):
+            v = b[f]
+            for j in range(p):
+                out[t, f, j] += v
 
 
 @njit(signatures("void({t}[:,:,::1], {t}[::1])"), cache=True, nogil=True, fastmath=REDUCE)
@@ -163,72 +171,103 @@ def bias_grad(dy, db):
         db[f] = s
 
 
+@njit(signatures("void({t}[:,:,::1], {t}[:,::1], boolean)"), cache=True, nogil=True)
+def sum_tile(parts, acc, first):
+    """acc (K, F) = (0 if first else acc) + sum over the tile of parts (T, K, F)."""
+    tile, k_rows, f_out = parts.shape
+    for k in range(k_rows):
+        for f in range(f_out):
+            s = 0.0 if first else acc[k, f]
+            for t in range(tile):
+                s += parts[t, k, f]
+            acc[k, f] = s
+
+
+def tiles(n: int, tile: int):
+    """(start, stop) of consecutive tiles of at most `tile` samples covering n."""
+    return ((a, min(a + tile, n)) for a in range(0, n, tile))
+
+
 def conv2d_forward(x, w, b, out, col, stride, pads) -> None:
-    """out (N, F, OH, OW) = conv(x (N, C, H, W), w (F, C, kh, kw)) + b; col (C*kh*kw, OH*OW) scratch."""
-    f_out, _, kh, kw = w.shape
+    """out (N, F, OH, OW) = conv(x (N, C, H, W), w (F, C, kh, kw)) + b.
+
+    col (T, C*kh*kw, OH*OW) holds the columns of one tile of T samples (None for pointwise kernels);
+    one batched product W2 @ col[t] per tile writes straight into out.
+    """
+    f_out, c_in, kh, kw = w.shape
+    n_b = x.shape[0]
     oh, ow = out.shape[2:]
     w2 = w.reshape(f_out, -1)
-    direct = _is_pointwise(w.shape, stride, pads)
-    for n in range(x.shape[0]):
-        o = out[n].reshape(f_out, oh * ow)
-        if direct:
-            np.matmul(w2, x[n].reshape(x.shape[1], -1), out=o)
-        else:
-            im2col(x[n], col, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
-            np.matmul(w2, col, out=o)
-        add_bias(o, b)
+    out3 = out.reshape(n_b, f_out, oh * ow)
+    if col is None:  # pointwise: x itself is the column matrix
+        np.matmul(w2, x.reshape(n_b, c_in, -1), out=out3)
+        add_bias(out3, b)
+        return
+    for a, z in tiles(n_b, col.shape[0]):
+        c = col[: z - a]
+        im2col(x[a:z], c, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
+        np.matmul(w2, c, out=out3[a:z])
+        add_bias(out3[a:z], b)
 
 
-def conv2d_weight_grad(x, dy, gw, gb, col, acc, tmp, stride, pads) -> None:
-    """gw = sum_n dy_n @ col_n^T (via acc = sum col_n @ dy_n^T, (K, F)), gb = sum dy."""
-    f_out, _, kh, kw = gw.shape
+def conv2d_weight_grad(x, dy, gw, gb, col, parts, acc, stride, pads) -> None:
+    """gw = sum_n dy_n @ col_n^T, gb = sum dy.
+
+    Per tile: parts[t] = col[t] @ dy[t]^T (K, F) (this product shape measured fastest on OpenBLAS),
+    summed into acc (K, F); acc^T is copied into gw at the end. col is None for pointwise kernels.
+    """
+    f_out, c_in, kh, kw = gw.shape
+    n_b = x.shape[0]
     oh, ow = dy.shape[2:]
-    direct = _is_pointwise(gw.shape, stride, pads)
-    for n in range(x.shape[0]):
-        if direct:
-            c = x[n].reshape(x.shape[1], -1)
+    dy3 = dy.reshape(n_b, f_out, oh * ow)
+    for a, z in tiles(n_b, parts.shape[0]):
+        if col is None:
+            c = x[a:z].reshape(z - a, c_in, -1)
         else:
-            im2col(x[n], col, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
-            c = col
-        dyn = dy[n].reshape(f_out, oh * ow)
-        if n == 0:
-            np.matmul(c, dyn.T, out=acc)
-        else:
-            np.matmul(c, dyn.T, out=tmp)
-            acc += tmp
+            c = col[: z - a]
+            im2col(x[a:z], c, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
+        np.matmul(c, dy3[a:z].transpose(0, 2, 1), out=parts[: z - a])
+        sum_tile(parts[: z - a], acc, a == 0)
     np.copyto(gw.reshape(f_out, -1), acc.T)
-    bias_grad(dy.reshape(dy.shape[0], f_out, oh * ow), gb)
+    bias_grad(dy3, gb)
 
 
 def conv2d_input_grad(dy, w, dx, col, wf, stride, pads, flipped: bool) -> None:
-    """dx = d conv / d x applied to dy; col and (flipped) wf are scratch.
+    """dx = d conv / d x applied to dy; col (tile-sized) and (flipped) wf are scratch.
 
-    flipped: dx as a stride-1 convolution of dy with the flipped kernel (stride 1 only);
-    otherwise dcol = W2^T @ dy then col2im.
+    flipped: dx as a stride-1 convolution of dy with the flipped kernel wf (stride 1 only):
+    im2col of dy, then dx[t] = wf @ col[t], a product that reduces over F*kh*kw.
+    Otherwise col[t] = W2^T @ dy[t], then col2im. Pointwise kernels: dx = W2^T @ dy directly.
     """
     f_out, c_in, kh, kw = w.shape
-    h, wd = dx.shape[2:]
+    n_b, _, h, wd = dx.shape
     oh, ow = dy.shape[2:]
-    if _is_pointwise(w.shape, stride, pads):
-        w2t = w.reshape(f_out, c_in).T
-        for n in range(dy.shape[0]):
-            np.matmul(w2t, dy[n].reshape(f_out, -1), out=dx[n].reshape(c_in, -1))
-    elif flipped:
+    dy3 = dy.reshape(n_b, f_out, oh * ow)
+    dx3 = dx.reshape(n_b, c_in, h * wd)
+    if col is None:
+        np.matmul(w.reshape(f_out, c_in).T, dy3, out=dx3)
+        return
+    if flipped:
         flip_kernel(w, wf)
-        for n in range(dy.shape[0]):
-            im2col(dy[n], col, kh, kw, 1, 1, kh - 1 - pads[0], kw - 1 - pads[2], h, wd)
-            np.matmul(wf, col, out=dx[n].reshape(c_in, h * wd))
-    else:
-        w2t = w.reshape(f_out, -1).T
-        for n in range(dy.shape[0]):
-            np.matmul(w2t, dy[n].reshape(f_out, oh * ow), out=col)
-            col2im(col, dx[n], kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
+    for a, z in tiles(n_b, col.shape[0]):
+        c = col[: z - a]
+        if flipped:
+            im2col(dy[a:z], c, kh, kw, 1, 1, kh - 1 - pads[0], kw - 1 - pads[2], h, wd)
+            np.matmul(wf, c, out=dx3[a:z])
+        else:
+            np.matmul(w.reshape(f_out, -1).T, dy3[a:z], out=c)
+            col2im(c, dx[a:z], kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
 
 
 def use_flipped_derivative(c_in: int, f_out: int, stride: tuple[int, int]) -> bool:
     """Stride 1 and no more filters than channels: the flipped convolution's columns (F*kh*kw rows)
     are then no larger than col2im's and its product reduces over F*kh*kw instead of F."""
     return tuple(stride) == (1, 1) and f_out <= c_in
+
+
+def tile_size(batch: int, col_elems: int) -> int:
+    """Samples per tile: as many as fit COL_TILE_BYTES of float32 columns, at least one."""
+    return max(1, min(batch, COL_TILE_BYTES // max(4 * col_elems, 1)))
 
 
 def _is_pointwise(wshape, stride, pads) -> bool:
@@ -269,21 +308,24 @@ class Conv2D(Layer):
         )
         self.b = ctx.request_weight("bias", (f_out,), spec.bias_initializer or "zeros")
         pointwise = _is_pointwise((f_out, c_in, kh, kw), self.stride, self.pads)
-        # Scratch, each for one sample and only the steps that use it (the planner may overlap them).
-        self.col = self.col_grad = self.col_deriv = self.flip = self.acc = self.tmp = None
         self.flipped = not pointwise and use_flipped_derivative(c_in, f_out, self.stride)
+        # Scratch for one tile of samples, each only for the steps that use it (the planner may
+        # overlap them): forward columns; backward columns of x (gradient) and of dy (derivative).
+        self.col = self.col_grad = self.col_deriv = self.flip = self.parts = self.acc = None
+        t_fwd = tile_size(ctx.batch, k * oh * ow)
         if not pointwise:
-            self.col = ctx.request_tensor("col", (k, oh * ow), Life.FORWARD)
+            self.col = ctx.request_tensor("col", (t_fwd, k, oh * ow), Life.FORWARD)
+            rows, cols = (f_out * kh * kw, h * w) if self.flipped else (k, oh * ow)
+            self.col_deriv = ctx.request_tensor(
+                "col_deriv", (tile_size(ctx.batch, rows * cols), rows, cols), Life.CALC_DERIV
+            )
             if self.flipped:
-                self.col_deriv = ctx.request_tensor("col_deriv", (f_out * kh * kw, h * w), Life.CALC_DERIV)
                 self.flip = ctx.request_tensor("wflip", (c_in, f_out * kh * kw), Life.CALC_DERIV)
-            else:
-                self.col_deriv = ctx.request_tensor("col_deriv", (k, oh * ow), Life.CALC_DERIV)
         if spec.trainable:
             if not pointwise:
-                self.col_grad = ctx.request_tensor("col_grad", (k, oh * ow), Life.CALC_GRAD)
+                self.col_grad = ctx.request_tensor("col_grad", (t_fwd, k, oh * ow), Life.CALC_GRAD)
+            self.parts = ctx.request_tensor("wgrad_parts", (t_fwd, k, f_out), Life.CALC_GRAD)
             self.acc = ctx.request_tensor("wgrad_acc", (k, f_out), Life.CALC_GRAD)
-            self.tmp = ctx.request_tensor("wgrad_tmp", (k, f_out), Life.CALC_GRAD)
         ctx.input_life = Life.CALC_GRAD  # dW needs the columns of x again
         return (ctx.batch, f_out, oh, ow)
 
@@ -308,8 +350,8 @@ class Conv2D(Layer):
             gw,
             gb,
             _opt(run, self.col_grad),
+            run.tensor(self.parts),
             run.tensor(self.acc),
-            run.tensor(self.tmp),
             self.stride,
             self.pads,
         )
