@@ -86,8 +86,8 @@ def _align(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
 
-def encode_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> bytes:
-    """dict of arrays + JSON-able meta -> bytes of one checksummed array file."""
+def encode_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None) -> bytearray:
+    """dict of arrays + JSON-able meta -> bytes of one checksummed array file (built in one buffer)."""
     entries = []
     offset = 0
     prepared: list[np.ndarray] = []
@@ -96,20 +96,20 @@ def encode_arrays(arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any] | No
         if arr.dtype.hasobject:
             raise TypeError(f"array {name!r} has object dtype; only plain numeric arrays can be stored")
         wire = arr.astype(arr.dtype.newbyteorder("<"), copy=False) if arr.dtype.byteorder == ">" else arr
-        if not wire.flags.c_contiguous:
-            wire = wire.copy(order="C")  # (np.ascontiguousarray would turn 0-d into 1-d)
         entries.append({"name": name, "dtype": wire.dtype.str, "shape": list(wire.shape), "offset": offset})
         prepared.append(wire)
         offset = _align(offset + wire.nbytes)
     header = json.dumps({"meta": dict(meta or {}), "arrays": entries}, sort_keys=True).encode()
-    body_start = _align(len(header))
-    body = bytearray(body_start + offset)
-    body[: len(header)] = header
+    body_start = _PREFIX.size + _align(len(header))
+    out = bytearray(body_start + offset)
+    out[_PREFIX.size:_PREFIX.size + len(header)] = header
     for entry, arr in zip(entries, prepared, strict=True):
         start = body_start + entry["offset"]
-        body[start:start + arr.nbytes] = arr.tobytes()
-    digest = hashlib.sha256(body).digest()
-    return _PREFIX.pack(MAGIC, len(header), digest) + bytes(body)
+        # copy straight into the file buffer (also makes non-contiguous inputs C-ordered)
+        np.frombuffer(out, dtype=arr.dtype, count=arr.size, offset=start).reshape(arr.shape)[...] = arr
+    digest = hashlib.sha256(memoryview(out)[_PREFIX.size:]).digest()
+    _PREFIX.pack_into(out, 0, MAGIC, len(header), digest)
+    return out
 
 
 def decode_arrays(data: bytes, source: str = "<bytes>") -> tuple[dict[str, np.ndarray], dict[str, Any]]:

@@ -209,47 +209,58 @@ def join_chunks(
     max_size: int = INT63_MAX,
     expected_sha256: bytes | None = None,
     received: bytes = b"",
-) -> bytes:
-    """Reassemble a chunk stream into the blob, verifying as it goes.
+) -> bytearray:
+    """Reassemble a chunk stream into the blob (a bytearray, filled in place), verifying as it goes.
 
     `received` is a prefix already held (a resumed download): the stream must continue at its length.
     Raises Oversize (announced or actual size above `max_size`, or a chunk above 1 MiB),
     ChunkOrderError, TruncatedStream, ChecksumMismatch or MalformedMessage (inconsistent headers).
     """
-    buf = bytearray(received)
     total: int | None = expected_total
     digest: bytes | None = expected_sha256
+    buf: bytearray | None = None
+    filled = len(received)
+    hasher = hashlib.sha256(received)
     if total is not None:
-        _check_total(total, max_size)
+        _check_total(total, max_size)  # refuse before reading anything
     n_chunks = 0
     for chunk in chunks:
         n_chunks += 1
         if total is None:
             total = chunk.total_size
-            _check_total(total, max_size)
         elif chunk.total_size != total:
             raise MalformedMessage(f"chunk {n_chunks} announces total size {chunk.total_size}, expected {total}")
+        if buf is None:
+            _check_total(total, max_size)
+            if filled > total:
+                raise ChunkOrderError(f"already hold {filled} bytes of a {total}-byte blob")
+            buf = bytearray(total)  # allocated once: no regrowth while receiving
+            buf[:filled] = received
         if digest is None:
             digest = chunk.sha256
         elif chunk.sha256 != digest:
             raise ChecksumMismatch(f"chunk {n_chunks} carries a different SHA-256 than announced")
-        if len(chunk.data) > MAX_CHUNK_SIZE:
-            raise Oversize(f"chunk {n_chunks} holds {len(chunk.data)} bytes; at most {MAX_CHUNK_SIZE} are allowed")
-        if chunk.offset != len(buf):
-            raise ChunkOrderError(f"chunk {n_chunks} starts at byte {chunk.offset}, expected {len(buf)}")
-        if len(buf) + len(chunk.data) > total:
+        data = chunk.data
+        if len(data) > MAX_CHUNK_SIZE:
+            raise Oversize(f"chunk {n_chunks} holds {len(data)} bytes; at most {MAX_CHUNK_SIZE} are allowed")
+        if chunk.offset != filled:
+            raise ChunkOrderError(f"chunk {n_chunks} starts at byte {chunk.offset}, expected {filled}")
+        if filled + len(data) > total:
             raise Oversize(f"stream carries more than the announced {total} bytes")
-        buf.extend(chunk.data)
-    if total is None:
+        buf[filled:filled + len(data)] = data
+        hasher.update(data)
+        filled += len(data)
+    if total is None or buf is None:
+        if total is not None:
+            _check_total(total, max_size)
         raise TruncatedStream("the stream ended before any chunk arrived")
-    if len(buf) != total:
-        raise TruncatedStream(f"the stream ended after {len(buf)} of {total} bytes")
-    blob = bytes(buf)
+    if filled != total:
+        raise TruncatedStream(f"the stream ended after {filled} of {total} bytes")
     if len(digest or b"") != 32:
         raise ChecksumMismatch(f"the announced SHA-256 has {len(digest or b'')} bytes, not 32")
-    if sha256(blob) != digest:
+    if hasher.digest() != digest:
         raise ChecksumMismatch(f"SHA-256 of the {total} received bytes does not match the announced digest")
-    return blob
+    return buf
 
 
 def _check_total(total: int, max_size: int) -> None:

@@ -27,6 +27,7 @@ class Aggregator:
     def __init__(self) -> None:
         self.round_id: int | None = None
         self._sums: dict[str, np.ndarray] = {}
+        self._scratch: dict[str, np.ndarray] = {}
         self.total_weight = 0.0
         self.count = 0
 
@@ -34,6 +35,7 @@ class Aggregator:
         """Begin a round; `base` fixes the names and shapes every delta must have (its values are unused)."""
         self.round_id = round_id
         self._sums = {k: np.zeros(np.shape(v), np.float64) for k, v in base.items()}
+        self._scratch = {k: np.empty(np.shape(v), np.float64) for k, v in base.items()}  # reused by add()
         self.total_weight = 0.0
         self.count = 0
 
@@ -49,8 +51,9 @@ class Aggregator:
             if np.shape(delta[k]) != s.shape:
                 raise AggregationError(f"delta {k!r} has shape {np.shape(delta[k])}, base has {s.shape}")
         scale = weight * self._scale(delta)
-        for k, s in self._sums.items():
-            s += scale * np.asarray(delta[k], np.float64)
+        for k, s in self._sums.items():  # s += scale * delta, without temporaries
+            np.multiply(delta[k], np.float64(scale), out=self._scratch[k])
+            s += self._scratch[k]
         self.total_weight += weight
         self.count += 1
 

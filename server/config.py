@@ -37,7 +37,7 @@ class ServerConfig:
     clip_norm: float | None = None  # clip each delta to this global L2 norm before averaging
     norm_bound: float | None = None  # refuse updates whose global L2 norm is larger
     max_update_mb: float | None = None  # None: 2x the fp32 size of the shared tensors + 1 MiB
-    workers: int = 8  # gRPC handler threads: bounds concurrent uploads, hence server memory
+    workers: int = 4  # gRPC handler threads: bounds concurrent uploads, hence server memory
     retry_after: float = 0.5  # seconds a waiting device is told to wait
     waiting_ttl: float = 30.0
     port_file: Path | None = None  # write the bound port here once serving (for --listen HOST:0)

@@ -160,7 +160,7 @@ class FederationServicer(pb_grpc.FederationServicer):
         return wire.status_to_proto(self.coordinator.status())
 
 
-def build_server(coordinator: Coordinator, listen: str, workers: int = 8) -> tuple[grpc.Server, int,
+def build_server(coordinator: Coordinator, listen: str, workers: int = 4) -> tuple[grpc.Server, int,
                                                                                        health.HealthServicer]:
     """A gRPC server with the Federation and grpc.health.v1 services, bound to `listen`
     (port 0 picks a free port); returns (server, bound port, health servicer). Not started."""
@@ -171,6 +171,9 @@ def build_server(coordinator: Coordinator, listen: str, workers: int = 8) -> tup
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.so_reuseport", 0),
+            ("grpc.http2.bdp_probe", 0),
+            ("grpc.experimental.tcp_max_read_chunk_size", 256 << 10),
+            ("grpc.experimental.tcp_read_chunk_size", 64 << 10),
         ],
     )
     pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator), server)
