@@ -1,0 +1,182 @@
+"""Server ingest: N concurrent fake devices upload fp32 deltas of a ~1M-parameter model.
+
+Run with `make bench` or `python bench/server.py [--devices 10,50,200] [--updates 400] [--workers 4]`.
+For each N a fresh `fedpers-server` runs in a subprocess on 127.0.0.1 (free port, its own store,
+min-devices = N so every round takes all N updates); N device threads in this process join,
+poll GetTask and upload the same precomputed fp32 delta of bench/mlp_1m.ini's shared layers
+(1,066,240 floats, ~4.3 MB per update, in 1 MiB chunks). The table shows updates/s over the
+upload phase and the server's peak RSS (VmHWM from /proc/<pid>/status). The goal is a peak RSS
+flat in N (within 10%): the running-sum aggregator and the bounded gRPC thread pool keep server
+memory independent of the number of devices. Every loop is bounded; the run stops by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import grpc  # noqa: E402
+
+from common import codec, wire  # noqa: E402
+from common.rpc import federation_pb2 as pb  # noqa: E402
+from common.rpc import federation_pb2_grpc as pb_grpc  # noqa: E402
+
+MODEL = Path(__file__).resolve().parent / "mlp_1m.ini"
+SHAPES = {"fc1.weight": (784, 1024), "fc1.bias": (1024,), "fc2.weight": (1024, 256), "fc2.bias": (256,)}
+
+
+def read_kib(pid: int, key: str) -> int:
+    """A VmXXX line of /proc/<pid>/status, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def make_blob(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    tensors = []
+    for name, shape in SHAPES.items():
+        payload, _ = codec.encode("fp32", (1e-3 * rng.standard_normal(shape)).astype(np.float32))
+        tensors.append(wire.encoded_to_wire(name, shape, "fp32", payload))
+    return wire.tensorset_to_blob(tensors)
+
+
+@dataclass
+class DeviceResult:
+    uploads: int = 0
+    error: str = ""
+
+
+def run_device(address: str, name: str, blob: bytes, digest: bytes, deadline: float, out: DeviceResult,
+               upload_times: list[float], joined: threading.Barrier, go: threading.Event) -> None:
+    """Join, wait for all devices to have joined, then poll/upload until DONE or the deadline."""
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.FederationStub(channel)
+        try:
+            j = stub.Join(pb.JoinRequest(device_name=name), timeout=30)
+            md = wire.auth_metadata(j.device_id, j.session_token)
+            joined.wait(timeout=max(1.0, deadline - time.monotonic()))
+            go.wait(timeout=max(1.0, deadline - time.monotonic()))
+            done_round = 0
+            while time.monotonic() < deadline:
+                task = wire.task_from_proto(stub.GetTask(pb.TaskRequest(), metadata=md, timeout=30))
+                if task.kind == wire.TaskKind.DONE:
+                    return
+                if task.kind == wire.TaskKind.WAIT or task.round_id == done_round:
+                    time.sleep(max(0.05, task.retry_after_seconds))
+                    continue
+                hdr = wire.UpdateHeader(task.round_id, task.base_version, 100, len(blob), digest, "fp32")
+                stub.UploadUpdate(wire.upload_messages(hdr, blob), metadata=md, timeout=120)
+                upload_times.append(time.monotonic())
+                out.uploads += 1
+                done_round = task.round_id
+            out.error = "deadline"
+        except grpc.RpcError as exc:
+            out.error = f"{exc.code().name}: {exc.details()}"
+
+
+@dataclass
+class Row:
+    devices: int
+    rounds: int
+    updates: int
+    seconds: float
+    rss_start_mib: float
+    rss_connected_mib: float
+    rss_peak_mib: float
+    errors: int
+
+
+def run_one(n: int, rounds: int, workers: int, blob: bytes, timeout: float) -> Row:
+    """One server subprocess, n device threads, `rounds` rounds of n updates each."""
+    with tempfile.TemporaryDirectory(prefix="fedpers-bench-server-") as tmp:
+        port_file = Path(tmp) / "port"
+        cmd = [sys.executable, "-m", "server", "--model", str(MODEL), "--store", str(Path(tmp) / "store"),
+               "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--personal-layers", "output",
+               "--rounds", str(rounds), "--min-devices", str(n), "--fraction", "1", "--round-timeout", str(timeout),
+               "--workers", str(workers), "--retry-after", "0.1", "--log-level", "WARNING"]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            start_deadline = time.monotonic() + 60
+            while not port_file.exists():
+                if proc.poll() is not None or time.monotonic() > start_deadline:
+                    raise RuntimeError(f"server did not start: {proc.stderr.read() if proc.stderr else ''}")
+                time.sleep(0.05)
+            address = f"127.0.0.1:{int(port_file.read_text())}"
+            rss_start = read_kib(proc.pid, "VmRSS")
+            digest = wire.sha256(blob)
+            results = [DeviceResult() for _ in range(n)]
+            upload_times: list[float] = []
+            deadline = time.monotonic() + timeout
+            joined, go = threading.Barrier(n + 1), threading.Event()
+            threads = [threading.Thread(target=run_device, args=(address, f"bench-{i}", blob, digest, deadline,
+                                                                 results[i], upload_times, joined, go), daemon=True)
+                       for i in range(n)]
+            for t in threads:
+                t.start()
+            joined.wait(timeout=timeout)
+            rss_connected = read_kib(proc.pid, "VmRSS")
+            t0 = time.monotonic()
+            go.set()
+            for t in threads:
+                t.join(max(1.0, deadline - time.monotonic() + 5))
+            rss_peak = read_kib(proc.pid, "VmHWM")
+            updates = sum(r.uploads for r in results)
+            seconds = (max(upload_times) - t0) if upload_times else float("nan")
+            errors = sum(1 for r in results if r.error)
+            for r in results:
+                if r.error:
+                    print(f"  device error (N={n}): {r.error}", file=sys.stderr)
+                    break
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    return Row(n, rounds, updates, seconds, rss_start / 1024, rss_connected / 1024, rss_peak / 1024, errors)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--devices", default="10,50,200", help="comma-separated N values (default 10,50,200)")
+    ap.add_argument("--updates", type=int, default=400,
+                    help="updates per N: ceil(updates / N) rounds, so every N does the same work (default 400)")
+    ap.add_argument("--workers", type=int, default=4, help="server gRPC threads (default 4, the server's)")
+    ap.add_argument("--timeout", type=float, default=600, help="seconds allowed per N (default 600)")
+    ns = ap.parse_args(argv)
+    blob = make_blob()
+    ns_list = [int(x) for x in ns.devices.split(",") if x.strip()]
+    print(f"server ingest: {sum(int(np.prod(s)) for s in SHAPES.values()):,} shared float32 params, "
+          f"{len(blob) / 2**20:.2f} MiB per fp32 update, ~{ns.updates} updates per N, {ns.workers} server threads, "
+          f"{os.cpu_count()} cpus")
+    print(f"{'devices':>8} {'rounds':>7} {'updates':>8} {'seconds':>8} {'updates/s':>10} {'RSS idle MiB':>13} "
+          f"{'RSS joined MiB':>15} {'peak RSS MiB':>13} {'vs first':>9} {'errors':>7}")
+    first = None
+    for n in ns_list:
+        row = run_one(n, max(1, math.ceil(ns.updates / n)), ns.workers, blob, ns.timeout)
+        first = first or row.rss_peak_mib
+        rate = row.updates / row.seconds if row.seconds > 0 else float("nan")
+        growth = row.rss_peak_mib / first - 1
+        print(f"{row.devices:>8} {row.rounds:>7} {row.updates:>8} {row.seconds:>8.2f} {rate:>10.1f} "
+              f"{row.rss_start_mib:>13.1f} {row.rss_connected_mib:>15.1f} {row.rss_peak_mib:>13.1f} {growth:>+9.1%} "
+              f"{row.errors:>7}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
