@@ -120,6 +120,7 @@ class Coordinator:
         self._reported: set[int] = set()
         self._stopping = False
         self._blob: tuple[int, bytes] | None = None
+        self._token_hashes: dict[int, str] = {}  # auth runs on gRPC's serving thread: avoid the database there
         self.version, self.weights = self._recover(initial_weights)
         self._closed = state.count_rounds(st.CLOSED)
 
@@ -163,6 +164,7 @@ class Coordinator:
             raise BadToken("wrong enrollment token")
         token = secrets.token_urlsafe(32)
         dev = self.state.add_device(device_name or None, hash_token(token), self.clock())
+        self._token_hashes[dev.device_id] = dev.token_hash
         log.info("device %d joined%s", dev.device_id, f" as {device_name!r}" if device_name else "")
         return wire.JoinReply(device_id=dev.device_id, session_token=token)
 
@@ -174,10 +176,13 @@ class Coordinator:
             did = int(device_id)  # type: ignore[arg-type]
         except ValueError:
             raise BadToken(f"{wire.DEVICE_KEY} must be a decimal device id, got {device_id!r}") from None
-        dev = self.state.device(did) if 1 <= did <= st.INT63_MAX else None
-        if dev is None:
-            raise BadToken(f"device {did} is not enrolled")
-        if not hmac.compare_digest(dev.token_hash, hash_token(token)):
+        known = self._token_hashes.get(did)
+        if known is None:
+            dev = self.state.device(did) if 1 <= did <= st.INT63_MAX else None
+            if dev is None:
+                raise BadToken(f"device {did} is not enrolled")
+            known = self._token_hashes[did] = dev.token_hash
+        if not hmac.compare_digest(known, hash_token(token)):
             raise BadToken(f"wrong session token for device {did}")
         return did
 
