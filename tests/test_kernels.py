@@ -248,6 +248,19 @@ def check_avg_pool(dtype, rng):
         np.testing.assert_allclose(dx, ref, **tol(dtype))
 
 
+def check_window_helpers(dtype, rng):
+    """column_range / window_count against brute force over every output position."""
+    for w, kw, sw, pl in ((5, 2, 2, 0), (7, 3, 2, 1), (6, 3, 1, 2), (4, 2, 3, 1)):
+        ow = output_size(w, kw, sw, pl, pl)
+        for kj in range(kw):
+            inside = [j for j in range(ow) if 0 <= j * sw - pl + kj < w]
+            j0, j1 = pooling2d.column_range(kj, sw, pl, w, ow)
+            assert list(range(j0, j1)) == inside
+        for j in range(ow):
+            cols = sum(0 <= j * sw - pl + k < w for k in range(kw))
+            assert pooling2d.window_count(0, j, 1, kw, 1, sw, 0, pl, 1, w) == cols
+
+
 def check_global_max(dtype, rng):
     x = rng.permutation(60).reshape(6, 10).astype(dtype)
     out, idx = np.empty(6, dtype), np.empty(6, np.int32)
@@ -410,6 +423,8 @@ KERNEL_CHECKS: dict[str, Callable[[type, np.random.Generator], None]] = {
     "max_pool_backward": check_max_pool,
     "avg_pool_forward": check_avg_pool,
     "avg_pool_backward": check_avg_pool,
+    "column_range": check_window_helpers,
+    "window_count": check_window_helpers,
     "global_max_forward": check_global_max,
     "global_max_backward": check_global_max,
     "global_avg_forward": check_global_avg,

@@ -18,9 +18,22 @@ from .conv2d import REDUCE, output_size, resolve_padding, signatures
 WINDOW = "int64, int64, int64, int64, int64, int64"  # pool h, w, stride h, w, pad top, left
 
 
+@njit("UniTuple(int64, 2)(int64, int64, int64, int64, int64)", cache=True, nogil=True)
+def column_range(kj, sw, pl, w, ow):
+    """Output columns j whose window column j*sw - pl + kj lies inside [0, w)."""
+    off = kj - pl
+    j0 = 0 if off >= 0 else min((-off + sw - 1) // sw, ow)
+    j1 = min((w - 1 - off) // sw + 1, ow) if w - 1 - off >= 0 else 0
+    return j0, max(j0, j1)
+
+
 @njit(signatures("void({t}[:,:,::1], {t}[:,:,::1], int32[:,:,::1], " + WINDOW + ")"), cache=True, nogil=True)
 def max_pool_forward(x, out, idx, kh, kw, sh, sw, pt, pl):
-    """x (planes, H, W) -> out (planes, OH, OW) and idx = flat position of each max (-1: window all padding)."""
+    """x (planes, H, W) -> out (planes, OH, OW) and idx = flat position of each max (-1: window all padding).
+
+    Padding never wins (it is not visited); the first of equal maxima in row-major order wins.
+    The comparisons are selects, not branches: random data would mispredict half of them.
+    """
     planes, h, w = x.shape
     _, oh, ow = out.shape
     for q in range(planes):
@@ -30,15 +43,19 @@ def max_pool_forward(x, out, idx, kh, kw, sh, sw, pt, pl):
             for j in range(ow):
                 c0 = max(j * sw - pl, 0)
                 c1 = min(j * sw - pl + kw, w)
-                best = -np.inf
-                arg = -1
+                if r0 >= r1 or c0 >= c1:
+                    out[q, i, j] = 0.0
+                    idx[q, i, j] = -1
+                    continue
+                best = x[q, r0, c0]
+                arg = r0 * w + c0
                 for r in range(r0, r1):
                     for c in range(c0, c1):
                         v = x[q, r, c]
-                        if v > best or arg < 0:
-                            best = v
-                            arg = r * w + c
-                out[q, i, j] = best if arg >= 0 else 0.0
+                        gt = v > best
+                        best = v if gt else best
+                        arg = r * w + c if gt else arg
+                out[q, i, j] = best
                 idx[q, i, j] = arg
 
 
@@ -58,24 +75,31 @@ def max_pool_backward(dy, idx, dx):
                     dx[q, a // w, a % w] += dy[q, i, j]
 
 
+@njit("int64(int64, int64, int64, int64, int64, int64, int64, int64, int64, int64)", cache=True, nogil=True)
+def window_count(i, j, kh, kw, sh, sw, pt, pl, h, w):
+    """Real (non-padding) elements in the window of output (i, j)."""
+    rows = min(i * sh - pt + kh, h) - max(i * sh - pt, 0)
+    cols = min(j * sw - pl + kw, w) - max(j * sw - pl, 0)
+    return max(rows, 0) * max(cols, 0)
+
+
 @njit(signatures("void({t}[:,:,::1], {t}[:,:,::1], " + WINDOW + ")"), cache=True, nogil=True)
 def avg_pool_forward(x, out, kh, kw, sh, sw, pt, pl):
-    """Mean over the real elements of each window (padding is not counted)."""
+    """Mean over the real elements of each window (padding is not counted); row by row as max."""
     planes, h, w = x.shape
     _, oh, ow = out.shape
     for q in range(planes):
         for i in range(oh):
-            r0 = max(i * sh - pt, 0)
-            r1 = min(i * sh - pt + kh, h)
             for j in range(ow):
-                c0 = max(j * sw - pl, 0)
-                c1 = min(j * sw - pl + kw, w)
-                s = 0.0
-                for r in range(r0, r1):
-                    for c in range(c0, c1):
-                        s += x[q, r, c]
-                n = (r1 - r0) * (c1 - c0)
-                out[q, i, j] = s / n if n > 0 else 0.0
+                out[q, i, j] = 0.0
+            for r in range(max(i * sh - pt, 0), min(i * sh - pt + kh, h)):
+                for kj in range(kw):
+                    j0, j1 = column_range(kj, sw, pl, w, ow)
+                    for j in range(j0, j1):
+                        out[q, i, j] += x[q, r, j * sw - pl + kj]
+            for j in range(ow):
+                n = window_count(i, j, kh, kw, sh, sw, pt, pl, h, w)
+                out[q, i, j] = out[q, i, j] / n if n > 0 else 0.0
 
 
 @njit(signatures("void({t}[:,:,::1], {t}[:,:,::1], " + WINDOW + ")"), cache=True, nogil=True)
@@ -94,7 +118,7 @@ def avg_pool_backward(dy, dx, kh, kw, sh, sw, pt, pl):
                 c0 = max(j * sw - pl, 0)
                 c1 = min(j * sw - pl + kw, w)
                 n = (r1 - r0) * (c1 - c0)
-                if n == 0:
+                if r0 >= r1 or c0 >= c1:
                     continue
                 g = dy[q, i, j] / n
                 for r in range(r0, r1):
