@@ -1,0 +1,1 @@
+"""Generated gRPC stubs for proto/federation.proto (regenerate with `make proto`; see generate.py)."""
