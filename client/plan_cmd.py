@@ -9,7 +9,8 @@ from pathlib import Path
 
 from common.nn import ModelError, load_ini
 from common.nn.budget import format_size
-from common.nn.graph import Compiled, compile as compile_graph
+from common.nn.graph import Compiled
+from common.nn.graph import compile as compile_graph
 from common.nn.optim import Optimizer
 
 from .train_cmd import MEMORY_MODES
@@ -31,7 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def plan_rows(c: Compiled) -> list[dict]:
     rows = []
-    for t in c.tensors:
+    for i, t in enumerate(c.tensors):
         if t.external:
             continue
         g = c.groups[t.group]
@@ -39,7 +40,7 @@ def plan_rows(c: Compiled) -> list[dict]:
             "name": t.name, "role": t.role, "shape": list(t.shape), "bytes": t.nbytes,
             "touches": sorted(t.touches),
             "segments": [{"first": s.first, "last": s.last, "offset": s.offset} for s in g.segments],
-            "shares_with": [c.tensors[m].name for m in g.members if m != c.tensors.index(t)][:3],
+            "shares_with": [c.tensors[m].name for m in g.members if m != i],
         })
     return rows
 

@@ -1,7 +1,6 @@
 """Every memory mode computes the same numbers; swap cleans up; budgets choose or refuse."""
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap

@@ -10,5 +10,6 @@ from .trainer import DataError, EvalResult, FitResult, MemoryReport, Trainer, We
 __all__ = [
     "BudgetError", "DataError", "EvalResult", "FitResult", "LayerSpec", "MemoryReport", "ModelError",
     "ModelSpec", "OptimizerSpec", "SchedulerSpec", "Trainer", "WeightError", "WeightSpec", "compile",
-    "init_weights", "load_ini", "output_size", "rss", "parse_ini", "parse_size", "save_ini", "to_ini", "warmup", "weight_specs",
+    "init_weights", "load_ini", "output_size", "rss", "parse_ini", "parse_size", "save_ini", "to_ini", "warmup",
+    "weight_specs",
 ]

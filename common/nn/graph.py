@@ -14,7 +14,7 @@ import numpy as np
 from . import layers as _layers  # noqa: F401  (fills LAYERS)
 from .init import initialize
 from .layers.activation import Activation
-from .layers.base import LAYERS, InitContext, Layer, RunContext, Shape, WeightRequest
+from .layers.base import LAYERS, InitContext, Layer, RunContext, Shape
 from .layers.loss import CrossEntropyLoss, MSELoss
 from .order import ExecOrder, Life, assign, num_steps, touches
 from .planner import PLANNERS, Plan, Usage, aligned, lower_bound
@@ -180,7 +180,7 @@ def _expand(spec: ModelSpec) -> tuple[list[Node], dict[str, int]]:
                 nodes.pop()
                 last = nodes[-1]
             elif fn not in (None, "none"):
-                raise ModelError(last.spec_name, "activation", f"Loss = cross needs a softmax last activation, got {fn}")
+                raise ModelError(last.spec_name, "activation", f"Loss = cross needs softmax last, not {fn}")
         loss_layer: Layer = CrossEntropyLoss(LayerSpec("loss", "flatten"))
     else:
         loss_layer = MSELoss(LayerSpec("loss", "flatten"))
@@ -360,7 +360,7 @@ def compile(  # noqa: A001  (the graph's one verb)
     # Activations: written at the producer's forward, read by each consumer's forward and by whoever
     # needs them again in backward.
     out_idx: list[int] = []
-    for ni, n in enumerate(nodes):
+    for n in nodes:
         t = {n.order.forward} | set(touches(runs(n, n.ctx.output_life), n.order))
         for ci, _ in n.consumers:
             c = nodes[ci]
@@ -546,9 +546,3 @@ def output_size(spec: ModelSpec) -> int:
 
 def param_count(spec: ModelSpec) -> int:
     return sum(math.prod(w.shape) for w in weight_specs(spec).values())
-
-
-def weight_request_of(compiled: Compiled, name: str) -> WeightRequest:
-    node = compiled.nodes[compiled.weight_owner[name]]
-    short = name.split(".", 1)[1]
-    return next(w for w in node.ctx.weights if w.name == short)

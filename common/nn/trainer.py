@@ -16,7 +16,8 @@ import numpy as np
 
 from . import rss
 from .budget import Choice, choose, parse_size
-from .graph import Compiled, compile as compile_graph, init_weights
+from .graph import Compiled, init_weights
+from .graph import compile as compile_graph
 from .optim import Optimizer, learning_rate
 from .spec import ModelSpec
 from .swap import SwapItem, Swapper, swap_schedule
