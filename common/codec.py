@@ -1,12 +1,17 @@
 """Delta codecs: how a device turns a float32 weight delta into the bytes it uploads.
 
-A codec name is `<base>[:<param>][+<compressor>]`, e.g. "fp32", "fp16", "int8", "topk:0.05",
-"topk:0.01+zstd". Every payload starts with a small header (magic, codec kind, element count), so
-decoding a payload of the wrong codec or the wrong shape is an error, never silent garbage.
+A codec name is `<base>[:<param>][+<compressor>]`, e.g. "fp32", "fp16", "int8", "int4", "int2",
+"topk:0.05", "topk:0.01+zstd". Every payload starts with a small header (magic, codec kind, element
+count), so decoding a payload of the wrong codec or the wrong shape is an error, never silent garbage.
 
-Error feedback: codecs that drop information on purpose (top-k) return the part they did not
-send as a residual; the device keeps it and adds it to the next round's delta. The other codecs
-fold a residual passed in (e.g. left over from an earlier top-k round) into what they send and
+  fp32, fp16   raw values (fp16 refuses values beyond its range)
+  int8/4/2     per-chunk (256) scale max|x| / L, L = 127 / 7 / 1; stochastic rounding from a
+               counter-based RNG seeded by the caller (device, round, tensor): unbiased, |error| < scale
+  topk:F       the ceil(F * n) largest |x| as float32 values + LEB128 index gaps
+
+Error feedback: the lossy-on-purpose codecs (int4, int2, top-k) return what they did not send as
+a residual; the device keeps it and adds it to the next round's delta. The others fold a residual
+passed in (e.g. left over from an earlier round with another codec) into what they send and
 return None.
 """
 
@@ -108,20 +113,97 @@ def _int8_dequantize(q, scales, chunk, out):
         out[i] = np.float32(q[i]) * scales[i // chunk]
 
 
-@njit("int64(uint64[::1], int64)", cache=True, nogil=True)
-def _gaps_to_indices(gaps, n):
-    """In place: gaps -> absolute indices. Returns -1 unless strictly increasing and all < n."""
-    pos = np.int64(-1)
-    for j in range(gaps.shape[0]):
-        g = gaps[j]
-        if j > 0 and g == np.uint64(0):
+@njit("void(float32[::1], int64, int64, int64, uint64, uint8[::1], float32[::1])", cache=True, nogil=True)
+def _packed_quantize(x, chunk, bits, levels, seed, packed, scales):
+    """Low-bit version of _int8_quantize: q in [-levels, levels] stored as q + levels in `bits` bits,
+    8 // bits values per byte, lowest bits first."""
+    n = x.shape[0]
+    vpb = 8 // bits
+    for j in range(packed.shape[0]):
+        packed[j] = 0
+    for c in range(scales.shape[0]):
+        lo = c * chunk
+        hi = min(lo + chunk, n)
+        amax = 0.0
+        for i in range(lo, hi):
+            a = abs(np.float64(x[i]))
+            if a > amax:
+                amax = a
+        scale = np.float32(amax / levels)
+        scales[c] = scale
+        inv = 1.0 / np.float64(scale) if scale != 0.0 else 0.0
+        for i in range(lo, hi):
+            v = math.floor(np.float64(x[i]) * inv + _uniform01(seed, i)) if scale != 0.0 else 0.0
+            if v > levels:
+                v = levels
+            elif v < -levels:
+                v = -levels
+            code = np.int64(v) + levels
+            packed[i // vpb] |= np.uint8(code << ((i % vpb) * bits))
+
+
+@njit("int64(uint8[::1], float32[::1], int64, int64, int64, float32[::1])", cache=True, nogil=True)
+def _packed_dequantize(packed, scales, chunk, bits, levels, out):
+    """Inverse of _packed_quantize; returns -1 on a code above 2 * levels or non-zero padding bits."""
+    n = out.shape[0]
+    vpb = 8 // bits
+    mask = (1 << bits) - 1
+    for i in range(packed.shape[0] * vpb):
+        code = (np.int64(packed[i // vpb]) >> ((i % vpb) * bits)) & mask
+        if i >= n:
+            if code != 0:
+                return -1
+            continue
+        if code > 2 * levels:
             return -1
-        if g >= np.uint64(n):
+        out[i] = np.float32(code - levels) * scales[i // chunk]
+    return 0
+
+
+@njit("int64(int64[::1], uint8[::1])", cache=True, nogil=True)
+def _varint_gaps_encode(idx, out):
+    """Sorted indices -> LEB128 varints of their gaps (first gap from 0) in `out`; returns bytes used."""
+    pos = 0
+    prev = np.int64(0)
+    for j in range(idx.shape[0]):
+        g = np.uint64(idx[j] - prev)
+        prev = idx[j]
+        while g >= np.uint64(0x80):
+            out[pos] = np.uint8((g & np.uint64(0x7F)) | np.uint64(0x80))
+            g >>= np.uint64(7)
+            pos += 1
+        out[pos] = np.uint8(g)
+        pos += 1
+    return pos
+
+
+@njit("int64(uint8[::1], int64, int64[::1])", cache=True, nogil=True)
+def _varint_gaps_decode(buf, n, idx):
+    """LEB128 gaps -> indices in `idx`. Returns 0, or -1 if the stream is malformed, does not hold
+    exactly len(idx) varints, or the indices are not strictly increasing and below n."""
+    pos = 0
+    size = buf.shape[0]
+    cur = np.int64(-1)
+    for j in range(idx.shape[0]):
+        g = np.uint64(0)
+        shift = np.uint64(0)
+        while True:
+            if pos >= size or shift > np.uint64(56):
+                return -1
+            b = np.uint64(buf[pos])
+            pos += 1
+            g |= (b & np.uint64(0x7F)) << shift
+            if b < np.uint64(0x80):
+                break
+            shift += np.uint64(7)
+        if g >= np.uint64(n) or (j > 0 and g == np.uint64(0)):
             return -1
-        pos = pos + np.int64(g) if j > 0 else np.int64(g)
-        if pos >= n:
+        cur = np.int64(g) if j == 0 else cur + np.int64(g)
+        if cur >= n:
             return -1
-        gaps[j] = np.uint64(pos)
+        idx[j] = cur
+    if pos != size:
+        return -1
     return 0
 
 
@@ -186,8 +268,50 @@ def _dec_int8(body: memoryview, n: int, param: float | None) -> np.ndarray:
     return out
 
 
-_TOPK_HEADER = struct.Struct("<QB")  # k, index gap width in bytes
-_GAP_DTYPES = {1: "<u1", 2: "<u2", 4: "<u4", 8: "<u8"}
+LOWBIT_CHUNK = 256
+
+
+def _lowbit(bits: int) -> tuple[Callable, Callable]:
+    """intB codecs (B = 4 or 2): per-chunk scale amax / (2^(B-1) - 1), stochastic rounding, packed."""
+    levels = (1 << (bits - 1)) - 1
+    vpb = 8 // bits
+
+    def enc(x: np.ndarray, param: float | None, seed: int) -> bytes:
+        n = x.size
+        scales = np.empty(-(-n // LOWBIT_CHUNK), np.float32)
+        packed = np.empty(-(-n // vpb), np.uint8)
+        _packed_quantize(x, LOWBIT_CHUNK, bits, levels, np.uint64(seed), packed, scales)
+        return struct.pack("<I", LOWBIT_CHUNK) + scales.astype("<f4").tobytes() + packed.tobytes()
+
+    def dec(body: memoryview, n: int, param: float | None) -> np.ndarray:
+        name = f"int{bits}"
+        if len(body) < 4:
+            raise CodecError(f"{name} payload is too short for its chunk size")
+        (chunk,) = struct.unpack_from("<I", body, 0)
+        if chunk <= 0:
+            raise CodecError(f"{name} payload has a bad chunk size {chunk}")
+        nchunks = -(-n // chunk)
+        nbytes = -(-n // vpb)
+        expected = 4 + 4 * nchunks + nbytes
+        if len(body) != expected:
+            raise CodecError(f"{name} payload has {len(body)} bytes, expected {expected}")
+        scales = np.frombuffer(body, dtype="<f4", count=nchunks, offset=4).astype(np.float32)
+        if not np.isfinite(scales).all() or (scales < 0).any():
+            raise CodecError(f"{name} payload has non-finite or negative scales")
+        packed = np.frombuffer(body, dtype=np.uint8, count=nbytes, offset=4 + 4 * nchunks).copy()
+        out = np.empty(n, np.float32)
+        if _packed_dequantize(packed, scales, chunk, bits, levels, out) != 0:
+            raise CodecError(f"{name} payload has out-of-range codes or non-zero padding")
+        return out
+
+    return enc, dec
+
+
+_enc_int4, _dec_int4 = _lowbit(4)
+_enc_int2, _dec_int2 = _lowbit(2)
+
+
+_TOPK_HEADER = struct.Struct("<Q")  # k; then k float32 values, then k LEB128 index gaps
 
 
 def topk_count(n: int, fraction: float) -> int:
@@ -202,39 +326,30 @@ def _enc_topk(x: np.ndarray, param: float | None, seed: int) -> bytes:
     if k == n:
         idx = np.arange(n, dtype=np.int64)
     else:
-        idx = np.argpartition(np.abs(x), n - k)[n - k :]
+        idx = np.argpartition(np.abs(x), n - k)[n - k :].astype(np.int64)
         idx.sort()
-    gaps = np.diff(idx, prepend=0) if k else idx
-    width = 8
-    for w in (1, 2, 4):
-        if k == 0 or int(gaps.max()) < (1 << (8 * w)):
-            width = w
-            break
-    return (
-        _TOPK_HEADER.pack(k, width)
-        + gaps.astype(_GAP_DTYPES[width]).tobytes()
-        + x[idx].astype("<f4").tobytes()
-    )
+    gaps = np.empty(10 * k, np.uint8)
+    used = _varint_gaps_encode(idx, gaps)
+    return _TOPK_HEADER.pack(k) + x[idx].astype("<f4").tobytes() + gaps[:used].tobytes()
 
 
 def _dec_topk(body: memoryview, n: int, param: float | None) -> np.ndarray:
     if len(body) < _TOPK_HEADER.size:
         raise CodecError("topk payload is too short for its header")
-    k, width = _TOPK_HEADER.unpack_from(body, 0)
-    if width not in _GAP_DTYPES:
-        raise CodecError(f"topk payload has a bad index width {width}")
+    (k,) = _TOPK_HEADER.unpack_from(body, 0)
     if k > n:
         raise CodecError(f"topk payload claims {k} entries for {n} elements")
-    expected = _TOPK_HEADER.size + k * (width + 4)
-    if len(body) != expected:
-        raise CodecError(f"topk payload has {len(body)} bytes, expected {expected}")
     off = _TOPK_HEADER.size
-    idx = np.frombuffer(body, dtype=_GAP_DTYPES[width], count=k, offset=off).astype(np.uint64)
-    vals = np.frombuffer(body, dtype="<f4", count=k, offset=off + k * width).astype(np.float32)
-    if _gaps_to_indices(idx, n) != 0:
-        raise CodecError("topk payload has indices that are out of range or not strictly increasing")
+    if len(body) < off + 4 * k + k:
+        raise CodecError(f"topk payload has {len(body)} bytes, too few for {k} entries")
+    vals = np.frombuffer(body, dtype="<f4", count=k, offset=off).astype(np.float32)
+    gaps = np.frombuffer(body, dtype=np.uint8, offset=off + 4 * k).copy()
+    idx = np.empty(k, np.int64)
+    if _varint_gaps_decode(gaps, n, idx) != 0:
+        raise CodecError("topk payload has malformed indices: truncated, trailing bytes, out of range "
+                         "or not strictly increasing")
     out = np.zeros(n, np.float32)
-    out[idx.astype(np.int64)] = vals
+    out[idx] = vals
     return out
 
 
@@ -252,6 +367,8 @@ CODECS: dict[str, _Base] = {
     "fp16": _Base(2, _enc_fp16, _dec_fp16, error_feedback=False),
     "int8": _Base(3, _enc_int8, _dec_int8, error_feedback=False),
     "topk": _Base(4, _enc_topk, _dec_topk, error_feedback=True, needs_param=True),
+    "int4": _Base(5, _enc_int4, _dec_int4, error_feedback=True),
+    "int2": _Base(6, _enc_int2, _dec_int2, error_feedback=True),
 }
 
 

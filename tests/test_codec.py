@@ -11,7 +11,7 @@ import zstandard
 from common import codec
 from common.codec import CODECS, CodecError, decode, encode, parse_codec
 
-NAMES = ["fp32", "fp16", "int8", "topk:0.05", "topk:0.3", "topk:1"]
+NAMES = ["fp32", "fp16", "int8", "int4", "int2", "topk:0.05", "topk:0.3", "topk:1"]
 ALL = NAMES + [n + "+zstd" for n in NAMES] + ["int8+zlib", "topk:0.01+zlib"]
 SHAPES = [(0,), (1,), (7,), (3, 5), (255,), (257,), (4, 3, 3, 3), (2000,)]
 
@@ -24,17 +24,21 @@ def _delta(shape, seed=0):
     return x
 
 
-def _int8_scales(x: np.ndarray) -> np.ndarray:
+def _int8_scales(x: np.ndarray, levels: int = 127) -> np.ndarray:
+    """Each element's quantization step: its chunk's max |x| / levels (chunks of 256)."""
     flat = x.reshape(-1).astype(np.float64)
     out = np.empty(flat.size)
     for lo in range(0, flat.size, codec.INT8_CHUNK):
         hi = min(lo + codec.INT8_CHUNK, flat.size)
-        out[lo:hi] = np.abs(flat[lo:hi]).max() / 127.0
+        out[lo:hi] = np.abs(flat[lo:hi]).max() / levels
     return out.reshape(x.shape)
 
 
+LEVELS = {"int8": 127, "int4": 7, "int2": 1}
+
+
 def test_registry_names_parse():
-    assert set(CODECS) == {"fp32", "fp16", "int8", "topk"}
+    assert set(CODECS) == {"fp32", "fp16", "int8", "int4", "int2", "topk"}
     assert parse_codec("topk:0.01+zstd") == codec.CodecSpec("topk", 0.01, "zstd")
     assert parse_codec("INT8").name == "int8"
     assert parse_codec("topk:0.05+zlib").name == "topk:0.05+zlib"
@@ -63,6 +67,13 @@ def test_round_trip_within_stated_bound(name, shape):
     elif base == "int8":
         assert (np.abs(y - x) <= _int8_scales(x) * (1 + 1e-6) + 1e-12).all()
         assert residual is None
+    elif base in ("int4", "int2"):
+        step = _int8_scales(x, LEVELS[base])
+        assert (np.abs(y - x) <= step * (1 + 1e-6) + 1e-12).all()
+        assert len(np.unique(y.reshape(-1)[:256])) <= 2 * LEVELS[base] + 1
+        # error feedback: sent + carried = input (up to float32 rounding of the subtraction)
+        assert residual is not None and residual.shape == shape
+        np.testing.assert_allclose(y + residual, x, rtol=0, atol=1e-7)
     else:
         # top-k: what was sent plus what is carried is exactly the input, and the sent part is the largest
         assert residual is not None and residual.shape == shape
@@ -82,10 +93,11 @@ def test_encoding_is_deterministic_in_its_seed():
     assert a == b and a != c
 
 
-def test_int8_stochastic_rounding_is_unbiased():
+@pytest.mark.parametrize("name", ["int8", "int4", "int2"])
+def test_stochastic_rounding_is_unbiased(name):
     x = _delta((512,), seed=3)
-    mean = np.mean([decode("int8", encode("int8", x, None, rng_seed=s)[0], x.shape) for s in range(400)], axis=0)
-    scales = _int8_scales(x)
+    mean = np.mean([decode(name, encode(name, x, None, rng_seed=s)[0], x.shape) for s in range(400)], axis=0)
+    scales = _int8_scales(x, LEVELS[name])
     # each sample has |error| < scale; the mean of 400 independent ones is within a few scale/sqrt(400)
     assert (np.abs(mean - x) <= 0.25 * scales + 1e-12).all()
 
@@ -142,6 +154,8 @@ def test_compression_ratios():
     fp32 = len(encode("fp32", x)[0])
     assert len(encode("fp16", x)[0]) < 0.51 * fp32
     assert len(encode("int8", x)[0]) < 0.26 * fp32
+    assert len(encode("int4", x)[0]) < 0.14 * fp32
+    assert len(encode("int2", x)[0]) < 0.08 * fp32
     assert len(encode("topk:0.01+zstd", x)[0]) < fp32 / 20
 
 
@@ -203,25 +217,57 @@ def test_corrupted_values_raise():
         decode("int8", bytes(payload), x.shape)
 
 
+def _topk_payload(n: int, gaps: bytes, k: int, values: np.ndarray | None = None) -> bytes:
+    """A hand-made top-k payload: header, k, k float32 values, then the given index-gap bytes."""
+    vals = np.ones(k, np.float32) if values is None else values
+    return (codec._HEADER.pack(codec.MAGIC, CODECS["topk"].kind, n) + codec._TOPK_HEADER.pack(k)
+            + vals.astype("<f4").tobytes() + gaps)
+
+
+def test_topk_payload_layout_is_what_we_think():
+    good = _topk_payload(1000, bytes([5, 1, 0x81, 0x01]), 3)  # indices 5, 6, 6 + 129 = 135
+    y = decode("topk:0.01", good, (1000,))
+    assert list(np.flatnonzero(y)) == [5, 6, 135]
+    x = np.zeros(1000, np.float32)
+    x[[5, 6, 135]] = 1.0
+    assert encode("topk:0.003", x)[0] == good
+
+
+@pytest.mark.parametrize("name, bad_byte", [("int2", 0xFF), ("int4", 0xFF)])
+def test_lowbit_invalid_codes_and_padding_raise(name, bad_byte):
+    x = _delta((9,))  # 9 values: the last byte has padding
+    payload = bytearray(encode(name, x)[0])
+    payload[-2] = bad_byte  # int2: code 3 / int4: code 15 are never produced
+    with pytest.raises(CodecError, match="out-of-range codes"):
+        decode(name, bytes(payload), x.shape)
+    payload = bytearray(encode(name, x)[0])
+    payload[-1] |= 0x80  # a padding bit
+    with pytest.raises(CodecError, match="padding"):
+        decode(name, bytes(payload), x.shape)
+
+
 def test_bad_topk_indices_raise():
     n = 1000
-    x = _delta((n,))
-    payload, _ = encode("topk:0.01", x)
-    header = codec._HEADER.size
-    k, width = codec._TOPK_HEADER.unpack_from(payload, header)
-    assert k == 10 and width == 2
-    gaps_at = header + codec._TOPK_HEADER.size
-    repeated = bytearray(payload)
-    repeated[gaps_at + 2 : gaps_at + 4] = struct.pack("<H", 0)  # a repeated index
-    out_of_range = bytearray(payload)
-    out_of_range[gaps_at + 2 * (k - 1) : gaps_at + 2 * k] = struct.pack("<H", 60000)
-    bad_width = bytearray(payload)
-    bad_width[header + 8] = 3
-    too_many = bytearray(payload)
-    too_many[header : header + 8] = struct.pack("<Q", 2000)
-    for bad, match in [(repeated, "increasing"), (out_of_range, "range"), (bad_width, "width"), (too_many, "claims")]:
+    cases = [
+        (_topk_payload(n, bytes([5, 0, 3]), 3), "malformed"),  # repeated index
+        (_topk_payload(n, bytes([0xE7, 0x07]), 1), "malformed"),  # index 999 is fine ...
+        (_topk_payload(n, bytes([0xE8, 0x07]), 1), "malformed"),  # ... index 1000 is out of range
+        (_topk_payload(n, bytes([100, 0xFF, 0x07]), 2), "malformed"),  # 100 + 1023 out of range
+        (_topk_payload(n, bytes([5, 0x81]), 2), "malformed"),  # varint cut short
+        (_topk_payload(n, bytes([5, 6, 7]), 2), "malformed"),  # trailing byte
+        (_topk_payload(n, bytes([0x80] * 11), 1), "malformed"),  # varint too long
+        (_topk_payload(n, bytes([5]), 2), "too few"),
+        (_topk_payload(n, bytes(2000), 2000), "claims"),
+    ]
+    for i, (payload, match) in enumerate(cases):
+        if i == 1:
+            assert np.flatnonzero(decode("topk:0.01", payload, (n,))).tolist() == [999]
+            continue
         with pytest.raises(CodecError, match=match):
-            decode("topk:0.01", bytes(bad), (n,))
+            decode("topk:0.01", payload, (n,))
+    nan = _topk_payload(n, bytes([5]), 1, np.array([np.nan], np.float32))
+    with pytest.raises(CodecError, match="non-finite"):
+        decode("topk:0.01", nan, (n,))
 
 
 def test_corrupted_and_oversized_compressed_frames_raise():
