@@ -237,11 +237,23 @@ class Agent:
         return wire.arrays_from_blob(blob)
 
     def upload(self, header: wire.UpdateHeader, blob: bytes) -> wire.UploadReply:
+        """Send header + chunks; retried on UNAVAILABLE. If a retry finds the update already
+        reported, an earlier attempt got through (only its reply was lost): that counts as accepted."""
         stub = self._connect()
+        attempts = 0
 
         def call() -> pb.UploadReply:
-            return stub.UploadUpdate(wire.upload_messages(header, blob), metadata=self._metadata(),
-                                     timeout=RPC_TIMEOUT)
+            nonlocal attempts
+            attempts += 1
+            try:
+                return stub.UploadUpdate(wire.upload_messages(header, blob), metadata=self._metadata(),
+                                         timeout=RPC_TIMEOUT)
+            except grpc.RpcError as exc:
+                if (attempts > 1 and exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                        and (exc.details() or "").startswith("AlreadyReported")):
+                    log.info("round %d: an earlier upload attempt was accepted", header.round_id)
+                    return pb.UploadReply(accepted=True, message="accepted by an earlier attempt")
+                raise
 
         return wire.upload_reply_from_proto(self._retry("UploadUpdate", call))
 
@@ -261,9 +273,13 @@ class Agent:
             num_classes = last.unit if last.type == "fully_connected" else None
             if first.input_shape is not None:
                 check_against_model(self.data, first.input_shape, num_classes, str(self.cfg.data))
-            swap_dir = str(self.cfg.state / "swap") if self.cfg.memory == "swap" else None
+            swap_dir = None
+            if self.cfg.memory == "swap" or self.cfg.memory_budget is not None:
+                swap_dir = self.cfg.state / "swap"
+                swap_dir.mkdir(parents=True, exist_ok=True)
             trainer = Trainer(spec, memory=self.cfg.memory, memory_budget=self.cfg.memory_budget,
-                              seed=codecs.derive_seed(self.state.name) & 0x7FFFFFFF, swap_dir=swap_dir)
+                              seed=codecs.derive_seed(self.state.name) & 0x7FFFFFFF,
+                              swap_dir=str(swap_dir) if swap_dir else None)
             self._models[key] = (spec, trainer)
         return self._models[key]
 
