@@ -468,7 +468,7 @@ def _sim_parser() -> argparse.ArgumentParser:
     p.add_argument("--codec", default="fp32", help="delta codec: fp32|fp16|int8|topk:F, optional +zstd")
     p.add_argument("--seed", type=int, default=0, help="seed of the partition, the server and the baselines")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration (smaller: more skew)")
-    p.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (default 2)")
+    p.add_argument("--local-epochs", type=int, default=5, help="local epochs per round (default 5)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="model INI (default: digits_cnn_personal.ini)")
     p.add_argument("--strategy", default="fedavg", choices=("fedavg", "fedavgm", "fedadam"))
     p.add_argument("--server-lr", type=float, default=None, help="server learning rate (fedavgm/fedadam)")
