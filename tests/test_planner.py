@@ -60,3 +60,24 @@ def test_arena_views_are_aligned_and_bounded():
     assert v.ctypes.data % 64 == 0 and v.shape == (4, 8)
     with pytest.raises(IndexError):
         arena.view(4000, (100,), np.float32)
+
+
+BENCH_NETS = [("mlp.ini", 64), ("lenet5.ini", 32), ("vgg_small.ini", 32), ("vgg_small_frozen.ini", 32),
+              ("digits_cnn.ini", 32)]
+
+
+@pytest.mark.parametrize("model,batch", BENCH_NETS)
+@pytest.mark.parametrize("mode", ["planned", "swap"])
+def test_real_nets_plans_are_valid_and_near_the_lower_bound(model, batch, mode):
+    from pathlib import Path
+
+    from common.nn import load_ini
+    from common.nn.graph import compile as compile_graph
+    from common.nn.optim import Optimizer
+
+    spec = load_ini(Path(__file__).resolve().parent.parent / "common" / "models" / model)
+    c = compile_graph(spec, batch, mode=mode, optimizer_slots=Optimizer(spec.optimizer).slots, allocate=False)
+    usages = [Usage(g.nbytes, s.first, s.last) for g in c.groups for s in g.segments]
+    assert overlaps_exhaustively(usages, c.plan) == []
+    assert c.plan.total <= 1.05 * c.lower_bound_bytes
+    assert c.plan.total < c.naive_bytes

@@ -7,6 +7,7 @@ aligned for numba and BLAS.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -44,9 +45,8 @@ def naive(usages: Sequence[Usage], align: int = ALIGN) -> Plan:
     return Plan(tuple(offsets), top, "naive")
 
 
-def greedy_by_size(usages: Sequence[Usage], align: int = ALIGN) -> Plan:
-    """Largest first; each into the smallest gap between placed, time-overlapping usages (best fit)."""
-    order = sorted(range(len(usages)), key=lambda i: (-usages[i].size, usages[i].first, i))
+def _best_fit(usages: Sequence[Usage], order: Sequence[int], align: int) -> tuple[list[int], int]:
+    """Place usages in `order`, each into the smallest gap between placed, time-overlapping usages."""
     offsets = [0] * len(usages)
     placed: list[int] = []
     total = 0
@@ -67,7 +67,50 @@ def greedy_by_size(usages: Sequence[Usage], align: int = ALIGN) -> Plan:
         offsets[i] = cursor if best is None else best
         placed.append(i)
         total = max(total, offsets[i] + size)
-    return Plan(tuple(offsets), total, "greedy_by_size")
+    return offsets, total
+
+
+def _breadth_order(usages: Sequence[Usage]) -> list[int]:
+    """Steps with the most live bytes first; within a step, its usages largest first (TFLite's breadth)."""
+    steps = sorted({t for u in usages for t in (u.first, u.last)})
+    live = {t: [i for i, u in enumerate(usages) if u.first <= t <= u.last] for t in steps}
+    breadth = sorted(steps, key=lambda t: -sum(usages[i].size for i in live[t]))
+    seen: set[int] = set()
+    order = []
+    for t in breadth:
+        for i in sorted(live[t], key=lambda i: -usages[i].size):
+            if i not in seen:
+                seen.add(i)
+                order.append(i)
+    return order
+
+
+def greedy_by_size(usages: Sequence[Usage], align: int = ALIGN, tries: int = 64) -> Plan:
+    """Best fit, largest first (TFLite's greedy-by-size), also tried with other tie-breaks, in
+    breadth order and with seeded jitter on the sizes; the smallest arena wins (stops early at the
+    lower bound). Each try is O(n^2) over a few hundred buffers."""
+    n = range(len(usages))
+    floor = lower_bound(usages, align)
+    orders = [
+        sorted(n, key=lambda i: (-usages[i].size, usages[i].first, i)),
+        sorted(n, key=lambda i: (-usages[i].size, usages[i].first - usages[i].last, i)),
+        sorted(n, key=lambda i: (-usages[i].size * (usages[i].last - usages[i].first + 1), i)),
+        _breadth_order(usages),
+    ]
+    rng = random.Random(len(usages))
+    best: tuple[list[int], int] | None = None
+    for k in range(len(orders) + tries):
+        if k < len(orders):
+            order = orders[k]
+        else:
+            order = sorted(n, key=lambda i: (-usages[i].size * rng.uniform(0.5, 1.5), i))
+        result = _best_fit(usages, order, align)
+        if best is None or result[1] < best[1]:
+            best = result
+        if best[1] <= floor:
+            break
+    assert best is not None
+    return Plan(tuple(best[0]), best[1], "greedy_by_size")
 
 
 def lower_bound(usages: Sequence[Usage], align: int = ALIGN) -> int:
