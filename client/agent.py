@@ -113,6 +113,9 @@ class Agent:
         self._rng = random.Random(self.state.name)  # jitter only
         self._last_final_version = -1
         self._final_global: float | None = None
+        self._final_personalized: float | None = None
+        self._final_epochs = 0
+        self._last_training: tuple[int, int, float | None] | None = None
         model_path = self.cfg.state / MODEL_FILE
         self._last_model_ini = model_path.read_text() if model_path.exists() else ""
 
@@ -310,6 +313,7 @@ class Agent:
         epochs = self.cfg.local_epochs or cfg.local_epochs or spec.epochs
         batch = cfg.batch_size or spec.batch_size
         lr = cfg.learning_rate or None
+        self._last_training = (epochs, batch, lr)
         r, v = task.round_id, task.base_version
         log.info("round %d: training from base v%d (%d shared tensors, personal layers %s, codec %s, %d epochs)",
                  r, v, len(shared), sorted(personal) or "none", codec_name, epochs)
@@ -400,18 +404,34 @@ class Agent:
                  r, len(blob), glob.accuracy, pers.accuracy, reply.updates_in_round)
         return True
 
-    def evaluate_final(self, task: wire.Task) -> None:
-        """After DONE: the final base (with this device's local tensors) on the held-out split."""
+    def finalize(self, task: wire.Task) -> None:
+        """After DONE: evaluate the final base (with this device's local tensors) on the held-out split,
+        then personalize it with one more local training (same epochs as a round, nothing uploaded)
+        and evaluate that. The personalized local tensors are kept in --state."""
         model_ini = task.model_ini or self._last_model_ini
-        if not model_ini or task.base_version <= 0 or not self.state.history:
+        v = task.base_version
+        if not model_ini or v <= 0 or not self.state.history:
             return
         try:
             spec, trainer = self._model(model_ini)
-            base = self.download(task.base_version)
+            base = self.download(v)
             trainer.set_weights(overlay(self._initial_weights(spec), base, self.state.local), strict=False)
             self._final_global = float(trainer.evaluate(self.data.x_test, self.data.y_test).accuracy)
-            self._last_final_version = task.base_version
-            log.info("final base v%d: accuracy %.3f on the held-out split", task.base_version, self._final_global)
+            self._last_final_version = v
+            epochs, batch, lr = self._last_training or (self.cfg.local_epochs or spec.epochs, spec.batch_size, None)
+            if self.stop.is_set():
+                raise Stopped
+            trainer.fit(self.data.x, self.data.y, epochs=epochs, batch_size=batch, shuffle=True, learning_rate=lr,
+                        seed=codecs.derive_seed(self.state.device_id, "final", v) & 0x7FFFFFFF)
+            if self.stop.is_set():
+                raise Stopped
+            self._final_personalized = float(trainer.evaluate(self.data.x_test, self.data.y_test).accuracy)
+            self._final_epochs = int(epochs)
+            _, local = split_weights(trainer.get_weights(), base)
+            self.state.local = local
+            self.store.save(self.state)
+            log.info("final base v%d: accuracy %.3f; personalized with %d local epochs: %.3f", v,
+                     self._final_global, epochs, self._final_personalized)
         except (grpc.RpcError, AgentError, ValueError) as exc:
             log.warning("could not evaluate the final model: %s", exc)
 
@@ -429,6 +449,9 @@ class Agent:
         if self._final_global is not None:
             extra["final_global_accuracy"] = self._final_global
             extra["final_version"] = self._last_final_version
+        if self._final_personalized is not None:
+            extra["final_personalized_accuracy"] = self._final_personalized
+            extra["final_epochs"] = self._final_epochs
         return report_dict(self.state, extra)
 
     def write_report(self, finished: bool = False, reason: str = "") -> dict[str, Any]:
@@ -448,7 +471,7 @@ class Agent:
                 task = self.get_task()
                 if task.kind == wire.TaskKind.DONE:
                     log.info("the federation is done")
-                    self.evaluate_final(task)
+                    self.finalize(task)
                     reason = "done"
                     break
                 if task.kind == wire.TaskKind.WAIT:

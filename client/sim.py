@@ -262,8 +262,9 @@ def device_rows(reports: list[dict[str, Any] | None], baselines: list[dict[str, 
             "test_examples": rep.get("test_examples"),
             "rounds_trained": rep.get("rounds_trained", 0),
             "global_accuracy": glob,
-            "personalized_accuracy": rep.get("personalized_accuracy"),
+            "personalized_accuracy": rep.get("final_personalized_accuracy", rep.get("personalized_accuracy")),
             "local_only_accuracy": base.get("accuracy") if base else None,
+            "local_only_epochs": base.get("epochs") if base else None,
             "bytes_up": rep.get("bytes_up", 0),
             "bytes_down": rep.get("bytes_down", 0),
             "peak_rss_bytes": rep.get("peak_rss_bytes"),
@@ -409,7 +410,8 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
     from client.personal import PersonalStore
 
     reports = [PersonalStore(work / "devices" / str(i)).read_report() for i in range(args.devices)]
-    epochs = [(r or {}).get("epochs_trained") or args.rounds * args.local_epochs for r in reports]
+    epochs = [((r or {}).get("epochs_trained") or args.rounds * args.local_epochs) + (r or {}).get("final_epochs", 0)
+              for r in reports]
     say("training local-only baselines (each device alone, same number of epochs)...", flush=True)
     baselines = run_baselines(args, model, data_paths, epochs, work)
     rows = device_rows(reports, baselines)
@@ -435,8 +437,10 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
         "notes": {
             "global_accuracy": "devices: the final base model (with the device's own personal layers, if any) on "
                                "its held-out split; rounds: the base each round started from",
-            "personalized_accuracy": "after the device's local training in its last round",
-            "local_only_accuracy": "a fresh model trained only on the device's data for the same number of epochs",
+            "personalized_accuracy": "devices: the final base after one more local training of the same length "
+                                     "as a round (nothing uploaded); rounds: after each round's local training",
+            "local_only_accuracy": "a fresh model trained only on the device's data for the same number of epochs "
+                                   "in total (all rounds plus the final personalization)",
             "bytes_up": "serialized update blobs sent by the device (all rounds)",
         },
     }

@@ -103,6 +103,9 @@ def test_devices_complete_three_rounds(fed):
         assert rep["finished"] and [r["round_id"] for r in rep["rounds"]] == [1, 2, 3]
         assert rep["bytes_up"] > 0 and rep["bytes_down"] > 0 and rep["peak_rss_bytes"] > 0
         assert 0.0 <= rep["personalized_accuracy"] <= 1.0
+        # after DONE: the final base evaluated, then personalized locally (nothing uploaded)
+        assert rep["final_version"] == ROUNDS and rep["final_epochs"] == 1
+        assert 0.0 <= rep["final_global_accuracy"] <= 1.0 and 0.0 <= rep["final_personalized_accuracy"] <= 1.0
     # round metrics reach the server: each round's personalized accuracy is reported
     assert all("personalized_accuracy" in r.metrics and "global_accuracy" in r.metrics for r in closed)
 

@@ -31,6 +31,7 @@ def test_simulation_writes_report_plot_and_table(tmp_path, capsys):
         for key in ("global_accuracy", "personalized_accuracy", "local_only_accuracy"):
             assert 0 <= d[key] <= 1, (key, d)
         assert d["bytes_up"] > 0 and d["bytes_down"] > 0 and d["peak_rss_bytes"] > 0 and d["rounds_trained"] == 2
+        assert d["local_only_epochs"] == 3  # 2 rounds x 1 epoch + the final personalization
         ids.add(d["id"])
     assert len(ids) == 3
     assert report["config"]["codec"] == "int8+zstd"
