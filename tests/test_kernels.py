@@ -79,26 +79,41 @@ def conv_setup(geom, dtype, rng):
 
 # ---- checks: one per kernel ----------------------------------------------------------------------
 def check_im2col(dtype, rng):
+    """Both layouts: per sample (T, K, P) and side by side (K, T*P), against numpy windows."""
     for geom in CONV_GEOMETRIES:
         x, w, _, _, stride, pads, (oh, ow) = conv_setup(geom, dtype, rng)
-        kh, kw = w.shape[2:]
-        col = np.full((x.shape[0], x.shape[1] * kh * kw, oh * ow), np.nan, dtype)
-        conv2d.im2col(x, col, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
+        n, c, kh, kw, p = x.shape[0], x.shape[1], *w.shape[2:], oh * ow
         ref = windows(x, kh, kw, stride, pads)[:, :, :oh, :ow]  # (N, C, OH, OW, kh, kw)
-        np.testing.assert_array_equal(col, ref.transpose(0, 1, 4, 5, 2, 3).reshape(col.shape))
+        ref = ref.transpose(0, 1, 4, 5, 2, 3).reshape(n, c * kh * kw, p)
+        col = np.full(n * c * kh * kw * p, np.nan, dtype)
+        conv2d.im2col(x, col, c * kh * kw * p, p, kh, kw, *stride, pads[0], pads[2], oh, ow)
+        np.testing.assert_array_equal(col.reshape(ref.shape), ref)
+        col[:] = np.nan
+        conv2d.im2col(x, col, p, n * p, kh, kw, *stride, pads[0], pads[2], oh, ow)
+        np.testing.assert_array_equal(col.reshape(-1, n, p), ref.transpose(1, 0, 2))
 
 
 def check_col2im(dtype, rng):
-    """col2im is the adjoint of im2col: <im2col(x), G> == <x, col2im(G)>."""
+    """col2im is the adjoint of im2col: <im2col(x), G> == <x, col2im(G)>, side-by-side layout."""
     for geom in CONV_GEOMETRIES:
         x, w, _, _, stride, pads, (oh, ow) = conv_setup(geom, dtype, rng)
-        kh, kw = w.shape[2:]
-        col = np.empty((x.shape[0], x.shape[1] * kh * kw, oh * ow), dtype)
-        conv2d.im2col(x, col, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
+        n, c, kh, kw, p = x.shape[0], x.shape[1], *w.shape[2:], oh * ow
+        col = np.empty(n * c * kh * kw * p, dtype)
+        conv2d.im2col(x, col, p, n * p, kh, kw, *stride, pads[0], pads[2], oh, ow)
         g = rng.standard_normal(col.shape).astype(dtype)
         back = np.full(x.shape, np.nan, dtype)
-        conv2d.col2im(g, back, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
+        conv2d.col2im(g, back, p, n * p, kh, kw, *stride, pads[0], pads[2], oh, ow)
         np.testing.assert_allclose(np.vdot(col, g), np.vdot(x, back), **tol(dtype))
+
+
+def check_pack_tile(dtype, rng):
+    src = rng.standard_normal((3, 4, 5)).astype(dtype)
+    packed = np.empty((4, 15), dtype)
+    conv2d.pack_tile(src, packed)
+    np.testing.assert_array_equal(packed, src.transpose(1, 0, 2).reshape(4, 15))
+    back = np.empty_like(src)
+    conv2d.unpack_tile(packed, back)
+    np.testing.assert_array_equal(back, src)
 
 
 def check_flip_kernel(dtype, rng):
@@ -123,31 +138,30 @@ def check_bias_grad(dtype, rng):
     np.testing.assert_allclose(db, dy.astype(np.float64).sum(axis=(0, 2)), **tol(dtype))
 
 
-def check_sum_tile(dtype, rng):
-    parts = rng.standard_normal((3, 4, 5)).astype(dtype)
-    acc = rng.standard_normal((4, 5)).astype(dtype)
-    start = acc.copy()
-    conv2d.sum_tile(parts, acc, False)
-    np.testing.assert_allclose(acc, start + parts.sum(axis=0), **tol(dtype))
-    conv2d.sum_tile(parts[:2], acc, True)
-    np.testing.assert_allclose(acc, parts[:2].sum(axis=0), **tol(dtype))
-
-
-def columns(tile: int | None, rows: int, cols: int, dtype) -> np.ndarray | None:
-    return None if tile is None else np.full((tile, rows, cols), np.nan, dtype)
-
-
 TILES = (1, 2, 3)  # one sample, a tile dividing the batch of 2, a tile larger than it
+
+
+def tile_buffers(tile: int, rows: int, cols: int, wide_rows: int, dtype):
+    """A column buffer for `tile` samples side by side and, for several, the wide product buffer."""
+    col = np.full((rows, tile * cols), np.nan, dtype)
+    return col, (np.full((wide_rows, tile * cols), np.nan, dtype) if tile > 1 else None)
+
+
+def geometry(w, stride, pads, flipped=False) -> conv2d.ConvGeometry:
+    return conv2d.ConvGeometry(tuple(stride), pads, conv2d._is_pointwise(w.shape, stride, pads), flipped)
 
 
 def check_conv_forward(dtype, rng):
     for geom in CONV_GEOMETRIES:
         x, w, b, dy, stride, pads, (oh, ow) = conv_setup(geom, dtype, rng)
         ref = ref_conv(x, w, b, stride, pads)[:, :, :oh, :ow]
-        pointwise = conv2d._is_pointwise(w.shape, stride, pads)
-        for tile in (None,) if pointwise else TILES:
+        geo = geometry(w, stride, pads)
+        for tile in TILES:
+            col, wide = tile_buffers(tile, w[0].size, oh * ow, w.shape[0], dtype)
+            if geo.pointwise:
+                col = wide = None
             out = np.full(dy.shape, np.nan, dtype)
-            conv2d.conv2d_forward(x, w, b, out, columns(tile, w[0].size, oh * ow, dtype), stride, pads)
+            conv2d.conv2d_forward(x, w, b, out, col, wide, geo)
             np.testing.assert_allclose(out, ref, **tol(dtype), err_msg=f"{geom} tile={tile}")
 
 
@@ -155,30 +169,37 @@ def check_conv_weight_grad(dtype, rng):
     for geom in CONV_GEOMETRIES:
         x, w, b, dy, stride, pads, (oh, ow) = conv_setup(geom, dtype, rng)
         ref_w, ref_b = ref_conv_wgrad(x, dy, w.shape[2], w.shape[3], stride, pads)
-        pointwise = conv2d._is_pointwise(w.shape, stride, pads)
+        geo = geometry(w, stride, pads)
         for tile in TILES:
+            col, pack = tile_buffers(tile, w[0].size, oh * ow, w.shape[0], dtype)
+            if geo.pointwise:
+                col = pack = None
             gw, gb = np.full(w.shape, np.nan, dtype), np.full(b.shape, np.nan, dtype)
-            col = columns(None if pointwise else tile, w[0].size, oh * ow, dtype)
-            parts = np.full((tile, w[0].size, w.shape[0]), np.nan, dtype)
+            part = np.full((w[0].size, w.shape[0]), np.nan, dtype)
             acc = np.full((w[0].size, w.shape[0]), np.nan, dtype)
-            conv2d.conv2d_weight_grad(x, dy, gw, gb, col, parts, acc, stride, pads)
+            conv2d.conv2d_weight_grad(x, dy, gw, gb, col, pack, part, acc, geo)
             np.testing.assert_allclose(gw, ref_w, **tol(dtype), err_msg=f"{geom} tile={tile}")
             np.testing.assert_allclose(gb, ref_b, **tol(dtype))
 
 
 def check_conv_input_grad(dtype, rng):
-    """Both derivative paths (flipped convolution and col2im) wherever each applies."""
+    """Both derivative paths (flipped convolution and col2im) wherever each applies, every tile size."""
     for geom in CONV_GEOMETRIES:
         x, w, b, dy, stride, pads, (oh, ow) = conv_setup(geom, dtype, rng)
         f, c, kh, kw = w.shape
         ref = ref_conv_xgrad(dy, w, x.shape, stride, pads)
-        pointwise = conv2d._is_pointwise(w.shape, stride, pads)
         for flipped in (False, True) if tuple(stride) == (1, 1) else (False,):
-            for tile in (None,) if pointwise else TILES:
-                rows, cols = (f * kh * kw, x.shape[2] * x.shape[3]) if flipped else (c * kh * kw, oh * ow)
+            geo = geometry(w, stride, pads, flipped)
+            for tile in TILES:
+                if flipped:
+                    col, wide = tile_buffers(tile, f * kh * kw, x.shape[2] * x.shape[3], c, dtype)
+                else:
+                    col, wide = tile_buffers(tile, c * kh * kw, oh * ow, f, dtype)
+                if geo.pointwise:
+                    col = wide = None
                 wf = np.empty((c, f * kh * kw), dtype)
                 dx = np.full(x.shape, np.nan, dtype)
-                conv2d.conv2d_input_grad(dy, w, dx, columns(tile, rows, cols, dtype), wf, stride, pads, flipped)
+                conv2d.conv2d_input_grad(dy, w, dx, col, wide, wf, geo)
                 np.testing.assert_allclose(dx, ref, **tol(dtype), err_msg=f"{geom} flipped={flipped} tile={tile}")
 
 
@@ -415,7 +436,8 @@ KERNEL_CHECKS: dict[str, Callable[[type, np.random.Generator], None]] = {
     "flip_kernel": check_flip_kernel,
     "add_bias": check_add_bias,
     "bias_grad": check_bias_grad,
-    "sum_tile": check_sum_tile,
+    "pack_tile": check_pack_tile,
+    "unpack_tile": check_pack_tile,
     "conv2d_forward": check_conv_forward,
     "conv2d_weight_grad": check_conv_weight_grad,
     "conv2d_input_grad": check_conv_input_grad,

@@ -1,19 +1,23 @@
-"""2-D convolution over NCHW data: tiled im2col (numba) + batched BLAS products (np.matmul).
+"""2-D convolution over NCHW data: im2col (numba) over tiles of samples + BLAS products (np.matmul).
 
-Weight (filters, channels, kh, kw), bias (filters,). Forward: col[t] = im2col(x[n]) is
-(C*kh*kw, OH*OW) and out[n] = W2 @ col[t] with W2 = W viewed as (F, C*kh*kw). The column buffer
-holds one tile of samples: as many as fit COL_TILE_BYTES, at least one -- never the batch. A tile
-of several samples only saves Python calls on small layers; big layers run one sample at a time.
-Backward:
-- dW^T = sum_n col_n @ dy_n^T, summed per tile into a weight-sized (K, F) scratch (this product
-  shape measured fastest on OpenBLAS), transposed into the gradient at the end;
-- dx for stride 1 is a stride-1 convolution of dy with the flipped, transposed kernel
-  (im2col of dy + one product with a reduction of F*kh*kw), which avoids both the low-reduction
-  product W2^T @ dy and the scatter of col2im; other strides use W2^T @ dy + col2im.
+Weight (filters, channels, kh, kw), bias (filters,). Shapes: K = C*kh*kw rows of columns,
+P = OH*OW output positions per sample, W2 = weight viewed as (F, K).
+
+The column buffer holds one tile of T samples side by side, (K, T*P): T = 1 for big layers, more
+for small ones (enough for 256 columns, or all that fit COL_TILE_BYTES) -- never the batch as such.
+Side by side, a tile is ONE wide product, so small-spatial layers get large GEMMs and W2 is
+packed once per tile, not per sample; a tile of one sample needs no packing at all.
+- forward: col = im2col(x tile); out tile = W2 @ col (unpacked from (F, T*P) when T > 1) + b.
+- dW: dW^T = sum over tiles of col @ dy_tile^T, (K, F) (this product shape measured fastest on
+  OpenBLAS), summed in a weight-sized scratch and transposed into the gradient.
+- dx, stride 1 and F <= C: a stride-1 convolution of dy with the flipped, transposed kernel
+  (im2col of dy, then a product reducing over F*kh*kw); otherwise col = W2^T @ dy_tile, col2im.
 Index arithmetic in the kernels is unsigned so numba drops negative-index checks and vectorizes.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, uint64
@@ -24,7 +28,9 @@ from .base import InitContext, Layer, RunContext, Shape, register
 
 DTYPES = ("float32", "float64")  # float32 is what runs; float64 serves the gradient checks
 REDUCE = {"reassoc", "nsz"}  # lets LLVM vectorize sums (order of additions may change); nothing else
-COL_TILE_BYTES = 1 << 20  # column buffer budget: a tile of samples up to 1 MiB, else one sample
+COL_TILE_BYTES = 1 << 20  # a tile takes as many samples as fit 1 MiB of columns...
+MIN_TILE_COLUMNS = 256  # ...or enough for 256 columns side by side (small-spatial layers)...
+COL_TILE_MAX_BYTES = 4 << 20  # ...but never more than 4 MiB of columns
 
 
 def signatures(template: str) -> list[str]:
@@ -54,23 +60,22 @@ def output_size(n: int, k: int, s: int, before: int, after: int) -> int:
 
 
 @njit(
-    signatures("void({t}[:,:,:,::1], {t}[:,:,::1], int64, int64, int64, int64, int64, int64, int64, int64)"),
+    signatures("void({t}[:,:,:,::1], {t}[::1], int64, int64, int64, int64, int64, int64, int64, int64, int64, int64)"),
     cache=True,
     nogil=True,
 )
-def im2col(x, col, kh, kw, sh, sw, ph, pw, oh, ow):
-    """x (T, C, H, W) -> col (T, C*kh*kw, oh*ow): col[t, (c, ki, kj), (i, j)] = x[t, c, i*sh+ki-ph, j*sw+kj-pw] or 0."""
+def im2col(x, col, t_stride, r_stride, kh, kw, sh, sw, ph, pw, oh, ow):
+    """x (T, C, H, W) -> flat col: element (t, r=(c, ki, kj), (i, j)) at t*t_stride + r*r_stride + i*ow + j
+    is x[t, c, i*sh+ki-ph, j*sw+kj-pw], or 0 outside x. Side-by-side layout (K, T*P): t_stride = P,
+    r_stride = T*P."""
     tile, c_in, h, w = x.shape
     xf = x.reshape(x.size)
-    cf = col.reshape(col.size)
-    p = oh * ow
-    k_rows = c_in * kh * kw
     usw = uint64(sw)
     for t in range(tile):
         for c in range(c_in):
             for ki in range(kh):
                 for kj in range(kw):
-                    row = (t * k_rows + (c * kh + ki) * kw + kj) * p
+                    row = t * t_stride + ((c * kh + ki) * kw + kj) * r_stride
                     off = kj - pw
                     # columns j with 0 <= j*sw + off < w
                     j0 = 0 if off >= 0 else min((-off + sw - 1) // sw, ow)
@@ -82,34 +87,32 @@ def im2col(x, col, kh, kw, sh, sw, ph, pw, oh, ow):
                         o = uint64(row + i * ow)
                         if ih < 0 or ih >= h:
                             for j in range(ow):
-                                cf[o + uint64(j)] = 0.0
+                                col[o + uint64(j)] = 0.0
                             continue
                         for j in range(j0):
-                            cf[o + uint64(j)] = 0.0
+                            col[o + uint64(j)] = 0.0
                         src = uint64(((t * c_in + c) * h + ih) * w + off + j0 * sw)
                         dst = o + uint64(j0)
                         if sw == 1:
                             for j in range(j1 - j0):
-                                cf[dst + uint64(j)] = xf[src + uint64(j)]
+                                col[dst + uint64(j)] = xf[src + uint64(j)]
                         else:
                             for j in range(j1 - j0):
-                                cf[dst + uint64(j)] = xf[src + uint64(j) * usw]
+                                col[dst + uint64(j)] = xf[src + uint64(j) * usw]
                         for j in range(j1, ow):
-                            cf[o + uint64(j)] = 0.0
+                            col[o + uint64(j)] = 0.0
 
 
 @njit(
-    signatures("void({t}[:,:,::1], {t}[:,:,:,::1], int64, int64, int64, int64, int64, int64, int64, int64)"),
+    signatures("void({t}[::1], {t}[:,:,:,::1], int64, int64, int64, int64, int64, int64, int64, int64, int64, int64)"),
     cache=True,
     nogil=True,
 )
-def col2im(col, dx, kh, kw, sh, sw, ph, pw, oh, ow):
-    """The adjoint of im2col: dx (T, C, H, W) = sum of col entries over the positions they came from."""
+def col2im(col, dx, t_stride, r_stride, kh, kw, sh, sw, ph, pw, oh, ow):
+    """The adjoint of im2col (same layout arguments): dx (T, C, H, W) = sum of the column entries
+    taken from each position."""
     tile, c_in, h, w = dx.shape
     xf = dx.reshape(dx.size)
-    cf = col.reshape(col.size)
-    p = oh * ow
-    k_rows = c_in * kh * kw
     usw = uint64(sw)
     for k in range(xf.size):
         xf[k] = 0.0
@@ -117,7 +120,7 @@ def col2im(col, dx, kh, kw, sh, sw, ph, pw, oh, ow):
         for c in range(c_in):
             for ki in range(kh):
                 for kj in range(kw):
-                    row = (t * k_rows + (c * kh + ki) * kw + kj) * p
+                    row = t * t_stride + ((c * kh + ki) * kw + kj) * r_stride
                     off = kj - pw
                     j0 = 0 if off >= 0 else min((-off + sw - 1) // sw, ow)
                     j1 = min((w - 1 - off) // sw + 1, ow) if w - 1 - off >= 0 else 0
@@ -131,10 +134,30 @@ def col2im(col, dx, kh, kw, sh, sw, ph, pw, oh, ow):
                         src = uint64(row + i * ow + j0)
                         if sw == 1:
                             for j in range(j1 - j0):
-                                xf[dst + uint64(j)] += cf[src + uint64(j)]
+                                xf[dst + uint64(j)] += col[src + uint64(j)]
                         else:
                             for j in range(j1 - j0):
-                                xf[dst + uint64(j) * usw] += cf[src + uint64(j)]
+                                xf[dst + uint64(j) * usw] += col[src + uint64(j)]
+
+
+@njit(signatures("void({t}[:,:,::1], {t}[:,::1])"), cache=True, nogil=True)
+def pack_tile(src, dst):
+    """src (T, F, P) -> dst (F, T*P): samples side by side."""
+    tile, f_out, p = src.shape
+    for f in range(f_out):
+        for t in range(tile):
+            for j in range(p):
+                dst[f, t * p + j] = src[t, f, j]
+
+
+@njit(signatures("void({t}[:,::1], {t}[:,:,::1])"), cache=True, nogil=True)
+def unpack_tile(src, dst):
+    """src (F, T*P) -> dst (T, F, P): the inverse of pack_tile."""
+    tile, f_out, p = dst.shape
+    for t in range(tile):
+        for f in range(f_out):
+            for j in range(p):
+                dst[t, f, j] = src[f, t * p + j]
 
 
 @njit(signatures("void({t}[:,:,:,::1], {t}[:,::1])"), cache=True, nogil=True)
@@ -171,16 +194,14 @@ def bias_grad(dy, db):
         db[f] = s
 
 
-@njit(signatures("void({t}[:,:,::1], {t}[:,::1], boolean)"), cache=True, nogil=True)
-def sum_tile(parts, acc, first):
-    """acc (K, F) = (0 if first else acc) + sum over the tile of parts (T, K, F)."""
-    tile, k_rows, f_out = parts.shape
-    for k in range(k_rows):
-        for f in range(f_out):
-            s = 0.0 if first else acc[k, f]
-            for t in range(tile):
-                s += parts[t, k, f]
-            acc[k, f] = s
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Stride, (top, bottom, left, right) padding and the derivative path of one conv layer."""
+
+    stride: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    pointwise: bool = False  # 1x1 kernel, stride 1, no padding: x itself is the column matrix
+    flipped: bool = False  # input derivative as a flipped stride-1 convolution
 
 
 def tiles(n: int, tile: int):
@@ -188,75 +209,118 @@ def tiles(n: int, tile: int):
     return ((a, min(a + tile, n)) for a in range(0, n, tile))
 
 
-def conv2d_forward(x, w, b, out, col, stride, pads) -> None:
+def side_by_side(buf: np.ndarray, rows: int, t: int, cols: int) -> np.ndarray:
+    """The leading (rows, t*cols) C-contiguous view of a tile buffer."""
+    return buf.reshape(-1)[: rows * t * cols].reshape(rows, t * cols)
+
+
+def conv2d_forward(x, w, b, out, col, wide, geo: ConvGeometry) -> None:
     """out (N, F, OH, OW) = conv(x (N, C, H, W), w (F, C, kh, kw)) + b.
 
-    col (T, C*kh*kw, OH*OW) holds the columns of one tile of T samples (None for pointwise kernels);
-    one batched product W2 @ col[t] per tile writes straight into out.
+    col: the tile's columns (K*T*P elements; None when pointwise); wide: (F, T*P) product of a
+    tile of several samples, unpacked into out (None when T = 1).
     """
     f_out, c_in, kh, kw = w.shape
     n_b = x.shape[0]
     oh, ow = out.shape[2:]
-    w2 = w.reshape(f_out, -1)
-    out3 = out.reshape(n_b, f_out, oh * ow)
-    if col is None:  # pointwise: x itself is the column matrix
-        np.matmul(w2, x.reshape(n_b, c_in, -1), out=out3)
+    p = oh * ow
+    k = c_in * kh * kw
+    w2 = w.reshape(f_out, k)
+    out3 = out.reshape(n_b, f_out, p)
+    if geo.pointwise:
+        np.matmul(w2, x.reshape(n_b, c_in, p), out=out3)
         add_bias(out3, b)
         return
-    for a, z in tiles(n_b, col.shape[0]):
-        c = col[: z - a]
-        im2col(x[a:z], c, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
-        np.matmul(w2, c, out=out3[a:z])
+    tile = col.size // (k * p)
+    (sh, sw), (pt, _, pl, _) = geo.stride, geo.pads
+    for a, z in tiles(n_b, tile):
+        t = z - a
+        im2col(x[a:z], col.reshape(-1), p, t * p, kh, kw, sh, sw, pt, pl, oh, ow)
+        if t == 1:
+            np.matmul(w2, side_by_side(col, k, 1, p), out=out3[a])
+        else:
+            o = side_by_side(wide, f_out, t, p)
+            np.matmul(w2, side_by_side(col, k, t, p), out=o)
+            unpack_tile(o, out3[a:z])
         add_bias(out3[a:z], b)
 
 
-def conv2d_weight_grad(x, dy, gw, gb, col, parts, acc, stride, pads) -> None:
-    """gw = sum_n dy_n @ col_n^T, gb = sum dy.
+def conv2d_weight_grad(x, dy, gw, gb, col, pack, part, acc, geo: ConvGeometry) -> None:
+    """gw = sum_n dy_n @ col_n^T and gb = sum dy, a tile at a time.
 
-    Per tile: parts[t] = col[t] @ dy[t]^T (K, F) (this product shape measured fastest on OpenBLAS),
-    summed into acc (K, F); acc^T is copied into gw at the end. col is None for pointwise kernels.
+    col: tile columns (None when pointwise: one sample at a time straight from x); pack: dy of a
+    tile side by side, (F, T*P) (None when T = 1); part, acc: (K, F).
     """
     f_out, c_in, kh, kw = gw.shape
     n_b = x.shape[0]
     oh, ow = dy.shape[2:]
-    dy3 = dy.reshape(n_b, f_out, oh * ow)
-    for a, z in tiles(n_b, parts.shape[0]):
-        if col is None:
-            c = x[a:z].reshape(z - a, c_in, -1)
+    p = oh * ow
+    k = c_in * kh * kw
+    dy3 = dy.reshape(n_b, f_out, p)
+    tile = 1 if geo.pointwise else col.size // (k * p)
+    (sh, sw), (pt, _, pl, _) = geo.stride, geo.pads
+    for a, z in tiles(n_b, tile):
+        t = z - a
+        if geo.pointwise:
+            c = x[a].reshape(c_in, p)
         else:
-            c = col[: z - a]
-            im2col(x[a:z], c, kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
-        np.matmul(c, dy3[a:z].transpose(0, 2, 1), out=parts[: z - a])
-        sum_tile(parts[: z - a], acc, a == 0)
-    np.copyto(gw.reshape(f_out, -1), acc.T)
+            im2col(x[a:z], col.reshape(-1), p, t * p, kh, kw, sh, sw, pt, pl, oh, ow)
+            c = side_by_side(col, k, t, p)
+        if t == 1:
+            d = dy3[a]
+        else:
+            d = side_by_side(pack, f_out, t, p)
+            pack_tile(dy3[a:z], d)
+        if a == 0:
+            np.matmul(c, d.T, out=acc)
+        else:
+            np.matmul(c, d.T, out=part)
+            acc += part
+    np.copyto(gw.reshape(f_out, k), acc.T)
     bias_grad(dy3, gb)
 
 
-def conv2d_input_grad(dy, w, dx, col, wf, stride, pads, flipped: bool) -> None:
-    """dx = d conv / d x applied to dy; col (tile-sized) and (flipped) wf are scratch.
+def conv2d_input_grad(dy, w, dx, col, wide, wf, geo: ConvGeometry) -> None:
+    """dx = d conv / d x applied to dy, a tile at a time.
 
-    flipped: dx as a stride-1 convolution of dy with the flipped kernel wf (stride 1 only):
-    im2col of dy, then dx[t] = wf @ col[t], a product that reduces over F*kh*kw.
-    Otherwise col[t] = W2^T @ dy[t], then col2im. Pointwise kernels: dx = W2^T @ dy directly.
+    flipped: col = im2col of the dy tile (F*kh*kw rows), dx = wf @ col with wf the flipped kernel
+    (C, F*kh*kw); wide then holds the (C, T*H*W) product. Otherwise col = W2^T @ dy tile, then
+    col2im; wide then holds dy of the tile side by side. wide is None when T = 1.
     """
     f_out, c_in, kh, kw = w.shape
     n_b, _, h, wd = dx.shape
     oh, ow = dy.shape[2:]
-    dy3 = dy.reshape(n_b, f_out, oh * ow)
-    dx3 = dx.reshape(n_b, c_in, h * wd)
-    if col is None:
+    p, hw, k = oh * ow, h * wd, c_in * kh * kw
+    dy3 = dy.reshape(n_b, f_out, p)
+    dx3 = dx.reshape(n_b, c_in, hw)
+    if geo.pointwise:
         np.matmul(w.reshape(f_out, c_in).T, dy3, out=dx3)
         return
-    if flipped:
+    (sh, sw), (pt, _, pl, _) = geo.stride, geo.pads
+    if geo.flipped:
         flip_kernel(w, wf)
-    for a, z in tiles(n_b, col.shape[0]):
-        c = col[: z - a]
-        if flipped:
-            im2col(dy[a:z], c, kh, kw, 1, 1, kh - 1 - pads[0], kw - 1 - pads[2], h, wd)
-            np.matmul(wf, c, out=dx3[a:z])
+        rows = f_out * kh * kw
+        for a, z in tiles(n_b, col.size // (rows * hw)):
+            t = z - a
+            im2col(dy[a:z], col.reshape(-1), hw, t * hw, kh, kw, 1, 1, kh - 1 - pt, kw - 1 - pl, h, wd)
+            c = side_by_side(col, rows, t, hw)
+            if t == 1:
+                np.matmul(wf, c, out=dx3[a])
+            else:
+                o = side_by_side(wide, c_in, t, hw)
+                np.matmul(wf, c, out=o)
+                unpack_tile(o, dx3[a:z])
+        return
+    w2t = w.reshape(f_out, k).T
+    for a, z in tiles(n_b, col.size // (k * p)):
+        t = z - a
+        if t == 1:
+            d = dy3[a]
         else:
-            np.matmul(w.reshape(f_out, -1).T, dy3[a:z], out=c)
-            col2im(c, dx[a:z], kh, kw, stride[0], stride[1], pads[0], pads[2], oh, ow)
+            d = side_by_side(wide, f_out, t, p)
+            pack_tile(dy3[a:z], d)
+        np.matmul(w2t, d, out=side_by_side(col, k, t, p))
+        col2im(col.reshape(-1), dx[a:z], p, t * p, kh, kw, sh, sw, pt, pl, oh, ow)
 
 
 def use_flipped_derivative(c_in: int, f_out: int, stride: tuple[int, int]) -> bool:
@@ -265,9 +329,12 @@ def use_flipped_derivative(c_in: int, f_out: int, stride: tuple[int, int]) -> bo
     return tuple(stride) == (1, 1) and f_out <= c_in
 
 
-def tile_size(batch: int, col_elems: int) -> int:
-    """Samples per tile: as many as fit COL_TILE_BYTES of float32 columns, at least one."""
-    return max(1, min(batch, COL_TILE_BYTES // max(4 * col_elems, 1)))
+def tile_size(batch: int, sample_elems: int, cols: int) -> int:
+    """Samples per tile: enough for MIN_TILE_COLUMNS side by side, or as many as fit COL_TILE_BYTES,
+    never more than COL_TILE_MAX_BYTES (float32 columns) nor the batch; at least one."""
+    sample_bytes = 4 * max(sample_elems, 1)
+    want = max(COL_TILE_BYTES // sample_bytes, -(-MIN_TILE_COLUMNS // max(cols, 1)))
+    return max(1, min(batch, want, COL_TILE_MAX_BYTES // sample_bytes))
 
 
 def _is_pointwise(wshape, stride, pads) -> bool:
@@ -291,14 +358,16 @@ class Conv2D(Layer):
             raise ctx.error("input_layers", f"conv2d needs a C:H:W input, got {shape[1:]}")
         _, c_in, h, w = shape
         kh, kw = spec.kernel_size
-        self.stride = tuple(spec.stride or (1, 1))
-        self.pads = resolve_padding(spec.padding, (h, w), (kh, kw), self.stride)
-        oh = output_size(h, kh, self.stride[0], self.pads[0], self.pads[1])
-        ow = output_size(w, kw, self.stride[1], self.pads[2], self.pads[3])
+        stride = tuple(spec.stride or (1, 1))
+        pads = resolve_padding(spec.padding, (h, w), (kh, kw), stride)
+        oh = output_size(h, kh, stride[0], pads[0], pads[1])
+        ow = output_size(w, kw, stride[1], pads[2], pads[3])
         if oh <= 0 or ow <= 0:
             raise ctx.error("kernel_size", f"kernel {kh}x{kw} does not fit the padded {h}x{w} input")
         f_out = spec.filters
-        k = c_in * kh * kw
+        k, p = c_in * kh * kw, oh * ow
+        pointwise = _is_pointwise((f_out, c_in, kh, kw), stride, pads)
+        self.geo = ConvGeometry(stride, pads, pointwise, not pointwise and use_flipped_derivative(c_in, f_out, stride))
         self.w = ctx.request_weight(
             "weight",
             (f_out, c_in, kh, kw),
@@ -307,37 +376,38 @@ class Conv2D(Layer):
             fan_out=f_out * kh * kw,
         )
         self.b = ctx.request_weight("bias", (f_out,), spec.bias_initializer or "zeros")
-        pointwise = _is_pointwise((f_out, c_in, kh, kw), self.stride, self.pads)
-        self.flipped = not pointwise and use_flipped_derivative(c_in, f_out, self.stride)
         # Scratch for one tile of samples, each only for the steps that use it (the planner may
-        # overlap them): forward columns; backward columns of x (gradient) and of dy (derivative).
-        self.col = self.col_grad = self.col_deriv = self.flip = self.parts = self.acc = None
-        t_fwd = tile_size(ctx.batch, k * oh * ow)
+        # overlap them): forward columns; columns of x for dW; columns of dy (or of dx) for dx.
+        self.col = self.wide = self.col_grad = self.pack = self.part = self.acc = None
+        self.col_deriv = self.wide_deriv = self.flip = None
         if not pointwise:
-            self.col = ctx.request_tensor("col", (t_fwd, k, oh * ow), Life.FORWARD)
-            rows, cols = (f_out * kh * kw, h * w) if self.flipped else (k, oh * ow)
-            self.col_deriv = ctx.request_tensor(
-                "col_deriv", (tile_size(ctx.batch, rows * cols), rows, cols), Life.CALC_DERIV
-            )
-            if self.flipped:
-                self.flip = ctx.request_tensor("wflip", (c_in, f_out * kh * kw), Life.CALC_DERIV)
+            t = tile_size(ctx.batch, k * p, p)
+            self.col = ctx.request_tensor("col", (k, t * p), Life.FORWARD)
+            if t > 1:
+                self.wide = ctx.request_tensor("out_tile", (f_out, t * p), Life.FORWARD)
+            if spec.trainable:
+                self.col_grad = ctx.request_tensor("col_grad", (k, t * p), Life.CALC_GRAD)
+                if t > 1:
+                    self.pack = ctx.request_tensor("dy_tile", (f_out, t * p), Life.CALC_GRAD)
+            if self.geo.flipped:
+                rows, cols, wide_rows = f_out * kh * kw, h * w, c_in
+                self.flip = ctx.request_tensor("wflip", (c_in, rows), Life.CALC_DERIV)
+            else:
+                rows, cols, wide_rows = k, p, f_out
+            td = tile_size(ctx.batch, rows * cols, cols)
+            self.col_deriv = ctx.request_tensor("col_deriv", (rows, td * cols), Life.CALC_DERIV)
+            if td > 1:
+                self.wide_deriv = ctx.request_tensor("deriv_tile", (wide_rows, td * cols), Life.CALC_DERIV)
         if spec.trainable:
-            if not pointwise:
-                self.col_grad = ctx.request_tensor("col_grad", (t_fwd, k, oh * ow), Life.CALC_GRAD)
-            self.parts = ctx.request_tensor("wgrad_parts", (t_fwd, k, f_out), Life.CALC_GRAD)
+            self.part = ctx.request_tensor("wgrad_part", (k, f_out), Life.CALC_GRAD)
             self.acc = ctx.request_tensor("wgrad_acc", (k, f_out), Life.CALC_GRAD)
         ctx.input_life = Life.CALC_GRAD  # dW needs the columns of x again
         return (ctx.batch, f_out, oh, ow)
 
     def forward(self, run: RunContext, training: bool) -> None:
+        x, out = run.input(), run.output()
         conv2d_forward(
-            run.input(),
-            run.weight(self.w),
-            run.weight(self.b),
-            run.output(),
-            _opt(run, self.col),
-            self.stride,
-            self.pads,
+            x, run.weight(self.w), run.weight(self.b), out, _opt(run, self.col), _opt(run, self.wide), self.geo
         )
 
     def calc_gradient(self, run: RunContext) -> None:
@@ -345,33 +415,20 @@ class Conv2D(Layer):
         if gw is None or gb is None:
             return
         conv2d_weight_grad(
-            run.input(),
-            run.dout(),
-            gw,
-            gb,
-            _opt(run, self.col_grad),
-            run.tensor(self.parts),
-            run.tensor(self.acc),
-            self.stride,
-            self.pads,
-        )
+            run.input(), run.dout(), gw, gb,
+            _opt(run, self.col_grad), _opt(run, self.pack), run.tensor(self.part), run.tensor(self.acc), self.geo,
+        )  # fmt: skip
 
     def calc_derivative(self, run: RunContext) -> None:
         din = run.din()
         if din is None:
             return
         conv2d_input_grad(
-            run.dout(),
-            run.weight(self.w),
-            din,
-            _opt(run, self.col_deriv),
-            _opt(run, self.flip),
-            self.stride,
-            self.pads,
-            self.flipped,
-        )
+            run.dout(), run.weight(self.w), din,
+            _opt(run, self.col_deriv), _opt(run, self.wide_deriv), _opt(run, self.flip), self.geo,
+        )  # fmt: skip
 
 
 def _opt(run: RunContext, k: int | None) -> np.ndarray | None:
-    """A scratch view, or None when the layer did not request it (pointwise kernels need no columns)."""
+    """A scratch view, or None when the layer did not request it."""
     return None if k is None else run.tensor(k)
