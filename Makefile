@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/fedpers-sim --devices 8 --rounds 10
+	$(VENV)/bin/fedpers-sim --devices 8 --rounds 10 --codec int2+zstd
 
 test: $(STAMP)
 	$(PY) -m pytest -q
