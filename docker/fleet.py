@@ -40,6 +40,7 @@ MODEL_IN_IMAGE = "/opt/fedpers/share/fleet/fleet_model.ini"
 DATA_IN_CONTAINER = "/var/lib/fedpers/data/data.npz"
 STATE_IN_CONTAINER = "/var/lib/fedpers/state"
 SMALL = "device-small"
+RESTARTED_DEVICE = "device-0"
 SWAP_ARGS = ("--memory", "swap", "--memory-budget", "64MiB")  # as device-small's FEDPERS_DEVICE_ARGS
 
 log = logging.getLogger("fedpers.fleet")
@@ -79,6 +80,9 @@ class RestartProof:
     stop_exit_code: int | None  # after SIGTERM: 0 means a clean shutdown
     version_after_start: int  # GetStatus once healthy again
     devices_running_while_down: list[str]  # device containers still up (retrying) while it was down
+    device: str = ""  # the device stopped (SIGTERM) during a round and started again on its state volume
+    device_stop_exit_code: int | None = None
+    device_stop_report: dict[str, Any] = field(default_factory=dict)  # its --json report when it stopped
 
 
 @dataclass
@@ -174,7 +178,8 @@ def docker_available() -> str | None:
     except (subprocess.TimeoutExpired, OSError) as exc:
         return f"docker info failed: {exc}"
     if proc.returncode != 0 or not proc.stdout.strip():
-        return f"no Docker daemon reachable ({(proc.stderr or proc.stdout).strip().splitlines()[-1:]})"
+        said = (proc.stderr or proc.stdout or "").strip().splitlines()
+        return f"no Docker daemon reachable ({said[-1] if said else f'docker info exit {proc.returncode}'})"
     return None
 
 
@@ -493,6 +498,17 @@ class Fleet:
                             stop_exit_code=down.exit_code, version_after_start=after.version,
                             devices_running_while_down=devices_up)
 
+    def restart_device(self, proof: RestartProof, service: str, seen: list[int], timeout: float) -> None:
+        """SIGTERM one device while a round is open, then start it again on the same state volume."""
+        status = self.wait_status(lambda s: s.round_state == "open" or s.finished, "a round to open", timeout, seen)
+        if status.finished:
+            raise FleetError(f"the federation finished before {service} could be restarted; raise --rounds")
+        self.compose("stop", "-t", "60", service, timeout=120)
+        proof.device = service
+        proof.device_stop_exit_code = self.info(service).exit_code
+        proof.device_stop_report = self.device_report(service)
+        self.compose("start", service, timeout=120)
+
     def device_services(self) -> list[str]:
         return [s for s in self.services() if s.startswith("device")]
 
@@ -573,20 +589,22 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM -> KeyboardInterrupt, so `finally` tears the fleet down (main thread only)."""
+def signals_as_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM -> KeyboardInterrupt, so `finally` tears the fleet down (main thread only;
+    SIGINT too because a shell starts background jobs with it ignored)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
-    old = signal.signal(signal.SIGTERM, handler)
+    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for sig, previous in old.items():
+            signal.signal(sig, previous)
 
 
 def run_fleet(rounds: int = 3, timeout: float = 600.0, keep_image: bool = False, logs_dir: Path | None = None,
@@ -598,7 +616,7 @@ def run_fleet(rounds: int = 3, timeout: float = 600.0, keep_image: bool = False,
     result.logs_dir = logs_dir or REPO / "runs" / f"docker-{fleet.project}"
     sampler = PeakSampler(fleet)
     ok = False
-    with sigterm_as_interrupt():
+    with signals_as_interrupt():
         try:
             log.info("building %s", fleet.image)
             result.build_seconds = fleet.build()
@@ -613,6 +631,8 @@ def run_fleet(rounds: int = 3, timeout: float = 600.0, keep_image: bool = False,
             result.restart = fleet.restart_server(seen, timeout)
             log.info("server restarted: stopped at v%d, continued at v%d", result.restart.stopped_at_version,
                      result.restart.version_after_start)
+            fleet.restart_device(result.restart, RESTARTED_DEVICE, seen, timeout)
+            log.info("%s stopped (exit %s) and started again", RESTARTED_DEVICE, result.restart.device_stop_exit_code)
             result.status = fleet.wait_status(lambda s: s.finished and s.rounds_completed >= rounds,
                                               f"{rounds} rounds", timeout, seen)
             devices = fleet.device_services()
@@ -656,7 +676,7 @@ def run_fleet(rounds: int = 3, timeout: float = 600.0, keep_image: bool = False,
 
 def device_table(result: FleetResult) -> str:
     """One line per device: rounds joined, bytes up, peak container memory, its limit and exit."""
-    head = (f"{'device':<14} {'rounds':>6} {'bytes up':>10} {'peak mem':>9} {'limit':>9} {'peak RSS':>9} "
+    head = (f"{'device':<14} {'rounds joined':>13} {'bytes up':>10} {'peak mem':>9} {'limit':>9} {'peak RSS':>9} "
             f"{'memory mode':<24} {'exit':>4} {'OOM':>4}")
     lines = [head, "-" * len(head)]
     for s in result.devices:
@@ -667,7 +687,7 @@ def device_table(result: FleetResult) -> str:
             mode += f" (arena {mib(mem.get('arena_bytes'))})"
         elif mem:
             mode += f" (arena {mib(mem.get('arena_bytes'))})"
-        lines.append(f"{s:<14} {rep.get('rounds_trained', 0):>6} {rep.get('bytes_up', 0):>10,} "
+        lines.append(f"{s:<14} {rep.get('rounds_trained', 0):>13} {rep.get('bytes_up', 0):>10,} "
                      f"{mib(result.peaks.get(s)):>9} {mib(info.mem_limit) if info.mem_limit else 'none':>9} "
                      f"{mib(rep.get('peak_rss_bytes')):>9} {mode:<24} {info.exit_code!s:>4} "
                      f"{'yes' if info.oom_killed else 'no':>4}")
@@ -690,7 +710,9 @@ def summary(result: FleetResult) -> str:
     if result.restart:
         r = result.restart
         out.append(f"restart: stopped at v{r.stopped_at_version} (exit {r.stop_exit_code}), continued at "
-                   f"v{r.version_after_start}; devices up while it was down: {len(r.devices_running_while_down)}")
+                   f"v{r.version_after_start}; devices up while it was down: {len(r.devices_running_while_down)}; "
+                   f"{r.device} stopped mid-round (exit {r.device_stop_exit_code}, "
+                   f"{r.device_stop_report.get('reason')!r}) and rejoined")
     out.append(device_table(result))
     out.append(f"(peak mem: {result.peak_source or 'not sampled'}; peak RSS: the agent's own ru_maxrss)")
     m = result.memory

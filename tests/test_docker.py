@@ -104,6 +104,15 @@ def test_server_restart_continues_from_its_last_version(run) -> None:
     assert len(r.devices_running_while_down) == len(run.devices), "devices must wait for the server, not exit"
 
 
+def test_device_sigterm_is_clean_and_it_rejoins_as_itself(run) -> None:
+    r = run.restart
+    assert r.device_stop_exit_code == 0, f"{r.device} did not exit 0 on SIGTERM"
+    assert r.device_stop_report.get("reason") == "stopped"
+    final = run.reports[r.device]
+    assert final["id"] == r.device_stop_report["id"] and final["name"] == r.device
+    assert final["rounds_trained"] >= r.device_stop_report.get("rounds_trained", 0)
+
+
 def test_device_small_naive_is_oom_killed_where_swap_fits(run) -> None:
     m = run.memory
     if not m.enforced:
