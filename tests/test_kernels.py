@@ -116,13 +116,6 @@ def check_pack_tile(dtype, rng):
     np.testing.assert_array_equal(back, src)
 
 
-def check_flip_kernel(dtype, rng):
-    w = rng.standard_normal((4, 3, 3, 2)).astype(dtype)
-    wf = np.empty((3, 4 * 3 * 2), dtype)
-    conv2d.flip_kernel(w, wf)
-    np.testing.assert_array_equal(wf, w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(3, -1))
-
-
 def check_add_bias(dtype, rng):
     out = rng.standard_normal((2, 4, 7)).astype(dtype)
     b = rng.standard_normal(4).astype(dtype)
@@ -147,8 +140,8 @@ def tile_buffers(tile: int, rows: int, cols: int, wide_rows: int, dtype):
     return col, (np.full((wide_rows, tile * cols), np.nan, dtype) if tile > 1 else None)
 
 
-def geometry(w, stride, pads, flipped=False) -> conv2d.ConvGeometry:
-    return conv2d.ConvGeometry(tuple(stride), pads, conv2d._is_pointwise(w.shape, stride, pads), flipped)
+def geometry(w, stride, pads) -> conv2d.ConvGeometry:
+    return conv2d.ConvGeometry(tuple(stride), pads, conv2d._is_pointwise(w.shape, stride, pads))
 
 
 def check_conv_forward(dtype, rng):
@@ -183,24 +176,18 @@ def check_conv_weight_grad(dtype, rng):
 
 
 def check_conv_input_grad(dtype, rng):
-    """Both derivative paths (flipped convolution and col2im) wherever each applies, every tile size."""
     for geom in CONV_GEOMETRIES:
         x, w, b, dy, stride, pads, (oh, ow) = conv_setup(geom, dtype, rng)
         f, c, kh, kw = w.shape
         ref = ref_conv_xgrad(dy, w, x.shape, stride, pads)
-        for flipped in (False, True) if tuple(stride) == (1, 1) else (False,):
-            geo = geometry(w, stride, pads, flipped)
-            for tile in TILES:
-                if flipped:
-                    col, wide = tile_buffers(tile, f * kh * kw, x.shape[2] * x.shape[3], c, dtype)
-                else:
-                    col, wide = tile_buffers(tile, c * kh * kw, oh * ow, f, dtype)
-                if geo.pointwise:
-                    col = wide = None
-                wf = np.empty((c, f * kh * kw), dtype)
-                dx = np.full(x.shape, np.nan, dtype)
-                conv2d.conv2d_input_grad(dy, w, dx, col, wide, wf, geo)
-                np.testing.assert_allclose(dx, ref, **tol(dtype), err_msg=f"{geom} flipped={flipped} tile={tile}")
+        geo = geometry(w, stride, pads)
+        for tile in TILES:
+            col, wide = tile_buffers(tile, c * kh * kw, oh * ow, f, dtype)
+            if geo.pointwise:
+                col = wide = None
+            dx = np.full(x.shape, np.nan, dtype)
+            conv2d.conv2d_input_grad(dy, w, dx, col, wide, geo)
+            np.testing.assert_allclose(dx, ref, **tol(dtype), err_msg=f"{geom} tile={tile}")
 
 
 POOL_GEOMETRIES = [  # (x shape, pool, stride, padding)
@@ -433,7 +420,6 @@ def check_activation(dtype, rng):
 KERNEL_CHECKS: dict[str, Callable[[type, np.random.Generator], None]] = {
     "im2col": check_im2col,
     "col2im": check_col2im,
-    "flip_kernel": check_flip_kernel,
     "add_bias": check_add_bias,
     "bias_grad": check_bias_grad,
     "pack_tile": check_pack_tile,

@@ -129,7 +129,6 @@ CASES = [
     conv("conv_pointwise", (2, 4, 3, 3), kernel_size=(1, 1), filters=5),
     conv("conv_pointwise_stride2", (2, 4, 5, 5), kernel_size=(1, 1), stride=(2, 2)),
     conv("conv_big_pad", (1, 2, 4, 4), kernel_size=(3, 3), padding=(3, 2)),
-    conv("conv_big_pad_fewer_filters", (1, 3, 4, 4), kernel_size=(3, 3), padding=(3, 2), filters=2),
     conv("conv_more_filters", (2, 2, 5, 5), kernel_size=(3, 3), padding="same", filters=6),
     pool("max", (2, 3, 6, 5), pool_size=(2, 2)),
     pool("max", (2, 2, 7, 7), pool_size=(3, 3), stride=(2, 2), padding="same"),

@@ -4,14 +4,14 @@ Weight (filters, channels, kh, kw), bias (filters,). Shapes: K = C*kh*kw rows of
 P = OH*OW output positions per sample, W2 = weight viewed as (F, K).
 
 The column buffer holds one tile of T samples side by side, (K, T*P): T = 1 for big layers, more
-for small ones (enough for 256 columns, or all that fit COL_TILE_BYTES) -- never the batch as such.
+for small ones (enough for 1024 columns, or all that fit COL_TILE_BYTES) -- never the batch as such.
 Side by side, a tile is ONE wide product, so small-spatial layers get large GEMMs and W2 is
 packed once per tile, not per sample; a tile of one sample needs no packing at all.
 - forward: col = im2col(x tile); out tile = W2 @ col (unpacked from (F, T*P) when T > 1) + b.
 - dW: dW^T = sum over tiles of col @ dy_tile^T, (K, F) (this product shape measured fastest on
   OpenBLAS), summed in a weight-sized scratch and transposed into the gradient.
-- dx, stride 1 and F <= C: a stride-1 convolution of dy with the flipped, transposed kernel
-  (im2col of dy, then a product reducing over F*kh*kw); otherwise col = W2^T @ dy_tile, col2im.
+- dx: col = W2^T @ dy_tile, then col2im. (A stride-1 alternative, im2col of dy times the flipped
+  kernel, measured ~10% slower once tiles made this product wide, so it is not used.)
 Index arithmetic in the kernels is unsigned so numba drops negative-index checks and vectorizes.
 """
 
@@ -29,7 +29,7 @@ from .base import InitContext, Layer, RunContext, Shape, register
 DTYPES = ("float32", "float64")  # float32 is what runs; float64 serves the gradient checks
 REDUCE = {"reassoc", "nsz"}  # lets LLVM vectorize sums (order of additions may change); nothing else
 COL_TILE_BYTES = 1 << 20  # a tile takes as many samples as fit 1 MiB of columns...
-MIN_TILE_COLUMNS = 256  # ...or enough for 256 columns side by side (small-spatial layers)...
+MIN_TILE_COLUMNS = 1024  # ...or enough for 1024 columns side by side (small-spatial layers)...
 COL_TILE_MAX_BYTES = 4 << 20  # ...but never more than 4 MiB of columns
 
 
@@ -160,17 +160,6 @@ def unpack_tile(src, dst):
                 dst[t, f, j] = src[f, t * p + j]
 
 
-@njit(signatures("void({t}[:,:,:,::1], {t}[:,::1])"), cache=True, nogil=True)
-def flip_kernel(w, wf):
-    """wf (C, F*kh*kw)[c, (f, u, v)] = w[f, c, kh-1-u, kw-1-v]: the kernel of the stride-1 input derivative."""
-    f_out, c_in, kh, kw = w.shape
-    for c in range(c_in):
-        for f in range(f_out):
-            for u in range(kh):
-                for v in range(kw):
-                    wf[c, (f * kh + u) * kw + v] = w[f, c, kh - 1 - u, kw - 1 - v]
-
-
 @njit(signatures("void({t}[:,:,::1], {t}[::1])"), cache=True, nogil=True)
 def add_bias(out, b):
     """out (T, F, P) += b[None, :, None]."""
@@ -196,12 +185,11 @@ def bias_grad(dy, db):
 
 @dataclass(frozen=True)
 class ConvGeometry:
-    """Stride, (top, bottom, left, right) padding and the derivative path of one conv layer."""
+    """Stride and (top, bottom, left, right) padding of one conv layer."""
 
     stride: tuple[int, int]
     pads: tuple[int, int, int, int]
     pointwise: bool = False  # 1x1 kernel, stride 1, no padding: x itself is the column matrix
-    flipped: bool = False  # input derivative as a flipped stride-1 convolution
 
 
 def tiles(n: int, tile: int):
@@ -280,37 +268,21 @@ def conv2d_weight_grad(x, dy, gw, gb, col, pack, part, acc, geo: ConvGeometry) -
     bias_grad(dy3, gb)
 
 
-def conv2d_input_grad(dy, w, dx, col, wide, wf, geo: ConvGeometry) -> None:
-    """dx = d conv / d x applied to dy, a tile at a time.
+def conv2d_input_grad(dy, w, dx, col, wide, geo: ConvGeometry) -> None:
+    """dx = d conv / d x applied to dy, a tile at a time: col = W2^T @ dy tile, then col2im.
 
-    flipped: col = im2col of the dy tile (F*kh*kw rows), dx = wf @ col with wf the flipped kernel
-    (C, F*kh*kw); wide then holds the (C, T*H*W) product. Otherwise col = W2^T @ dy tile, then
-    col2im; wide then holds dy of the tile side by side. wide is None when T = 1.
+    col: the tile's columns (None when pointwise: dx = W2^T @ dy directly); wide: dy of a tile
+    side by side, (F, T*P) (None when T = 1).
     """
     f_out, c_in, kh, kw = w.shape
-    n_b, _, h, wd = dx.shape
+    n_b = dx.shape[0]
     oh, ow = dy.shape[2:]
-    p, hw, k = oh * ow, h * wd, c_in * kh * kw
+    p, k = oh * ow, c_in * kh * kw
     dy3 = dy.reshape(n_b, f_out, p)
-    dx3 = dx.reshape(n_b, c_in, hw)
     if geo.pointwise:
-        np.matmul(w.reshape(f_out, c_in).T, dy3, out=dx3)
+        np.matmul(w.reshape(f_out, c_in).T, dy3, out=dx.reshape(n_b, c_in, p))
         return
     (sh, sw), (pt, _, pl, _) = geo.stride, geo.pads
-    if geo.flipped:
-        flip_kernel(w, wf)
-        rows = f_out * kh * kw
-        for a, z in tiles(n_b, col.size // (rows * hw)):
-            t = z - a
-            im2col(dy[a:z], col.reshape(-1), hw, t * hw, kh, kw, 1, 1, kh - 1 - pt, kw - 1 - pl, h, wd)
-            c = side_by_side(col, rows, t, hw)
-            if t == 1:
-                np.matmul(wf, c, out=dx3[a])
-            else:
-                o = side_by_side(wide, c_in, t, hw)
-                np.matmul(wf, c, out=o)
-                unpack_tile(o, dx3[a:z])
-        return
     w2t = w.reshape(f_out, k).T
     for a, z in tiles(n_b, col.size // (k * p)):
         t = z - a
@@ -321,12 +293,6 @@ def conv2d_input_grad(dy, w, dx, col, wide, wf, geo: ConvGeometry) -> None:
             pack_tile(dy3[a:z], d)
         np.matmul(w2t, d, out=side_by_side(col, k, t, p))
         col2im(col.reshape(-1), dx[a:z], p, t * p, kh, kw, sh, sw, pt, pl, oh, ow)
-
-
-def use_flipped_derivative(c_in: int, f_out: int, stride: tuple[int, int]) -> bool:
-    """Stride 1 and no more filters than channels: the flipped convolution's columns (F*kh*kw rows)
-    are then no larger than col2im's and its product reduces over F*kh*kw instead of F."""
-    return tuple(stride) == (1, 1) and f_out <= c_in
 
 
 def tile_size(batch: int, sample_elems: int, cols: int) -> int:
@@ -367,7 +333,7 @@ class Conv2D(Layer):
         f_out = spec.filters
         k, p = c_in * kh * kw, oh * ow
         pointwise = _is_pointwise((f_out, c_in, kh, kw), stride, pads)
-        self.geo = ConvGeometry(stride, pads, pointwise, not pointwise and use_flipped_derivative(c_in, f_out, stride))
+        self.geo = ConvGeometry(stride, pads, pointwise)
         self.w = ctx.request_weight(
             "weight",
             (f_out, c_in, kh, kw),
@@ -377,9 +343,9 @@ class Conv2D(Layer):
         )
         self.b = ctx.request_weight("bias", (f_out,), spec.bias_initializer or "zeros")
         # Scratch for one tile of samples, each only for the steps that use it (the planner may
-        # overlap them): forward columns; columns of x for dW; columns of dy (or of dx) for dx.
+        # overlap them): forward columns; columns of x for dW; columns of dx for dx.
         self.col = self.wide = self.col_grad = self.pack = self.part = self.acc = None
-        self.col_deriv = self.wide_deriv = self.flip = None
+        self.col_deriv = self.wide_deriv = None
         if not pointwise:
             t = tile_size(ctx.batch, k * p, p)
             self.col = ctx.request_tensor("col", (k, t * p), Life.FORWARD)
@@ -389,15 +355,9 @@ class Conv2D(Layer):
                 self.col_grad = ctx.request_tensor("col_grad", (k, t * p), Life.CALC_GRAD)
                 if t > 1:
                     self.pack = ctx.request_tensor("dy_tile", (f_out, t * p), Life.CALC_GRAD)
-            if self.geo.flipped:
-                rows, cols, wide_rows = f_out * kh * kw, h * w, c_in
-                self.flip = ctx.request_tensor("wflip", (c_in, rows), Life.CALC_DERIV)
-            else:
-                rows, cols, wide_rows = k, p, f_out
-            td = tile_size(ctx.batch, rows * cols, cols)
-            self.col_deriv = ctx.request_tensor("col_deriv", (rows, td * cols), Life.CALC_DERIV)
-            if td > 1:
-                self.wide_deriv = ctx.request_tensor("deriv_tile", (wide_rows, td * cols), Life.CALC_DERIV)
+            self.col_deriv = ctx.request_tensor("col_deriv", (k, t * p), Life.CALC_DERIV)
+            if t > 1:
+                self.wide_deriv = ctx.request_tensor("dy_tile_deriv", (f_out, t * p), Life.CALC_DERIV)
         if spec.trainable:
             self.part = ctx.request_tensor("wgrad_part", (k, f_out), Life.CALC_GRAD)
             self.acc = ctx.request_tensor("wgrad_acc", (k, f_out), Life.CALC_GRAD)
@@ -425,7 +385,7 @@ class Conv2D(Layer):
             return
         conv2d_input_grad(
             run.dout(), run.weight(self.w), din,
-            _opt(run, self.col_deriv), _opt(run, self.wide_deriv), _opt(run, self.flip), self.geo,
+            _opt(run, self.col_deriv), _opt(run, self.wide_deriv), self.geo,
         )  # fmt: skip
 
 
