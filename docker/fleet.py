@@ -1,6 +1,7 @@
 """Run the docker-compose fleet for real and check it (what `make docker-test` runs).
 
     .venv/bin/python docker/fleet.py [--rounds 3] [--timeout 600] [--keep-image] [--logs DIR]
+    .venv/bin/python docker/fleet.py --limits 176m,192m,288m,384m,416m     (mem_limit probe, no fleet)
 
 From a clean state: build the image, bring up the fleet of docker/docker-compose.yml under a
 unique project name (the one-shot data step runs first), follow the rounds through GetStatus on
@@ -93,6 +94,7 @@ class MemoryRun:
     peak_bytes: int | None
     seconds: float
     tail: str = ""
+    anon_bytes: int | None = None
 
 
 @dataclass
@@ -132,6 +134,7 @@ class FleetResult:
     containers: dict[str, ContainerInfo] = field(default_factory=dict)
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # device service -> final JSON report
     peaks: dict[str, int] = field(default_factory=dict)  # service -> peak container memory (bytes)
+    anon_peaks: dict[str, int] = field(default_factory=dict)  # service -> peak anonymous memory (cgroup)
     peak_source: str = ""
     server_log: str = ""
     server_final_exit: int | None = None
@@ -258,6 +261,7 @@ class PeakSampler(threading.Thread):
         self.fleet = fleet
         self.interval = interval
         self.peaks: dict[str, int] = {}
+        self.anon_peaks: dict[str, int] = {}
         self.source = ""
         self._halt = threading.Event()
         self._lock = threading.Lock()
@@ -266,16 +270,26 @@ class PeakSampler(threading.Thread):
         with self._lock:
             self.peaks[service] = max(self.peaks.get(service, 0), value)
 
+    def _record_anon(self, service: str, stat: Path) -> None:
+        """Anonymous memory (v1 total_rss, v2 anon): what the limit must hold; page cache is reclaimable."""
+        with contextlib.suppress(OSError, ValueError):
+            fields = dict(line.split() for line in stat.read_text().splitlines() if line.count(" ") == 1)
+            value = int(fields.get("total_rss", fields.get("anon", 0)))
+            with self._lock:
+                self.anon_peaks[service] = max(self.anon_peaks.get(service, 0), value)
+
     def sample_once(self, containers: dict[str, str]) -> None:
         missing = {}
         for cid, service in containers.items():
             for pattern in CGROUP_PEAK_FILES:
+                path = Path(pattern.format(id=cid))
                 try:
-                    value = int(Path(pattern.format(id=cid)).read_text().strip())
+                    value = int(path.read_text().strip())
                 except (OSError, ValueError):
                     continue
                 self.source = self.source or "cgroup peak counter"
                 self._record(service, value)
+                self._record_anon(service, path.parent / "memory.stat")
                 break
             else:
                 missing[cid] = service
@@ -553,10 +567,10 @@ class Fleet:
         seconds = time.monotonic() - t0
         state = self.inspect(name)["State"]
         time.sleep(2 * sampler.interval)
-        peak = sampler.peaks.get(name)
+        peak, anon = sampler.peaks.get(name), sampler.anon_peaks.get(name)
         run(["docker", "rm", "-f", name], check=False)
         return MemoryRun(mode=mode, exit_code=state["ExitCode"], oom_killed=bool(state["OOMKilled"]), peak_bytes=peak,
-                         seconds=seconds, tail="\n".join((proc.stdout or "").splitlines()[-5:]))
+                         seconds=seconds, tail="\n".join((proc.stdout or "").splitlines()[-5:]), anon_bytes=anon)
 
     def save_logs(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
@@ -657,6 +671,7 @@ def run_fleet(rounds: int = 3, timeout: float = 600.0, keep_image: bool = False,
                     proof.naive = fleet.memory_run("naive", ("--memory", "naive"), sampler)
                     proof.swap = fleet.memory_run("swap", SWAP_ARGS, sampler)
             result.peaks = sampler.stop()
+            result.anon_peaks = dict(sampler.anon_peaks)
             result.peak_source = sampler.source
             result.seconds = time.monotonic() - t_start
             ok = True
@@ -676,7 +691,7 @@ def run_fleet(rounds: int = 3, timeout: float = 600.0, keep_image: bool = False,
 
 def device_table(result: FleetResult) -> str:
     """One line per device: rounds joined, bytes up, peak container memory, its limit and exit."""
-    head = (f"{'device':<14} {'rounds joined':>13} {'bytes up':>10} {'peak mem':>9} {'limit':>9} {'peak RSS':>9} "
+    head = (f"{'device':<14} {'rounds joined':>13} {'bytes up':>10} {'peak mem':>9} {'anon':>8} {'limit':>9} "
             f"{'memory mode':<24} {'exit':>4} {'OOM':>4}")
     lines = [head, "-" * len(head)]
     for s in result.devices:
@@ -688,8 +703,8 @@ def device_table(result: FleetResult) -> str:
         elif mem:
             mode += f" (arena {mib(mem.get('arena_bytes'))})"
         lines.append(f"{s:<14} {rep.get('rounds_trained', 0):>13} {rep.get('bytes_up', 0):>10,} "
-                     f"{mib(result.peaks.get(s)):>9} {mib(info.mem_limit) if info.mem_limit else 'none':>9} "
-                     f"{mib(rep.get('peak_rss_bytes')):>9} {mode:<24} {info.exit_code!s:>4} "
+                     f"{mib(result.peaks.get(s)):>9} {mib(result.anon_peaks.get(s)):>8} "
+                     f"{mib(info.mem_limit) if info.mem_limit else 'none':>9} {mode:<24} {info.exit_code!s:>4} "
                      f"{'yes' if info.oom_killed else 'no':>4}")
     return "\n".join(lines)
 
@@ -714,7 +729,7 @@ def summary(result: FleetResult) -> str:
                    f"{r.device} stopped mid-round (exit {r.device_stop_exit_code}, "
                    f"{r.device_stop_report.get('reason')!r}) and rejoined")
     out.append(device_table(result))
-    out.append(f"(peak mem: {result.peak_source or 'not sampled'}; peak RSS: the agent's own ru_maxrss)")
+    out.append(f"(peak mem: {result.peak_source or 'not sampled'}, page cache included; anon: peak anonymous memory)")
     m = result.memory
     if m is not None:
         if not m.enforced:
@@ -725,8 +740,35 @@ def summary(result: FleetResult) -> str:
             for r in (m.naive, m.swap):
                 if r is not None:
                     out.append(f"  {r.mode:<6} exit {r.exit_code}  OOMKilled {r.oom_killed}  peak {mib(r.peak_bytes)}  "
-                               f"{r.seconds:.0f}s")
+                               f"anon {mib(r.anon_bytes)}  {r.seconds:.0f}s")
     return "\n".join(out)
+
+
+def probe_limits(limits: Sequence[str], keep_image: bool = False) -> list[tuple[str, str, int, bool]]:
+    """One epoch of device-small's training (its data from the compose data step) per mode and
+    container limit: (mode, limit, exit code, OOM-killed). How docker/README.md's limits were found."""
+    fleet = Fleet(keep_image=keep_image)
+    rows = []
+    with signals_as_interrupt():
+        try:
+            fleet.build()
+            fleet.compose("up", "--no-build", "data", timeout=300)
+            volume = f"{fleet.project}_{SMALL}-data"
+            for mode, extra in (("naive", ("--memory", "naive")), ("swap", SWAP_ARGS)):
+                for limit in limits:
+                    name = f"{fleet.project}_{mode}_{limit}"
+                    fleet._extra_containers.append(name)
+                    run(["docker", "run", "--name", name, "-m", limit, "--memory-swap", limit,
+                         "-v", f"{volume}:/var/lib/fedpers/data:ro", fleet.image, "fedpers-client", "train",
+                         MODEL_IN_IMAGE, "--data", DATA_IN_CONTAINER, "--epochs", "1", "--swap-dir", "/tmp", *extra],
+                        check=False, timeout=600)
+                    state = fleet.inspect(name)["State"]
+                    rows.append((mode, limit, int(state["ExitCode"]), bool(state["OOMKilled"])))
+                    run(["docker", "rm", "-f", name], check=False)
+                    print(f"{mode:<6} under {limit:>6}: exit {rows[-1][2]:>3}  OOM-killed {rows[-1][3]}", flush=True)
+        finally:
+            fleet.teardown()
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -736,6 +778,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep-image", action="store_true", help="do not remove the image tag at the end")
     p.add_argument("--no-memory-proof", action="store_true", help="skip the naive/swap runs of device-small")
     p.add_argument("--logs", type=Path, default=None, help="where container logs go (default runs/docker-<project>)")
+    p.add_argument("--limits", default=None, metavar="L1,L2,...",
+                   help="instead of the fleet: train device-small's model naive and swap under each limit")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -743,6 +787,13 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"fleet: {reason}", file=sys.stderr)
         return 2
+    if args.limits:
+        try:
+            probe_limits([x.strip() for x in args.limits.split(",") if x.strip()], args.keep_image)
+        except (FleetError, KeyboardInterrupt) as exc:
+            print(f"fleet: {exc or 'interrupted'}", file=sys.stderr)
+            return 1
+        return 0
     try:
         result = run_fleet(args.rounds, args.timeout, args.keep_image, args.logs, not args.no_memory_proof)
     except FleetError as exc:
