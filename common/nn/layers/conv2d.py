@@ -17,6 +17,7 @@ Index arithmetic in the kernels is unsigned so numba drops negative-index checks
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -192,7 +193,7 @@ class ConvGeometry:
     pointwise: bool = False  # 1x1 kernel, stride 1, no padding: x itself is the column matrix
 
 
-def tiles(n: int, tile: int):
+def tiles(n: int, tile: int) -> Iterator[tuple[int, int]]:
     """(start, stop) of consecutive tiles of at most `tile` samples covering n."""
     return ((a, min(a + tile, n)) for a in range(0, n, tile))
 
