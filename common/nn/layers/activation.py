@@ -1,6 +1,7 @@
 """Activation layer (relu, sigmoid, tanh, softmax, none): in place, derivative in place.
 
 Every backward formula uses the output only, so the input buffer can be overwritten.
+softmax normalizes over all of an example's values (C*H*W together for image-shaped input).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import numpy as np
 
 from ..order import Life
 from .base import InitContext, Layer, RunContext, Shape, register
+from .conv2d import add_bias
 
 
 @register
@@ -30,7 +31,7 @@ class FullyConnected(Layer):
     def forward(self, run: RunContext, training: bool) -> None:
         x, out = run.input(), run.output()
         np.matmul(x.reshape(x.shape[0], -1), run.weight(self.w), out=out)
-        out += run.weight(self.b)
+        add_bias(out.reshape(out.shape[0], -1, 1), run.weight(self.b))
 
     def calc_gradient(self, run: RunContext) -> None:
         x, dy = run.input(), run.dout()

@@ -19,7 +19,7 @@ from .base import InitContext, Layer, RunContext, Shape
 @njit(cache=True, nogil=True)
 def cross_entropy_forward(logits, labels, probs):
     """Stable softmax into probs (may be the logits' own buffer); returns (sum of -log p[label],
-    correct count). Each row is fully read before it is overwritten."""
+    correct count). Each row is fully read before it is overwritten. Labels are in [0, n)."""
     rows, n = logits.shape
     total = 0.0
     correct = 0
