@@ -19,6 +19,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,14 +62,28 @@ def threads() -> int:
         return os.cpu_count() or 1
 
 
-def busy_note() -> str | None:
-    """A warning line when other processes already load the cores (timings would mostly measure them)."""
+def busy_note(seconds: float = 1.0) -> str | None:
+    """A warning line when other processes use the cores right now (timings would partly measure them).
+
+    Samples /proc/stat over `seconds` (the load average would also count this script's previous runs).
+    """
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+
     try:
-        load = os.getloadavg()[0]
-    except OSError:
+        idle0, total0 = sample()
+        time.sleep(seconds)
+        idle1, total1 = sample()
+    except (OSError, ValueError, IndexError):
         return None
-    if load > 0.5:
-        return f"WARNING: load average {load:.2f} before the run: other processes share the cores, timings are inflated"
+    busy = 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+    if busy > 0.15:
+        return (
+            f"WARNING: the cores were {busy:.0%} busy before the run: other processes share them, timings are inflated"
+        )
     return None
 
 
