@@ -163,7 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args or (args[0] not in SUBCOMMANDS and args[0] not in ("-h", "--help")):
         args.insert(0, "serve")
     ns = _parser().parse_args(args)
-    return {"serve": _serve, "health": _health, "status": _status}[ns.command](ns)
+    try:
+        return {"serve": _serve, "health": _health, "status": _status}[ns.command](ns)
+    except BrokenPipeError:  # e.g. `fedpers-server status | head -1`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

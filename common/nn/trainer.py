@@ -234,7 +234,7 @@ class Trainer:
                     loss_sum += ls
                     correct += cr
                     done += 1
-                    if progress is not None:
+                    if progress:
                         seen = (b + 1) * batch
                         progress(done, total, loss_sum / seen, correct / seen)
                 n = per_epoch * batch
