@@ -67,6 +67,9 @@ class AgentConfig:
     enroll_token: str = ""
     memory: str = "planned"
     memory_budget: str | None = None
+    lookahead: int = 2
+    micro_batch: int = 1
+    swap_dir: str | None = None  # default: <state>/swap
     codec: str | None = None  # overrides the server's codec
     local_epochs: int | None = None  # overrides the server's local epochs
     name: str | None = None
@@ -278,9 +281,10 @@ class Agent:
                 check_against_model(self.data, first.input_shape, num_classes, str(self.cfg.data))
             swap_dir = None
             if self.cfg.memory == "swap" or self.cfg.memory_budget is not None:
-                swap_dir = self.cfg.state / "swap"
+                swap_dir = Path(self.cfg.swap_dir) if self.cfg.swap_dir else self.cfg.state / "swap"
                 swap_dir.mkdir(parents=True, exist_ok=True)
             trainer = Trainer(spec, memory=self.cfg.memory, memory_budget=self.cfg.memory_budget,
+                              lookahead=self.cfg.lookahead, micro_batch=self.cfg.micro_batch,
                               seed=codecs.derive_seed(self.state.name) & 0x7FFFFFFF,
                               swap_dir=str(swap_dir) if swap_dir else None)
             self._models[key] = (spec, trainer)

@@ -15,9 +15,9 @@ import sys
 import threading
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from .train_cmd import add_memory_args
 
-MEMORY_MODES = ("naive", "planned", "swap")
+log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -29,8 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--state", required=True, type=Path, metavar="DIR",
                    help="where the device keeps its name, personal layers and codec residual")
     p.add_argument("--enroll-token", default="", metavar="T", help="token the server requires to join")
-    p.add_argument("--memory", choices=MEMORY_MODES, default="planned", help="trainer memory mode")
-    p.add_argument("--memory-budget", default=None, metavar="SIZE", help="e.g. 64MiB: the trainer's arena budget")
+    add_memory_args(p, swap_dir_default="DIR/swap")
     p.add_argument("--codec", default=None, metavar="C",
                    help="delta codec, overriding the server's: fp32|fp16|int8|topk:F, optional +zstd")
     p.add_argument("--local-epochs", type=int, default=None, metavar="N", help="override the server's local epochs")
@@ -76,7 +75,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     cfg = AgentConfig(
         server=args.server, data=args.data, state=args.state, enroll_token=args.enroll_token,
-        memory=args.memory, memory_budget=args.memory_budget, codec=args.codec, local_epochs=args.local_epochs,
+        memory=args.memory, memory_budget=args.memory_budget, lookahead=args.lookahead, micro_batch=args.micro_batch,
+        swap_dir=args.swap_dir, codec=args.codec, local_epochs=args.local_epochs,
         name=args.name, max_rounds=args.max_rounds, save_uploads=args.save_uploads,
         retry_seconds=args.retry_seconds,
     )

@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 MEMORY_MODES = ("naive", "planned", "swap")
 
 
-def add_memory_args(p: argparse.ArgumentParser) -> None:
-    """The trainer's memory flags, shared by train, plan and run."""
+def add_memory_args(p: argparse.ArgumentParser, swap_dir_default: str = "a temp dir") -> None:
+    """The trainer's memory flags, shared by train and run."""
     p.add_argument("--memory", choices=MEMORY_MODES, default="planned",
                    help="naive: every tensor its own buffer; planned: one planned arena (default); "
                         "swap: planned + saved activations swapped to a file")
@@ -27,7 +27,8 @@ def add_memory_args(p: argparse.ArgumentParser) -> None:
                    help="swap mode: read tensors back K steps before use (default 2)")
     p.add_argument("--micro-batch", type=int, default=1, metavar="M",
                    help="run each batch as M micro-batches with gradient accumulation (default 1)")
-    p.add_argument("--swap-dir", default=None, metavar="DIR", help="where the swap file lives (default: temp dir)")
+    p.add_argument("--swap-dir", default=None, metavar="DIR",
+                   help=f"where the swap file lives (default: {swap_dir_default}; unlinked once opened)")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="e.g. 48MiB: pick the fastest mode, lookahead and micro-batch whose arena fits")
 
