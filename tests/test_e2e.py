@@ -74,7 +74,9 @@ def fed(tmp_path_factory):
     children: list[Child] = []
     try:
         first = _device(tmp, address, 0, "--max-rounds", "1")
-        children = [first] + [_device(tmp, address, i) for i in range(1, DEVICES)]
+        # device 1 swaps saved activations to a file; device 2 lets a memory budget choose
+        memory = {1: ("--memory", "swap", "--lookahead", "1"), 2: ("--memory-budget", "64MiB")}
+        children = [first] + [_device(tmp, address, i, *memory.get(i, ())) for i in range(1, DEVICES)]
         assert _wait(first, 90) == 0, first.tail(30)
         snapshot = PersonalStore(tmp / "dev" / "0").load()
         report_after_first = PersonalStore(tmp / "dev" / "0").read_report()
@@ -106,6 +108,12 @@ def test_devices_complete_three_rounds(fed):
         # after DONE: the final base evaluated, then personalized locally (nothing uploaded)
         assert rep["final_version"] == ROUNDS and rep["final_epochs"] == 1
         assert 0.0 <= rep["final_global_accuracy"] <= 1.0 and 0.0 <= rep["final_personalized_accuracy"] <= 1.0
+    swapping = PersonalStore(fed["tmp"] / "dev" / "1").read_report()["memory_report"]
+    assert swapping["mode"] == "swap" and swapping["swap_out_bytes"] > 0
+    assert swapping["swap_in_bytes"] == swapping["swap_out_bytes"]
+    budgeted = PersonalStore(fed["tmp"] / "dev" / "2").read_report()["memory_report"]
+    assert budgeted["mode"] == "planned" and budgeted["arena_bytes"] <= 64 * 2**20
+    assert not any((fed["tmp"] / "dev" / "1" / "swap").iterdir())  # swap files never outlive their use
     # round metrics reach the server: each round's personalized accuracy is reported
     assert all("personalized_accuracy" in r.metrics and "global_accuracy" in r.metrics for r in closed)
 
