@@ -561,7 +561,8 @@ class Fleet:
         name = f"{self.project}_{SMALL}_{mode}"
         self._extra_containers.append(name)
         t0 = time.monotonic()
-        proc = self.compose("run", "--no-deps", "-T", "--name", name, SMALL, "fedpers-client", "train", MODEL_IN_IMAGE,
+        proc = self.compose("run", "--no-deps", "-T", "--name", name, SMALL, "fedpers-client", "--log-level", "INFO",
+                            "train", MODEL_IN_IMAGE,
                             "--data", DATA_IN_CONTAINER, "--epochs", "1", "--swap-dir", STATE_IN_CONTAINER, *extra,
                             timeout=600, check=False)
         seconds = time.monotonic() - t0

@@ -119,6 +119,8 @@ def test_device_small_naive_is_oom_killed_where_swap_fits(run) -> None:
         pytest.skip(f"memory proof: {m.reason}")
     assert m.plan["naive"] > 2 * m.plan["swap"]
     assert m.naive.oom_killed and m.naive.exit_code == 137, f"naive under {m.mem_limit} bytes: {m.naive}"
+    # killed while training, not while starting: its plan was made and logged before the kill
+    assert "training plan: memory=naive" in m.naive.tail, m.naive.tail
     assert m.swap.exit_code == 0 and not m.swap.oom_killed, f"swap under {m.mem_limit} bytes: {m.swap}"
     small = run.containers["device-small"]
     assert small.mem_limit == m.mem_limit and small.exit_code == 0 and not small.oom_killed

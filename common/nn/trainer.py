@@ -158,6 +158,8 @@ class Trainer:
                     c.views[o_new][...] = old.views[o_old]
         self._weights = {k: c.views[k] for k in self._weights}
         self._train = c
+        log.info("training plan: memory=%s batch %d micro-batch %d, arena %d bytes (naive %d, lower bound %d)",
+                 mode, batch, mb, c.plan.total, c.naive_bytes, c.lower_bound_bytes)
         return c
 
     def _inference(self, batch: int) -> Compiled:
