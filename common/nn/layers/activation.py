@@ -22,8 +22,11 @@ def relu_forward(x, out):
 
 @njit(cache=True, nogil=True)
 def relu_backward(y, dy, dx):
+    # `0 * g` keeps both arms loads of g: a select, not a branch. dx is usually dy's own buffer, and
+    # a branch on random signs in that (unvectorized, aliased) loop measured 20x slower.
     for i in range(y.size):
-        dx[i] = dy[i] if y[i] > 0.0 else 0.0
+        g = dy[i]
+        dx[i] = g if y[i] > 0.0 else g * 0.0
 
 
 @njit(cache=True, nogil=True)
