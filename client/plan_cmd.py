@@ -81,7 +81,7 @@ def draw(c: Compiled, path: Path) -> None:
     handles = [Rectangle((0, 0), 1, 1, facecolor=v) for v in ("#4c72b0", "#dd8452", "#8172b3", "#55a868", "#c44e52",
                                                               "#937860")]
     ax.legend(handles + [ax.lines[0]], ["weights", "gradients", "optimizer", "activations", "derivatives", "scratch",
-                                        "lower bound"], loc="upper right", fontsize=8)
+                                        "lower bound"], loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
