@@ -60,6 +60,15 @@ def output_size(n: int, k: int, s: int, before: int, after: int) -> int:
     return (n + before + after - k) // s + 1
 
 
+@njit("UniTuple(int64, 2)(int64, int64, int64, int64, int64)", cache=True, nogil=True)
+def column_range(kj, sw, pl, w, ow):
+    """Output columns j whose window column j*sw - pl + kj lies inside [0, w)."""
+    off = kj - pl
+    j0 = 0 if off >= 0 else min((-off + sw - 1) // sw, ow)
+    j1 = min((w - 1 - off) // sw + 1, ow) if w - 1 - off >= 0 else 0
+    return j0, max(j0, j1)
+
+
 @njit(
     signatures("void({t}[:,:,:,::1], {t}[::1], int64, int64, int64, int64, int64, int64, int64, int64, int64, int64)"),
     cache=True,
@@ -78,11 +87,7 @@ def im2col(x, col, t_stride, r_stride, kh, kw, sh, sw, ph, pw, oh, ow):
                 for kj in range(kw):
                     row = t * t_stride + ((c * kh + ki) * kw + kj) * r_stride
                     off = kj - pw
-                    # columns j with 0 <= j*sw + off < w
-                    j0 = 0 if off >= 0 else min((-off + sw - 1) // sw, ow)
-                    j1 = min((w - 1 - off) // sw + 1, ow) if w - 1 - off >= 0 else 0
-                    if j1 < j0:
-                        j1 = j0
+                    j0, j1 = column_range(kj, sw, pw, w, ow)
                     for i in range(oh):
                         ih = i * sh + ki - ph
                         o = uint64(row + i * ow)
@@ -123,10 +128,7 @@ def col2im(col, dx, t_stride, r_stride, kh, kw, sh, sw, ph, pw, oh, ow):
                 for kj in range(kw):
                     row = t * t_stride + ((c * kh + ki) * kw + kj) * r_stride
                     off = kj - pw
-                    j0 = 0 if off >= 0 else min((-off + sw - 1) // sw, ow)
-                    j1 = min((w - 1 - off) // sw + 1, ow) if w - 1 - off >= 0 else 0
-                    if j1 < j0:
-                        j1 = j0
+                    j0, j1 = column_range(kj, sw, pw, w, ow)
                     for i in range(oh):
                         ih = i * sh + ki - ph
                         if ih < 0 or ih >= h:

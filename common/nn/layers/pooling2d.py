@@ -13,18 +13,9 @@ from numba import njit
 
 from ..order import Life
 from .base import InitContext, Layer, RunContext, Shape, register
-from .conv2d import REDUCE, output_size, resolve_padding, signatures
+from .conv2d import REDUCE, column_range, output_size, resolve_padding, signatures
 
 WINDOW = "int64, int64, int64, int64, int64, int64"  # pool h, w, stride h, w, pad top, left
-
-
-@njit("UniTuple(int64, 2)(int64, int64, int64, int64, int64)", cache=True, nogil=True)
-def column_range(kj, sw, pl, w, ow):
-    """Output columns j whose window column j*sw - pl + kj lies inside [0, w)."""
-    off = kj - pl
-    j0 = 0 if off >= 0 else min((-off + sw - 1) // sw, ow)
-    j1 = min((w - 1 - off) // sw + 1, ow) if w - 1 - off >= 0 else 0
-    return j0, max(j0, j1)
 
 
 @njit(signatures("void({t}[:,:,::1], {t}[:,:,::1], int32[:,:,::1], " + WINDOW + ")"), cache=True, nogil=True)
