@@ -77,6 +77,17 @@ def _uniform01(seed: np.uint64, i: np.int64) -> np.float64:
     return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
 
 
+@njit("float32(float32[::1], int64, int64, float64)", cache=True, nogil=True)
+def _chunk_scale(x, lo, hi, levels):
+    """absmax of x[lo:hi] / levels: the step that maps the chunk onto [-levels, levels]."""
+    amax = 0.0
+    for i in range(lo, hi):
+        a = abs(np.float64(x[i]))
+        if a > amax:
+            amax = a
+    return np.float32(amax / levels)
+
+
 @njit("void(float32[::1], int64, uint64, int8[::1], float32[::1])", cache=True, nogil=True)
 def _int8_quantize(x, chunk, seed, q, scales):
     """Per-chunk absmax scale; q = floor(x / scale + u), u ~ U[0, 1): unbiased, |error| < scale."""
@@ -85,12 +96,7 @@ def _int8_quantize(x, chunk, seed, q, scales):
     for c in range(nchunks):
         lo = c * chunk
         hi = min(lo + chunk, n)
-        amax = 0.0
-        for i in range(lo, hi):
-            a = abs(np.float64(x[i]))
-            if a > amax:
-                amax = a
-        scale = np.float32(amax / 127.0)
+        scale = _chunk_scale(x, lo, hi, 127.0)
         scales[c] = scale
         if scale == 0.0:
             for i in range(lo, hi):
@@ -124,12 +130,7 @@ def _packed_quantize(x, chunk, bits, levels, seed, packed, scales):
     for c in range(scales.shape[0]):
         lo = c * chunk
         hi = min(lo + chunk, n)
-        amax = 0.0
-        for i in range(lo, hi):
-            a = abs(np.float64(x[i]))
-            if a > amax:
-                amax = a
-        scale = np.float32(amax / levels)
+        scale = _chunk_scale(x, lo, hi, levels)
         scales[c] = scale
         inv = 1.0 / np.float64(scale) if scale != 0.0 else 0.0
         for i in range(lo, hi):
