@@ -12,13 +12,16 @@ class ProgressBar:
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty()
         self.t0 = time.perf_counter()
+        self._drawn = 0.0
 
     def __call__(self, step: int, total: int, loss: float, accuracy: float) -> None:
-        if not self.enabled:
+        now = time.perf_counter()
+        if not self.enabled or (step < total and now - self._drawn < 0.1):  # at most ~10 redraws a second
             return
+        self._drawn = now
         filled = int(self.width * step / max(total, 1))
         bar = "#" * filled + "-" * (self.width - filled)
-        rate = step / max(time.perf_counter() - self.t0, 1e-9)
+        rate = step / max(now - self.t0, 1e-9)
         self.stream.write(
             f"\r{self.label} [{bar}] {step}/{total}  loss {loss:.4f}  acc {accuracy:.3f}  {rate:.1f} steps/s"
         )
