@@ -43,7 +43,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--batch", type=int, default=None, metavar="B", help="override [Model] batch_size")
     p.add_argument("--lr", type=float, default=None, metavar="X", help="override the learning rate")
     p.add_argument("--init-weights", type=Path, default=None, metavar="W.npz", help="start from these weights")
-    p.add_argument("--save-weights", type=Path, default=None, metavar="OUT.npz", help="write trained weights here")
+    p.add_argument("--save-weights", type=Path, default=None, metavar="OUT.npz",
+                   help="write trained weights here (default: [Model] Save_Path, if the model names one)")
     p.add_argument("--no-shuffle", action="store_true", help="keep batch order (reproducible runs)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for init, shuffling, dropout")
     p.add_argument("--json", action="store_true", help="print one JSON object with the results at the end")
@@ -71,8 +72,9 @@ def main(args: argparse.Namespace) -> int:
                              seed=args.seed, learning_rate=args.lr, progress=ProgressBar())
         report = trainer.memory_report()
         test = trainer.evaluate(data.x_test, data.y_test) if data.x_test is not None else None
-        if args.save_weights:
-            trainer.save_weights(str(args.save_weights))
+        save_to = args.save_weights or spec.save_path
+        if save_to:
+            trainer.save_weights(str(save_to))
     except (ModelError, DataError, WeightError, BudgetError, FileNotFoundError, ValueError) as e:
         print(f"fedpers-client train: {e}", file=sys.stderr)
         return 2

@@ -142,3 +142,14 @@ def test_cli_plan_table_json_and_png(tmp_path):
     text = run_cli("plan", str(MODELS / "digits_cnn.ini"), "--memory", "swap", "--png", str(png)).stdout
     assert "arena_bytes" in text and "lower_bound_bytes" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_train_saves_to_the_models_save_path(digits_file, tmp_path):
+    target = tmp_path / "out" / "trained.npz"
+    text = (MODELS / "digits_cnn.ini").read_text().replace("batch_size = 32", f"batch_size = 32\nSave_Path = {target}")
+    model = tmp_path / "model.ini"
+    model.write_text(text)
+    run_cli("train", str(model), "--data", str(digits_file), "--epochs", "1")
+    saved = np.load(target)
+    assert "output.weight" in saved.files and saved["output.weight"].shape == (64, 10)
+    assert [p.name for p in target.parent.iterdir()] == ["trained.npz"]  # no temp file left behind

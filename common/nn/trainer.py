@@ -7,6 +7,7 @@ so a gradient lives only until its layer is updated (do not reorder).
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from ..store import atomic_write_bytes
 from . import rss
 from .budget import Choice, choose, parse_size
 from .graph import Compiled, init_weights
@@ -127,7 +129,10 @@ class Trainer:
             self._weights[k][...] = arr
 
     def save_weights(self, path: str) -> None:
-        np.savez(path, **self.get_weights())
+        """Weights by name as .npz, written atomically (a crash leaves the old file or none)."""
+        buf = io.BytesIO()
+        np.savez(buf, **self.get_weights())
+        atomic_write_bytes(path, buf.getbuffer())
 
     def load_weights(self, path: str, strict: bool = True) -> None:
         with np.load(path) as data:
