@@ -37,3 +37,7 @@ class UnknownVersion(FederationError, LookupError):
 
 class ShuttingDown(FederationError):
     """The server is stopping and takes no more work (UNAVAILABLE)."""
+
+
+class Busy(FederationError):
+    """Every upload slot is taken; the device should retry shortly (UNAVAILABLE)."""

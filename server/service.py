@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import threading
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -44,6 +45,7 @@ ERROR_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.UnknownVersion, grpc.StatusCode.NOT_FOUND),
     (MissingVersion, grpc.StatusCode.NOT_FOUND),
     (errors.ShuttingDown, grpc.StatusCode.UNAVAILABLE),
+    (errors.Busy, grpc.StatusCode.UNAVAILABLE),
 )
 
 # Every message is at most one chunk (1 MiB) plus framing; refuse anything larger at the transport.
@@ -95,8 +97,12 @@ def _device_id(context: grpc.ServicerContext) -> int:
 class AuthInterceptor(grpc.ServerInterceptor):
     """Checks x-fedpers-device / x-fedpers-token on every Federation call except Join and GetStatus."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, upload_slots: int = 3) -> None:
         self.coordinator = coordinator
+        # Uploads may take fewer handler threads than there are, so slow uploaders never leave
+        # GetTask, GetStatus and downloads waiting; a device refused here retries with backoff.
+        self.upload_slots = upload_slots
+        self._uploads = threading.BoundedSemaphore(upload_slots)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -129,8 +135,12 @@ def _refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, mes
 class FederationServicer(pb_grpc.FederationServicer):
     """fedpers.v1.Federation: decode, call the coordinator, encode."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, upload_slots: int = 3) -> None:
         self.coordinator = coordinator
+        # Uploads may take fewer handler threads than there are, so slow uploaders never leave
+        # GetTask, GetStatus and downloads waiting; a device refused here retries with backoff.
+        self.upload_slots = upload_slots
+        self._uploads = threading.BoundedSemaphore(upload_slots)
 
     @mapped_errors
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
@@ -152,8 +162,13 @@ class FederationServicer(pb_grpc.FederationServicer):
     @mapped_errors
     def UploadUpdate(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadReply:
         device_id = _device_id(context)
-        header, chunks = wire.split_upload(request_iterator)
-        return wire.upload_reply_to_proto(self.coordinator.accept_update(device_id, header, chunks))
+        if not self._uploads.acquire(blocking=False):
+            raise errors.Busy(f"all {self.upload_slots} upload slots are in use; retry shortly")
+        try:
+            header, chunks = wire.split_upload(request_iterator)
+            return wire.upload_reply_to_proto(self.coordinator.accept_update(device_id, header, chunks))
+        finally:
+            self._uploads.release()
 
     @mapped_errors
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
@@ -176,7 +191,8 @@ def build_server(coordinator: Coordinator, listen: str, workers: int = 4) -> tup
             ("grpc.experimental.tcp_read_chunk_size", 64 << 10),
         ],
     )
-    pb_grpc.add_FederationServicer_to_server(FederationServicer(coordinator), server)
+    servicer = FederationServicer(coordinator, upload_slots=max(1, workers - 1))
+    pb_grpc.add_FederationServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(listen)

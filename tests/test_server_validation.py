@@ -223,3 +223,56 @@ def test_restart_continues_from_the_last_version(tmp_path: Path) -> None:
         dev.close()
     finally:
         running2.stop(grace=1)
+
+
+def test_a_slow_upload_leaves_a_thread_for_everything_else(tmp_path: Path) -> None:
+    """Two handler threads give one upload slot: a second upload is told to retry (UNAVAILABLE)
+    while the first is still streaming, and GetStatus / GetTask keep answering."""
+    import threading
+    import time
+
+    coord = make_coordinator(tmp_path, min_devices=2, rounds=2, max_update_bytes=64 << 10, round_timeout=600,
+                             clock=time.time)
+    cfg = ServerConfig(model=tmp_path / "unused.ini", store=tmp_path, listen="127.0.0.1:0", workers=2,
+                       round_timeout=600)
+    running = app.start(cfg, coordinator=coord)
+    a, b = Device(running.address, "a"), Device(running.address, "b")
+    try:
+        a.task()
+        task = b.task()
+        assert task.kind == wire.TaskKind.TRAIN
+        blob_a, blob_b = update_blob(random_delta(1)), update_blob(random_delta(2))
+        release, sent_header = threading.Event(), threading.Event()
+
+        def slow():
+            msgs = _msgs(task, blob_a)
+            yield msgs[0]
+            sent_header.set()
+            release.wait(10)
+            yield from msgs[1:]
+
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            reply=a.stub.UploadUpdate(slow(), metadata=a.md, timeout=20)))
+        t.start()
+        assert sent_header.wait(10)
+        deadline = time.monotonic() + 5
+        while coord.aggregator.count == 0 and time.monotonic() < deadline:
+            try:
+                b.upload(_msgs(task, blob_b))
+            except grpc.RpcError as e:
+                assert e.code() == Code.UNAVAILABLE and "upload slots" in e.details(), e.details()
+                break
+        else:
+            raise AssertionError("the second upload was not refused while the first held the only slot")
+        assert b.stub.GetStatus(pb.StatusRequest(), timeout=5).current_round == task.round_id
+        assert b.task().round_id == task.round_id
+        release.set()
+        t.join(10)
+        assert result["reply"].accepted
+        assert b.upload(_msgs(task, blob_b)).accepted  # the retry goes through once the slot is free
+    finally:
+        release.set()
+        a.close()
+        b.close()
+        running.stop(grace=1)
