@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,7 @@ def make_blob(seed: int = 0) -> bytes:
 class DeviceResult:
     uploads: int = 0
     error: str = ""
+    busy: int = 0  # uploads refused as busy and retried
 
 
 def run_device(address: str, name: str, blob: bytes, digest: bytes, deadline: float, out: DeviceResult,
@@ -79,7 +81,17 @@ def run_device(address: str, name: str, blob: bytes, digest: bytes, deadline: fl
                     time.sleep(max(0.05, task.retry_after_seconds))
                     continue
                 hdr = wire.UpdateHeader(task.round_id, task.base_version, 100, len(blob), digest, "fp32")
-                stub.UploadUpdate(wire.upload_messages(hdr, blob), metadata=md, timeout=120)
+                backoff = 0.05
+                while True:  # like the agent: UNAVAILABLE (all upload slots busy) means retry with backoff
+                    try:
+                        stub.UploadUpdate(wire.upload_messages(hdr, blob), metadata=md, timeout=120)
+                        break
+                    except grpc.RpcError as exc:
+                        if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                            raise
+                        out.busy += 1
+                        time.sleep(backoff * (0.5 + random.random()))
+                        backoff = min(backoff * 2, 1.0)
                 upload_times.append(time.monotonic())
                 out.uploads += 1
                 done_round = task.round_id
@@ -98,6 +110,7 @@ class Row:
     rss_connected_mib: float
     rss_peak_mib: float
     errors: int
+    busy: int  # uploads refused as busy (all upload slots in use) and retried
 
 
 def run_one(n: int, rounds: int, workers: int, blob: bytes, timeout: float) -> Row:
@@ -148,7 +161,8 @@ def run_one(n: int, rounds: int, workers: int, blob: bytes, timeout: float) -> R
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    return Row(n, rounds, updates, seconds, rss_start / 1024, rss_connected / 1024, rss_peak / 1024, errors)
+    return Row(n, rounds, updates, seconds, rss_start / 1024, rss_connected / 1024, rss_peak / 1024, errors,
+               sum(r.busy for r in results))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -165,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{len(blob) / 2**20:.2f} MiB per fp32 update, ~{ns.updates} updates per N, {ns.workers} server threads, "
           f"{os.cpu_count()} cpus")
     print(f"{'devices':>8} {'rounds':>7} {'updates':>8} {'seconds':>8} {'updates/s':>10} {'RSS idle MiB':>13} "
-          f"{'RSS joined MiB':>15} {'peak RSS MiB':>13} {'vs first':>9} {'errors':>7}")
+          f"{'RSS joined MiB':>15} {'peak RSS MiB':>13} {'vs first':>9} {'errors':>7} {'busy retries':>13}")
     first = None
     for n in ns_list:
         row = run_one(n, max(1, math.ceil(ns.updates / n)), ns.workers, blob, ns.timeout)
@@ -174,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         growth = row.rss_peak_mib / first - 1
         print(f"{row.devices:>8} {row.rounds:>7} {row.updates:>8} {row.seconds:>8.2f} {rate:>10.1f} "
               f"{row.rss_start_mib:>13.1f} {row.rss_connected_mib:>15.1f} {row.rss_peak_mib:>13.1f} {growth:>+9.1%} "
-              f"{row.errors:>7}", flush=True)
+              f"{row.errors:>7} {row.busy:>13}", flush=True)
     return 0
 
 
