@@ -153,20 +153,16 @@ class MultiOut(Layer):
             din += d
 
 
-def _expand(spec: ModelSpec) -> tuple[list[Node], dict[str, int]]:
+def _expand(spec: ModelSpec) -> list[Node]:
     """Layers in file order, with activations realized as their own nodes and the loss appended."""
     nodes: list[Node] = []
     out_of: dict[str, int] = {}  # INI layer name -> node producing its output
     for i, ls in enumerate(spec.layers):
-        producers = []
-        for src in spec.inputs_of(i):
-            producers.append((out_of[src], 0))
+        if ls.type == "input" and ls.input_layers:
+            raise ModelError(ls.name, "input_layers", "an input layer takes no inputs")
+        producers = [] if ls.type == "input" else [(out_of[src], 0) for src in spec.inputs_of(i)]
         if ls.type != "input" and not producers:
             raise ModelError(ls.name, "input_layers", "this layer has no input")
-        if ls.type == "input" and i > 0 and ls.input_layers:
-            raise ModelError(ls.name, "input_layers", "an input layer takes no inputs")
-        if ls.type == "input":
-            producers = []
         nodes.append(Node(ls.name, LAYERS[ls.type](ls), ls.name, producers))
         if ls.type != "activation" and ls.activation not in (None, "none"):
             act = LayerSpec(f"{ls.name}_act", "activation", activation=ls.activation, trainable=ls.trainable)
@@ -185,7 +181,7 @@ def _expand(spec: ModelSpec) -> tuple[list[Node], dict[str, int]]:
     else:
         loss_layer = MSELoss(LayerSpec("loss", "flatten"))
     nodes.append(Node("loss", loss_layer, "loss", [(len(nodes) - 1, 0)]))
-    return nodes, out_of
+    return nodes
 
 
 def _insert_multiouts(nodes: list[Node]) -> list[Node]:
@@ -215,6 +211,15 @@ def _insert_multiouts(nodes: list[Node]) -> list[Node]:
     return out
 
 
+def _finalized(spec: ModelSpec, batch: int, split: bool = False) -> list[Node]:
+    """The model's nodes (with split nodes if asked), finalized for `batch`: shapes and requests known."""
+    nodes = _expand(spec)
+    if split:
+        nodes = _insert_multiouts(nodes)
+    _finalize(nodes, batch)
+    return nodes
+
+
 def _finalize(nodes: list[Node], batch: int) -> None:
     for n in nodes:
         shapes = [nodes[p].out_shape for p, _ in n.producers]
@@ -227,8 +232,7 @@ def _finalize(nodes: list[Node], batch: int) -> None:
 
 def weight_specs(spec: ModelSpec) -> dict[str, WeightSpec]:
     """Every weight of the model by name, with shape and whether training changes it / it is personal."""
-    nodes, _ = _expand(spec)
-    _finalize(nodes, 1)
+    nodes = _finalized(spec, 1)
     out: dict[str, WeightSpec] = {}
     for n in nodes:
         ls = _layer_spec(spec, n.spec_name)
@@ -240,8 +244,7 @@ def weight_specs(spec: ModelSpec) -> dict[str, WeightSpec]:
 
 def init_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     """Fresh float32 weights for every weight of the model, reproducible from the seed."""
-    nodes, _ = _expand(spec)
-    _finalize(nodes, 1)
+    nodes = _finalized(spec, 1)
     out: dict[str, np.ndarray] = {}
     for li, n in enumerate(nodes):
         rng = np.random.default_rng([seed, li])
@@ -287,9 +290,7 @@ def compile(  # noqa: A001  (the graph's one verb)
     if lookahead < 1:
         raise ValueError(f"lookahead must be >= 1, got {lookahead}")
     step_batch = batch // micro_batch
-    nodes, _ = _expand(spec)
-    nodes = _insert_multiouts(nodes)
-    _finalize(nodes, step_batch)
+    nodes = _finalized(spec, step_batch, split=True)
     for ci, n in enumerate(nodes):
         for ii, (p, _) in enumerate(n.producers):
             nodes[p].consumers.append((ci, ii))
@@ -539,8 +540,7 @@ def compile(  # noqa: A001  (the graph's one verb)
 
 def output_size(spec: ModelSpec) -> int:
     """Values per example at the model's output (classes for Loss = cross)."""
-    nodes, _ = _expand(spec)
-    _finalize(nodes, 1)
+    nodes = _finalized(spec, 1)
     return int(np.prod(nodes[-1].out_shape[1:]))
 
 
