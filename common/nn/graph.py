@@ -260,6 +260,192 @@ def _layer_spec(spec: ModelSpec, name: str) -> LayerSpec | None:
         return None
 
 
+@dataclass
+class _Table:
+    """Every logical tensor of a compiled graph and, per node, the indices of its tensors."""
+
+    tensors: list[TensorInfo] = field(default_factory=list)
+    by_name: dict[str, int] = field(default_factory=dict)
+    weights: list[list[int]] = field(default_factory=list)  # per node
+    grads: list[list[int | None]] = field(default_factory=list)  # per node, parallel to weights
+    grad_acc: dict[int, int] = field(default_factory=dict)  # gradient -> accumulator (micro-batching)
+    opt_names: dict[str, list[str]] = field(default_factory=dict)
+    weight_owner: dict[str, int] = field(default_factory=dict)
+    outs: list[int] = field(default_factory=list)  # per node
+    douts: list[list[int]] = field(default_factory=list)  # per node, one per derivative slot
+    scratch: list[list[int | None]] = field(default_factory=list)  # per node, parallel to its requests
+
+    def add(self, name: str, shape: Shape, dtype, role: str, t: set[int], pinned: bool = False,
+            external: bool = False) -> int:
+        self.by_name[name] = len(self.tensors)
+        self.tensors.append(TensorInfo(name, tuple(shape), np.dtype(dtype), role, set(t), pinned, external))
+        return len(self.tensors) - 1
+
+
+def _schedule(nodes: list[Node], spec: ModelSpec, training: bool) -> int:
+    """Link readers, decide which steps run (calc-gradient where weights train, calc-derivative where
+    something upstream trains), number the steps; returns the number of steps."""
+    for ci, n in enumerate(nodes):
+        for ii, (p, _) in enumerate(n.producers):
+            nodes[p].consumers.append((ci, ii))
+    for n in nodes:
+        ls = _layer_spec(spec, n.spec_name)
+        has_grad = any(w.trainable for w in n.ctx.weights)
+        n.trains = training and has_grad and bool(ls and ls.trainable)
+        n.backprop = training and any(nodes[p].trains or nodes[p].backprop for p, _ in n.producers)
+    orders = assign([n.trains for n in nodes])
+    for n, o in zip(nodes, orders, strict=True):
+        n.order = o
+    return num_steps(orders)
+
+
+def _runs(n: Node, life: Life) -> Life:
+    """The part of `life` whose steps node `n` actually runs."""
+    keep = Life.FORWARD
+    if n.trains:
+        keep |= Life.CALC_GRAD | Life.APPLY_GRAD
+    if n.backprop:
+        keep |= Life.CALC_DERIV
+    return life & keep
+
+
+def _tensor_table(nodes: list[Node], steps: int, micro_batch: int, optimizer_slots: int,
+                  external: Mapping[str, np.ndarray], dtype) -> _Table:
+    """Every tensor with the steps that touch it: weights, gradients, optimizer state, activations,
+    derivatives and layer scratch."""
+    tab = _Table()
+    all_steps = {0, steps - 1}
+    for ni, n in enumerate(nodes):
+        w_ids, g_ids = [], []
+        for w in n.ctx.weights:
+            name = f"{n.spec_name}.{w.name}"
+            tab.weight_owner[name] = ni
+            role = "weight" if w.trainable else "stat"
+            if name in external:
+                w_ids.append(tab.add(name, w.shape, dtype, role, set(), pinned=True, external=True))
+            else:
+                w_ids.append(tab.add(name, w.shape, dtype, role, all_steps, pinned=True))
+            if not (n.trains and w.trainable):
+                g_ids.append(None)
+                continue
+            o = n.order
+            if micro_batch > 1:
+                g_ids.append(tab.add(f"{name}:grad", w.shape, dtype, "grad", {o.calc_grad}))
+                tab.grad_acc[g_ids[-1]] = tab.add(f"{name}:gradacc", w.shape, dtype, "gradacc", all_steps,
+                                                  pinned=True)
+            else:
+                g_ids.append(tab.add(f"{name}:grad", w.shape, dtype, "grad", {o.calc_grad, o.apply_grad}))
+            tab.opt_names[name] = [f"{name}:opt{k}" for k in range(optimizer_slots)]
+            for opt in tab.opt_names[name]:
+                tab.add(opt, w.shape, dtype, "opt", all_steps, pinned=True)
+        tab.weights.append(w_ids)
+        tab.grads.append(g_ids)
+    # Activations: written at the producer's forward, read by each consumer's forward and by whoever
+    # needs them again in backward.
+    for n in nodes:
+        t = {n.order.forward} | set(touches(_runs(n, n.ctx.output_life), n.order))
+        for ci, _ in n.consumers:
+            c = nodes[ci]
+            t |= {c.order.forward} | set(touches(_runs(c, c.ctx.input_life), c.order))
+        tab.outs.append(tab.add(f"{n.name}:out", n.out_shape, dtype, "act", t))
+    # Derivatives: slot s of node n is written by its s-th reader's calc-derivative.
+    for ni, n in enumerate(nodes):
+        ids = []
+        if (n.trains or n.backprop) and n.consumers:
+            fan = n.layer.fanout if isinstance(n.layer, MultiOut) else 1
+            for s in range(fan):
+                t = set(touches(_runs(n, Life.CALC_GRAD | Life.CALC_DERIV), n.order))
+                for ci, ii in n.consumers:
+                    if nodes[ci].producers[ii] == (ni, s):
+                        t.add(nodes[ci].order.calc_deriv)
+                suffix = f":dout{s}" if fan > 1 else ":dout"
+                ids.append(tab.add(f"{n.name}{suffix}", n.out_shape, dtype, "deriv", t))
+        tab.douts.append(ids)
+    for n in nodes:
+        ids = []
+        for r in n.ctx.scratch:
+            t = set(touches(_runs(n, r.life), n.order))
+            rdt = dtype if np.dtype(r.dtype) == np.float32 else r.dtype
+            ids.append(tab.add(f"{n.name}:{r.name}", r.shape, rdt, "scratch", t) if t else None)
+        tab.scratch.append(ids)
+    return tab
+
+
+def _groups(tab: _Table, nodes: list[Node], share: bool) -> tuple[list[Group], list[bool]]:
+    """Buffer groups: one per tensor, merged (when `share`) where a view or an in-place op may use
+    the same bytes because no touch of the old value comes after the overwrite. Returns the groups
+    and, per node, whether its output shares its input's buffer."""
+    tensors = tab.tensors
+    parent = list(range(len(tensors)))
+    group_touch: dict[int, set[int]] = {i: set(t.touches) for i, t in enumerate(tensors)}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(a: int, b: int) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            parent[rb] = ra
+            group_touch[ra] |= group_touch.pop(rb)
+
+    aliased = [False] * len(nodes)
+    for ni, n in enumerate(nodes):
+        if not share or len(n.producers) != 1 or not (n.ctx.view or n.ctx.inplace):
+            continue
+        p, slot = n.producers[0]
+        src, out = tab.outs[p], tab.outs[ni]
+        if tensors[src].nbytes != tensors[out].nbytes:
+            continue
+        if not n.ctx.view and max(group_touch[find(src)]) > n.order.forward:
+            continue  # someone reads the input after this layer would overwrite it
+        union(src, out)
+        aliased[ni] = True
+        # The derivative follows the output: din written into the same bytes as dout.
+        if (n.ctx.view or n.ctx.deriv_inplace) and tab.douts[ni] and tab.douts[p]:
+            d_in, d_out = tab.douts[p][slot], tab.douts[ni][0]
+            cd = n.order.calc_deriv
+            if max(group_touch[find(d_out)]) <= cd and min(group_touch[find(d_in)]) >= cd:
+                union(d_out, d_in)
+            elif n.ctx.view:  # view layers skip their derivative copy when aliased; never true by construction
+                raise AssertionError(f"{n.name}: the derivative of a view could not share its buffer")
+
+    groups: list[Group] = []
+    root_group: dict[int, int] = {}
+    for i, t in enumerate(tensors):
+        if t.external:
+            continue
+        r = find(i)
+        if r not in root_group:
+            root_group[r] = len(groups)
+            groups.append(Group([], 0, group_touch[r], False))
+        g = groups[root_group[r]]
+        g.members.append(i)
+        g.nbytes = max(g.nbytes, t.nbytes)
+        g.pinned = g.pinned or t.pinned
+        t.group = root_group[r]
+    return groups, aliased
+
+
+def _lifespans(groups: list[Group], mode: str, n_forward: int, steps: int, lookahead: int) -> None:
+    """Segments per group. Naive: everything lives the whole iteration. Swap: a group idle between its
+    last forward use and its first backward use is out of memory in between."""
+    for g in groups:
+        whole = mode == "naive" or g.pinned
+        first, last = (0, steps - 1) if whole else (min(g.touches), max(g.touches))
+        g.segments = [Segment(first, last)]
+        if mode == "swap" and not g.pinned:
+            fwd = [t for t in g.touches if t < n_forward]
+            bwd = [t for t in g.touches if t >= n_forward]
+            if fwd and bwd:
+                out_end = max(fwd) + 1  # the write-out overlaps the next step
+                in_start = min(bwd) - lookahead  # read back `lookahead` steps ahead of use
+                if in_start > out_end + 1:
+                    g.segments = [Segment(first, out_end), Segment(in_start, last)]
+
+
 def compile(  # noqa: A001  (the graph's one verb)
     spec: ModelSpec,
     batch: int,
@@ -289,209 +475,44 @@ def compile(  # noqa: A001  (the graph's one verb)
         raise ValueError(f"micro_batch {micro_batch} must divide the batch size {batch}")
     if lookahead < 1:
         raise ValueError(f"lookahead must be >= 1, got {lookahead}")
-    step_batch = batch // micro_batch
-    nodes = _finalized(spec, step_batch, split=True)
-    for ci, n in enumerate(nodes):
-        for ii, (p, _) in enumerate(n.producers):
-            nodes[p].consumers.append((ci, ii))
-
-    # Which steps run: calc-gradient where weights train, calc-derivative where something upstream trains.
-    for n in nodes:
-        ls = _layer_spec(spec, n.spec_name)
-        has_grad = any(w.trainable for w in n.ctx.weights)
-        n.trains = training and has_grad and bool(ls and ls.trainable)
-        n.backprop = training and any(nodes[p].trains or nodes[p].backprop for p, _ in n.producers)
-    orders = assign([n.trains for n in nodes])
-    for n, o in zip(nodes, orders, strict=True):
-        n.order = o
-    steps = num_steps(orders)
-    last_step = steps - 1
-
-    def runs(n: Node, life: Life) -> Life:
-        """The part of `life` whose steps this node actually runs."""
-        keep = Life.FORWARD
-        if n.trains:
-            keep |= Life.CALC_GRAD | Life.APPLY_GRAD
-        if n.backprop:
-            keep |= Life.CALC_DERIV
-        return life & keep
-
-    tensors: list[TensorInfo] = []
-    by_name: dict[str, int] = {}
-
-    def add(name: str, shape: Shape, dtype, role: str, t: set[int], pinned: bool = False, ext: bool = False) -> int:
-        by_name[name] = len(tensors)
-        tensors.append(TensorInfo(name, tuple(shape), np.dtype(dtype), role, set(t), pinned, ext))
-        return len(tensors) - 1
-
-    ext = external or {}
-    weight_idx: list[list[int]] = []
-    grad_idx: list[list[int | None]] = []
-    acc_idx: dict[int, int] = {}
-    opt_names: dict[str, list[str]] = {}
-    weight_owner: dict[str, int] = {}
-    all_steps = {0, last_step}
-    for ni, n in enumerate(nodes):
-        w_ids, g_ids = [], []
-        for w in n.ctx.weights:
-            name = f"{n.spec_name}.{w.name}"
-            weight_owner[name] = ni
-            role = "weight" if w.trainable else "stat"
-            if name in ext:
-                wid = add(name, w.shape, dtype, role, set(), pinned=True, ext=True)
-            else:
-                wid = add(name, w.shape, dtype, role, all_steps, pinned=True)
-            w_ids.append(wid)
-            if n.trains and w.trainable:
-                o = n.order
-                if micro_batch > 1:
-                    g_ids.append(add(f"{name}:grad", w.shape, dtype, "grad", {o.calc_grad}))
-                    acc_idx[g_ids[-1]] = add(f"{name}:gradacc", w.shape, dtype, "gradacc", all_steps, pinned=True)
-                else:
-                    g_ids.append(add(f"{name}:grad", w.shape, dtype, "grad", {o.calc_grad, o.apply_grad}))
-                opt_names[name] = []
-                for k in range(optimizer_slots):
-                    opt_names[name].append(f"{name}:opt{k}")
-                    add(opt_names[name][-1], w.shape, dtype, "opt", all_steps, pinned=True)
-            else:
-                g_ids.append(None)
-        weight_idx.append(w_ids)
-        grad_idx.append(g_ids)
-
-    # Activations: written at the producer's forward, read by each consumer's forward and by whoever
-    # needs them again in backward.
-    out_idx: list[int] = []
-    for n in nodes:
-        t = {n.order.forward} | set(touches(runs(n, n.ctx.output_life), n.order))
-        for ci, _ in n.consumers:
-            c = nodes[ci]
-            t |= {c.order.forward} | set(touches(runs(c, c.ctx.input_life), c.order))
-        out_idx.append(add(f"{n.name}:out", n.out_shape, dtype, "act", t))
-    # Derivatives: slot s of node n is written by its s-th reader's calc-derivative.
-    dout_idx: list[list[int]] = []
-    for ni, n in enumerate(nodes):
-        ids = []
-        if (n.trains or n.backprop) and n.consumers:
-            fan = n.layer.fanout if isinstance(n.layer, MultiOut) else 1
-            for s in range(fan):
-                t = set(touches(runs(n, Life.CALC_GRAD | Life.CALC_DERIV), n.order))
-                for ci, ii in n.consumers:
-                    if nodes[ci].producers[ii] == (ni, s):
-                        t.add(nodes[ci].order.calc_deriv)
-                suffix = f":dout{s}" if fan > 1 else ":dout"
-                ids.append(add(f"{n.name}{suffix}", n.out_shape, dtype, "deriv", t))
-        dout_idx.append(ids)
-    scratch_idx: list[list[int | None]] = []
-    for n in nodes:
-        ids = []
-        for r in n.ctx.scratch:
-            t = set(touches(runs(n, r.life), n.order))
-            rdt = dtype if np.dtype(r.dtype) == np.float32 else r.dtype
-            ids.append(add(f"{n.name}:{r.name}", r.shape, rdt, "scratch", t) if t else None)
-        scratch_idx.append(ids)
-
-    # Buffer groups: one per tensor, merged where a view or an in-place op may share bytes.
-    parent = list(range(len(tensors)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    group_touch: dict[int, set[int]] = {i: set(t.touches) for i, t in enumerate(tensors)}
-
-    def union(a: int, b: int) -> None:
-        ra, rb = find(a), find(b)
-        if ra != rb:
-            parent[rb] = ra
-            group_touch[ra] |= group_touch.pop(rb)
-
-    aliased = [False] * len(nodes)
-    if mode != "naive":
-        for ni, n in enumerate(nodes):
-            if len(n.producers) != 1:
-                continue
-            p, slot = n.producers[0]
-            src, out = out_idx[p], out_idx[ni]
-            if tensors[src].nbytes != tensors[out].nbytes:
-                continue
-            f = n.order.forward
-            if n.ctx.view:
-                ok = True
-            elif n.ctx.inplace:
-                ok = max(group_touch[find(src)]) <= f
-            else:
-                continue
-            if not ok:
-                continue
-            union(src, out)
-            aliased[ni] = True
-            # The derivative follows the output: din written into the same bytes as dout.
-            if (n.ctx.view or n.ctx.deriv_inplace) and dout_idx[ni] and dout_idx[p]:
-                d_in, d_out = dout_idx[p][slot], dout_idx[ni][0]
-                cd = n.order.calc_deriv
-                if max(group_touch[find(d_out)]) <= cd and min(group_touch[find(d_in)]) >= cd:
-                    union(d_out, d_in)
-                elif n.ctx.view:
-                    raise AssertionError(f"{n.name}: view derivative could not alias")  # cannot happen
-
-    groups: list[Group] = []
-    root_group: dict[int, int] = {}
-    for i, t in enumerate(tensors):
-        if t.external:
-            continue
-        r = find(i)
-        if r not in root_group:
-            root_group[r] = len(groups)
-            groups.append(Group([], 0, group_touch[r], False))
-        g = groups[root_group[r]]
-        g.members.append(i)
-        g.nbytes = max(g.nbytes, t.nbytes)
-        g.pinned = g.pinned or t.pinned
-        t.group = root_group[r]
-
-    # Lifespans -> segments. Naive: everything lives the whole iteration. Swap: a group that is
-    # idle between its last forward use and its first backward use is out of memory in between.
-    n_fwd = len(nodes)
-    for g in groups:
-        first, last = (0, last_step) if (mode == "naive" or g.pinned) else (min(g.touches), max(g.touches))
-        g.segments = [Segment(first, last)]
-        if mode == "swap" and not g.pinned:
-            fwd = [t for t in g.touches if t < n_fwd]
-            bwd = [t for t in g.touches if t >= n_fwd]
-            if fwd and bwd:
-                out_end = max(fwd) + 1  # the write-out overlaps the next step
-                in_start = min(bwd) - lookahead  # read back `lookahead` steps ahead of use
-                if in_start > out_end + 1:
-                    g.segments = [Segment(first, out_end), Segment(in_start, last)]
+    nodes = _finalized(spec, batch // micro_batch, split=True)
+    steps = _schedule(nodes, spec, training)
+    tab = _tensor_table(nodes, steps, micro_batch, optimizer_slots, external or {}, dtype)
+    groups, aliased = _groups(tab, nodes, share=mode != "naive")
+    _lifespans(groups, mode, len(nodes), steps, lookahead)
 
     usages = [Usage(g.nbytes, s.first, s.last) for g in groups for s in g.segments]
     plan = PLANNERS["naive" if mode == "naive" else "greedy_by_size"](usages)
-    k = 0
+    offsets = iter(plan.offsets)
     for g in groups:
         for s in g.segments:
-            s.offset = plan.offsets[k]
-            k += 1
-    naive_bytes = sum(aligned(t.nbytes) for t in tensors if not t.external)
-    lb = lower_bound(usages)
-    arena = Arena.from_plan(usages, plan) if allocate else None
-
+            s.offset = next(offsets)
     compiled = Compiled(
-        spec=spec, batch=batch, training=training, mode=mode, nodes=nodes, tensors=tensors, groups=groups,
-        plan=plan, arena=arena, steps=steps, lookahead=lookahead, micro_batch=micro_batch, views={},
-        contexts=[], weight_owner=weight_owner, opt_names=opt_names, naive_bytes=naive_bytes,
-        lower_bound_bytes=lb,
+        spec=spec, batch=batch, training=training, mode=mode, nodes=nodes, tensors=tab.tensors, groups=groups,
+        plan=plan, arena=Arena.from_plan(usages, plan) if allocate else None, steps=steps, lookahead=lookahead,
+        micro_batch=micro_batch, views={}, contexts=[], weight_owner=tab.weight_owner, opt_names=tab.opt_names,
+        naive_bytes=sum(aligned(t.nbytes) for t in tab.tensors if not t.external),
+        lower_bound_bytes=lower_bound(usages),
+        grad_acc={tab.tensors[g].name: tab.tensors[a].name for g, a in tab.grad_acc.items()},
     )
-    if not allocate:
-        return compiled
+    if allocate:
+        init = weights if weights is not None else ({} if external else init_weights(spec, seed))
+        _bind(compiled, tab, aliased, external or {}, init, seed)
+    return compiled
+
+
+def _bind(c: Compiled, tab: _Table, aliased: list[bool], external: Mapping[str, np.ndarray],
+          init: Mapping[str, np.ndarray], seed: int) -> None:
+    """Views into the arena: pinned tensors by name (weights filled from `init`, optimizer state and
+    accumulators zeroed) and one RunContext per node and step kind, resolved at that step."""
+    tensors, groups, arena = tab.tensors, c.groups, c.arena
 
     def view(i: int | None, step: int) -> np.ndarray | None:
         if i is None:
             return None
         t = tensors[i]
         if t.external:
-            return ext[t.name]
+            return external[t.name]
         g = groups[t.group]
         for s in g.segments:
             if s.first <= step <= s.last:
@@ -499,43 +520,37 @@ def compile(  # noqa: A001  (the graph's one verb)
         return arena.view(g.segments[0].offset, t.shape, t.dtype)  # untouched at this step
 
     for t in tensors:
-        if t.pinned:
-            compiled.views[t.name] = view(by_name[t.name], 0)
-    # Fresh values for weights (the trainer overwrites them) and zeroed optimizer state.
-    init = weights if weights is not None else ({} if external else init_weights(spec, seed))
-    for t in tensors:
+        if not t.pinned:
+            continue
+        c.views[t.name] = view(tab.by_name[t.name], 0)
         if t.role in ("weight", "stat") and not t.external:
             if t.name not in init:
                 raise KeyError(f"no value for weight {t.name!r}")
-            compiled.views[t.name][...] = init[t.name]
+            c.views[t.name][...] = init[t.name]
         elif t.role in ("opt", "gradacc"):
-            compiled.views[t.name][...] = 0.0
+            c.views[t.name][...] = 0.0
 
+    nodes = c.nodes
     for ni, n in enumerate(nodes):
         state: dict = {"rng": np.random.default_rng([seed, ni, 7])}
         per_step: dict[str, RunContext] = {}
         for kind, step in (("forward", n.order.forward), ("calc_grad", n.order.calc_grad),
                            ("calc_deriv", n.order.calc_deriv)):
             run = RunContext()
-            run.inputs = [view(out_idx[p], step) for p, _ in n.producers]
-            run.out = view(out_idx[ni], step)
-            run.weights = [view(w, step) for w in weight_idx[ni]]
-            run.grads = [view(g, step) for g in grad_idx[ni]]
-            run.tensors = [view(s, step) for s in scratch_idx[ni]]
-            run.dins = [
-                view(dout_idx[p][s], step) if (dout_idx[p] and (nodes[p].trains or nodes[p].backprop)) else None
-                for p, s in n.producers
-            ]
-            run.dout_ = view(dout_idx[ni][0], step) if dout_idx[ni] else None
-            run.batch = step_batch
+            run.inputs = [view(tab.outs[p], step) for p, _ in n.producers]
+            run.out = view(tab.outs[ni], step)
+            run.weights = [view(w, step) for w in tab.weights[ni]]
+            run.grads = [view(g, step) for g in tab.grads[ni]]
+            run.tensors = [view(s, step) for s in tab.scratch[ni]]
+            run.dins = [view(tab.douts[p][s], step) if tab.douts[p] else None for p, s in n.producers]
+            run.dout_ = view(tab.douts[ni][0], step) if tab.douts[ni] else None
+            run.batch = c.batch // c.micro_batch
             run.aliased = aliased[ni]
             run.state = state
-            if isinstance(n.layer, MultiOut) and dout_idx[ni]:
-                state["douts"] = [view(d, step) for d in dout_idx[ni]]
+            if isinstance(n.layer, MultiOut) and tab.douts[ni]:
+                state["douts"] = [view(d, step) for d in tab.douts[ni]]
             per_step[kind] = run
-        compiled.contexts.append(per_step)
-    compiled.grad_acc = {tensors[g].name: tensors[a].name for g, a in acc_idx.items()}
-    return compiled
+        c.contexts.append(per_step)
 
 
 def output_size(spec: ModelSpec) -> int:
