@@ -21,7 +21,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except KeyboardInterrupt:  # the trainer has already dropped its arena and swap file
+        print(f"\nfedpers-client {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -153,3 +153,26 @@ def test_cli_train_saves_to_the_models_save_path(digits_file, tmp_path):
     saved = np.load(target)
     assert "output.weight" in saved.files and saved["output.weight"].shape == (64, 10)
     assert [p.name for p in target.parent.iterdir()] == ["trained.npz"]  # no temp file left behind
+
+
+def test_cli_train_ctrl_c_exits_130_and_leaves_no_swap_file(digits_file, tmp_path):
+    import signal
+    import time
+
+    swap = tmp_path / "swap"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "client", "--log-level", "INFO", "train", str(MODELS / "digits_cnn.ini"), "--data",
+         str(digits_file), "--epochs", "100000", "--memory", "swap", "--lookahead", "1", "--swap-dir", str(swap)],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stderr:
+            if "training plan: memory=swap" in line or time.monotonic() > deadline:
+                break
+        time.sleep(0.5)  # inside the epoch loop by now
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "interrupted" in err
+    assert list(swap.iterdir()) == []
