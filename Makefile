@@ -40,7 +40,7 @@ proto: $(STAMP)
 	$(PY) -m common.rpc.generate
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check common client server tests bench
+	$(VENV)/bin/ruff check common client server tests bench docker
 
 docker-test: $(STAMP)
 	$(PY) -m pytest -q -m docker tests/test_docker.py -rs
