@@ -469,7 +469,8 @@ def _sim_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices", type=int, default=8, help="number of device processes (default 8)")
     p.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
     p.add_argument("--report-dir", default=None, help="where report.json and accuracy.png go (default runs/sim-*)")
-    p.add_argument("--codec", default="fp32", help="delta codec: fp32|fp16|int8|topk:F, optional +zstd")
+    p.add_argument("--codec", default="fp32",
+                   help="delta codec: fp32|fp16|int8|int4|int2|topk:F, optional +zstd (default fp32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the partition, the server and the baselines")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration (smaller: more skew)")
     p.add_argument("--local-epochs", type=int, default=5, help="local epochs per round (default 5)")
@@ -492,22 +493,25 @@ def _sim_parser() -> argparse.ArgumentParser:
 def _partition_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpers-sim partition",
                                 description="Write the non-IID digits split as device-<i>.npz (x, y, x_test, y_test).")
-    p.add_argument("--devices", type=int, required=True)
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--devices", type=int, required=True, metavar="N", help="number of devices (files) to write")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for device-<i>.npz")
+    p.add_argument("--seed", type=int, default=0, metavar="S",
+                   help="seed of the split and distortions (default 0; the simulator's default too)")
+    p.add_argument("--alpha", type=float, default=0.5, metavar="A",
+                   help="Dirichlet concentration of the label skew: smaller is more skewed (default 0.5)")
     return p
 
 
 def _local_only_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpers-sim local-only",
                                 description="Train a fresh model on one device's data only; print/write its accuracy.")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--model", type=Path, required=True)
-    p.add_argument("--epochs", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--memory", default="planned")
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--data", type=Path, required=True, metavar="DATA.npz", help="the device's data file")
+    p.add_argument("--model", type=Path, required=True, metavar="MODEL.ini", help="model to train from scratch")
+    p.add_argument("--epochs", type=int, required=True, metavar="N", help="epochs of local training")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for init and shuffling (default 0)")
+    p.add_argument("--memory", default="planned", choices=("naive", "planned", "swap"),
+                   help="trainer memory mode (default planned)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="write the result JSON here (default: stdout)")
     return p
 
 
