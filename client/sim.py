@@ -511,7 +511,7 @@ def _local_only_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for init and shuffling (default 0)")
     p.add_argument("--memory", default="planned", choices=("naive", "planned", "swap"),
                    help="trainer memory mode (default planned)")
-    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="write the result JSON here (default: stdout)")
+    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="write the result JSON here")
     return p
 
 

@@ -43,7 +43,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     a("--local-epochs", type=int, help="local epochs per round (default: the INI's Epochs)")
     a("--batch-size", type=int, help="device batch size (default: the INI's batch_size)")
     a("--learning-rate", type=float, help="device learning rate (default: the INI's Learning_rate)")
-    a("--codec", help="delta codec devices use: fp32, fp16, int8, int4, int2, topk:F, with optional +zstd (default fp32)")
+    a("--codec", help="delta codec devices use: fp32, fp16, int8, int4, int2, topk:F, optional +zstd (default fp32)")
     a("--seed", type=int, help="seed for version 0 and device sampling (default 0)")
     a("--log-level", help="DEBUG, INFO, WARNING... (default INFO)")
     a("--clip-norm", type=float, help="clip each delta to this L2 norm before averaging")
