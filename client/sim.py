@@ -475,7 +475,8 @@ def _sim_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration (smaller: more skew)")
     p.add_argument("--local-epochs", type=int, default=5, help="local epochs per round (default 5)")
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="model INI (default: digits_cnn_personal.ini)")
-    p.add_argument("--strategy", default="fedavg", choices=("fedavg", "fedavgm", "fedadam"))
+    p.add_argument("--strategy", default="fedavg", choices=("fedavg", "fedavgm", "fedadam"),
+                   help="server optimizer (default fedavg)")
     p.add_argument("--server-lr", type=float, default=None, help="server learning rate (fedavgm/fedadam)")
     p.add_argument("--min-devices", type=int, default=None, help="devices a round needs (default: all)")
     p.add_argument("--fraction", type=float, default=1.0, help="fraction of waiting devices sampled per round")
@@ -486,7 +487,7 @@ def _sim_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-uploads", action="store_true", help="devices keep a copy of each uploaded blob")
     p.add_argument("--keep-work", action="store_true", help="keep the partitioned data under report-dir/work")
     p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--log-level", default="WARNING", help="logging of the simulator itself (default WARNING)")
     return p
 
 
