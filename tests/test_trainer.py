@@ -176,3 +176,15 @@ def test_cli_train_ctrl_c_exits_130_and_leaves_no_swap_file(digits_file, tmp_pat
         proc.kill()
     assert proc.returncode == 130 and "interrupted" in err
     assert list(swap.iterdir()) == []
+
+
+def test_cli_train_init_weights_names_what_is_missing_or_misshaped(digits_file, tmp_path):
+    w = Trainer(load_ini(MODELS / "digits_cnn.ini")).get_weights()
+    bad = tmp_path / "bad.npz"
+    w.pop("conv1.bias")
+    w["fc1.weight"] = np.zeros((3, 3), np.float32)
+    np.savez(bad, **w)
+    proc = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(digits_file), "--init-weights", str(bad),
+                   check=False)
+    assert proc.returncode == 2
+    assert "missing: conv1.bias" in proc.stderr and "wrong shape: fc1.weight (3, 3)" in proc.stderr
