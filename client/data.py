@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
+from common.nn.trainer import DataError  # one error kind for bad data, file or array
+
+__all__ = ["DataError", "Dataset", "check_against_model", "holdout_split", "load_data"]
+
 HOLDOUT_FRACTION = 0.2
-
-
-class DataError(ValueError):
-    """A data file is missing, unreadable or inconsistent; the message says which and why."""
 
 
 @dataclass(frozen=True)
