@@ -18,7 +18,7 @@ import numpy as np
 from ..store import atomic_write_bytes
 from . import rss
 from .budget import Choice, choose, parse_size
-from .graph import Compiled, init_weights
+from .graph import Compiled, init_weights, output_size
 from .graph import compile as compile_graph
 from .optim import Optimizer, learning_rate
 from .spec import ModelSpec
@@ -34,7 +34,8 @@ class WeightError(ValueError):
 
 
 class DataError(ValueError):
-    """Training data does not fit the model (shape, dtype, labels)."""
+    """Data is missing, unreadable or does not fit the model (keys, shape, dtype, labels); the
+    message names the file or array and what is wrong."""
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Trainer:
         self.optimizer = Optimizer(spec.optimizer)
         self.choice: Choice | None = None
         self._weights: dict[str, np.ndarray] = init_weights(spec, seed)
+        self.outputs = output_size(spec)  # values per example at the output (classes for Loss = cross)
         self._train: Compiled | None = None
         self._infer: dict[int, Compiled] = {}
         self._iteration = 0
@@ -188,18 +190,15 @@ class Trainer:
         if self.spec.loss == "cross":
             if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
                 raise DataError(f"Loss = cross needs integer class labels of shape (N,), got {y.dtype} {y.shape}")
-            classes = self._train_out_classes()
+            classes = self.outputs
             if len(y) and (y.min() < 0 or y.max() >= classes):
                 raise DataError(f"labels must be in [0, {classes}), got [{y.min()}, {y.max()}]")
             return x, y.astype(np.int64)
-        classes = self._train_out_classes()
+        classes = self.outputs
         if y.ndim == 1 and np.issubdtype(y.dtype, np.integer):
             y = np.eye(classes, dtype=np.float32)[y]  # class labels -> one-hot targets
         return x, np.ascontiguousarray(y, dtype=np.float32).reshape(len(x), -1)
 
-    def _train_out_classes(self) -> int:
-        c = self._infer.get(1) or self._inference(1)
-        return int(np.prod(c.loss_node.out_shape[1:]))
 
     # ---- training ----------------------------------------------------------------------------
     def fit(
@@ -366,7 +365,7 @@ class Trainer:
     def predict(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Class probabilities (cross) or outputs (mse), one row per example."""
         x, _ = self._check_data(x, None)
-        out = np.empty((len(x), self._train_out_classes()), np.float32)
+        out = np.empty((len(x), self.outputs), np.float32)
         self._forward_batches(x, None, batch_size or self.spec.batch_size, out)
         return out
 
@@ -401,7 +400,7 @@ def warmup(spec: ModelSpec) -> None:
     t = Trainer(spec, memory="planned", seed=0)
     shape = spec.layers[0].input_shape
     x = np.zeros((2, *shape), np.float32)
-    classes = t._train_out_classes()
+    classes = t.outputs
     y = np.zeros(2, np.int64) if spec.loss == "cross" else np.zeros((2, classes), np.float32)
     t.fit(x, y, epochs=1, batch_size=2, shuffle=False)
     t.evaluate(x, y, batch_size=2)
