@@ -37,7 +37,7 @@ bench: $(STAMP)
 	$(PY) bench/server.py
 
 proto: $(STAMP)
-	$(PY) -m common.rpc.generate
+	$(PY) -m fedpers.rpc.generate
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check common client server tests bench docker

@@ -17,12 +17,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from common.nn import load_ini  # noqa: E402
-from common.nn.budget import format_size  # noqa: E402
-from common.nn.graph import compile as compile_graph  # noqa: E402
-from common.nn.optim import Optimizer  # noqa: E402
+from fedpers.nn import load_ini  # noqa: E402
+from fedpers.nn.budget import format_size  # noqa: E402
+from fedpers.nn.graph import compile as compile_graph  # noqa: E402
+from fedpers.nn.optim import Optimizer  # noqa: E402
 
 NETS = {  # name: (model file, batch)
     "mlp": ("mlp.ini", 64),
@@ -47,7 +46,7 @@ def make_data(spec, batch: int, steps: int, path: Path) -> None:
 
 
 def run(model: Path, data: Path, batch: int, mode: str, lookahead: int, micro: int) -> dict:
-    cmd = [sys.executable, "-m", "client", "train", str(model), "--data", str(data), "--epochs", "1",
+    cmd = [sys.executable, "-m", "fedpers.client", "train", str(model), "--data", str(data), "--epochs", "1",
            "--batch", str(batch), "--memory", mode, "--lookahead", str(lookahead), "--micro-batch", str(micro),
            "--no-shuffle", "--json"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=False)

@@ -27,12 +27,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
-
-from common import codec, wire  # noqa: E402
-from common.rpc import federation_pb2 as pb  # noqa: E402
-from common.rpc import federation_pb2_grpc as pb_grpc  # noqa: E402
+from fedpers import codec, wire  # noqa: E402
+from fedpers.rpc import federation_pb2 as pb  # noqa: E402
+from fedpers.rpc import federation_pb2_grpc as pb_grpc  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent / "mlp_1m.ini"
 SHAPES = {"fc1.weight": (784, 1024), "fc1.bias": (1024,), "fc2.weight": (1024, 256), "fc2.bias": (256,)}
@@ -117,7 +115,7 @@ def run_one(n: int, rounds: int, workers: int, blob: bytes, timeout: float) -> R
     """One server subprocess, n device threads, `rounds` rounds of n updates each."""
     with tempfile.TemporaryDirectory(prefix="fedpers-bench-server-") as tmp:
         port_file = Path(tmp) / "port"
-        cmd = [sys.executable, "-m", "server", "--model", str(MODEL), "--store", str(Path(tmp) / "store"),
+        cmd = [sys.executable, "-m", "fedpers.server", "--model", str(MODEL), "--store", str(Path(tmp) / "store"),
                "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--personal-layers", "output",
                "--rounds", str(rounds), "--min-devices", str(n), "--fraction", "1", "--round-timeout", str(timeout),
                "--workers", str(workers), "--retry-after", "0.1", "--log-level", "WARNING"]

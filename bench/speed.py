@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
-from common.nn.graph import param_count  # noqa: E402
-from common.nn.ini import load_ini  # noqa: E402
-from common.nn.spec import ModelSpec  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself: speed <-> torch_ref
+from fedpers.nn.graph import param_count  # noqa: E402
+from fedpers.nn.ini import load_ini  # noqa: E402
+from fedpers.nn.spec import ModelSpec  # noqa: E402
 
 MODELS = Path(__file__).resolve().parent.parent / "common" / "models"
 # (table name, model file, batch size)
@@ -99,7 +99,7 @@ def random_data(spec: ModelSpec, n: int, seed: int = 0) -> tuple[np.ndarray, np.
 
 def time_fedpers(spec: ModelSpec, batch: int, steps: int, warmup: int) -> float:
     """Median seconds per step reported by the trainer, after a warm-up fit on the same Trainer."""
-    from common.nn import Trainer
+    from fedpers.nn import Trainer
 
     trainer = Trainer(spec, memory="planned", seed=0)
     try:

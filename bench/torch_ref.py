@@ -18,9 +18,9 @@ import numpy as np
 import torch
 from torch import nn
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
-from common.nn.ini import load_ini  # noqa: E402
-from common.nn.spec import LayerSpec, ModelSpec  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself: speed <-> torch_ref
+from fedpers.nn.ini import load_ini  # noqa: E402
+from fedpers.nn.spec import LayerSpec, ModelSpec  # noqa: E402
 
 ACT = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "none": nn.Identity}
 Shape = tuple[int, int, int]

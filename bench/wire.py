@@ -16,9 +16,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from client import sim  # noqa: E402
+from fedpers.client import sim  # noqa: E402
 
 DEFAULT_CODECS = "fp32,fp16,int8,int4,int2,int2+zstd,topk:0.05,topk:0.01+zstd"
 
@@ -26,8 +25,8 @@ DEFAULT_CODECS = "fp32,fp16,int8,int4,int2,int2+zstd,topk:0.05,topk:0.01+zstd"
 def full_model_bytes(model: str | None) -> int:
     """Bytes of every weight of the model as one fp32 TensorSet blob (what a device without personal
     layers or compression would upload each round)."""
-    from common import wire
-    from common.nn import init_weights, load_ini
+    from fedpers import wire
+    from fedpers.nn import init_weights, load_ini
 
     spec = load_ini(model or sim.DEFAULT_MODEL)
     return len(wire.arrays_to_blob(init_weights(spec, 0)))

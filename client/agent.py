@@ -22,9 +22,10 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-
-from client.data import Dataset, check_against_model, load_data
-from client.personal import (
+from fedpers import codec as codecs
+from fedpers import wire
+from fedpers.client.data import Dataset, check_against_model, load_data
+from fedpers.client.personal import (
     DeviceState,
     PersonalStore,
     RoundRecord,
@@ -34,11 +35,9 @@ from client.personal import (
     report_dict,
     split_weights,
 )
-from common import codec as codecs
-from common import wire
-from common.rpc import federation_pb2 as pb
-from common.rpc import federation_pb2_grpc as pb_grpc
-from common.store import atomic_write_bytes
+from fedpers.rpc import federation_pb2 as pb
+from fedpers.rpc import federation_pb2_grpc as pb_grpc
+from fedpers.store import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +91,7 @@ class RunResult:
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process: VmHWM from /proc (getrusage's ru_maxrss can carry the
     parent's peak across exec), else ru_maxrss (KiB on Linux)."""
-    from common.nn import rss
+    from fedpers.nn import rss
 
     return rss.peak_rss_bytes() or int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -266,7 +265,7 @@ class Agent:
     # ------------------------------------------------------------------ model and training
 
     def _model(self, model_ini: str) -> tuple[Any, Any]:
-        from common.nn import Trainer, parse_ini
+        from fedpers.nn import Trainer, parse_ini
 
         key = hashlib.sha256(model_ini.encode()).hexdigest()
         if key not in self._models:
@@ -297,13 +296,13 @@ class Agent:
             self._last_model_ini = model_ini
 
     def _initial_weights(self, spec: Any) -> dict[str, np.ndarray]:
-        from common.nn import init_weights
+        from fedpers.nn import init_weights
 
         return init_weights(spec, 0)
 
     def train_round(self, task: wire.Task) -> bool:
         """One TRAIN task end to end. Returns True when the server accepted the update."""
-        from common.nn import weight_specs
+        from fedpers.nn import weight_specs
 
         assert task.config is not None
         cfg = task.config

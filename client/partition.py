@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-from client.data import holdout_split
+from fedpers.client.data import holdout_split
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from common.store import CorruptFile, atomic_write_bytes, load_arrays_and_meta, save_arrays
+from fedpers.store import CorruptFile, atomic_write_bytes, load_arrays_and_meta, save_arrays
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-from common.nn import ModelError, load_ini
-from common.nn.budget import format_size
-from common.nn.graph import Compiled
-from common.nn.graph import compile as compile_graph
-from common.nn.optim import Optimizer
+from fedpers.nn import ModelError, load_ini
+from fedpers.nn.budget import format_size
+from fedpers.nn.graph import Compiled
+from fedpers.nn.graph import compile as compile_graph
+from fedpers.nn.optim import Optimizer
 
 from .train_cmd import MEMORY_MODES
 

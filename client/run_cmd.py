@@ -56,10 +56,10 @@ def _install_signal_handlers(stop: threading.Event) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the agent with parsed arguments; returns the exit code."""
-    from client.agent import Agent, AgentConfig, AgentError
-    from client.data import DataError
-    from client.personal import PersonalLeak, StateError
-    from common.codec import CodecError
+    from fedpers.client.agent import Agent, AgentConfig, AgentError
+    from fedpers.client.data import DataError
+    from fedpers.client.personal import PersonalLeak, StateError
+    from fedpers.codec import CodecError
 
     level_name = getattr(args, "log_level", None)
     if level_name in (None, "WARNING"):  # the agent logs its progress unless asked for something else

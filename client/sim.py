@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from fedpers import models
+
 log = logging.getLogger("fedpers.sim")
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "common" / "models" / "digits_cnn_personal.ini"
+DEFAULT_MODEL = models.path("digits_cnn_personal.ini")
 CHILD_ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
@@ -104,7 +106,7 @@ class Child:
 
 
 def server_argv(args: argparse.Namespace, model: Path, port_file: Path, store: Path, token: str) -> list[str]:
-    argv = [sys.executable, "-m", "server", "serve", "--model", str(model), "--listen", "127.0.0.1:0",
+    argv = [sys.executable, "-m", "fedpers.server", "serve", "--model", str(model), "--listen", "127.0.0.1:0",
             "--port-file", str(port_file), "--store", str(store), "--seed", str(args.seed),
             "--rounds", str(args.rounds), "--min-devices", str(args.min_devices or args.devices),
             "--fraction", str(args.fraction), "--round-timeout", str(args.round_timeout),
@@ -116,7 +118,7 @@ def server_argv(args: argparse.Namespace, model: Path, port_file: Path, store: P
 
 
 def device_argv(args: argparse.Namespace, address: str, data: Path, state: Path, name: str, token: str) -> list[str]:
-    argv = [sys.executable, "-m", "client", "run", "--server", address, "--data", str(data),
+    argv = [sys.executable, "-m", "fedpers.client", "run", "--server", address, "--data", str(data),
             "--state", str(state), "--name", name, "--enroll-token", token, "--memory", args.memory, "--json"]
     if args.memory_budget:
         argv += ["--memory-budget", args.memory_budget]
@@ -131,10 +133,9 @@ def device_argv(args: argparse.Namespace, address: str, data: Path, state: Path,
 def get_status(address: str, timeout: float = 5.0) -> Any:
     """GetStatus over gRPC -> common.wire.Status (no device credentials needed)."""
     import grpc
-
-    from common import wire
-    from common.rpc import federation_pb2 as pb
-    from common.rpc import federation_pb2_grpc as pb_grpc
+    from fedpers import wire
+    from fedpers.rpc import federation_pb2 as pb
+    from fedpers.rpc import federation_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(address) as channel:
         reply = pb_grpc.FederationStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout)
@@ -183,8 +184,8 @@ def round_rows(status: Any) -> list[dict[str, Any]]:
 
 def local_only(data_path: Path, model_path: Path, epochs: int, seed: int, memory: str = "planned") -> dict[str, Any]:
     """Train a fresh model on one device's data only (all layers) and evaluate on its held-out split."""
-    from client.data import load_data
-    from common.nn import Trainer, load_ini
+    from fedpers.client.data import load_data
+    from fedpers.nn import Trainer, load_ini
 
     data = load_data(data_path)
     spec = load_ini(model_path)
@@ -200,7 +201,7 @@ def run_local_only(args: argparse.Namespace) -> int:
     res = local_only(args.data, args.model, args.epochs, args.seed, args.memory)
     text = json.dumps(res, sort_keys=True)
     if args.out:
-        from common.store import atomic_write_bytes
+        from fedpers.store import atomic_write_bytes
 
         atomic_write_bytes(args.out, text.encode())
     else:
@@ -218,7 +219,7 @@ def run_baselines(args: argparse.Namespace, model: Path, data_paths: list[Path],
     while pending or running:
         while pending and len(running) < limit:
             i = pending.pop(0)
-            argv = [sys.executable, "-m", "client.sim", "local-only", "--data", str(data_paths[i]),
+            argv = [sys.executable, "-m", "fedpers.client.sim", "local-only", "--data", str(data_paths[i]),
                     "--model", str(model), "--epochs", str(max(1, epochs[i])), "--seed", str(args.seed + i),
                     "--out", str(out_paths[i]), "--memory", args.memory]
             running.append((i, Child.start(f"local-only-{i}", argv, work / "logs" / f"local-only-{i}.log")))
@@ -347,8 +348,8 @@ def default_report_dir() -> Path:
 
 def simulate(args: argparse.Namespace) -> dict[str, Any]:
     """The whole run; returns the report (also written to report_dir/report.json)."""
-    from client.partition import partition_digits, write_partition
-    from common.codec import parse_codec
+    from fedpers.client.partition import partition_digits, write_partition
+    from fedpers.codec import parse_codec
 
     parse_codec(args.codec)
     t_start = time.monotonic()
@@ -407,7 +408,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
             d.stop()
         server.stop()
 
-    from client.personal import PersonalStore
+    from fedpers.client.personal import PersonalStore
 
     reports = [PersonalStore(work / "devices" / str(i)).read_report() for i in range(args.devices)]
     epochs = [((r or {}).get("epochs_trained") or args.rounds * args.local_epochs) + (r or {}).get("final_epochs", 0)
@@ -444,7 +445,7 @@ def simulate(args: argparse.Namespace) -> dict[str, Any]:
             "bytes_up": "serialized update blobs sent by the device (all rounds)",
         },
     }
-    from common.store import atomic_write_bytes
+    from fedpers.store import atomic_write_bytes
 
     atomic_write_bytes(report_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
     plotted = plot_accuracy(report_dir / "accuracy.png", rounds, rows)
@@ -520,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
     if argv and argv[0] == "partition":
-        from client.partition import PartitionError, partition_digits, write_partition
+        from fedpers.client.partition import PartitionError, partition_digits, write_partition
 
         a = _partition_parser().parse_args(argv[1:])
         try:

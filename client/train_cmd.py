@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from common.nn import BudgetError, ModelError, Trainer, WeightError, load_ini, output_size, rss, warmup
-from common.nn.budget import format_size
+from fedpers.nn import BudgetError, ModelError, Trainer, WeightError, load_ini, output_size, rss, warmup
+from fedpers.nn.budget import format_size
 
 from .data import DataError, check_against_model, load_data
 from .progress import ProgressBar

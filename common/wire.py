@@ -15,9 +15,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from fedpers.rpc import federation_pb2 as pb
 from google.protobuf.message import DecodeError
-
-from common.rpc import federation_pb2 as pb
 
 CHUNK_SIZE = 1 << 20  # bytes of blob per Chunk; keeps every message far below gRPC's 4 MiB limit
 MAX_CHUNK_SIZE = CHUNK_SIZE

@@ -211,12 +211,9 @@ def free_port() -> int:
 def get_status(address: str, timeout: float = 3.0) -> Any | None:
     """GetStatus over the published port -> common.wire.Status, or None while it does not answer."""
     import grpc
-
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
-    from common import wire
-    from common.rpc import federation_pb2 as pb
-    from common.rpc import federation_pb2_grpc as pb_grpc
+    from fedpers import wire
+    from fedpers.rpc import federation_pb2 as pb
+    from fedpers.rpc import federation_pb2_grpc as pb_grpc
 
     try:
         with grpc.insecure_channel(address) as channel:

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.image_size < 8 or args.channels < 1:
         p.error("--image-size must be >= 8 and --channels >= 1")
 
-    from client.partition import PartitionError, partition_digits
+    from fedpers.client.partition import PartitionError, partition_digits
 
     try:
         splits = partition_digits(len(args.devices), seed=args.seed, alpha=args.alpha)

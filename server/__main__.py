@@ -85,8 +85,8 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 
 
 def _serve(ns: argparse.Namespace) -> int:
-    from server import app
-    from server.config import ConfigError, load_config
+    from fedpers.server import app
+    from fedpers.server.config import ConfigError, load_config
 
     flags: dict[str, Any] = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "grace")}
     try:
@@ -133,9 +133,9 @@ def _health(ns: argparse.Namespace) -> int:
 
 
 def _status(ns: argparse.Namespace) -> int:
-    from common import wire
-    from common.rpc import federation_pb2 as pb
-    from common.rpc import federation_pb2_grpc as pb_grpc
+    from fedpers import wire
+    from fedpers.rpc import federation_pb2 as pb
+    from fedpers.rpc import federation_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(ns.address) as channel:
         try:

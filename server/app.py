@@ -12,16 +12,15 @@ import threading
 from dataclasses import dataclass, field
 
 import grpc
+from fedpers import codec, wire
+from fedpers.server.aggregate import make_aggregator, make_optimizer
+from fedpers.server.config import ConfigError, ServerConfig
+from fedpers.server.model import load_model
+from fedpers.server.rounds import Coordinator, RoundPolicy
+from fedpers.server.service import build_server
+from fedpers.server.state import SqliteState
+from fedpers.store import ModelStore, atomic_write_bytes
 from grpc_health.v1 import health
-
-from common import codec, wire
-from common.store import ModelStore, atomic_write_bytes
-from server.aggregate import make_aggregator, make_optimizer
-from server.config import ConfigError, ServerConfig
-from server.model import load_model
-from server.rounds import Coordinator, RoundPolicy
-from server.service import build_server
-from server.state import SqliteState
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ STATE_DB = "state.sqlite"
 
 def build_coordinator(cfg: ServerConfig) -> Coordinator:
     """Model + store + state + policy -> Coordinator (continuing from the store's latest version)."""
-    from common.nn import load_ini
+    from fedpers.nn import load_ini
 
     try:
         codec.parse_codec(cfg.codec)

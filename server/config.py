@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from server.aggregate import STRATEGIES
+from fedpers.server.aggregate import STRATEGIES
 
 
 class ConfigError(ValueError):

@@ -82,7 +82,7 @@ def layout_from_specs(
 def load_model(path: str | os.PathLike, personal_layers: Iterable[str] = (), seed: int = 0
                ) -> tuple[ModelLayout, dict[str, np.ndarray]]:
     """Read MODEL.ini -> (layout, served version-0 weights) with the trainer's own init."""
-    from common.nn import init_weights, load_ini, weight_specs
+    from fedpers.nn import init_weights, load_ini, weight_specs
 
     text = Path(path).read_text()
     spec: Any = load_ini(path)

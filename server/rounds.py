@@ -24,12 +24,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
 import numpy as np
-
-from common import wire
-from common.store import ModelStore, StoreError
-from server import state as st
-from server.aggregate import Aggregator, ServerOptimizer
-from server.errors import (
+from fedpers import wire
+from fedpers.server import state as st
+from fedpers.server.aggregate import Aggregator, ServerOptimizer
+from fedpers.server.errors import (
     AlreadyReported,
     BadToken,
     BadUpdate,
@@ -39,8 +37,9 @@ from server.errors import (
     StaleRound,
     UnknownVersion,
 )
-from server.model import LayoutError, ModelLayout
-from server.validate import decode_update
+from fedpers.server.model import LayoutError, ModelLayout
+from fedpers.server.validate import decode_update
+from fedpers.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
 

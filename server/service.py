@@ -16,15 +16,14 @@ from concurrent import futures
 from typing import Any
 
 import grpc
+from fedpers import codec, wire
+from fedpers.rpc import federation_pb2 as pb
+from fedpers.rpc import federation_pb2_grpc as pb_grpc
+from fedpers.server import errors
+from fedpers.server.aggregate import AggregationError
+from fedpers.server.rounds import Coordinator
+from fedpers.store import MissingVersion
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-from common import codec, wire
-from common.rpc import federation_pb2 as pb
-from common.rpc import federation_pb2_grpc as pb_grpc
-from common.store import MissingVersion
-from server import errors
-from server.aggregate import AggregationError
-from server.rounds import Coordinator
 
 log = logging.getLogger(__name__)
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
-
-from common import codec, wire
-from server.aggregate import global_norm
-from server.errors import BadUpdate
+from fedpers import codec, wire
+from fedpers.server.aggregate import global_norm
+from fedpers.server.errors import BadUpdate
 
 
 def decode_update(

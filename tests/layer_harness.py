@@ -19,10 +19,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
-from common.nn.init import initialize
-from common.nn.layers.base import InitContext, Layer, RunContext, Shape
-from common.nn.order import Life
+from fedpers.nn.init import initialize
+from fedpers.nn.layers.base import InitContext, Layer, RunContext, Shape
+from fedpers.nn.order import Life
 
 BACKWARD_STEPS = Life.CALC_GRAD | Life.CALC_DERIV
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from common.nn import LayerSpec, ModelSpec, OptimizerSpec
+from fedpers.nn import LayerSpec, ModelSpec, OptimizerSpec
 
 
 def mlp(loss: str = "cross", opt: str = "sgd", frozen: tuple[str, ...] = ()) -> ModelSpec:

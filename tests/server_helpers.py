@@ -6,14 +6,13 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
-
-from common import codec, wire
-from common.rpc import federation_pb2 as pb
-from common.rpc import federation_pb2_grpc as pb_grpc
-from server import aggregate as ag
-from server import state as st
-from server.model import layout_from_specs
-from server.rounds import Coordinator, RoundPolicy
+from fedpers import codec, wire
+from fedpers.rpc import federation_pb2 as pb
+from fedpers.rpc import federation_pb2_grpc as pb_grpc
+from fedpers.server import aggregate as ag
+from fedpers.server import state as st
+from fedpers.server.model import layout_from_specs
+from fedpers.server.rounds import Coordinator, RoundPolicy
 
 INI = "[input]\ntype = input\ninput_shape = 1:1:4\n"
 
@@ -71,7 +70,7 @@ class Clock:
 
 
 def make_coordinator(store_dir, state=None, clock=None, strategy="fedavg", **policy) -> Coordinator:
-    from common.store import ModelStore
+    from fedpers.store import ModelStore
 
     defaults = dict(rounds=3, min_devices=2, fraction=1.0, round_timeout=60.0)
     defaults.update(policy)

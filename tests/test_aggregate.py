@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-
-from server import aggregate as ag
+from fedpers.server import aggregate as ag
 
 
 def _deltas(seed: int, n: int) -> list[dict[str, np.ndarray]]:

@@ -7,9 +7,8 @@ import struct
 import numpy as np
 import pytest
 import zstandard
-
-from common import codec
-from common.codec import CODECS, CodecError, decode, encode, parse_codec
+from fedpers import codec
+from fedpers.codec import CODECS, CodecError, decode, encode, parse_codec
 
 NAMES = ["fp32", "fp16", "int8", "int4", "int2", "topk:0.05", "topk:0.3", "topk:1"]
 ALL = NAMES + [n + "+zstd" for n in NAMES] + ["int8+zlib", "topk:0.01+zlib"]

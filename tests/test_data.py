@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from client.data import DataError, check_against_model, holdout_split, load_data
+from fedpers.client.data import DataError, check_against_model, holdout_split, load_data
 
 
 def _write(tmp_path, name="d.npz", **arrays):

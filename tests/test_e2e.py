@@ -18,14 +18,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-
-from client.partition import partition_digits, write_partition
-from client.personal import PersonalStore
-from client.sim import Child, get_status, wait_for_server
-from common import codec, wire
-from common.rpc import federation_pb2 as pb
-from common.rpc import federation_pb2_grpc as pb_grpc
-from common.store import ModelStore
+from fedpers import codec, wire
+from fedpers.client.partition import partition_digits, write_partition
+from fedpers.client.personal import PersonalStore
+from fedpers.client.sim import Child, get_status, wait_for_server
+from fedpers.rpc import federation_pb2 as pb
+from fedpers.rpc import federation_pb2_grpc as pb_grpc
+from fedpers.store import ModelStore
 
 MODEL = Path(__file__).parent / "data" / "digits_mlp_personal.ini"
 PERSONAL = "privhead"
@@ -37,7 +36,7 @@ TOKEN = "e2e-token"
 
 def _server(tmp: Path, *extra: str, min_devices: int = DEVICES, rounds: int = ROUNDS) -> tuple[Child, str]:
     port_file = tmp / "server.port"
-    argv = [sys.executable, "-m", "server", "serve", "--model", str(MODEL), "--listen", "127.0.0.1:0",
+    argv = [sys.executable, "-m", "fedpers.server", "serve", "--model", str(MODEL), "--listen", "127.0.0.1:0",
             "--port-file", str(port_file), "--store", str(tmp / "store"), "--rounds", str(rounds),
             "--min-devices", str(min_devices), "--round-timeout", "120", "--codec", CODEC, "--local-epochs", "1",
             "--enroll-token", TOKEN, "--retry-after", "0.1", "--strategy", "fedavg", "--server-lr", "1.0", *extra]
@@ -46,7 +45,7 @@ def _server(tmp: Path, *extra: str, min_devices: int = DEVICES, rounds: int = RO
 
 
 def _device(tmp: Path, address: str, i: int, *extra: str) -> Child:
-    argv = [sys.executable, "-m", "client", "run", "--server", address, "--data",
+    argv = [sys.executable, "-m", "fedpers.client", "run", "--server", address, "--data",
             str(tmp / "data" / f"device-{i}.npz"), "--state", str(tmp / "dev" / str(i)), "--name", f"e2e-{i}",
             "--enroll-token", TOKEN, "--save-uploads", "--retry-seconds", "30", *extra]
     return Child.start(f"device-{i}", argv, tmp / "logs" / f"device-{i}-{time.monotonic_ns()}.log")
@@ -196,8 +195,8 @@ def test_restarted_device_resumes_with_its_personal_layers(fed):
     assert [h.round_id for h in final.history] == [1, 2, 3]
     # round 2 started from base v1 plus the personal layer saved after round 1: its "global" accuracy
     # is exactly what those weights score on the device's held-out split
-    from client.data import load_data
-    from common.nn import Trainer, init_weights, load_ini
+    from fedpers.client.data import load_data
+    from fedpers.nn import Trainer, init_weights, load_ini
 
     spec = load_ini(MODEL)
     weights = init_weights(spec, 0)
@@ -258,7 +257,7 @@ class _FlakyServicer(pb_grpc.FederationServicer):
 def test_join_retries_and_download_resumes_at_the_byte_it_reached(tmp_path):
     from concurrent import futures
 
-    from client.agent import Agent, AgentConfig
+    from fedpers.client.agent import Agent, AgentConfig
 
     arrays = {"a.weight": np.arange(2000, dtype=np.float32), "b.bias": np.ones(3, np.float32)}
     blob = wire.arrays_to_blob(arrays)

@@ -8,9 +8,8 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-
-from common.nn.ini import IniError, load_ini, parse_ini, save_ini, to_ini
-from common.nn.spec import (
+from fedpers.nn.ini import IniError, load_ini, parse_ini, save_ini, to_ini
+from fedpers.nn.spec import (
     ACTIVATIONS,
     INITIALIZERS,
     LAYER_KEYS,
@@ -356,7 +355,7 @@ def test_shipped_model_round_trips(name: str, tmp_path: Path) -> None:
 
 
 def test_shipped_models_are_package_data() -> None:
-    names = {p.name for p in resources.files("common").joinpath("models").iterdir() if p.name.endswith(".ini")}
+    names = {p.name for p in resources.files("fedpers").joinpath("models").iterdir() if p.name.endswith(".ini")}
     assert {
         "digits_cnn.ini",
         "digits_cnn_personal.ini",
@@ -553,7 +552,7 @@ def test_to_ini_refuses_what_ini_cannot_say(spec: ModelSpec, key: str | None) ->
 
 
 def _compile_error(text: str) -> ModelError:
-    from common.nn import graph
+    from fedpers.nn import graph
 
     spec = parse_ini(text)
     with pytest.raises(ModelError) as info:

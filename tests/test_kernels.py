@@ -11,11 +11,10 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from fedpers.nn.layers import activation, batch_normalization, conv2d, dropout, pooling2d
+from fedpers.nn.layers.conv2d import output_size, resolve_padding
 from numba.core.registry import CPUDispatcher
 from numpy.lib.stride_tricks import sliding_window_view
-
-from common.nn.layers import activation, batch_normalization, conv2d, dropout, pooling2d
-from common.nn.layers.conv2d import output_size, resolve_padding
 
 MODULES = (conv2d, pooling2d, batch_normalization, dropout, activation)
 DTYPES = (np.float32, np.float64)

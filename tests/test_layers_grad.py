@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+from fedpers.nn.layers import LAYERS
+from fedpers.nn.layers.base import InitContext, Layer, RunContext
+from fedpers.nn.layers.loss import CrossEntropyLoss, MSELoss
+from fedpers.nn.order import Life
+from fedpers.nn.spec import LayerSpec, ModelError
 
-from common.nn.layers import LAYERS
-from common.nn.layers.base import InitContext, Layer, RunContext
-from common.nn.layers.loss import CrossEntropyLoss, MSELoss
-from common.nn.order import Life
-from common.nn.spec import LayerSpec, ModelError
 from tests.layer_harness import LayerRun, LifeViolation, check_gradients
 
 TOL = 1e-6  # relative (to max(1, |grad|)); float64 central differences land near 1e-9

@@ -7,8 +7,8 @@ import textwrap
 
 import numpy as np
 import pytest
+from fedpers.nn import BudgetError, Trainer, compile
 
-from common.nn import BudgetError, Trainer, compile
 from tests import nets
 
 
@@ -128,7 +128,7 @@ def test_swap_file_gone_after_sigint(tmp_path):
         import os, signal, numpy as np, sys
         sys.path.insert(0, {os.getcwd()!r})
         from tests import nets
-        from common.nn import Trainer
+        from fedpers.nn import Trainer
         spec = nets.mlp()
         x = np.random.default_rng(0).standard_normal((4000, 1, 1, 12)).astype(np.float32)
         y = np.random.default_rng(1).integers(0, 4, 4000)

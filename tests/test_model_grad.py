@@ -3,8 +3,8 @@ strided and padded convolutions, batch norm, both losses."""
 
 import numpy as np
 import pytest
+from fedpers.nn import LayerSpec, ModelSpec, compile, init_weights
 
-from common.nn import LayerSpec, ModelSpec, compile, init_weights
 from tests import nets
 
 

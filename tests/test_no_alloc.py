@@ -13,14 +13,14 @@ import ast
 import tracemalloc
 from pathlib import Path
 
+import fedpers.nn.layers as layers_pkg
 import numpy as np
 import pytest
+from fedpers.nn.layers import LAYERS
+from fedpers.nn.layers.base import Layer
+from fedpers.nn.layers.loss import CrossEntropyLoss, MSELoss
+from fedpers.nn.spec import LayerSpec
 
-import common.nn.layers as layers_pkg
-from common.nn.layers import LAYERS
-from common.nn.layers.base import Layer
-from common.nn.layers.loss import CrossEntropyLoss, MSELoss
-from common.nn.spec import LayerSpec
 from tests.layer_harness import LayerRun
 
 LAYER_DIR = Path(layers_pkg.__file__).parent

@@ -1,4 +1,4 @@
-from common.nn.order import ExecOrder, Life, assign, num_steps, touches
+from fedpers.nn.order import ExecOrder, Life, assign, num_steps, touches
 
 
 def test_three_layers_first_frozen():

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from client.data import load_data
-from client.partition import (
+from fedpers.client.data import load_data
+from fedpers.client.partition import (
     Distortion,
     PartitionError,
     dirichlet_split,

@@ -6,8 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-
-from client.personal import (
+from fedpers.client.personal import (
     DeviceState,
     PersonalLeak,
     PersonalStore,

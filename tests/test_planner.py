@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
-
-from common.nn.planner import PLANNERS, Plan, PlanError, Usage, aligned, lower_bound, validate
-from common.nn.pool import Arena
+from fedpers.nn.planner import PLANNERS, Plan, PlanError, Usage, aligned, lower_bound, validate
+from fedpers.nn.pool import Arena
 
 
 def random_usages(rng: np.random.Generator, n: int, steps: int) -> list[Usage]:
@@ -71,9 +70,9 @@ BENCH_NETS = [("mlp.ini", 64), ("lenet5.ini", 32), ("vgg_small.ini", 32), ("vgg_
 def test_real_nets_plans_are_valid_and_near_the_lower_bound(model, batch, mode):
     from pathlib import Path
 
-    from common.nn import load_ini
-    from common.nn.graph import compile as compile_graph
-    from common.nn.optim import Optimizer
+    from fedpers.nn import load_ini
+    from fedpers.nn.graph import compile as compile_graph
+    from fedpers.nn.optim import Optimizer
 
     spec = load_ini(Path(__file__).resolve().parent.parent / "common" / "models" / model)
     c = compile_graph(spec, batch, mode=mode, optimizer_slots=Optimizer(spec.optimizer).slots, allocate=False)

@@ -4,12 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedpers import wire
+from fedpers.server import errors
+from fedpers.server import state as st
+from fedpers.server.rounds import Coordinator, weighted_metrics
+from fedpers.store import ModelStore
 
-from common import wire
-from common.store import ModelStore
-from server import errors
-from server import state as st
-from server.rounds import Coordinator, weighted_metrics
 from tests.server_helpers import LAYOUT, Clock, header, initial_weights, make_coordinator, random_delta, update_blob
 
 TRAIN, WAIT, DONE = wire.TaskKind.TRAIN, wire.TaskKind.WAIT, wire.TaskKind.DONE

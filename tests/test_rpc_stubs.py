@@ -3,8 +3,7 @@
 from pathlib import Path
 
 import pytest
-
-from common.rpc import generate
+from fedpers.rpc import generate
 
 
 def test_committed_stubs_match_a_fresh_generation(tmp_path: Path) -> None:
@@ -23,7 +22,7 @@ def test_grpc_stub_imports_its_messages_relative() -> None:
 
 
 def test_stubs_import_as_a_package() -> None:
-    from common.rpc import federation_pb2, federation_pb2_grpc
+    from fedpers.rpc import federation_pb2, federation_pb2_grpc
 
     assert federation_pb2.DESCRIPTOR.package == "fedpers.v1"
     assert hasattr(federation_pb2_grpc, "FederationStub")

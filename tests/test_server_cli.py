@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedpers import codec, wire
+from fedpers.server.config import ConfigError, load_config
 
-from common import codec, wire
-from server.config import ConfigError, load_config
 from tests.server_helpers import Device
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +22,7 @@ MODEL = ROOT / "common" / "models" / "mlp.ini"
 
 
 def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "server", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "fedpers.server", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -31,8 +31,8 @@ class ServerProcess:
         self.port_file = store / "port"
         self.port_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--model", str(MODEL), "--store", str(store), "--listen", "127.0.0.1:0",
-             "--port-file", str(self.port_file), "--personal-layers", "output", *extra],
+            [sys.executable, "-m", "fedpers.server", "--model", str(MODEL), "--store", str(store),
+             "--listen", "127.0.0.1:0", "--port-file", str(self.port_file), "--personal-layers", "output", *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.monotonic() + 60

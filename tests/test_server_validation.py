@@ -7,14 +7,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from fedpers import codec, wire
+from fedpers.rpc import federation_pb2 as pb
+from fedpers.rpc import federation_pb2_grpc as pb_grpc
+from fedpers.server import app
+from fedpers.server import state as st
+from fedpers.server.config import ServerConfig
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from common import codec, wire
-from common.rpc import federation_pb2 as pb
-from common.rpc import federation_pb2_grpc as pb_grpc
-from server import app
-from server import state as st
-from server.config import ServerConfig
 from tests.server_helpers import LAYOUT, Device, header, initial_weights, make_coordinator, random_delta, update_blob
 
 Code = grpc.StatusCode

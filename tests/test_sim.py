@@ -6,8 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-
-from client import sim
+from fedpers.client import sim
 
 MODEL = Path(__file__).parent / "data" / "digits_mlp_personal.ini"
 

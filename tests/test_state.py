@@ -3,8 +3,7 @@
 from pathlib import Path
 
 import pytest
-
-from server import state as st
+from fedpers.server import state as st
 
 
 @pytest.fixture(params=["memory", "sqlite-memory", "sqlite-file"])

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from common import store
+from fedpers import store
 
 
 def _arrays(seed: int) -> dict[str, np.ndarray]:

@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-
-from common.nn.swap import SwapItem, Swapper, swap_schedule
+from fedpers.nn.swap import SwapItem, Swapper, swap_schedule
 
 
 def item(last_forward, free_at, load_at, first_backward, nbytes=64, out_off=0, in_off=64, file_off=0):

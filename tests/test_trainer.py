@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedpers.nn import DataError, Trainer, WeightError, load_ini
 
-from common.nn import DataError, Trainer, WeightError, load_ini
 from tests import nets
 
 MODELS = Path(__file__).resolve().parent.parent / "common" / "models"
@@ -82,7 +82,7 @@ def test_adam_step_matches_a_hand_computation():
 
 
 def run_cli(*args, check=True):
-    proc = subprocess.run([sys.executable, "-m", "client", *args], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "fedpers.client", *args], capture_output=True, text=True, timeout=600)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -161,8 +161,9 @@ def test_cli_train_ctrl_c_exits_130_and_leaves_no_swap_file(digits_file, tmp_pat
 
     swap = tmp_path / "swap"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "client", "--log-level", "INFO", "train", str(MODELS / "digits_cnn.ini"), "--data",
-         str(digits_file), "--epochs", "100000", "--memory", "swap", "--lookahead", "1", "--swap-dir", str(swap)],
+        [sys.executable, "-m", "fedpers.client", "--log-level", "INFO", "train", str(MODELS / "digits_cnn.ini"),
+         "--data", str(digits_file), "--epochs", "100000", "--memory", "swap", "--lookahead", "1",
+         "--swap-dir", str(swap)],
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

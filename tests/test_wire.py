@@ -5,9 +5,8 @@ import random
 
 import numpy as np
 import pytest
-
-from common import wire
-from common.rpc import federation_pb2 as pb
+from fedpers import wire
+from fedpers.rpc import federation_pb2 as pb
 
 DTYPES = [np.float32, np.float16, np.int8, np.int32, np.int64, np.uint8]
 

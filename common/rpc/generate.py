@@ -1,7 +1,7 @@
 """Regenerate the gRPC stubs in this package from proto/federation.proto (`make proto`).
 
 grpc_tools writes `import federation_pb2`; we rewrite it to a package-relative import so the
-stubs work as `common.rpc.*`. A test regenerates into a temp dir and compares bytes.
+stubs work as `fedpers.rpc.*`. A test regenerates into a temp dir and compares bytes.
 """
 
 from __future__ import annotations
