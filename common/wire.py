@@ -8,8 +8,10 @@ receiver checks offsets, the total size and the SHA-256 with `join_chunks`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
+import json
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -20,11 +22,59 @@ from google.protobuf.message import DecodeError
 
 CHUNK_SIZE = 1 << 20  # bytes of blob per Chunk; keeps every message far below gRPC's 4 MiB limit
 MAX_CHUNK_SIZE = CHUNK_SIZE
-INT63_MAX = (1 << 63) - 1
+INT63_MAX = (1 << 63) - 1  # ids, versions and sizes are positive int63: they fit SQLite's signed INTEGER
 
 # Metadata keys every call except Join carries (see proto/federation.proto).
 DEVICE_KEY = "x-fedpers-device"
 TOKEN_KEY = "x-fedpers-token"
+# Trailing metadata of a refused call: the refusal's kind (a `Refusal` value), so callers match on a
+# kind instead of the wording of a message.
+REFUSAL_KEY = "x-fedpers-refusal"
+
+
+class Refusal(enum.StrEnum):
+    """Every kind of refusal the server sends in the `x-fedpers-refusal` trailing metadata."""
+
+    BAD_TOKEN = "BadToken"
+    STALE_ROUND = "StaleRound"
+    NOT_SELECTED = "NotSelected"
+    STALE_BASE = "StaleBase"
+    ALREADY_REPORTED = "AlreadyReported"
+    BAD_UPDATE = "BadUpdate"
+    UNKNOWN_VERSION = "UnknownVersion"
+    MISSING_VERSION = "MissingVersion"
+    SHUTTING_DOWN = "ShuttingDown"
+    BUSY = "Busy"
+    WIRE_ERROR = "WireError"
+    MALFORMED_MESSAGE = "MalformedMessage"
+    TRUNCATED_STREAM = "TruncatedStream"
+    CHECKSUM_MISMATCH = "ChecksumMismatch"
+    CHUNK_ORDER_ERROR = "ChunkOrderError"
+    OVERSIZE = "Oversize"
+    CODEC_ERROR = "CodecError"
+    AGGREGATION_ERROR = "AggregationError"
+
+
+def refusal_metadata(kind: Refusal | str) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata the server attaches to a refused call (a kind outside `Refusal` is still
+    sent; callers decode it as None, and a test keeps every server error kind in `Refusal`)."""
+    return ((REFUSAL_KEY, str(kind)),)
+
+
+def refusal_of(error: object) -> Refusal | None:
+    """The refusal kind a failed call carried (a grpc.RpcError), or None (not a refusal, or unknown kind)."""
+    trailing = getattr(error, "trailing_metadata", None)
+    try:
+        pairs = trailing() if callable(trailing) else ()
+    except Exception:  # noqa: BLE001 - a failed call without trailing metadata is simply not a refusal
+        return None
+    for key, value in pairs or ():
+        if key == REFUSAL_KEY:
+            try:
+                return Refusal(value)
+            except ValueError:
+                return None
+    return None
 
 
 class WireError(ValueError):
@@ -493,13 +543,14 @@ class Status:
     devices_joined: int = 0
     finished: bool = False
     rounds: tuple[RoundSummary, ...] = ()
+    problem: str = ""  # why the server cannot make progress right now; empty when all is well
 
 
 def status_to_proto(s: Status) -> pb.StatusReply:
     return pb.StatusReply(
         version=s.version, current_round=s.current_round, round_state=s.round_state,
         rounds_completed=s.rounds_completed, rounds_target=s.rounds_target, devices_joined=s.devices_joined,
-        finished=s.finished, rounds=[round_summary_to_proto(r) for r in s.rounds],
+        finished=s.finished, rounds=[round_summary_to_proto(r) for r in s.rounds], problem=s.problem,
     )
 
 
@@ -507,8 +558,23 @@ def status_from_proto(m: pb.StatusReply) -> Status:
     return Status(
         version=m.version, current_round=m.current_round, round_state=m.round_state,
         rounds_completed=m.rounds_completed, rounds_target=m.rounds_target, devices_joined=m.devices_joined,
-        finished=m.finished, rounds=tuple(round_summary_from_proto(r) for r in m.rounds),
+        finished=m.finished, rounds=tuple(round_summary_from_proto(r) for r in m.rounds), problem=m.problem,
     )
+
+
+def status_to_json(s: Status) -> str:
+    """A Status as JSON (what `fedpers-server status --json` prints)."""
+    return json.dumps(dataclasses.asdict(s), indent=2, sort_keys=True)
+
+
+def status_from_json(text: str) -> Status:
+    """The inverse of status_to_json; MalformedMessage when the text is not a Status."""
+    try:
+        data = json.loads(text)
+        data["rounds"] = tuple(RoundSummary(**r) for r in data.get("rounds", ()))
+        return Status(**data)
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise MalformedMessage(f"not a status JSON object: {exc}") from None
 
 
 def auth_metadata(device_id: int, token: str) -> tuple[tuple[str, str], ...]:

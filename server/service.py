@@ -64,7 +64,13 @@ def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
         log.exception("unexpected error in %s", type(exc).__name__)
         context.abort(grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__})")
     log.info("refused with %s: %s", code.name, exc)
-    context.abort(code, f"{type(exc).__name__}: {exc}")
+    _refuse(context, code, type(exc).__name__, str(exc))
+
+
+def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, kind: str, message: str) -> None:
+    """Abort with `code`, the message "Kind: message" and the kind as trailing metadata."""
+    context.set_trailing_metadata(wire.refusal_metadata(kind))
+    context.abort(code, f"{kind}: {message}")
 
 
 def mapped_errors(fn: Callable) -> Callable:
@@ -96,12 +102,8 @@ def _device_id(context: grpc.ServicerContext) -> int:
 class AuthInterceptor(grpc.ServerInterceptor):
     """Checks x-fedpers-device / x-fedpers-token on every Federation call except Join and GetStatus."""
 
-    def __init__(self, coordinator: Coordinator, upload_slots: int = 3) -> None:
+    def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
-        # Uploads may take fewer handler threads than there are, so slow uploaders never leave
-        # GetTask, GetStatus and downloads waiting; a device refused here retries with backoff.
-        self.upload_slots = upload_slots
-        self._uploads = threading.BoundedSemaphore(upload_slots)
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -112,13 +114,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
         try:
             self.coordinator.authenticate(md.get(wire.DEVICE_KEY), md.get(wire.TOKEN_KEY))
         except errors.BadToken as exc:
-            return _refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED, f"BadToken: {exc}")
+            return _refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED, wire.Refusal.BAD_TOKEN, str(exc))
         return handler
 
 
-def _refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+def _refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, kind: str,
+                      message: str) -> grpc.RpcMethodHandler:
     def refuse(request: Any, context: grpc.ServicerContext) -> None:
-        context.abort(code, message)
+        _refuse(context, code, kind, message)
 
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,

@@ -57,11 +57,19 @@ def _assert_unchanged(coord, snap, round_id: int) -> None:
         np.testing.assert_array_equal(coord.aggregator._sums[k], v)
 
 
-def _refused(fn, code: Code, match: str) -> None:
+def _refused(fn, code: Code, match: str, kind: wire.Refusal | None = None, by_servicer: bool = True) -> None:
+    """The call fails with `code`, a message containing `match`, and (when the servicer refused it, not
+    gRPC's transport) its refusal kind in the trailing metadata, which is also how the message starts."""
     with pytest.raises(grpc.RpcError) as info:
         fn()
     assert info.value.code() == code, info.value.details()
     assert match in info.value.details(), info.value.details()
+    if not by_servicer:
+        return
+    got = wire.refusal_of(info.value)
+    assert got is not None and info.value.details().startswith(f"{got}: "), (got, info.value.details())
+    if kind is not None:
+        assert got is kind
 
 
 def _nan_fp32_payload(shape) -> bytes:
@@ -126,9 +134,11 @@ def test_bad_uploads_are_refused_and_leave_the_aggregate_unchanged(fed) -> None:
         assert coord.version == 0, what
     # a device that already reported, and one that is not selected
     blob = update_blob(random_delta(2))
-    _refused(lambda: a.upload(_msgs(task, blob)), Code.FAILED_PRECONDITION, "already reported")
+    _refused(lambda: a.upload(_msgs(task, blob)), Code.FAILED_PRECONDITION, "already reported",
+             wire.Refusal.ALREADY_REPORTED)
     outsider = Device(running.address, "c")
-    _refused(lambda: outsider.upload(_msgs(task, blob)), Code.FAILED_PRECONDITION, "not selected")
+    _refused(lambda: outsider.upload(_msgs(task, blob)), Code.FAILED_PRECONDITION, "not selected",
+             wire.Refusal.NOT_SELECTED)
     outsider.close()
     _assert_unchanged(coord, snap, task.round_id)
 
@@ -138,7 +148,7 @@ def test_oversize_single_message_is_refused_by_the_transport(fed) -> None:
     snap = _snapshot(running.coordinator)
     big = pb.UploadMessage(chunk=pb.Chunk(offset=0, data=b"x" * (3 << 20), total_size=3 << 20))
     hdr = pb.UploadMessage(header=wire.update_header_to_proto(header(task, b"x" * 10)))
-    _refused(lambda: b.upload([hdr, big]), Code.RESOURCE_EXHAUSTED, "")
+    _refused(lambda: b.upload([hdr, big]), Code.RESOURCE_EXHAUSTED, "", by_servicer=False)
     _assert_unchanged(running.coordinator, snap, task.round_id)
 
 
@@ -155,7 +165,7 @@ def test_wrong_token_is_unauthenticated_on_every_call(fed) -> None:
         lambda: a.stub.GetTask(pb.TaskRequest(), metadata=wire.auth_metadata(999, a.token), timeout=10),
     ]
     for call in calls:
-        _refused(call, Code.UNAUTHENTICATED, "BadToken")
+        _refused(call, Code.UNAUTHENTICATED, "BadToken", wire.Refusal.BAD_TOKEN)
     _refused(lambda: a.stub.Join(pb.JoinRequest(enroll_token="wrong"), timeout=10), Code.UNAUTHENTICATED,
              "enrollment")
     _assert_unchanged(running.coordinator, snap, task.round_id)
@@ -276,3 +286,14 @@ def test_a_slow_upload_leaves_a_thread_for_everything_else(tmp_path: Path) -> No
         a.close()
         b.close()
         running.stop(grace=1)
+
+
+def test_every_mapped_refusal_has_a_kind_devices_can_match() -> None:
+    from fedpers.server.service import ERROR_STATUS
+
+    def with_subclasses(kind: type) -> list[type]:
+        return [kind] + [k for sub in kind.__subclasses__() for k in with_subclasses(sub)]
+
+    for mapped, _ in ERROR_STATUS:
+        for kind in with_subclasses(mapped):
+            assert wire.Refusal(kind.__name__).value == kind.__name__

@@ -232,8 +232,24 @@ def test_record_round_trips(seed: int) -> None:
     rounds = tuple(wire.RoundSummary(round_id=m.int63(), version=m.int63(), state=m.py.choice(["open", "closed"]),
                                      devices=m.py.randint(0, 50), metrics=m.metrics()) for _ in range(3))
     st = wire.Status(version=m.int63(), current_round=m.int63(), round_state="open", rounds_completed=3,
-                     rounds_target=10, devices_joined=7, finished=bool(seed % 2), rounds=rounds)
+                     rounds_target=10, devices_joined=7, finished=bool(seed % 2), rounds=rounds, problem=m.name())
     assert wire.status_from_proto(wire.status_to_proto(st)) == st
+    assert wire.status_from_json(wire.status_to_json(st)) == st
+
+
+def test_refusal_kind_round_trips_through_trailing_metadata() -> None:
+    class Failed:  # what grpc.RpcError offers: the trailing metadata of the call
+        def __init__(self, pairs):
+            self.pairs = pairs
+
+        def trailing_metadata(self):
+            return self.pairs
+
+    for kind in wire.Refusal:
+        assert wire.refusal_of(Failed(wire.refusal_metadata(kind))) is kind
+    assert wire.refusal_of(Failed(())) is None
+    assert wire.refusal_of(Failed(((wire.REFUSAL_KEY, "NoSuchKind"),))) is None
+    assert wire.refusal_of(ValueError("not an RPC error")) is None
 
 
 @pytest.mark.parametrize("seed", SEEDS)

@@ -195,7 +195,7 @@ class RoundSummary(_message.Message):
     def __init__(self, round_id: _Optional[int] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., devices: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "current_round", "round_state", "rounds_completed", "rounds_target", "devices_joined", "finished", "rounds")
+    __slots__ = ("version", "current_round", "round_state", "rounds_completed", "rounds_target", "devices_joined", "finished", "rounds", "problem")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUND_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +204,7 @@ class StatusReply(_message.Message):
     DEVICES_JOINED_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
     version: int
     current_round: int
     round_state: str
@@ -212,4 +213,5 @@ class StatusReply(_message.Message):
     devices_joined: int
     finished: bool
     rounds: _containers.RepeatedCompositeFieldContainer[RoundSummary]
-    def __init__(self, version: _Optional[int] = ..., current_round: _Optional[int] = ..., round_state: _Optional[str] = ..., rounds_completed: _Optional[int] = ..., rounds_target: _Optional[int] = ..., devices_joined: _Optional[int] = ..., finished: _Optional[bool] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ...) -> None: ...
+    problem: str
+    def __init__(self, version: _Optional[int] = ..., current_round: _Optional[int] = ..., round_state: _Optional[str] = ..., rounds_completed: _Optional[int] = ..., rounds_target: _Optional[int] = ..., devices_joined: _Optional[int] = ..., finished: _Optional[bool] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., problem: _Optional[str] = ...) -> None: ...

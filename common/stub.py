@@ -1,0 +1,90 @@
+"""The caller's side of fedpers.v1: one channel and typed calls that take and return `fedpers.wire` records.
+
+The device agent, the simulator, `fedpers-server status|health`, the Docker fleet check and the
+benchmarks all reach a server through `FederationClient`; with `wire.py` and the server's servicer
+this is the only code that touches the generated stubs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from types import TracebackType
+
+import grpc
+from fedpers import wire
+from fedpers.rpc import federation_pb2 as pb
+from fedpers.rpc import federation_pb2_grpc as pb_grpc
+
+DEFAULT_TIMEOUT = 60.0
+
+
+class FederationClient:
+    """A channel to one server. `join()` stores the session, later calls send it as metadata."""
+
+    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.address = address
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.FederationStub(self.channel)
+        self.device_id: int | None = None
+        self._token = ""
+
+    # -- session
+
+    def set_session(self, device_id: int, token: str) -> None:
+        self.device_id, self._token = device_id, token
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.device_id is None:
+            raise RuntimeError("call join() before calls that need a session")
+        return wire.auth_metadata(self.device_id, self._token)
+
+    # -- calls
+
+    def join(self, request: wire.JoinRequest, timeout: float | None = None) -> wire.JoinReply:
+        reply = wire.join_reply_from_proto(
+            self._stub.Join(wire.join_request_to_proto(request), timeout=timeout or self.timeout))
+        self.set_session(reply.device_id, reply.session_token)
+        return reply
+
+    def get_task(self, timeout: float | None = None) -> wire.Task:
+        return wire.task_from_proto(self._stub.GetTask(pb.TaskRequest(), metadata=self._metadata(),
+                                                       timeout=timeout or self.timeout))
+
+    def download(self, request: wire.DownloadRequest, timeout: float | None = None) -> Iterator[pb.Chunk]:
+        """The chunk stream of a model version (from `request.offset`); `wire.join_chunks` checks it."""
+        return self._stub.DownloadModel(wire.download_request_to_proto(request), metadata=self._metadata(),
+                                        timeout=timeout or self.timeout)
+
+    def upload(self, header: wire.UpdateHeader, blob: bytes, timeout: float | None = None) -> wire.UploadReply:
+        reply = self._stub.UploadUpdate(wire.upload_messages(header, blob), metadata=self._metadata(),
+                                        timeout=timeout or self.timeout)
+        return wire.upload_reply_from_proto(reply)
+
+    def status(self, timeout: float | None = None) -> wire.Status:
+        return wire.status_from_proto(self._stub.GetStatus(pb.StatusRequest(), timeout=timeout or self.timeout))
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """The grpc.health.v1 serving status name (SERVING, NOT_SERVING, ...)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        reply = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(service=service),
+                                                                timeout=timeout or self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    # -- lifetime
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> FederationClient:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+
+def get_status(address: str, timeout: float = 5.0) -> wire.Status:
+    """One GetStatus call on a fresh channel (raises grpc.RpcError when the server does not answer)."""
+    with FederationClient(address, timeout=timeout) as client:
+        return client.status()
