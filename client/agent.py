@@ -15,7 +15,7 @@ import random
 import resource
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 from fedpers import codec as codecs
 from fedpers import wire
+from fedpers.backoff import Backoff
 from fedpers.client.data import Dataset, check_against_model, load_data
 from fedpers.client.personal import (
     DeviceState,
@@ -32,12 +33,11 @@ from fedpers.client.personal import (
     check_shared,
     overlay,
     personal_layer_names,
-    report_dict,
     split_weights,
 )
-from fedpers.rpc import federation_pb2 as pb
-from fedpers.rpc import federation_pb2_grpc as pb_grpc
+from fedpers.client.report import DeviceReport, write_report
 from fedpers.store import atomic_write_bytes
+from fedpers.stub import FederationClient
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,39 @@ class RunResult:
 
     reason: str  # done | max_rounds | stopped
     rounds: int  # rounds completed in this run
-    report: dict[str, Any]
+    report: DeviceReport
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one TRAIN task asks of this device, resolved against its model and its own flags."""
+
+    spec: Any  # fedpers.nn.ModelSpec
+    trainer: Any  # fedpers.nn.Trainer
+    shared: list[str]  # tensors whose deltas go to the server
+    personal: set[str]  # layers that never leave the device
+    codec: codecs.CodecSpec
+    epochs: int
+    batch: int
+    learning_rate: float | None
+
+
+@dataclass(frozen=True)
+class EncodedUpdate:
+    """The encoded deltas of the shared tensors, ready to upload, and the residuals to keep."""
+
+    blob: bytes
+    residuals: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class FinalEvaluation:
+    """The final base model evaluated on this device, and that model personalized once more."""
+
+    version: int
+    global_accuracy: float
+    personalized_accuracy: float | None = None
+    epochs: int = 0
 
 
 def peak_rss_bytes() -> int:
@@ -107,51 +139,31 @@ class Agent:
         self.state: DeviceState = self.store.load_or_create(config.name)
         if config.codec:
             codecs.parse_codec(config.codec)  # refuse a bad name before touching the network
-        self._channel: grpc.Channel | None = None
-        self._stub: pb_grpc.FederationStub | None = None
-        self._token = ""
+        self.server = FederationClient(config.server, timeout=RPC_TIMEOUT)
         self._models: dict[str, tuple[Any, Any]] = {}  # model INI digest -> (spec, trainer)
         self._memory_report: dict[str, Any] | None = None
-        self._rng = random.Random(self.state.name)  # jitter only
-        self._last_final_version = -1
-        self._final_global: float | None = None
-        self._final_personalized: float | None = None
-        self._final_epochs = 0
+        self._rng = random.Random(self.state.name)  # backoff jitter only
+        self._final: FinalEvaluation | None = None
         self._last_training: tuple[int, int, float | None] | None = None
         model_path = self.cfg.state / MODEL_FILE
         self._last_model_ini = model_path.read_text() if model_path.exists() else ""
 
     # ------------------------------------------------------------------ plumbing
 
-    def _connect(self) -> pb_grpc.FederationStub:
-        if self._stub is None:
-            self._channel = grpc.insecure_channel(self.cfg.server)
-            self._stub = pb_grpc.FederationStub(self._channel)
-        return self._stub
-
     def close(self) -> None:
         for _, trainer in self._models.values():
-            try:
-                trainer.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                log.debug("trainer close failed", exc_info=True)
+            trainer.close()
         self._models.clear()
-        if self._channel is not None:
-            self._channel.close()
-            self._channel = self._stub = None
-
-    def _metadata(self) -> tuple[tuple[str, str], ...]:
-        assert self.state.device_id is not None
-        return wire.auth_metadata(self.state.device_id, self._token)
+        self.server.close()
 
     def _wait(self, seconds: float) -> None:
         if self.stop.wait(max(0.0, seconds)):
             raise Stopped
 
     def _retry(self, what: str, call: Callable[[], T]) -> T:
-        """Run an RPC; on UNAVAILABLE/DEADLINE_EXCEEDED back off exponentially (with jitter) and try
-        again for up to retry_seconds; on UNAUTHENTICATED join again once."""
-        delay = self.cfg.backoff_initial
+        """Run an RPC; on UNAVAILABLE/DEADLINE_EXCEEDED back off (capped, with jitter) and try again for
+        up to retry_seconds; on UNAUTHENTICATED join again once."""
+        backoff = Backoff(self.cfg.backoff_initial, self.cfg.backoff_max, rng=self._rng)
         first_failure: float | None = None
         rejoined = False
         while True:
@@ -160,7 +172,7 @@ class Agent:
             try:
                 return call()
             except grpc.RpcError as exc:
-                code = exc.code() if hasattr(exc, "code") else None
+                code = exc.code()
                 if code == grpc.StatusCode.UNAUTHENTICATED and not rejoined and what != "Join":
                     log.warning("%s: session refused (%s); joining again", what, exc.details())
                     rejoined = True
@@ -173,43 +185,33 @@ class Agent:
                 if now - first_failure > self.cfg.retry_seconds:
                     raise AgentError(f"{what}: server {self.cfg.server} unreachable for {self.cfg.retry_seconds:.0f}s "
                                      f"({code.name}: {exc.details()})") from None
+                delay = backoff.next()
                 log.info("%s: %s (%s); retrying in %.2fs", what, code.name, exc.details(), delay)
-                self._wait(delay * (0.5 + self._rng.random()))
-                delay = min(delay * 2, self.cfg.backoff_max)
+                self._wait(delay)
 
     # ------------------------------------------------------------------ protocol steps
 
     def join(self) -> int:
-        stub = self._connect()
-        req = wire.join_request_to_proto(wire.JoinRequest(self.cfg.enroll_token, self.state.name))
-        reply = wire.join_reply_from_proto(
-            self._retry("Join", lambda: stub.Join(req, timeout=RPC_TIMEOUT, wait_for_ready=False))
-        )
+        req = wire.JoinRequest(self.cfg.enroll_token, self.state.name)
+        reply = self._retry("Join", lambda: self.server.join(req))
         if self.state.device_id not in (None, reply.device_id):
             log.warning("server gave id %d, this device had %d", reply.device_id, self.state.device_id)
         if self.state.device_id != reply.device_id:
             self.state.device_id = reply.device_id
             self.store.save(self.state)
-        self._token = reply.session_token
         log.info("joined %s as device %d (%s)", self.cfg.server, reply.device_id, self.state.name)
         return reply.device_id
 
     def get_task(self) -> wire.Task:
-        stub = self._connect()
-        reply = self._retry("GetTask", lambda: stub.GetTask(pb.TaskRequest(), metadata=self._metadata(),
-                                                            timeout=RPC_TIMEOUT))
-        return wire.task_from_proto(reply)
+        return self._retry("GetTask", self.server.get_task)
 
     def download(self, version: int) -> dict[str, np.ndarray]:
         """The shared weights of `version`; a broken stream resumes at the byte it reached."""
-        stub = self._connect()
         got = bytearray()
         announced: dict[str, Any] = {}
 
         def attempt() -> bytes:
-            req = wire.download_request_to_proto(wire.DownloadRequest(version, len(got)))
-
-            def tap(stream):
+            def tap(stream: Iterator[Any]) -> Iterator[Any]:
                 for chunk in stream:
                     if "total" not in announced:
                         announced.update(total=chunk.total_size, sha=bytes(chunk.sha256))
@@ -223,7 +225,7 @@ class Agent:
                         self.state.bytes_down += len(chunk.data)
 
             prefix = bytes(got)
-            stream = stub.DownloadModel(req, metadata=self._metadata(), timeout=RPC_TIMEOUT)
+            stream = self.server.download(wire.DownloadRequest(version, len(got)))
             return wire.join_chunks(tap(stream), expected_total=announced.get("total"),
                                     expected_sha256=announced.get("sha"), received=prefix)
 
@@ -244,23 +246,20 @@ class Agent:
     def upload(self, header: wire.UpdateHeader, blob: bytes) -> wire.UploadReply:
         """Send header + chunks; retried on UNAVAILABLE. If a retry finds the update already
         reported, an earlier attempt got through (only its reply was lost): that counts as accepted."""
-        stub = self._connect()
         attempts = 0
 
-        def call() -> pb.UploadReply:
+        def call() -> wire.UploadReply:
             nonlocal attempts
             attempts += 1
             try:
-                return stub.UploadUpdate(wire.upload_messages(header, blob), metadata=self._metadata(),
-                                         timeout=RPC_TIMEOUT)
+                return self.server.upload(header, blob)
             except grpc.RpcError as exc:
-                if (attempts > 1 and exc.code() == grpc.StatusCode.FAILED_PRECONDITION
-                        and (exc.details() or "").startswith("AlreadyReported")):
+                if attempts > 1 and wire.refusal_of(exc) is wire.Refusal.ALREADY_REPORTED:
                     log.info("round %d: an earlier upload attempt was accepted", header.round_id)
-                    return pb.UploadReply(accepted=True, message="accepted by an earlier attempt")
+                    return wire.UploadReply(accepted=True, message="accepted by an earlier attempt")
                 raise
 
-        return wire.upload_reply_from_proto(self._retry("UploadUpdate", call))
+        return self._retry("UploadUpdate", call)
 
     # ------------------------------------------------------------------ model and training
 
@@ -300,8 +299,8 @@ class Agent:
 
         return init_weights(spec, 0)
 
-    def train_round(self, task: wire.Task) -> bool:
-        """One TRAIN task end to end. Returns True when the server accepted the update."""
+    def _plan(self, task: wire.Task) -> RoundPlan:
+        """Resolve a TRAIN task against the model, refusing a shared set that names personal tensors."""
         from fedpers.nn import weight_specs
 
         assert task.config is not None
@@ -312,71 +311,100 @@ class Agent:
         personal = personal_layer_names(spec.layers, cfg.personal_layers)
         shared = check_shared(cfg.shared_tensors, {n: w.layer for n, w in wspecs.items()}, personal)
         codec_name = self.cfg.codec or cfg.codec or "fp32"
-        codec_spec = codecs.parse_codec(codec_name)
-        epochs = self.cfg.local_epochs or cfg.local_epochs or spec.epochs
-        batch = cfg.batch_size or spec.batch_size
-        lr = cfg.learning_rate or None
-        self._last_training = (epochs, batch, lr)
+        return RoundPlan(spec=spec, trainer=trainer, shared=shared, personal=personal,
+                         codec=codecs.parse_codec(codec_name),
+                         epochs=self.cfg.local_epochs or cfg.local_epochs or spec.epochs,
+                         batch=cfg.batch_size or spec.batch_size, learning_rate=cfg.learning_rate or None)
+
+    def _download_base(self, plan: RoundPlan, version: int) -> dict[str, np.ndarray]:
+        """The base's shared tensors, checked to be exactly what the task said would be shared."""
+        from fedpers.nn import weight_specs
+
+        base = self.download(version)
+        wspecs = weight_specs(plan.spec)
+        missing = sorted(set(plan.shared) - set(base))
+        foreign = sorted(n for n in base if n not in wspecs or wspecs[n].layer in plan.personal)
+        if missing or foreign:
+            raise AgentError(f"base v{version} does not fit the task: missing shared tensors {missing}, "
+                             f"unknown or personal tensors {foreign}")
+        return base
+
+    def _encode(self, plan: RoundPlan, trained: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
+                round_id: int) -> EncodedUpdate:
+        """Deltas of the shared tensors through the codec, carrying each tensor's residual (error feedback)."""
+        residuals = self.state.residuals if self.state.codec == plan.codec.name else {}
+        new_residuals: dict[str, np.ndarray] = {}
+        tensors = []
+        for name in plan.shared:
+            delta = trained[name].astype(np.float32) - base[name].astype(np.float32)
+            res = residuals.get(name)
+            if res is not None and res.shape != delta.shape:
+                res = None
+            payload, new_res = codecs.encode(plan.codec, delta, res,
+                                             codecs.derive_seed(self.state.device_id, round_id, name))
+            if new_res is not None:
+                new_residuals[name] = new_res
+            tensors.append(wire.encoded_to_wire(name, delta.shape, plan.codec.name, payload))
+        return EncodedUpdate(blob=wire.tensorset_to_blob(tensors), residuals=new_residuals)
+
+    def _commit(self, record: RoundRecord, local: dict[str, np.ndarray], encoded: EncodedUpdate,
+                codec_name: str) -> None:
+        """After the server accepted: local tensors, residuals and bookkeeping in one atomic write."""
+        self.state.local = local
+        self.state.residuals = encoded.residuals
+        self.state.codec = codec_name
+        self.state.last_round = record.round_id
+        self.state.base_version = record.base_version
+        self.state.bytes_up += record.bytes_up
+        self.state.history.append(record)
+        self.store.save(self.state)
+        self.write_report()
+
+    def train_round(self, task: wire.Task) -> bool:
+        """One TRAIN task end to end. Returns True when the server accepted the update."""
+        plan = self._plan(task)
+        trainer = plan.trainer
+        self._last_training = (plan.epochs, plan.batch, plan.learning_rate)
         r, v = task.round_id, task.base_version
         log.info("round %d: training from base v%d (%d shared tensors, personal layers %s, codec %s, %d epochs)",
-                 r, v, len(shared), sorted(personal) or "none", codec_name, epochs)
+                 r, v, len(plan.shared), sorted(plan.personal) or "none", plan.codec.name, plan.epochs)
 
         down_before = self.state.bytes_down
-        base = self.download(v)
-        missing = sorted(set(shared) - set(base))
-        foreign = sorted(n for n in base if n not in wspecs or wspecs[n].layer in personal)
-        if missing or foreign:
-            raise AgentError(f"base v{v} does not fit the task: missing shared tensors {missing}, "
-                             f"unknown or personal tensors {foreign}")
+        base = self._download_base(plan, v)
         if self.stop.is_set():
             raise Stopped
-        start = overlay(self._initial_weights(spec), base, self.state.local)
-        trainer.set_weights(start, strict=False)
+        trainer.set_weights(overlay(self._initial_weights(plan.spec), base, self.state.local), strict=False)
         glob = trainer.evaluate(self.data.x_test, self.data.y_test)
 
         t0 = time.perf_counter()
         seed = codecs.derive_seed(self.state.device_id, r) & 0x7FFFFFFF
-        fit = trainer.fit(self.data.x, self.data.y, epochs=epochs, batch_size=batch, shuffle=True, seed=seed,
-                          learning_rate=lr)
+        fit = trainer.fit(self.data.x, self.data.y, epochs=plan.epochs, batch_size=plan.batch, shuffle=True,
+                          seed=seed, learning_rate=plan.learning_rate)
         train_seconds = time.perf_counter() - t0
         if self.stop.is_set():  # training finished but we are asked to stop: abandon, state untouched
             log.info("round %d: stop requested; abandoning the trained update", r)
             raise Stopped
         pers = trainer.evaluate(self.data.x_test, self.data.y_test)
-        trained = trainer.get_weights()
         self._memory_report = trainer.memory_report().to_dict()
 
         # delta of the shared tensors only; local tensors are never serialized for the server
-        up, local = split_weights(trained, shared)
-        residuals = self.state.residuals if self.state.codec == codec_spec.name else {}
-        new_residuals: dict[str, np.ndarray] = {}
-        tensors = []
-        for name in shared:
-            delta = up[name].astype(np.float32) - base[name].astype(np.float32)
-            res = residuals.get(name)
-            if res is not None and res.shape != delta.shape:
-                res = None
-            payload, new_res = codecs.encode(codec_spec, delta, res, codecs.derive_seed(self.state.device_id, r, name))
-            if new_res is not None:
-                new_residuals[name] = new_res
-            tensors.append(wire.encoded_to_wire(name, delta.shape, codec_spec.name, payload))
-        blob = wire.tensorset_to_blob(tensors)
-        metrics = {
-            "loss": float(fit.loss),
-            "accuracy": float(fit.accuracy),
-            "global_accuracy": float(glob.accuracy),
-            "global_loss": float(glob.loss),
-            "personalized_accuracy": float(pers.accuracy),
-            "personalized_loss": float(pers.loss),
-            "test_examples": float(self.data.y_test.size),
-        }
+        up, local = split_weights(trainer.get_weights(), plan.shared)
+        encoded = self._encode(plan, up, base, r)
+        record = RoundRecord(
+            round_id=r, base_version=v, num_examples=self.data.num_examples,
+            global_accuracy=float(glob.accuracy), global_loss=float(glob.loss),
+            personalized_accuracy=float(pers.accuracy), personalized_loss=float(pers.loss),
+            train_loss=float(fit.loss), train_accuracy=float(fit.accuracy), bytes_up=len(encoded.blob),
+            bytes_down=self.state.bytes_down - down_before, train_seconds=train_seconds, codec=plan.codec.name,
+            epochs=int(plan.epochs), test_examples=int(self.data.y_test.size),
+        )
         header = wire.UpdateHeader(round_id=r, base_version=v, num_examples=self.data.num_examples,
-                                   total_size=len(blob), sha256=wire.sha256(blob), codec=codec_spec.name,
-                                   metrics=metrics)
+                                   total_size=len(encoded.blob), sha256=wire.sha256(encoded.blob),
+                                   codec=plan.codec.name, metrics=record.metrics())
         if self.cfg.save_uploads:
-            self.store.save_upload(r, blob)
+            self.store.save_upload(r, encoded.blob)
         try:
-            reply = self.upload(header, blob)
+            reply = self.upload(header, encoded.blob)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                 log.warning("round %d: update refused (%s); dropping it", r, exc.details())
@@ -385,81 +413,63 @@ class Agent:
         if not reply.accepted:
             log.warning("round %d: update not accepted (%s)", r, reply.message)
             return False
-
-        # commit: local tensors + residuals + bookkeeping in one atomic write
-        self.state.local = local
-        self.state.residuals = new_residuals
-        self.state.codec = codec_spec.name
-        self.state.last_round = r
-        self.state.base_version = v
-        self.state.bytes_up += len(blob)
-        self.state.history.append(RoundRecord(
-            round_id=r, base_version=v, num_examples=self.data.num_examples,
-            global_accuracy=float(glob.accuracy), global_loss=float(glob.loss),
-            personalized_accuracy=float(pers.accuracy), personalized_loss=float(pers.loss),
-            train_loss=float(fit.loss), train_accuracy=float(fit.accuracy), bytes_up=len(blob),
-            bytes_down=self.state.bytes_down - down_before, train_seconds=train_seconds, codec=codec_spec.name,
-            epochs=int(epochs),
-        ))
-        self.store.save(self.state)
-        self.write_report()
+        self._commit(record, local, encoded, plan.codec.name)
         log.info("round %d: sent %d bytes; global acc %.3f -> personalized %.3f (%d in round)",
-                 r, len(blob), glob.accuracy, pers.accuracy, reply.updates_in_round)
+                 r, record.bytes_up, glob.accuracy, pers.accuracy, reply.updates_in_round)
         return True
 
     def finalize(self, task: wire.Task) -> None:
         """After DONE: evaluate the final base (with this device's local tensors) on the held-out split,
         then personalize it with one more local training (same epochs as a round, nothing uploaded)
-        and evaluate that. The personalized local tensors are kept in --state."""
+        and evaluate that. The personalized local tensors are kept in --state. A server that is gone
+        by now only costs the final numbers (logged); any other failure is raised."""
         model_ini = task.model_ini or self._last_model_ini
         v = task.base_version
         if not model_ini or v <= 0 or not self.state.history:
             return
+        spec, trainer = self._model(model_ini)
         try:
-            spec, trainer = self._model(model_ini)
             base = self.download(v)
-            trainer.set_weights(overlay(self._initial_weights(spec), base, self.state.local), strict=False)
-            self._final_global = float(trainer.evaluate(self.data.x_test, self.data.y_test).accuracy)
-            self._last_final_version = v
-            epochs, batch, lr = self._last_training or (self.cfg.local_epochs or spec.epochs, spec.batch_size, None)
-            if self.stop.is_set():
-                raise Stopped
-            trainer.fit(self.data.x, self.data.y, epochs=epochs, batch_size=batch, shuffle=True, learning_rate=lr,
-                        seed=codecs.derive_seed(self.state.device_id, "final", v) & 0x7FFFFFFF)
-            if self.stop.is_set():
-                raise Stopped
-            self._final_personalized = float(trainer.evaluate(self.data.x_test, self.data.y_test).accuracy)
-            self._final_epochs = int(epochs)
-            _, local = split_weights(trainer.get_weights(), base)
-            self.state.local = local
-            self.store.save(self.state)
-            log.info("final base v%d: accuracy %.3f; personalized with %d local epochs: %.3f", v,
-                     self._final_global, epochs, self._final_personalized)
-        except (grpc.RpcError, AgentError, ValueError) as exc:
-            log.warning("could not evaluate the final model: %s", exc)
+        except (grpc.RpcError, AgentError) as exc:
+            log.warning("could not download the final model v%d to evaluate it: %s", v, exc)
+            return
+        trainer.set_weights(overlay(self._initial_weights(spec), base, self.state.local), strict=False)
+        log.info("final base v%d: evaluating it on %d held-out examples", v, self.data.y_test.size)
+        final_global = float(trainer.evaluate(self.data.x_test, self.data.y_test).accuracy)
+        self._final = FinalEvaluation(version=v, global_accuracy=final_global)
+        epochs, batch, lr = self._last_training or (self.cfg.local_epochs or spec.epochs, spec.batch_size, None)
+        if self.stop.is_set():
+            raise Stopped
+        log.info("final base v%d: personalizing it with %d local epochs (nothing is uploaded)", v, epochs)
+        trainer.fit(self.data.x, self.data.y, epochs=epochs, batch_size=batch, shuffle=True, learning_rate=lr,
+                    seed=codecs.derive_seed(self.state.device_id, "final", v) & 0x7FFFFFFF)
+        if self.stop.is_set():
+            raise Stopped
+        personalized = float(trainer.evaluate(self.data.x_test, self.data.y_test).accuracy)
+        self._final = FinalEvaluation(version=v, global_accuracy=final_global, personalized_accuracy=personalized,
+                                      epochs=int(epochs))
+        _, local = split_weights(trainer.get_weights(), base)
+        self.state.local = local
+        self.store.save(self.state)
+        log.info("final base v%d: accuracy %.3f; personalized with %d local epochs: %.3f", v, final_global, epochs,
+                 personalized)
 
     # ------------------------------------------------------------------ the loop
 
-    def report(self, finished: bool = False, reason: str = "") -> dict[str, Any]:
-        extra: dict[str, Any] = {
-            "peak_rss_bytes": peak_rss_bytes(),
-            "memory_report": self._memory_report,
-            "train_examples": self.data.num_examples,
-            "test_examples": int(self.data.y_test.size),
-            "finished": finished,
-            "reason": reason,
-        }
-        if self._final_global is not None:
-            extra["final_global_accuracy"] = self._final_global
-            extra["final_version"] = self._last_final_version
-        if self._final_personalized is not None:
-            extra["final_personalized_accuracy"] = self._final_personalized
-            extra["final_epochs"] = self._final_epochs
-        return report_dict(self.state, extra)
+    def report(self, finished: bool = False, reason: str = "") -> DeviceReport:
+        final = self._final
+        return DeviceReport.from_state(
+            self.state, peak_rss_bytes=peak_rss_bytes(), memory_report=self._memory_report,
+            train_examples=self.data.num_examples, test_examples=int(self.data.y_test.size), finished=finished,
+            reason=reason, final_version=final.version if final else None,
+            final_global_accuracy=final.global_accuracy if final else None,
+            final_personalized_accuracy=final.personalized_accuracy if final else None,
+            final_epochs=final.epochs if final else 0,
+        )
 
-    def write_report(self, finished: bool = False, reason: str = "") -> dict[str, Any]:
+    def write_report(self, finished: bool = False, reason: str = "") -> DeviceReport:
         rep = self.report(finished, reason)
-        self.store.write_report(rep)
+        write_report(self.store.report_path, rep)
         return rep
 
     def run(self) -> RunResult:

@@ -8,7 +8,6 @@ at any moment restarts from the last completed round, never from half of one.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import uuid
@@ -33,7 +32,11 @@ class StateError(RuntimeError):
     """The device state directory cannot be used; the message says how to recover."""
 
 
-class PersonalLeak(ValueError):
+class TaskMismatch(ValueError):
+    """The server's task does not fit this device's model (unknown tensors, other shapes)."""
+
+
+class PersonalLeak(TaskMismatch):
     """The server asked for a tensor of a personal layer; it must never leave the device."""
 
 
@@ -55,6 +58,19 @@ class RoundRecord:
     train_seconds: float
     codec: str
     epochs: int
+    test_examples: int = 0
+
+    def metrics(self) -> dict[str, float]:
+        """The numbers the update header carries to the server (example-weighted there)."""
+        return {
+            "loss": self.train_loss,
+            "accuracy": self.train_accuracy,
+            "global_accuracy": self.global_accuracy,
+            "global_loss": self.global_loss,
+            "personalized_accuracy": self.personalized_accuracy,
+            "personalized_loss": self.personalized_loss,
+            "test_examples": float(self.test_examples),
+        }
 
 
 @dataclass
@@ -147,16 +163,6 @@ class PersonalStore:
         }
         save_arrays(self.state_path, arrays, meta)
 
-    def write_report(self, report: Mapping[str, Any]) -> None:
-        """The device's numbers for people and the simulator (JSON, atomic)."""
-        atomic_write_bytes(self.report_path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
-
-    def read_report(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.report_path.read_text())
-        except FileNotFoundError:
-            return None
-
     def save_upload(self, round_id: int, blob: bytes) -> Path:
         """Keep a copy of an uploaded blob (debugging and tests: what exactly left the device)."""
         path = self.directory / UPLOADS_DIR / f"round-{round_id:06d}.blob"
@@ -177,7 +183,7 @@ def check_shared(
     names = sorted(set(shared))
     unknown = [n for n in names if n not in weight_layers]
     if unknown:
-        raise ValueError(f"the server asks for tensors the model does not have: {unknown}")
+        raise TaskMismatch(f"the server asks for tensors the model does not have: {unknown}")
     leaked = [n for n in names if weight_layers[n] in personal_layers]
     if leaked:
         raise PersonalLeak(f"the server asks for tensors of personal layers, which never leave the device: {leaked}")
@@ -211,25 +217,6 @@ def overlay(
     for name, value in base.items():
         if name not in out or out[name].shape != value.shape:
             have = out[name].shape if name in out else None
-            raise ValueError(f"base tensor {name} has shape {value.shape}, the model has {have}")
+            raise TaskMismatch(f"base tensor {name} has shape {value.shape}, the model has {have}")
         out[name] = value
-    return out
-
-
-def report_dict(state: DeviceState, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON a device writes after every round (and the sim reads)."""
-    last = state.history[-1] if state.history else None
-    out: dict[str, Any] = {
-        "name": state.name,
-        "id": state.device_id,
-        "last_round": state.last_round,
-        "rounds_trained": len(state.history),
-        "epochs_trained": state.epochs_trained,
-        "global_accuracy": last.global_accuracy if last else None,
-        "personalized_accuracy": last.personalized_accuracy if last else None,
-        "bytes_up": state.bytes_up,
-        "bytes_down": state.bytes_down,
-        "rounds": [asdict(r) for r in state.history],
-    }
-    out.update(extra or {})
     return out

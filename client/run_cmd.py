@@ -8,7 +8,6 @@ the device (its state is consistent); 2 for bad input (data file, state director
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import signal
 import sys
@@ -58,8 +57,9 @@ def main(args: argparse.Namespace) -> int:
     """Run the agent with parsed arguments; returns the exit code."""
     from fedpers.client.agent import Agent, AgentConfig, AgentError
     from fedpers.client.data import DataError
-    from fedpers.client.personal import PersonalLeak, StateError
+    from fedpers.client.personal import StateError, TaskMismatch
     from fedpers.codec import CodecError
+    from fedpers.nn import BudgetError, ModelError, WeightError
 
     level_name = getattr(args, "log_level", None)
     if level_name in (None, "WARNING"):  # the agent logs its progress unless asked for something else
@@ -90,15 +90,15 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         result = agent.run()
-    except (AgentError, PersonalLeak) as exc:
+    except (AgentError, TaskMismatch, ModelError, WeightError) as exc:  # refused, or sent what it cannot train
         log.error("%s", exc)
         return 1
-    except (DataError, CodecError, ValueError) as exc:
+    except (DataError, CodecError, BudgetError) as exc:  # this device's own input: data, codec, memory budget
         log.error("%s", exc)
         return 2
     if args.json:
-        print(json.dumps(result.report, sort_keys=True))
-    log.info("device %s: %s after %d rounds in this run", result.report.get("name"), result.reason, result.rounds)
+        print(result.report.to_json())
+    log.info("device %s: %s after %d rounds in this run", result.report.name, result.reason, result.rounds)
     return 0
 
 

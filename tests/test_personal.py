@@ -12,12 +12,13 @@ from fedpers.client.personal import (
     PersonalStore,
     RoundRecord,
     StateError,
+    TaskMismatch,
     check_shared,
     overlay,
     personal_layer_names,
-    report_dict,
     split_weights,
 )
+from fedpers.client.report import DeviceReport, ReportError, read_report, write_report
 
 
 def _record(r: int) -> RoundRecord:
@@ -81,13 +82,28 @@ def test_save_leaves_no_temp_files(tmp_path):
 
 def test_report_and_uploads(tmp_path):
     store = PersonalStore(tmp_path)
-    state = DeviceState(name="x", device_id=3, history=[_record(1)], bytes_up=100, bytes_down=200)
-    store.write_report(report_dict(state, {"peak_rss_bytes": 123}))
-    rep = store.read_report()
-    assert rep["id"] == 3 and rep["personalized_accuracy"] == 0.7 and rep["peak_rss_bytes"] == 123
-    assert rep["rounds"][0]["round_id"] == 1
+    assert read_report(store.report_path) is None
+    state = DeviceState(name="x", device_id=3, history=[_record(1), _record(2)], bytes_up=100, bytes_down=200)
+    written = DeviceReport.from_state(state, peak_rss_bytes=123, final_epochs=2, final_global_accuracy=0.25)
+    write_report(store.report_path, written)
+    rep = read_report(store.report_path)
+    assert rep == written
+    assert rep.id == 3 and rep.personalized_accuracy == 0.7 and rep.peak_rss_bytes == 123
+    assert rep.rounds[0] == _record(1) and rep.rounds_trained == 2 and rep.epochs_trained == 4
+    assert rep.total_epochs == 6 and rep.end_global_accuracy == 0.25 and rep.end_personalized_accuracy == 0.7
     path = store.save_upload(4, b"blob")
     assert path.read_bytes() == b"blob" and path.parent.name == "uploads"
+
+
+def test_report_refuses_unknown_and_missing_fields():
+    good = DeviceReport(name="x").to_dict()
+    with pytest.raises(ReportError, match="unknown device report fields \\['final_acc'\\]"):
+        DeviceReport.from_dict({**good, "final_acc": 0.5})
+    del good["name"]
+    with pytest.raises(ReportError, match="name"):
+        DeviceReport.from_dict(good)
+    with pytest.raises(ReportError, match="not JSON"):
+        DeviceReport.from_json("{")
 
 
 def test_personal_layers_from_model_and_server():
@@ -101,7 +117,7 @@ def test_check_shared_refuses_personal_and_unknown_tensors():
     assert check_shared(["a.weight", "a.bias"], layers, {"b"}) == ["a.bias", "a.weight"]
     with pytest.raises(PersonalLeak, match="b.weight"):
         check_shared(["a.weight", "b.weight"], layers, {"b"})
-    with pytest.raises(ValueError, match="does not have"):
+    with pytest.raises(TaskMismatch, match="does not have"):
         check_shared(["c.weight"], layers, {"b"})
 
 
@@ -115,7 +131,7 @@ def test_split_and_overlay():
     np.testing.assert_array_equal(out["a.weight"], 1.0)
     np.testing.assert_array_equal(out["b.weight"], 2.0)
     assert out["c.weight"].shape == (1,)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(TaskMismatch, match="shape"):
         overlay(init, {"a.weight": np.ones(3, np.float32)}, {})
     up, keep = split_weights(out, ["a.weight"])
     assert set(up) == {"a.weight"} and set(keep) == {"b.weight", "c.weight"}
