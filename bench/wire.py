@@ -34,14 +34,13 @@ def full_model_bytes(model: str | None) -> int:
 
 def run_one(codec: str, seed: int, args: argparse.Namespace, out: Path) -> dict:
     report_dir = out / f"{codec.replace(':', '_').replace('+', '-')}-seed{seed}"
-    argv = ["--devices", str(args.devices), "--rounds", str(args.rounds), "--codec", codec, "--seed", str(seed),
-            "--report-dir", str(report_dir), "--quiet"]
-    if args.model:
-        argv += ["--model", args.model]
+    given = {"model": Path(args.model)} if args.model else {}
     if args.local_epochs:
-        argv += ["--local-epochs", str(args.local_epochs)]
+        given["local_epochs"] = args.local_epochs
+    cfg = sim.SimConfig(devices=args.devices, rounds=args.rounds, codec=codec, seed=seed, report_dir=report_dir,
+                        quiet=True, **given)
     t0 = time.monotonic()
-    report = sim.simulate(sim._sim_parser().parse_args(argv))
+    report = sim.simulate(cfg).to_dict()
     report["bench_seconds"] = time.monotonic() - t0
     return report
 

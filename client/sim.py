@@ -7,333 +7,118 @@
 The simulator writes the non-IID digits partition, starts `fedpers-server` and one
 `fedpers-client run` process per device (each process reads only its own data file), follows
 the rounds through GetStatus, then trains a local-only baseline per device (again one process
-per device) and writes a table, `report.json` and `accuracy.png`.
+per device) and writes a table, `report.json` and `accuracy.png`. From Python:
+`simulate(SimConfig(devices=4, rounds=3))` returns the `SimReport`.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from fedpers import models
+from fedpers.client import sim_report
+from fedpers.client.processes import Child, ProcessError, wait_for_server
+from fedpers.client.sim_report import SimReport
+from fedpers.strategies import STRATEGIES
 
 log = logging.getLogger("fedpers.sim")
 
 DEFAULT_MODEL = models.path("digits_cnn_personal.ini")
-CHILD_ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+MEMORY_MODES = ("naive", "planned", "swap")
+STATUS_FAILURES_ALLOWED = 25  # consecutive failed GetStatus polls (~5 s) before the run is called broken
 
 
-class SimError(RuntimeError):
+class SimError(ProcessError):
     """The simulation could not complete (a process died, a timeout); the message says which."""
 
 
-# ------------------------------------------------------------------------------------- processes
+class SimInterrupted(SimError):
+    """Ctrl-C or the --timeout ended the run early; the report of what finished was still written."""
+
+    def __init__(self, message: str, report: SimReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@dataclass(frozen=True)
+class SimConfig:
+    """Everything a simulation run needs; the CLI flags map one to one onto these fields."""
+
+    devices: int = 8
+    rounds: int = 10
+    report_dir: Path | None = None  # None: runs/sim-<timestamp>
+    codec: str = "fp32"
+    seed: int = 0
+    alpha: float = 0.5
+    local_epochs: int = 5
+    model: Path = DEFAULT_MODEL
+    strategy: str = "fedavg"
+    server_lr: float | None = None
+    min_devices: int | None = None  # None: all devices
+    fraction: float = 1.0
+    round_timeout: float = 60.0
+    memory: str = "planned"
+    memory_budget: str | None = None
+    timeout: float = 600.0
+    save_uploads: bool = False
+    keep_work: bool = False
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        from fedpers.codec import parse_codec
+
+        for key in ("devices", "rounds", "local_epochs"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+        if self.min_devices is not None and not 1 <= self.min_devices <= self.devices:
+            raise ValueError(f"min_devices must be in [1, devices={self.devices}], got {self.min_devices}")
+        if not 0 < self.fraction <= 1:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}; known: {list(STRATEGIES)}")
+        if self.memory not in MEMORY_MODES:
+            raise ValueError(f"unknown memory mode {self.memory!r}; known: {list(MEMORY_MODES)}")
+        if not Path(self.model).is_file():
+            raise ValueError(f"model file {self.model} does not exist")
+        parse_codec(self.codec)
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["model"] = str(Path(self.model).resolve())
+        out["report_dir"] = str(self.report_dir) if self.report_dir else None
+        return out
 
 
-def child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(CHILD_ENV)
-    return env
-
-
-@dataclass
-class Child:
-    """A subprocess with its log file."""
-
-    name: str
-    proc: subprocess.Popen
-    log_path: Path
-    _log: IO[bytes] | None = field(default=None, repr=False)
-
-    @classmethod
-    def start(cls, name: str, argv: Sequence[str], log_path: Path, stdout_path: Path | None = None) -> Child:
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        if stdout_path is not None:
-            stdout_path.parent.mkdir(parents=True, exist_ok=True)
-        out = open(stdout_path, "wb") if stdout_path else fh  # noqa: SIM115
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=fh, env=child_env(), start_new_session=True)
-        if out is not fh:
-            out.close()
-        log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
-        return cls(name, proc, log_path, fh)
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
-
-    def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after `timeout`; returns the exit code."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("%s did not stop on SIGTERM; killing it", self.name)
-                self.proc.kill()
-                self.proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        return self.proc.returncode
-
-    def tail(self, lines: int = 15) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-
-def server_argv(args: argparse.Namespace, model: Path, port_file: Path, store: Path, token: str) -> list[str]:
-    argv = [sys.executable, "-m", "fedpers.server", "serve", "--model", str(model), "--listen", "127.0.0.1:0",
-            "--port-file", str(port_file), "--store", str(store), "--seed", str(args.seed),
-            "--rounds", str(args.rounds), "--min-devices", str(args.min_devices or args.devices),
-            "--fraction", str(args.fraction), "--round-timeout", str(args.round_timeout),
-            "--strategy", args.strategy, "--enroll-token", token, "--codec", args.codec,
-            "--local-epochs", str(args.local_epochs)]
-    if args.server_lr is not None:
-        argv += ["--server-lr", str(args.server_lr)]
+def server_argv(cfg: SimConfig, port_file: Path, store: Path, token: str) -> list[str]:
+    argv = [sys.executable, "-m", "fedpers.server", "serve", "--model", str(Path(cfg.model).resolve()),
+            "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--store", str(store), "--seed", str(cfg.seed),
+            "--rounds", str(cfg.rounds), "--min-devices", str(cfg.min_devices or cfg.devices),
+            "--fraction", str(cfg.fraction), "--round-timeout", str(cfg.round_timeout),
+            "--strategy", cfg.strategy, "--enroll-token", token, "--codec", cfg.codec,
+            "--local-epochs", str(cfg.local_epochs)]
+    if cfg.server_lr is not None:
+        argv += ["--server-lr", str(cfg.server_lr)]
     return argv
 
 
-def device_argv(args: argparse.Namespace, address: str, data: Path, state: Path, name: str, token: str) -> list[str]:
+def device_argv(cfg: SimConfig, address: str, data: Path, state: Path, name: str, token: str) -> list[str]:
     argv = [sys.executable, "-m", "fedpers.client", "run", "--server", address, "--data", str(data),
-            "--state", str(state), "--name", name, "--enroll-token", token, "--memory", args.memory, "--json"]
-    if args.memory_budget:
-        argv += ["--memory-budget", args.memory_budget]
-    if args.save_uploads:
+            "--state", str(state), "--name", name, "--enroll-token", token, "--memory", cfg.memory, "--json"]
+    if cfg.memory_budget:
+        argv += ["--memory-budget", cfg.memory_budget]
+    if cfg.save_uploads:
         argv.append("--save-uploads")
     return argv
-
-
-# ------------------------------------------------------------------------------------- status
-
-
-def get_status(address: str, timeout: float = 5.0) -> Any:
-    """GetStatus over gRPC -> common.wire.Status (no device credentials needed)."""
-    import grpc
-    from fedpers import wire
-    from fedpers.rpc import federation_pb2 as pb
-    from fedpers.rpc import federation_pb2_grpc as pb_grpc
-
-    with grpc.insecure_channel(address) as channel:
-        reply = pb_grpc.FederationStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout)
-    return wire.status_from_proto(reply)
-
-
-def wait_for_server(port_file: Path, server: Child, timeout: float) -> str:
-    """Wait until the server has written its port and answers GetStatus; returns HOST:PORT."""
-    import grpc
-
-    deadline = time.monotonic() + timeout
-    address = ""
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SimError(f"the server exited with code {server.poll()}:\n{server.tail()}")
-        if not address:
-            with contextlib.suppress(OSError, ValueError):
-                address = f"127.0.0.1:{int(port_file.read_text().strip())}"
-        if address:
-            try:
-                get_status(address, timeout=1.0)
-                return address
-            except grpc.RpcError:
-                pass
-        time.sleep(0.1)
-    raise SimError(f"the server did not come up within {timeout:.0f}s:\n{server.tail()}")
-
-
-def round_rows(status: Any) -> list[dict[str, Any]]:
-    """Closed rounds as report rows (global_accuracy: the base the round started from, on the
-    devices' held-out splits, example-weighted)."""
-    rows = []
-    for r in status.rounds:
-        if r.state != "closed":
-            continue
-        m = r.metrics
-        rows.append({"round": r.round_id, "version": r.version, "devices": r.devices,
-                     "global_accuracy": m.get("global_accuracy"),
-                     "personalized_accuracy": m.get("personalized_accuracy"),
-                     "train_loss": m.get("loss")})
-    return rows
-
-
-# ------------------------------------------------------------------------------------- local-only
-
-
-def local_only(data_path: Path, model_path: Path, epochs: int, seed: int, memory: str = "planned") -> dict[str, Any]:
-    """Train a fresh model on one device's data only (all layers) and evaluate on its held-out split."""
-    from fedpers.client.data import load_data
-    from fedpers.nn import Trainer, load_ini
-
-    data = load_data(data_path)
-    spec = load_ini(model_path)
-    t0 = time.perf_counter()
-    with Trainer(spec, memory=memory, seed=seed) as trainer:
-        fit = trainer.fit(data.x, data.y, epochs=epochs, seed=seed)
-        ev = trainer.evaluate(data.x_test, data.y_test)
-    return {"accuracy": float(ev.accuracy), "loss": float(ev.loss), "epochs": epochs,
-            "train_loss": float(fit.loss), "seconds": time.perf_counter() - t0}
-
-
-def run_local_only(args: argparse.Namespace) -> int:
-    res = local_only(args.data, args.model, args.epochs, args.seed, args.memory)
-    text = json.dumps(res, sort_keys=True)
-    if args.out:
-        from fedpers.store import atomic_write_bytes
-
-        atomic_write_bytes(args.out, text.encode())
-    else:
-        print(text)
-    return 0
-
-
-def run_baselines(args: argparse.Namespace, model: Path, data_paths: list[Path], epochs: list[int],
-                  work: Path) -> list[dict[str, Any] | None]:
-    """One local-only process per device (at most cpu_count at once, so they do not thrash)."""
-    out_paths = [work / "devices" / str(i) / "local_only.json" for i in range(len(data_paths))]
-    pending = list(range(len(data_paths)))
-    running: list[tuple[int, Child]] = []
-    limit = max(1, os.cpu_count() or 1)
-    while pending or running:
-        while pending and len(running) < limit:
-            i = pending.pop(0)
-            argv = [sys.executable, "-m", "fedpers.client.sim", "local-only", "--data", str(data_paths[i]),
-                    "--model", str(model), "--epochs", str(max(1, epochs[i])), "--seed", str(args.seed + i),
-                    "--out", str(out_paths[i]), "--memory", args.memory]
-            running.append((i, Child.start(f"local-only-{i}", argv, work / "logs" / f"local-only-{i}.log")))
-        time.sleep(0.05)
-        for item in list(running):
-            i, child = item
-            code = child.poll()
-            if code is not None:
-                child.stop()
-                running.remove(item)
-                if code != 0:
-                    log.warning("local-only baseline of device %d failed (code %d):\n%s", i, code, child.tail())
-    results: list[dict[str, Any] | None] = []
-    for p in out_paths:
-        try:
-            results.append(json.loads(p.read_text()))
-        except (OSError, ValueError):
-            results.append(None)
-    return results
-
-
-# ------------------------------------------------------------------------------------- report
-
-
-def _fmt(v: float | None, pct: bool = True) -> str:
-    if v is None:
-        return "  -  "
-    return f"{100 * v:5.1f}" if pct else f"{v:,.0f}"
-
-
-def device_rows(reports: list[dict[str, Any] | None], baselines: list[dict[str, Any] | None]) -> list[dict[str, Any]]:
-    rows = []
-    for i, (rep, base) in enumerate(zip(reports, baselines, strict=True)):
-        rep = rep or {}
-        glob = rep.get("final_global_accuracy", rep.get("global_accuracy"))
-        rows.append({
-            "index": i,
-            "id": rep.get("id"),
-            "name": rep.get("name"),
-            "train_examples": rep.get("train_examples"),
-            "test_examples": rep.get("test_examples"),
-            "rounds_trained": rep.get("rounds_trained", 0),
-            "global_accuracy": glob,
-            "personalized_accuracy": rep.get("final_personalized_accuracy", rep.get("personalized_accuracy")),
-            "local_only_accuracy": base.get("accuracy") if base else None,
-            "local_only_epochs": base.get("epochs") if base else None,
-            "bytes_up": rep.get("bytes_up", 0),
-            "bytes_down": rep.get("bytes_down", 0),
-            "peak_rss_bytes": rep.get("peak_rss_bytes"),
-            "memory_report": rep.get("memory_report"),
-        })
-    return rows
-
-
-def weighted_mean(rows: list[dict[str, Any]], key: str) -> float | None:
-    pairs = [(r[key], r.get("test_examples") or 1) for r in rows if r.get(key) is not None]
-    total = sum(w for _, w in pairs)
-    return sum(v * w for v, w in pairs) / total if total else None
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'device':>6} {'id':>4} {'train':>5} {'test':>4} {'global%':>7} {'personal%':>9} {'local-only%':>11} "
-            f"{'up KiB/rnd':>10} {'down KiB':>9} {'peak RSS MiB':>12}")
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        per_round = r["bytes_up"] / r["rounds_trained"] / 1024 if r["rounds_trained"] else 0.0
-        rss = r["peak_rss_bytes"] / 2**20 if r["peak_rss_bytes"] else 0.0
-        lines.append(f"{r['index']:>6} {r['id'] if r['id'] is not None else '-':>4} {r['train_examples'] or 0:>5} "
-                     f"{r['test_examples'] or 0:>4} {_fmt(r['global_accuracy']):>7} "
-                     f"{_fmt(r['personalized_accuracy']):>9} {_fmt(r['local_only_accuracy']):>11} "
-                     f"{per_round:>10.1f} {r['bytes_down'] / 1024:>9.1f} {rss:>12.1f}")
-    lines.append("-" * len(head))
-    lines.append(f"{'mean':>6} {'':>4} {'':>5} {'':>4} {_fmt(weighted_mean(rows, 'global_accuracy')):>7} "
-                 f"{_fmt(weighted_mean(rows, 'personalized_accuracy')):>9} "
-                 f"{_fmt(weighted_mean(rows, 'local_only_accuracy')):>11}   (means weighted by test examples)")
-    return "\n".join(lines)
-
-
-def plot_accuracy(path: Path, rounds: list[dict[str, Any]], devices: list[dict[str, Any]]) -> bool:
-    """accuracy.png: global and personalized accuracy per round, local-only as a reference line."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed; no accuracy.png (pip install 'fedpers[sim]')")
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    xs = [r["round"] for r in rounds]
-    for key, label, style in (("global_accuracy", "global model (start of round)", "o-"),
-                              ("personalized_accuracy", "personalized (after local training)", "s-")):
-        ys = [r.get(key) for r in rounds]
-        pts = [(x, 100 * y) for x, y in zip(xs, ys, strict=True) if y is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
-    final = weighted_mean(devices, "global_accuracy")
-    if final is not None and xs:
-        ax.plot([xs[-1] + 1], [100 * final], "o", color="C0", mfc="none", label="final global model")
-    local = weighted_mean(devices, "local_only_accuracy")
-    if local is not None:
-        ax.axhline(100 * local, color="grey", ls="--", label="local-only (same epochs)")
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("fedpers-sim: accuracy on the devices' held-out splits")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
-
-
-# ------------------------------------------------------------------------------------- the run
 
 
 def default_report_dir() -> Path:
@@ -346,214 +131,270 @@ def default_report_dir() -> Path:
     return path
 
 
-def simulate(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole run; returns the report (also written to report_dir/report.json)."""
-    from fedpers.client.partition import partition_digits, write_partition
-    from fedpers.codec import parse_codec
+@dataclass
+class _Run:
+    """The processes of one simulation and what has been seen of them."""
 
-    parse_codec(args.codec)
-    t_start = time.monotonic()
-    report_dir = Path(args.report_dir) if args.report_dir else default_report_dir()
+    cfg: SimConfig
+    work: Path
+    say: Callable[..., None]
+    t_start: float = field(default_factory=time.monotonic)
+    server: Child | None = None
+    devices: list[Child] = field(default_factory=list)
+    status: Any = None  # the last fedpers.wire.Status seen
+    shown: int = 0
+
+    def follow(self, address: str) -> None:
+        """Poll GetStatus until the federation is finished and every device has exited."""
+        import grpc
+        from fedpers.stub import FederationClient
+
+        deadline = time.monotonic() + self.cfg.timeout
+        failures = 0
+        with FederationClient(address, timeout=5.0) as client:
+            while True:
+                assert self.server is not None
+                self.server.check_alive()
+                for d in self.devices:
+                    code = d.poll()
+                    if code not in (None, 0):
+                        raise SimError(f"{d.name} exited with code {code}:\n{d.tail()}")
+                try:
+                    self.status = client.status()
+                    failures = 0
+                except grpc.RpcError as exc:
+                    failures += 1
+                    if failures > STATUS_FAILURES_ALLOWED:
+                        raise SimError(f"the server stopped answering GetStatus: {exc.code().name}: "
+                                       f"{exc.details()}") from None
+                if self.status is not None:
+                    self._show_rounds()
+                    if self.status.finished and all(d.poll() is not None for d in self.devices):
+                        return
+                if all(d.poll() == 0 for d in self.devices) and (self.status is None or not self.status.finished):
+                    raise SimError("every device exited but the server is not finished")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the simulation did not finish within {self.cfg.timeout:.0f}s "
+                                       f"(see {self.work / 'logs'})")
+                time.sleep(0.2)
+
+    def _show_rounds(self) -> None:
+        rows = sim_report.round_rows(self.status)
+        for row in rows[self.shown:]:
+            self.say(f"round {row.round:>3}/{self.cfg.rounds}  v{row.version:<3} {row.devices} devices  "
+                     f"global {sim_report.fmt_pct(row.global_accuracy)}%  "
+                     f"personalized {sim_report.fmt_pct(row.personalized_accuracy)}%  "
+                     f"({time.monotonic() - self.t_start:5.1f}s)", flush=True)
+        self.shown = max(self.shown, len(rows))
+
+    def stop_all(self) -> None:
+        for d in self.devices:
+            d.stop()
+        if self.server is not None:
+            self.server.stop()
+
+
+def simulate(cfg: SimConfig) -> SimReport:
+    """The whole run; returns the report (also written to report_dir/report.json). On Ctrl-C or the
+    timeout, the report of what finished is written and SimInterrupted carries it."""
+    from fedpers.client.baseline import run_baselines
+    from fedpers.client.partition import partition_digits, write_partition
+    from fedpers.client.report import read_report
+    from fedpers.store import atomic_write_bytes
+
+    report_dir = Path(cfg.report_dir) if cfg.report_dir else default_report_dir()
+    cfg = replace(cfg, report_dir=report_dir)
     report_dir.mkdir(parents=True, exist_ok=True)
     work = report_dir / "work"
     if work.exists():
         shutil.rmtree(work)
-    model = Path(args.model).resolve()
-    if not model.is_file():
-        raise SimError(f"model file {model} does not exist")
-    say = print if not args.quiet else (lambda *a, **k: None)
-    say(f"fedpers-sim: {args.devices} devices, {args.rounds} rounds, codec {args.codec}, "
-        f"{args.local_epochs} local epoch(s), model {model.name} -> {report_dir}")
+    say = (lambda *a, **k: None) if cfg.quiet else print
+    say(f"fedpers-sim: {cfg.devices} devices, {cfg.rounds} rounds, codec {cfg.codec}, "
+        f"{cfg.local_epochs} local epoch(s), model {Path(cfg.model).name} -> {report_dir}")
 
-    data_paths = write_partition(work / "data", partition_digits(args.devices, seed=args.seed, alpha=args.alpha))
+    data_paths = write_partition(work / "data", partition_digits(cfg.devices, seed=cfg.seed, alpha=cfg.alpha))
     token = secrets.token_hex(8)
     port_file = work / "server.port"
-    server = Child.start("server", server_argv(args, model, port_file, work / "store", token),
-                         work / "logs" / "server.log")
-    devices: list[Child] = []
-    status = None
+    run = _Run(cfg, work, say)
+    ended = "finished"
     try:
-        address = wait_for_server(port_file, server, timeout=60)
+        run.server = Child.start("server", server_argv(cfg, port_file, work / "store", token),
+                                 work / "logs" / "server.log")
+        address = wait_for_server(port_file, run.server, timeout=60)
         for i, data in enumerate(data_paths):
             state = work / "devices" / str(i)
-            devices.append(Child.start(f"device-{i}", device_argv(args, address, data, state, f"sim-device-{i}", token),
-                                       work / "logs" / f"device-{i}.log", stdout_path=state.parent / f"{i}.json"))
-        shown = 0
-        deadline = time.monotonic() + args.timeout
-        while True:
-            if server.poll() is not None:
-                raise SimError(f"the server exited with code {server.poll()}:\n{server.tail()}")
-            for d in devices:
-                code = d.poll()
-                if code not in (None, 0):
-                    raise SimError(f"{d.name} exited with code {code}:\n{d.tail()}")
-            with contextlib.suppress(Exception):
-                status = get_status(address)
-            if status is not None:
-                rows = round_rows(status)
-                for row in rows[shown:]:
-                    say(f"round {row['round']:>3}/{args.rounds}  v{row['version']:<3} {row['devices']} devices  "
-                        f"global {_fmt(row['global_accuracy'])}%  personalized {_fmt(row['personalized_accuracy'])}%  "
-                        f"({time.monotonic() - t_start:5.1f}s)", flush=True)
-                shown = max(shown, len(rows))
-                if status.finished and all(d.poll() is not None for d in devices):
-                    break
-            if all(d.poll() == 0 for d in devices) and (status is None or not status.finished):
-                raise SimError("every device exited but the server is not finished")
-            if time.monotonic() > deadline:
-                raise SimError(f"the simulation did not finish within {args.timeout:.0f}s (see {work / 'logs'})")
-            time.sleep(0.2)
+            run.devices.append(Child.start(f"device-{i}", device_argv(cfg, address, data, state, f"sim-device-{i}",
+                                                                      token),
+                                           work / "logs" / f"device-{i}.log", stdout_path=state.parent / f"{i}.json"))
+        run.follow(address)
+    except KeyboardInterrupt:
+        ended = "interrupted"
+    except TimeoutError as exc:
+        ended = "timeout"
+        log.warning("%s", exc)
     finally:
-        for d in devices:
-            d.stop()
-        server.stop()
+        run.stop_all()
 
-    from fedpers.client.personal import PersonalStore
-
-    reports = [PersonalStore(work / "devices" / str(i)).read_report() for i in range(args.devices)]
-    epochs = [((r or {}).get("epochs_trained") or args.rounds * args.local_epochs) + (r or {}).get("final_epochs", 0)
-              for r in reports]
-    say("training local-only baselines (each device alone, same number of epochs)...", flush=True)
-    baselines = run_baselines(args, model, data_paths, epochs, work)
-    rows = device_rows(reports, baselines)
-    rounds = round_rows(status) if status is not None else []
-    report = {
-        "config": {"devices": args.devices, "rounds": args.rounds, "codec": args.codec,
-                   "local_epochs": args.local_epochs, "seed": args.seed, "alpha": args.alpha,
-                   "strategy": args.strategy, "model": str(model), "memory": args.memory,
-                   "memory_budget": args.memory_budget},
-        "rounds": rounds,
-        "devices": rows,
-        "summary": {
-            "global_accuracy": weighted_mean(rows, "global_accuracy"),
-            "personalized_accuracy": weighted_mean(rows, "personalized_accuracy"),
-            "local_only_accuracy": weighted_mean(rows, "local_only_accuracy"),
-            "bytes_up": sum(r["bytes_up"] for r in rows),
-            "bytes_down": sum(r["bytes_down"] for r in rows),
-            "bytes_up_per_device_round": (sum(r["bytes_up"] for r in rows)
-                                          / max(1, sum(r["rounds_trained"] for r in rows))),
-            "version": status.version if status is not None else None,
-            "elapsed_seconds": round(time.monotonic() - t_start, 2),
-        },
-        "notes": {
-            "global_accuracy": "devices: the final base model (with the device's own personal layers, if any) on "
-                               "its held-out split; rounds: the base each round started from",
-            "personalized_accuracy": "devices: the final base after one more local training of the same length "
-                                     "as a round (nothing uploaded); rounds: after each round's local training",
-            "local_only_accuracy": "a fresh model trained only on the device's data for the same number of epochs "
-                                   "in total (all rounds plus the final personalization)",
-            "bytes_up": "serialized update blobs sent by the device (all rounds)",
-        },
-    }
-    from fedpers.store import atomic_write_bytes
-
-    atomic_write_bytes(report_dir / "report.json", (json.dumps(report, indent=2) + "\n").encode())
-    plotted = plot_accuracy(report_dir / "accuracy.png", rounds, rows)
+    reports = [read_report(work / "devices" / str(i) / "report.json") for i in range(cfg.devices)]
+    if ended == "finished":
+        epochs = [r.total_epochs if r and r.total_epochs else cfg.rounds * cfg.local_epochs for r in reports]
+        say("training local-only baselines (each device alone, same number of epochs)...", flush=True)
+        baselines = run_baselines(Path(cfg.model), data_paths, epochs, cfg.seed, cfg.memory, work)
+    else:
+        say(f"fedpers-sim: {ended}; writing the report of what finished (no local-only baselines)", flush=True)
+        baselines = [None] * cfg.devices
+    rows = sim_report.device_rows(reports, baselines)
+    rounds = sim_report.round_rows(run.status)
+    report = SimReport(config=cfg.as_json(), rounds=rounds, devices=rows,
+                       summary=sim_report.summarize(rows, run.status, time.monotonic() - run.t_start), ended=ended)
+    atomic_write_bytes(report_dir / "report.json", (json.dumps(report.to_dict(), indent=2) + "\n").encode())
+    plotted = sim_report.plot_accuracy(report_dir / "accuracy.png", rounds, rows)
     say("")
-    say(format_table(rows))
+    say(sim_report.format_table(rows))
     say(f"\nreport: {report_dir / 'report.json'}" + (f"  plot: {report_dir / 'accuracy.png'}" if plotted else ""))
-    say(f"done in {report['summary']['elapsed_seconds']:.1f}s")
-    if not args.keep_work:
+    say(f"{ended} in {report.summary.elapsed_seconds:.1f}s")
+    if not cfg.keep_work:
         shutil.rmtree(work / "data", ignore_errors=True)
+    if ended != "finished":
+        raise SimInterrupted(f"the simulation was {'interrupted' if ended == 'interrupted' else 'timed out'} "
+                             f"after {len(rounds)} of {cfg.rounds} rounds; report: {report_dir / 'report.json'}",
+                             report)
     return report
 
 
 # ------------------------------------------------------------------------------------- CLI
 
 
-def _sim_parser() -> argparse.ArgumentParser:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """The flags of a simulation run: one per SimConfig field, defaults (and their help) from SimConfig."""
+    fields = SimConfig.__dataclass_fields__
+
+    def arg(flag: str, help: str, **kw: Any) -> None:
+        default = fields[flag.lstrip("-").replace("-", "_")].default
+        shown = Path(default).name if isinstance(default, Path) else default
+        p.add_argument(flag, default=argparse.SUPPRESS, help=f"{help} (default {shown})", **kw)
+
+    arg("--devices", "number of device processes", type=positive_int)
+    arg("--rounds", "federated rounds", type=positive_int)
+    arg("--report-dir", "where report.json and accuracy.png go; None: runs/sim-<timestamp>", type=Path)
+    arg("--codec", "delta codec: fp32|fp16|int8|int4|int2|topk:F, optional +zstd or +zlib")
+    arg("--seed", "seed of the partition, the server and the baselines", type=int)
+    arg("--alpha", "Dirichlet label-skew concentration (smaller: more skew)", type=float)
+    arg("--local-epochs", "local epochs per round", type=positive_int)
+    arg("--model", "model INI", type=Path)
+    arg("--strategy", "server optimizer: " + "; ".join(f"{k}: {v}" for k, v in STRATEGIES.items()),
+        choices=tuple(STRATEGIES))
+    arg("--server-lr", "server learning rate; None: the strategy's", type=float)
+    arg("--min-devices", "devices a round needs; None: all", type=positive_int)
+    arg("--fraction", "fraction of waiting devices sampled per round", type=float)
+    arg("--round-timeout", "seconds before a round closes or is abandoned", type=float)
+    arg("--memory", "device trainer memory mode", choices=MEMORY_MODES)
+    arg("--memory-budget", "device memory budget, e.g. 64MiB; None: no budget")
+    arg("--timeout", "give up after this many seconds (the report of what finished is still written)", type=float)
+    arg("--save-uploads", "devices keep a copy of each uploaded blob", action="store_true")
+    arg("--keep-work", "keep the partitioned data under report-dir/work", action="store_true")
+    arg("--quiet", "no progress output", action="store_true")
+
+
+def config_from_args(ns: argparse.Namespace) -> SimConfig:
+    """The SimConfig of the flags given (the others keep SimConfig's defaults)."""
+    names = SimConfig.__dataclass_fields__
+    return SimConfig(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fedpers-sim",
         description="Federated personalization on this machine: one server, N device processes, real gRPC. "
-                    "Subcommands: 'partition' (write the per-device data files), 'local-only' (one baseline).",
-    )
-    p.add_argument("--devices", type=int, default=8, help="number of device processes (default 8)")
-    p.add_argument("--rounds", type=int, default=10, help="federated rounds (default 10)")
-    p.add_argument("--report-dir", default=None, help="where report.json and accuracy.png go (default runs/sim-*)")
-    p.add_argument("--codec", default="fp32",
-                   help="delta codec: fp32|fp16|int8|int4|int2|topk:F, optional +zstd (default fp32)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the partition, the server and the baselines")
-    p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration (smaller: more skew)")
-    p.add_argument("--local-epochs", type=int, default=5, help="local epochs per round (default 5)")
-    p.add_argument("--model", default=str(DEFAULT_MODEL), help="model INI (default: digits_cnn_personal.ini)")
-    p.add_argument("--strategy", default="fedavg", choices=("fedavg", "fedavgm", "fedadam"),
-                   help="server optimizer (default fedavg)")
-    p.add_argument("--server-lr", type=float, default=None, help="server learning rate (fedavgm/fedadam)")
-    p.add_argument("--min-devices", type=int, default=None, help="devices a round needs (default: all)")
-    p.add_argument("--fraction", type=float, default=1.0, help="fraction of waiting devices sampled per round")
-    p.add_argument("--round-timeout", type=float, default=60.0, help="seconds before a round closes or is abandoned")
-    p.add_argument("--memory", default="planned", choices=("naive", "planned", "swap"), help="device trainer memory")
-    p.add_argument("--memory-budget", default=None, help="device memory budget, e.g. 64MiB")
-    p.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
-    p.add_argument("--save-uploads", action="store_true", help="devices keep a copy of each uploaded blob")
-    p.add_argument("--keep-work", action="store_true", help="keep the partitioned data under report-dir/work")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+                    "Without a subcommand, runs a simulation with the flags below.")
+    add_run_args(p)
     p.add_argument("--log-level", default="WARNING", help="logging of the simulator itself (default WARNING)")
+    sub = p.add_subparsers(dest="command", metavar="{partition,local-only}")
+
+    part = sub.add_parser("partition", help="write the per-device data files of the non-IID digits split",
+                          description="Write the non-IID digits split as device-<i>.npz (x, y, x_test, y_test).")
+    part.add_argument("--devices", type=positive_int, required=True, metavar="N", help="number of devices (files)")
+    part.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for device-<i>.npz")
+    part.add_argument("--seed", type=int, default=0, metavar="S",
+                      help="seed of the split and distortions (default 0; the simulator's default too)")
+    part.add_argument("--alpha", type=float, default=0.5, metavar="A",
+                      help="Dirichlet concentration of the label skew: smaller is more skewed (default 0.5)")
+
+    lo = sub.add_parser("local-only", help="one local-only baseline: train a fresh model on one device's data",
+                        description="Train a fresh model on one device's data only; print/write its accuracy.")
+    lo.add_argument("--data", type=Path, required=True, metavar="DATA.npz", help="the device's data file")
+    lo.add_argument("--model", type=Path, required=True, metavar="MODEL.ini", help="model to train from scratch")
+    lo.add_argument("--epochs", type=positive_int, required=True, metavar="N", help="epochs of local training")
+    lo.add_argument("--seed", type=int, default=0, metavar="S", help="seed for init and shuffling (default 0)")
+    lo.add_argument("--memory", default="planned", choices=MEMORY_MODES, help="trainer memory mode (default planned)")
+    lo.add_argument("--out", type=Path, default=None, metavar="FILE", help="write the result JSON here")
     return p
 
 
-def _partition_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedpers-sim partition",
-                                description="Write the non-IID digits split as device-<i>.npz (x, y, x_test, y_test).")
-    p.add_argument("--devices", type=int, required=True, metavar="N", help="number of devices (files) to write")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="folder for device-<i>.npz")
-    p.add_argument("--seed", type=int, default=0, metavar="S",
-                   help="seed of the split and distortions (default 0; the simulator's default too)")
-    p.add_argument("--alpha", type=float, default=0.5, metavar="A",
-                   help="Dirichlet concentration of the label skew: smaller is more skewed (default 0.5)")
-    return p
+def _partition(ns: argparse.Namespace) -> int:
+    from fedpers.client.partition import PartitionError, partition_digits, write_partition
+
+    try:
+        paths = write_partition(ns.out, partition_digits(ns.devices, seed=ns.seed, alpha=ns.alpha))
+    except PartitionError as exc:
+        print(f"fedpers-sim partition: {exc}", file=sys.stderr)
+        return 2
+    for p in paths:
+        print(p)
+    return 0
 
 
-def _local_only_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedpers-sim local-only",
-                                description="Train a fresh model on one device's data only; print/write its accuracy.")
-    p.add_argument("--data", type=Path, required=True, metavar="DATA.npz", help="the device's data file")
-    p.add_argument("--model", type=Path, required=True, metavar="MODEL.ini", help="model to train from scratch")
-    p.add_argument("--epochs", type=int, required=True, metavar="N", help="epochs of local training")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for init and shuffling (default 0)")
-    p.add_argument("--memory", default="planned", choices=("naive", "planned", "swap"),
-                   help="trainer memory mode (default planned)")
-    p.add_argument("--out", type=Path, default=None, metavar="FILE", help="write the result JSON here")
-    return p
+def _local_only(ns: argparse.Namespace) -> int:
+    from fedpers.client.baseline import local_only
+    from fedpers.store import atomic_write_bytes
+
+    text = local_only(ns.data, ns.model, ns.epochs, ns.seed, ns.memory).to_json()
+    if ns.out:
+        atomic_write_bytes(ns.out, text.encode())
+    else:
+        print(text)
+    return 0
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from fedpers.client.partition import PartitionError
+
+    try:
+        cfg = config_from_args(ns)
+    except ValueError as exc:  # SimConfig's checks: the message names the flag
+        print(f"fedpers-sim: {exc}", file=sys.stderr)
+        return 2
+    try:
+        simulate(cfg)
+    except PartitionError as exc:  # e.g. too few examples for this many devices at this alpha
+        print(f"fedpers-sim: {exc}", file=sys.stderr)
+        return 2
+    except SimInterrupted as exc:
+        print(f"fedpers-sim: {exc}", file=sys.stderr)
+        return 130 if exc.report.ended == "interrupted" else 1
+    except ProcessError as exc:
+        print(f"fedpers-sim: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    ns = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
-    if argv and argv[0] == "partition":
-        from fedpers.client.partition import PartitionError, partition_digits, write_partition
-
-        a = _partition_parser().parse_args(argv[1:])
-        try:
-            paths = write_partition(a.out, partition_digits(a.devices, seed=a.seed, alpha=a.alpha))
-        except PartitionError as exc:
-            print(f"fedpers-sim partition: {exc}", file=sys.stderr)
-            return 2
-        for p in paths:
-            print(p)
-        return 0
-    if argv and argv[0] == "local-only":
-        return run_local_only(_local_only_parser().parse_args(argv[1:]))
-    args = _sim_parser().parse_args(argv)
-    logging.getLogger().setLevel(getattr(logging, str(args.log_level).upper(), logging.WARNING))
-    if args.devices < 1 or args.rounds < 1 or args.local_epochs < 1:
-        print("fedpers-sim: --devices, --rounds and --local-epochs must be positive", file=sys.stderr)
-        return 2
-    if not Path(args.model).is_file():
-        print(f"fedpers-sim: model file {args.model} does not exist", file=sys.stderr)
-        return 2
-    try:
-        simulate(args)
-    except SimError as exc:
-        print(f"fedpers-sim: {exc}", file=sys.stderr)
-        return 1
-    except ValueError as exc:  # bad codec name, bad partition, ...
-        print(f"fedpers-sim: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("fedpers-sim: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    logging.getLogger().setLevel(getattr(logging, str(ns.log_level).upper(), logging.WARNING))
+    handler = {"partition": _partition, "local-only": _local_only}.get(ns.command, _run)
+    return handler(ns)
 
 
 if __name__ == "__main__":

