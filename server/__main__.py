@@ -2,31 +2,30 @@
 
     fedpers-server --model MODEL.ini --store DIR [options]      (same as `fedpers-server serve ...`)
     fedpers-server health --address HOST:PORT                   exit 0 iff SERVING (docker HEALTHCHECK)
-    fedpers-server status --address HOST:PORT [--json]
+    fedpers-server status --address HOST:PORT [--json]          a running server's progress
+    fedpers-server status --store DIR [--json]                  what a stopped server left in its store
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
-import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 from typing import Any
 
 import grpc
+from fedpers.strategies import STRATEGIES
 
-SUBCOMMANDS = ("serve", "health", "status")
 _M_ARENA_MAX = -8  # glibc mallopt parameter
 
 
-def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the aggregation server (the default)",
-                       description="Run the aggregation server. Flags override --config.")
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of `serve`, which are also the top-level flags (serve is the default command)."""
     a = p.add_argument
     a("--config", help="TOML file with the same keys as the long flags ('-' or '_'); flags override it")
     a("--model", help="model INI file (the server makes version 0 from it)")
@@ -36,7 +35,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     a("--min-devices", type=int, help="devices needed to open and to close a round (default 2)")
     a("--fraction", type=float, help="fraction of waiting devices sampled per round (default 1.0)")
     a("--round-timeout", type=float, help="seconds until a round's deadline (default 60)")
-    a("--strategy", choices=("fedavg", "fedavgm", "fedadam"), help="server optimizer (default fedavg)")
+    a("--strategy", choices=tuple(STRATEGIES),
+      help="server optimizer (default fedavg): " + "; ".join(f"{k}: {v}" for k, v in STRATEGIES.items()))
     a("--server-lr", type=float, help="server learning rate (default: 1.0 fedavg/fedavgm, 0.01 fedadam)")
     a("--enroll-token", help="token devices must present to Join (default: open enrollment)")
     a("--personal-layers", help="comma-separated layers that stay on the devices (besides personal = true)")
@@ -55,17 +55,23 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     a("--grace", type=float, default=5.0, help="seconds in-flight calls get on SIGTERM/SIGINT (default 5)")
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpers-server", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = parser.add_subparsers(dest="command")
-    _serve_parser(sub)
-    for name, text in (("health", "exit 0 iff the server reports SERVING"), ("status", "print GetStatus")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--address", required=True, help="HOST:PORT of the server")
-        p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
-        if name == "status":
-            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _serve_flags(parser)
+    sub = parser.add_subparsers(dest="command", metavar="{serve,health,status}")
+    _serve_flags(sub.add_parser("serve", help="run the aggregation server (the default; same flags as above)",
+                                description="Run the aggregation server. Flags override --config."))
+    health = sub.add_parser("health", help="exit 0 iff the server reports SERVING (grpc.health.v1)")
+    health.add_argument("--address", required=True, help="HOST:PORT of the server")
+    health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    status = sub.add_parser("status", help="print the federation's progress: rounds, versions, devices",
+                            description="Ask a running server (--address), or read a stopped server's --store.")
+    where = status.add_mutually_exclusive_group(required=True)
+    where.add_argument("--address", help="HOST:PORT of a running server")
+    where.add_argument("--store", help="the --store directory of a stopped server (read only)")
+    status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
 
 
@@ -118,38 +124,46 @@ def _serve(ns: argparse.Namespace) -> int:
 
 
 def _health(ns: argparse.Namespace) -> int:
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from fedpers.stub import FederationClient
 
-    with grpc.insecure_channel(ns.address) as channel:
+    with FederationClient(ns.address, timeout=ns.timeout) as client:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""),
-                                                              timeout=ns.timeout)
+            name = client.health()
         except grpc.RpcError as exc:
             print(f"{ns.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(f"{ns.address}: {name}")
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+    return 0 if name == "SERVING" else 1
 
 
 def _status(ns: argparse.Namespace) -> int:
     from fedpers import wire
-    from fedpers.rpc import federation_pb2 as pb
-    from fedpers.rpc import federation_pb2_grpc as pb_grpc
+    from fedpers.store import StoreError
+    from fedpers.stub import get_status
 
-    with grpc.insecure_channel(ns.address) as channel:
+    if ns.store:
+        from fedpers.server.status import status_of_store
+
         try:
-            reply = pb_grpc.FederationStub(channel).GetStatus(pb.StatusRequest(), timeout=ns.timeout)
+            status = status_of_store(ns.store)
+        except (StoreError, sqlite3.Error) as exc:
+            print(f"fedpers-server status: {exc}", file=sys.stderr)
+            return 2
+    else:
+        try:
+            status = get_status(ns.address, timeout=ns.timeout)
         except grpc.RpcError as exc:
             print(f"{ns.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
-    status = wire.status_from_proto(reply)
     if ns.json:
-        print(json.dumps(dataclasses.asdict(status), indent=2, sort_keys=True))
+        print(wire.status_to_json(status))
         return 0
-    print(f"version {status.version}   rounds {status.rounds_completed}/{status.rounds_target}   "
+    target = f"{status.rounds_target}" if status.rounds_target else "? (stopped server)"
+    print(f"version {status.version}   rounds {status.rounds_completed}/{target}   "
           f"devices {status.devices_joined}   round {status.current_round} ({status.round_state or '-'})"
           f"{'   finished' if status.finished else ''}")
+    if status.problem:
+        print(f"problem: {status.problem}")
     if status.rounds:
         print(f"{'round':>6} {'state':>10} {'version':>8} {'devices':>8}  metrics")
         for r in status.rounds:
@@ -159,12 +173,10 @@ def _status(ns: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if not args or (args[0] not in SUBCOMMANDS and args[0] not in ("-h", "--help")):
-        args.insert(0, "serve")
-    ns = _parser().parse_args(args)
+    ns = build_parser().parse_args(argv)
+    handler = {"health": _health, "status": _status}.get(ns.command, _serve)
     try:
-        return {"serve": _serve, "health": _health, "status": _status}[ns.command](ns)
+        return handler(ns)
     except BrokenPipeError:  # e.g. `fedpers-server status | head -1`: the reader left, nothing is wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

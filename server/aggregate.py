@@ -190,18 +190,17 @@ class FedAdam(ServerOptimizer):
         self.t = int(state["t"]) if "t" in state else 0
 
 
-STRATEGIES = ("fedavg", "fedavgm", "fedadam")
+# By the names of fedpers.strategies.STRATEGIES (a test checks both lists agree).
+OPTIMIZERS: dict[str, type[ServerOptimizer]] = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam}
 
 
 def make_optimizer(strategy: str, lr: float | None = None) -> ServerOptimizer:
     """By name; `lr` None takes the strategy's default (1.0, 1.0, 0.01)."""
-    if strategy == "fedavg":
-        return FedAvg() if lr is None else FedAvg(lr)
-    if strategy == "fedavgm":
-        return FedAvgM() if lr is None else FedAvgM(lr)
-    if strategy == "fedadam":
-        return FedAdam() if lr is None else FedAdam(lr)
-    raise ValueError(f"unknown strategy {strategy!r}; known: {list(STRATEGIES)}")
+    try:
+        kind = OPTIMIZERS[strategy]
+    except KeyError:
+        raise ValueError(f"unknown strategy {strategy!r}; known: {list(OPTIMIZERS)}") from None
+    return kind() if lr is None else kind(lr)
 
 
 def make_aggregator(clip_norm: float | None = None) -> Aggregator:

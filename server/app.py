@@ -16,7 +16,7 @@ from fedpers import codec, wire
 from fedpers.server.aggregate import make_aggregator, make_optimizer
 from fedpers.server.config import ConfigError, ServerConfig
 from fedpers.server.model import load_model
-from fedpers.server.rounds import Coordinator, RoundPolicy
+from fedpers.server.rounds import Coordinator
 from fedpers.server.service import build_server
 from fedpers.server.state import SqliteState
 from fedpers.store import ModelStore, atomic_write_bytes
@@ -43,12 +43,7 @@ def build_coordinator(cfg: ServerConfig) -> Coordinator:
         learning_rate=cfg.learning_rate or spec.optimizer.learning_rate,
         codec=cfg.codec,
     )
-    policy = RoundPolicy(
-        rounds=cfg.rounds, min_devices=cfg.min_devices, fraction=cfg.fraction, round_timeout=cfg.round_timeout,
-        retry_after=cfg.retry_after, waiting_ttl=cfg.waiting_ttl,
-        max_update_bytes=int(cfg.max_update_mb * (1 << 20)) if cfg.max_update_mb else None,
-        norm_bound=cfg.norm_bound, seed=cfg.seed,
-    )
+    policy = cfg.round_policy()
     cfg.store.mkdir(parents=True, exist_ok=True)
     return Coordinator(
         state=SqliteState(cfg.store / STATE_DB), store=ModelStore(cfg.store), layout=layout,

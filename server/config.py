@@ -8,7 +8,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from fedpers.server.aggregate import STRATEGIES
+from fedpers.server.rounds import PolicyError, RoundPolicy
+from fedpers.strategies import STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -48,17 +49,9 @@ class ServerConfig:
 
         if self.strategy not in STRATEGIES:
             raise bad("strategy", f"unknown {self.strategy!r}; known: {list(STRATEGIES)}")
-        if self.rounds < 0:
-            raise bad("rounds", f"must be >= 0, got {self.rounds}")
-        if self.min_devices < 1:
-            raise bad("min_devices", f"must be >= 1, got {self.min_devices}")
-        if not 0 < self.fraction <= 1:
-            raise bad("fraction", f"must be in (0, 1], got {self.fraction}")
-        if not self.round_timeout > 0:
-            raise bad("round_timeout", f"must be > 0, got {self.round_timeout}")
         if self.workers < 1:
             raise bad("workers", f"must be >= 1, got {self.workers}")
-        for key in ("server_lr", "clip_norm", "norm_bound", "max_update_mb", "learning_rate"):
+        for key in ("server_lr", "clip_norm", "max_update_mb", "learning_rate"):
             v = getattr(self, key)
             if v is not None and not v > 0:
                 raise bad(key, f"must be > 0, got {v}")
@@ -68,6 +61,19 @@ class ServerConfig:
                 raise bad(key, f"must be >= 1, got {v}")
         if ":" not in self.listen:
             raise bad("listen", f"must be HOST:PORT, got {self.listen!r}")
+        try:
+            self.round_policy()  # the round settings are checked where they are used, once
+        except PolicyError as exc:
+            raise ConfigError(str(exc)) from None
+
+    def round_policy(self) -> RoundPolicy:
+        """The coordinator's policy from these settings."""
+        return RoundPolicy(
+            rounds=self.rounds, min_devices=self.min_devices, fraction=self.fraction,
+            round_timeout=self.round_timeout, retry_after=self.retry_after, waiting_ttl=self.waiting_ttl,
+            max_update_bytes=int(self.max_update_mb * (1 << 20)) if self.max_update_mb else None,
+            norm_bound=self.norm_bound, seed=self.seed,
+        )
 
 
 _FIELDS = {f.name: f for f in fields(ServerConfig)}

@@ -18,6 +18,7 @@ import hmac
 import logging
 import math
 import secrets
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -38,10 +39,15 @@ from fedpers.server.errors import (
     UnknownVersion,
 )
 from fedpers.server.model import LayoutError, ModelLayout
+from fedpers.server.status import build_status
 from fedpers.server.validate import decode_update
 from fedpers.store import ModelStore, StoreError
 
 log = logging.getLogger(__name__)
+
+
+class PolicyError(ValueError):
+    """A round policy value is out of range; the message starts with the setting's name."""
 
 
 @dataclass(frozen=True)
@@ -59,16 +65,19 @@ class RoundPolicy:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.rounds < 0:
-            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
-        if self.min_devices < 1:
-            raise ValueError(f"min_devices must be >= 1, got {self.min_devices}")
-        if not 0 < self.fraction <= 1:
-            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
-        if not self.round_timeout > 0:
-            raise ValueError(f"round_timeout must be > 0, got {self.round_timeout}")
-        if self.norm_bound is not None and not self.norm_bound > 0:
-            raise ValueError(f"norm_bound must be > 0, got {self.norm_bound}")
+        checks = (
+            ("rounds", self.rounds >= 0, ">= 0"),
+            ("min_devices", self.min_devices >= 1, ">= 1"),
+            ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
+            ("round_timeout", self.round_timeout > 0, "> 0"),
+            ("retry_after", self.retry_after > 0, "> 0"),
+            ("waiting_ttl", self.waiting_ttl > 0, "> 0"),
+            ("max_update_bytes", self.max_update_bytes is None or self.max_update_bytes > 0, "> 0"),
+            ("norm_bound", self.norm_bound is None or self.norm_bound > 0, "> 0"),
+        )
+        for key, ok, rule in checks:
+            if not ok:
+                raise PolicyError(f"{key}: must be {rule}, got {getattr(self, key)}")
 
 
 def hash_token(token: str) -> str:
@@ -120,6 +129,7 @@ class Coordinator:
         self._stopping = False
         self._blob: tuple[int, bytes] | None = None
         self._token_hashes: dict[int, str] = {}  # auth runs on gRPC's serving thread: avoid the database there
+        self.close_error = ""  # why the last attempt to close a round failed (shown in GetStatus)
         self.version, self.weights = self._recover(initial_weights)
         self._closed = state.count_rounds(st.CLOSED)
 
@@ -177,7 +187,7 @@ class Coordinator:
             raise BadToken(f"{wire.DEVICE_KEY} must be a decimal device id, got {device_id!r}") from None
         known = self._token_hashes.get(did)
         if known is None:
-            dev = self.state.device(did) if 1 <= did <= st.INT63_MAX else None
+            dev = self.state.device(did) if 1 <= did <= wire.INT63_MAX else None
             if dev is None:
                 raise BadToken(f"device {did} is not enrolled")
             known = self._token_hashes[did] = dev.token_hash
@@ -259,10 +269,16 @@ class Coordinator:
         log.warning("round %d abandoned: %s", r.round_id, reason)
 
     def _try_close(self, now: float, why: str) -> None:
+        """Close the round; if the store or the database cannot take the new version (disk full, I/O),
+        the round stays open with its accepted updates, the error shows in GetStatus, and the next
+        tick retries. Anything else is a bug and propagates."""
         try:
             self._close_locked(now, why)
-        except Exception:  # the round stays open; the deadline tick retries
-            log.exception("round %d: closing failed; it stays open", self._round.round_id if self._round else 0)
+            self.close_error = ""
+        except (OSError, StoreError, st.StateError, sqlite3.Error) as exc:
+            rid = self._round.round_id if self._round else 0
+            self.close_error = f"round {rid}: closing failed ({type(exc).__name__}: {exc}); retrying"
+            log.error("%s", self.close_error)
 
     def _close_locked(self, now: float, why: str) -> None:
         """Mean delta -> optimizer -> version v+1 stored atomically -> round closed -> published."""
@@ -358,19 +374,7 @@ class Coordinator:
 
     def status(self) -> wire.Status:
         with self._lock:
-            recent = self.state.rounds(limit=100)
-            summaries = tuple(
-                wire.RoundSummary(round_id=r.round_id, version=r.version, state=r.state,
-                                  devices=self.state.count_updates(r.round_id), metrics=dict(r.metrics))
-                for r in reversed(recent)
-            )
-            latest = recent[0] if recent else None
-            return wire.Status(
-                version=self.version, current_round=latest.round_id if latest else 0,
-                round_state=latest.state if latest else "", rounds_completed=self._closed,
-                rounds_target=self.policy.rounds, devices_joined=self.state.count_devices(),
-                finished=self.finished, rounds=summaries,
-            )
+            return build_status(self.state, self.version, self.policy.rounds, self.finished, problem=self.close_error)
 
     def stop(self, reason: str = "server stopping") -> None:
         """Take no more work; abandon the open round (its in-memory aggregate cannot survive a restart)."""

@@ -18,7 +18,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-INT63_MAX = (1 << 63) - 1
+from fedpers.wire import INT63_MAX
 
 # Listed once; applied to every SQLite connection.
 SQLITE_PRAGMAS: tuple[tuple[str, str], ...] = (
@@ -311,13 +311,18 @@ class SqliteState(State):
 
     One connection guarded by a lock: writes are tiny and serialized by the coordinator anyway."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        """Open (or create) the database; `read_only` opens an existing one for inspection only."""
         self.path = str(path)
+        self._lock = threading.RLock()
+        self._depth = 0
+        if read_only:
+            uri = Path(self.path).resolve().as_uri() + "?mode=ro"
+            self._db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
+            return
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._lock = threading.RLock()
-        self._depth = 0
         for key, value in SQLITE_PRAGMAS:
             self._db.execute(f"PRAGMA {key} = {value}")
         with self.tx():  # (executescript would commit early; run the statements one by one)

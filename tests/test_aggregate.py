@@ -140,3 +140,11 @@ def test_factories() -> None:
 
 def test_global_norm() -> None:
     assert ag.global_norm({"a": np.array([3.0], np.float32), "b": np.array([[4.0]], np.float32)}) == 5.0
+
+
+def test_strategy_names_agree_between_common_and_the_server() -> None:
+    from fedpers.strategies import STRATEGIES
+
+    assert list(ag.OPTIMIZERS) == list(STRATEGIES)
+    for name in STRATEGIES:
+        assert ag.make_optimizer(name).name == name

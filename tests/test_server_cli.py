@@ -93,6 +93,14 @@ def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
         server.kill()
     stored = sorted(os.listdir(tmp_path / "models"))
     assert stored == ["v000000000000.fpst", "v000000000001.fpst"]
+    # what the stopped server left, read offline (read only: the database file is not touched)
+    db_before = (tmp_path / "state.sqlite").read_bytes()
+    offline = wire.status_from_json(_cli("status", "--store", str(tmp_path), "--json").stdout)
+    assert offline.version == 1 and offline.rounds_completed == 1 and offline.devices_joined == 1
+    assert [(r.round_id, r.state) for r in offline.rounds] == [(1, "closed"), (2, "abandoned")]
+    assert (tmp_path / "state.sqlite").read_bytes() == db_before
+    missing = _cli("status", "--store", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "not a fedpers-server store" in missing.stderr
     for name in stored:
         assert b"output" not in (tmp_path / "models" / name).read_bytes()
 
