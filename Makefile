@@ -4,11 +4,12 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test bench proto lint docker-test clean help
+.PHONY: demo test test-fast bench proto lint docker-test clean help
 
 help:
 	@echo "make demo         create .venv, install, run the federated simulation on the digits data"
-	@echo "make test         create .venv, install test extras, run the test suite"
+	@echo "make test         create .venv, install test extras, run the whole test suite"
+	@echo "make test-fast    the suite without the slow end-to-end and Docker tests (the inner loop)"
 	@echo "make bench        print the speed, memory, wire and server benchmark tables"
 	@echo "make proto        regenerate common/rpc from proto/federation.proto"
 	@echo "make lint         ruff over the code"
@@ -29,6 +30,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not docker"
 
 bench: $(STAMP)
 	$(PY) bench/speed.py

@@ -31,6 +31,8 @@ from fedpers.stub import get_status
 MODEL = Path(__file__).parent / "data" / "digits_mlp_personal.ini"
 PERSONAL = "privhead"
 ROUNDS = 3
+pytestmark = pytest.mark.slow  # server and device processes over real gRPC
+
 DEVICES = 3
 CODEC = "topk:0.3+zstd"
 TOKEN = "e2e-token"

@@ -65,6 +65,7 @@ def _fp32_update(task: wire.Task, shapes: dict[str, tuple[int, ...]], seed: int)
     return wire.upload_messages(hdr, blob)
 
 
+@pytest.mark.slow
 def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path, "--rounds", "2", "--min-devices", "1", "--enroll-token", "t0k")
     try:

@@ -12,6 +12,7 @@ from fedpers.client import sim
 MODEL = Path(__file__).parent / "data" / "digits_mlp_personal.ini"
 
 
+@pytest.mark.slow
 def test_simulation_writes_report_plot_and_table(tmp_path, capsys):
     out = tmp_path / "run"
     code = sim.main(["--devices", "3", "--rounds", "2", "--local-epochs", "1", "--model", str(MODEL),
