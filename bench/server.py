@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -24,13 +23,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
+from fedpers import codec, wire
+from fedpers.backoff import Backoff
+from fedpers.stub import FederationClient
 
 ROOT = Path(__file__).resolve().parent.parent
-import grpc  # noqa: E402
-from fedpers import codec, wire  # noqa: E402
-from fedpers.rpc import federation_pb2 as pb  # noqa: E402
-from fedpers.rpc import federation_pb2_grpc as pb_grpc  # noqa: E402
 
 MODEL = Path(__file__).resolve().parent / "mlp_1m.ini"
 SHAPES = {"fc1.weight": (784, 1024), "fc1.bias": (1024,), "fc2.weight": (1024, 256), "fc2.bias": (256,)}
@@ -63,33 +62,30 @@ class DeviceResult:
 def run_device(address: str, name: str, blob: bytes, digest: bytes, deadline: float, out: DeviceResult,
                upload_times: list[float], joined: threading.Barrier, go: threading.Event) -> None:
     """Join, wait for all devices to have joined, then poll/upload until DONE or the deadline."""
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.FederationStub(channel)
+    with FederationClient(address, timeout=30) as client:
         try:
-            j = stub.Join(pb.JoinRequest(device_name=name), timeout=30)
-            md = wire.auth_metadata(j.device_id, j.session_token)
+            client.join(wire.JoinRequest(enroll_token="", device_name=name))
             joined.wait(timeout=max(1.0, deadline - time.monotonic()))
             go.wait(timeout=max(1.0, deadline - time.monotonic()))
             done_round = 0
             while time.monotonic() < deadline:
-                task = wire.task_from_proto(stub.GetTask(pb.TaskRequest(), metadata=md, timeout=30))
+                task = client.get_task()
                 if task.kind == wire.TaskKind.DONE:
                     return
                 if task.kind == wire.TaskKind.WAIT or task.round_id == done_round:
                     time.sleep(max(0.05, task.retry_after_seconds))
                     continue
                 hdr = wire.UpdateHeader(task.round_id, task.base_version, 100, len(blob), digest, "fp32")
-                backoff = 0.05
+                backoff = Backoff(initial=0.05, maximum=1.0)
                 while True:  # like the agent: UNAVAILABLE (all upload slots busy) means retry with backoff
                     try:
-                        stub.UploadUpdate(wire.upload_messages(hdr, blob), metadata=md, timeout=120)
+                        client.upload(hdr, blob, timeout=120)
                         break
                     except grpc.RpcError as exc:
                         if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
                             raise
                         out.busy += 1
-                        time.sleep(backoff * (0.5 + random.random()))
-                        backoff = min(backoff * 2, 1.0)
+                        time.sleep(backoff.next())
                 upload_times.append(time.monotonic())
                 out.uploads += 1
                 done_round = task.round_id
