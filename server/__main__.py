@@ -52,6 +52,8 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--workers", type=int, help="gRPC handler threads; bounds concurrent uploads and memory (default 4)")
     a("--retry-after", type=float, help="seconds a waiting device is told to wait (default 0.5)")
     a("--port-file", help="write the bound port to this file once serving")
+    a("--metrics-listen", metavar="HOST:PORT",
+      help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free port; default: off)")
     a("--grace", type=float, default=5.0, help="seconds in-flight calls get on SIGTERM/SIGINT (default 5)")
 
 

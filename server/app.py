@@ -15,6 +15,7 @@ import grpc
 from fedpers import codec, wire
 from fedpers.server.aggregate import make_aggregator, make_optimizer
 from fedpers.server.config import ConfigError, ServerConfig
+from fedpers.server.metrics import MetricsEndpoint, ServerMetrics
 from fedpers.server.model import load_model
 from fedpers.server.rounds import Coordinator
 from fedpers.server.service import build_server
@@ -62,6 +63,7 @@ class RunningServer:
     host: str
     coordinator: Coordinator
     health: health.HealthServicer
+    metrics: MetricsEndpoint | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
     _ticker: threading.Thread | None = None
 
@@ -83,6 +85,8 @@ class RunningServer:
         log.info("stopping: finishing in-flight calls (grace %.1fs)", grace)
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.coordinator.stop()
         self._stop.set()
         if self._ticker is not None:
@@ -94,10 +98,13 @@ class RunningServer:
 def start(cfg: ServerConfig, coordinator: Coordinator | None = None) -> RunningServer:
     """Build (unless given) the coordinator, bind, start serving and the deadline ticker."""
     coord = coordinator or build_coordinator(cfg)
-    server, port, health_servicer = build_server(coord, cfg.listen, cfg.workers)
+    metrics = ServerMetrics.create(coord) if cfg.metrics_listen else None
+    server, port, health_servicer = build_server(coord, cfg.listen, cfg.workers, metrics=metrics)
     server.start()
     host = cfg.listen.rsplit(":", 1)[0]
     running = RunningServer(server=server, port=port, host=host, coordinator=coord, health=health_servicer)
+    if metrics is not None and cfg.metrics_listen:
+        running.metrics = metrics.serve(cfg.metrics_listen)
     interval = min(1.0, max(0.05, cfg.round_timeout / 20))
     running._ticker = threading.Thread(target=running._tick_loop, args=(interval,), name="fedpers-ticker",
                                        daemon=True)

@@ -42,6 +42,7 @@ class ServerConfig:
     retry_after: float = 0.5  # seconds a waiting device is told to wait
     waiting_ttl: float = 30.0
     port_file: Path | None = None  # write the bound port here once serving (for --listen HOST:0)
+    metrics_listen: str | None = None  # HOST:PORT for Prometheus /metrics; None: no metrics endpoint
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -59,8 +60,10 @@ class ServerConfig:
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise bad(key, f"must be >= 1, got {v}")
-        if ":" not in self.listen:
-            raise bad("listen", f"must be HOST:PORT, got {self.listen!r}")
+        for key in ("listen", "metrics_listen"):
+            v = getattr(self, key)
+            if v is not None and ":" not in v:
+                raise bad(key, f"must be HOST:PORT, got {v!r}")
         try:
             self.round_policy()  # the round settings are checked where they are used, once
         except PolicyError as exc:

@@ -11,6 +11,7 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any
@@ -21,6 +22,7 @@ from fedpers.rpc import federation_pb2 as pb
 from fedpers.rpc import federation_pb2_grpc as pb_grpc
 from fedpers.server import errors
 from fedpers.server.aggregate import AggregationError
+from fedpers.server.metrics import ServerMetrics
 from fedpers.server.rounds import Coordinator
 from fedpers.store import MissingVersion
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -58,12 +60,16 @@ def status_for(exc: BaseException) -> grpc.StatusCode | None:
     return None
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+def _abort(context: grpc.ServicerContext, exc: Exception, metrics: ServerMetrics | None, method: str) -> None:
     code = status_for(exc)
     if code is None:
         log.exception("unexpected error in %s", type(exc).__name__)
+        if metrics is not None:
+            metrics.errors.labels(method).inc()
         context.abort(grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__})")
     log.info("refused with %s: %s", code.name, exc)
+    if metrics is not None:
+        metrics.refusals.labels(method, type(exc).__name__).inc()
     _refuse(context, code, type(exc).__name__, str(exc))
 
 
@@ -74,22 +80,32 @@ def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, kind: str, mes
 
 
 def mapped_errors(fn: Callable) -> Callable:
-    """Turn the refusals of ERROR_STATUS into status codes (works for streaming responses too)."""
+    """Turn the refusals of ERROR_STATUS into status codes (works for streaming responses too), and
+    time each call and count its refusals when the servicer has metrics."""
+    method = fn.__name__
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen(self: Any, request: Any, context: grpc.ServicerContext):
+            t0 = time.perf_counter()
             try:
                 yield from fn(self, request, context)
             except Exception as exc:  # noqa: BLE001 - mapped or reported as INTERNAL
-                _abort(context, exc)
+                _abort(context, exc, self.metrics, method)
+            finally:
+                if self.metrics is not None:
+                    self.metrics.calls.labels(method).observe(time.perf_counter() - t0)
         return gen
 
     @functools.wraps(fn)
     def call(self: Any, request: Any, context: grpc.ServicerContext):
+        t0 = time.perf_counter()
         try:
             return fn(self, request, context)
         except Exception as exc:  # noqa: BLE001 - mapped or reported as INTERNAL
-            _abort(context, exc)
+            _abort(context, exc, self.metrics, method)
+        finally:
+            if self.metrics is not None:
+                self.metrics.calls.labels(method).observe(time.perf_counter() - t0)
     return call
 
 
@@ -137,8 +153,9 @@ def _refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, kin
 class FederationServicer(pb_grpc.FederationServicer):
     """fedpers.v1.Federation: decode, call the coordinator, encode."""
 
-    def __init__(self, coordinator: Coordinator, upload_slots: int = 3) -> None:
+    def __init__(self, coordinator: Coordinator, upload_slots: int = 3, metrics: ServerMetrics | None = None) -> None:
         self.coordinator = coordinator
+        self.metrics = metrics
         # Uploads may take fewer handler threads than there are, so slow uploaders never leave
         # GetTask, GetStatus and downloads waiting; a device refused here retries with backoff.
         self.upload_slots = upload_slots
@@ -159,7 +176,10 @@ class FederationServicer(pb_grpc.FederationServicer):
         blob = self.coordinator.model_blob(req.version)
         if not 0 <= req.offset <= len(blob):
             raise wire.MalformedMessage(f"offset {req.offset} is outside version {req.version} ({len(blob)} bytes)")
-        yield from wire.chunk_blob(blob, start=req.offset)
+        for chunk in wire.chunk_blob(blob, start=req.offset):
+            yield chunk
+            if self.metrics is not None:
+                self.metrics.download_bytes.inc(len(chunk.data))
 
     @mapped_errors
     def UploadUpdate(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadReply:
@@ -168,7 +188,11 @@ class FederationServicer(pb_grpc.FederationServicer):
             raise errors.Busy(f"all {self.upload_slots} upload slots are in use; retry shortly")
         try:
             header, chunks = wire.split_upload(request_iterator)
-            return wire.upload_reply_to_proto(self.coordinator.accept_update(device_id, header, chunks))
+            reply = self.coordinator.accept_update(device_id, header, chunks)
+            if self.metrics is not None:
+                self.metrics.updates_accepted.inc()
+                self.metrics.upload_bytes.inc(header.total_size)
+            return wire.upload_reply_to_proto(reply)
         finally:
             self._uploads.release()
 
@@ -177,8 +201,8 @@ class FederationServicer(pb_grpc.FederationServicer):
         return wire.status_to_proto(self.coordinator.status())
 
 
-def build_server(coordinator: Coordinator, listen: str, workers: int = 4) -> tuple[grpc.Server, int,
-                                                                                       health.HealthServicer]:
+def build_server(coordinator: Coordinator, listen: str, workers: int = 4,
+                 metrics: ServerMetrics | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A gRPC server with the Federation and grpc.health.v1 services, bound to `listen`
     (port 0 picks a free port); returns (server, bound port, health servicer). Not started."""
     server = grpc.server(
@@ -193,7 +217,7 @@ def build_server(coordinator: Coordinator, listen: str, workers: int = 4) -> tup
             ("grpc.experimental.tcp_read_chunk_size", 64 << 10),
         ],
     )
-    servicer = FederationServicer(coordinator, upload_slots=max(1, workers - 1))
+    servicer = FederationServicer(coordinator, upload_slots=max(1, workers - 1), metrics=metrics)
     pb_grpc.add_FederationServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
