@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
+from fedpers.logs import add_logging_args, setup_logging
+
 from . import plan_cmd, run_cmd, train_cmd
+
+# `run` reports its progress at INFO; the local commands print their own output and log warnings only.
+DEFAULT_LOG_LEVEL = {"run": "INFO"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpers-client", description="fedpers device: train on private data.")
-    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    level_help = "DEBUG, INFO, WARNING or ERROR (default: INFO for run, WARNING otherwise)"
+    add_logging_args(p, level_help)
     sub = p.add_subparsers(dest="command", required=True, metavar="{train,plan,run}")
     for mod in (train_cmd, plan_cmd, run_cmd):
-        mod.add_parser(sub).set_defaults(handler=mod.main)
+        cmd = mod.add_parser(sub)
+        cmd.set_defaults(handler=mod.main)
+        add_logging_args(cmd, level_help, on_subcommand=True)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        setup_logging(args.log_level or DEFAULT_LOG_LEVEL.get(args.command, "WARNING"), args.log_file,
+                      args.log_format)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
     try:
         return args.handler(args)
     except KeyboardInterrupt:  # the trainer has already dropped its arena and swap file

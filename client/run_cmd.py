@@ -39,7 +39,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--retry-seconds", type=float, default=120.0, metavar="S",
                    help="how long to keep retrying an unreachable server")
     p.add_argument("--json", action="store_true", help="print the device's final report as JSON on stdout")
-    p.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level of the agent (default INFO)")
     p.set_defaults(func=main)
     return p
 
@@ -61,12 +60,6 @@ def main(args: argparse.Namespace) -> int:
     from fedpers.codec import CodecError
     from fedpers.nn import BudgetError, ModelError, WeightError
 
-    level_name = getattr(args, "log_level", None)
-    if level_name in (None, "WARNING"):  # the agent logs its progress unless asked for something else
-        level_name = "INFO"
-    level = getattr(logging, str(level_name).upper(), logging.INFO)
-    logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(levelname)s [%(name)s] %(message)s")
-    logging.getLogger().setLevel(level)  # also when fedpers-client's own parser configured logging first
     if args.local_epochs is not None and args.local_epochs <= 0:
         print("fedpers-client run: --local-epochs must be positive", file=sys.stderr)
         return 2
@@ -100,16 +93,3 @@ def main(args: argparse.Namespace) -> int:
         print(result.report.to_json())
     log.info("device %s: %s after %d rounds in this run", result.report.name, result.reason, result.rounds)
     return 0
-
-
-def standalone(argv: list[str] | None = None) -> int:
-    """`python -m client.run_cmd ...` without the client's top-level parser."""
-    parser = argparse.ArgumentParser(prog="fedpers-client")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(standalone())

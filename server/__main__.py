@@ -19,6 +19,7 @@ import threading
 from typing import Any
 
 import grpc
+from fedpers.logs import LOG_FORMATS, setup_logging
 from fedpers.strategies import STRATEGIES
 
 _M_ARENA_MAX = -8  # glibc mallopt parameter
@@ -45,7 +46,9 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--learning-rate", type=float, help="device learning rate (default: the INI's Learning_rate)")
     a("--codec", help="delta codec devices use: fp32, fp16, int8, int4, int2, topk:F, optional +zstd (default fp32)")
     a("--seed", type=int, help="seed for version 0 and device sampling (default 0)")
-    a("--log-level", help="DEBUG, INFO, WARNING... (default INFO)")
+    a("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    a("--log-file", metavar="FILE", help="append log lines to FILE instead of stderr")
+    a("--log-format", choices=LOG_FORMATS, help="text (default) or json: one JSON object per line, for log shippers")
     a("--clip-norm", type=float, help="clip each delta to this L2 norm before averaging")
     a("--norm-bound", type=float, help="refuse updates whose L2 norm exceeds this")
     a("--max-update-mb", type=float, help="largest accepted update (default: 2x fp32 shared size + 1 MiB)")
@@ -102,7 +105,11 @@ def _serve(ns: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"fedpers-server: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        setup_logging(cfg.log_level, cfg.log_file, cfg.log_format)
+    except (ValueError, OSError) as exc:
+        print(f"fedpers-server: log: {exc}", file=sys.stderr)
+        return 2
     limit_malloc_arenas()
     stop = threading.Event()
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fedpers.logs import LOG_FORMATS
 from fedpers.server.rounds import PolicyError, RoundPolicy
 from fedpers.strategies import STRATEGIES
 
@@ -35,6 +36,8 @@ class ServerConfig:
     codec: str = "fp32"
     seed: int = 0
     log_level: str = "INFO"
+    log_file: Path | None = None  # None: stderr
+    log_format: str = "text"  # text | json (one object per line)
     clip_norm: float | None = None  # clip each delta to this global L2 norm before averaging
     norm_bound: float | None = None  # refuse updates whose global L2 norm is larger
     max_update_mb: float | None = None  # None: 2x the fp32 size of the shared tensors + 1 MiB
@@ -50,6 +53,8 @@ class ServerConfig:
 
         if self.strategy not in STRATEGIES:
             raise bad("strategy", f"unknown {self.strategy!r}; known: {list(STRATEGIES)}")
+        if self.log_format not in LOG_FORMATS:
+            raise bad("log_format", f"must be one of {list(LOG_FORMATS)}, got {self.log_format!r}")
         if self.workers < 1:
             raise bad("workers", f"must be >= 1, got {self.workers}")
         for key in ("server_lr", "clip_norm", "max_update_mb", "learning_rate"):
@@ -82,13 +87,32 @@ class ServerConfig:
 _FIELDS = {f.name: f for f in fields(ServerConfig)}
 
 
+PATH_KEYS = ("model", "store", "port_file", "log_file")  # relative paths in a config file are relative to it
+
+
 def _coerce(key: str, value: Any) -> Any:
-    if key in ("model", "store", "port_file"):
-        return Path(value) if value is not None else None
+    """A flag or TOML value as the field's type; ConfigError naming the key when it is of another kind."""
+    if value is None:
+        return None
+    if key in PATH_KEYS:
+        if not isinstance(value, str | Path):
+            raise ConfigError(f"{key}: expected a path, got {value!r}")
+        return Path(value)
     if key == "personal_layers":
         if isinstance(value, str):
             return tuple(s.strip() for s in value.split(",") if s.strip())
-        return tuple(str(s) for s in value)
+        if not isinstance(value, list | tuple) or not all(isinstance(s, str) for s in value):
+            raise ConfigError(f"{key}: expected a list of layer names or 'a,b', got {value!r}")
+        return tuple(value)
+    kind = _FIELDS[key].type
+    if "int" in kind and "float" not in kind and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if "float" in kind:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if kind.startswith("str") and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
     return value
 
 
@@ -106,7 +130,7 @@ def load_config(flags: Mapping[str, Any], config_file: str | Path | None = None)
             key = raw_key.replace("-", "_")
             if key not in _FIELDS:
                 raise ConfigError(f"{path}: unknown key {raw_key!r}; known: {sorted(_FIELDS)}")
-            if key in ("model", "store", "port_file") and value is not None and not Path(value).is_absolute():
+            if key in PATH_KEYS and isinstance(value, str) and not Path(value).is_absolute():
                 value = path.parent / value  # relative to the config file
             merged[key] = value
     merged.update({k: v for k, v in flags.items() if v is not None and k in _FIELDS})

@@ -141,3 +141,31 @@ def test_toml_config_and_flag_override(tmp_path: Path) -> None:
         load_config({}, tmp_path / "bad.toml")
     with pytest.raises(ConfigError, match="strategy"):
         load_config({"model": "m", "store": "s", "strategy": "sgd"})
+    (tmp_path / "typed.toml").write_text('model = "m"\nstore = "s"\nrounds = "three"\n')
+    with pytest.raises(ConfigError, match="rounds: expected an integer, got 'three'"):
+        load_config({}, tmp_path / "typed.toml")
+    for key, value, kind in (("fraction", "half", "a number"), ("min_devices", True, "an integer"),
+                             ("personal_layers", 3, "a list"), ("codec", 8, "a string"), ("store", 1, "a path")):
+        with pytest.raises(ConfigError, match=f"{key}: expected {kind}"):
+            load_config({"model": "m", "store": "s", key: value})
+    assert load_config({"model": "m", "store": "s", "round_timeout": 5}).round_timeout == 5.0
+
+
+def test_bad_toml_value_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text(f'model = "{MODEL}"\nstore = "st"\nrounds = "three"\n')
+    r = _cli("--config", str(tmp_path / "s.toml"))
+    assert r.returncode == 2 and "rounds: expected an integer, got 'three'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_json_log_file(tmp_path: Path) -> None:
+    log_file = tmp_path / "logs" / "server.jsonl"
+    server = ServerProcess(tmp_path, "--log-file", str(log_file), "--log-format", "json")
+    try:
+        assert server.terminate()[0] == 0
+    finally:
+        server.kill()
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert {"time", "level", "logger", "message"} <= set(records[0])
+    assert any(r["message"].startswith("fedpers-server listening on 127.0.0.1:") for r in records)
+    assert any(r["message"] == "stopped at version 0" for r in records)
