@@ -158,34 +158,17 @@ def format_table(rows: Sequence[DeviceRow]) -> str:
 
 
 def plot_accuracy(path: Path, rounds: Sequence[RoundRow], devices: Sequence[DeviceRow]) -> bool:
-    """accuracy.png: global and personalized accuracy per round, local-only as a reference line."""
-    try:
-        import matplotlib
+    """accuracy.png: the global model and the personalized one per base version, local-only as a line."""
+    from fedpers.plots import Curve
+    from fedpers.plots import plot_accuracy as plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed; no accuracy.png (pip install 'fedpers[sim]')")
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    xs = [r.round for r in rounds]
-    for key, label, style in (("global_accuracy", "global model (start of round)", "o-"),
-                              ("personalized_accuracy", "personalized (after local training)", "s-")):
-        pts = [(r.round, 100 * getattr(r, key)) for r in rounds if getattr(r, key) is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label)
+    glob = [(r.version - 1, r.global_accuracy) for r in rounds if r.global_accuracy is not None]
     final = weighted_mean(devices, "global_accuracy")
-    if final is not None and xs:
-        ax.plot([xs[-1] + 1], [100 * final], "o", color="C0", mfc="none", label="final global model")
+    if final is not None and rounds:
+        glob.append((rounds[-1].version, final))  # the final model, evaluated by every device after the last round
+    pers = [(r.version - 1, r.personalized_accuracy) for r in rounds if r.personalized_accuracy is not None]
     local = weighted_mean(devices, "local_only_accuracy")
-    if local is not None:
-        ax.axhline(100 * local, color="grey", ls="--", label="local-only (same epochs)")
-    ax.set_xlabel("round")
-    ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title("fedpers-sim: accuracy on the devices' held-out splits")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return True
+    return plot(path, [Curve("global model", glob, "o-"), Curve("personalized (local training from that base)",
+                                                                  pers, "s-")],
+                {"local-only (same epochs)": local} if local is not None else None,
+                title="fedpers-sim: accuracy on the devices' held-out splits")

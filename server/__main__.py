@@ -4,18 +4,21 @@
     fedpers-server health --address HOST:PORT                   exit 0 iff SERVING (docker HEALTHCHECK)
     fedpers-server status --address HOST:PORT [--json]          a running server's progress
     fedpers-server status --store DIR [--json]                  what a stopped server left in its store
+    fedpers-server report --store DIR|--address A [--json F] [--png F]   per-round report and accuracy plot
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import logging
 import os
 import signal
 import sqlite3
 import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -64,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpers-server", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     _serve_flags(parser)
-    sub = parser.add_subparsers(dest="command", metavar="{serve,health,status}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,health,status,report}")
     _serve_flags(sub.add_parser("serve", help="run the aggregation server (the default; same flags as above)",
                                 description="Run the aggregation server. Flags override --config."))
     health = sub.add_parser("health", help="exit 0 iff the server reports SERVING (grpc.health.v1)")
@@ -77,6 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--store", help="the --store directory of a stopped server (read only)")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    report = sub.add_parser("report", help="per-round report (JSON) and accuracy plot of a federation",
+                            description="The per-round numbers the devices reported (example-weighted), from a "
+                                        "running server (--address) or a stopped server's --store.")
+    where = report.add_mutually_exclusive_group(required=True)
+    where.add_argument("--address", help="HOST:PORT of a running server")
+    where.add_argument("--store", help="the --store directory of a stopped server (read only)")
+    report.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    report.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON to FILE")
+    report.add_argument("--png", type=Path, metavar="FILE", help="write the accuracy plot to FILE")
     return parser
 
 
@@ -145,8 +157,8 @@ def _health(ns: argparse.Namespace) -> int:
     return 0 if name == "SERVING" else 1
 
 
-def _status(ns: argparse.Namespace) -> int:
-    from fedpers import wire
+def _read_status(ns: argparse.Namespace) -> tuple[object, int]:
+    """(Status, 0) from --store or --address, or (None, exit code) after printing why not."""
     from fedpers.store import StoreError
     from fedpers.stub import get_status
 
@@ -154,16 +166,23 @@ def _status(ns: argparse.Namespace) -> int:
         from fedpers.server.status import status_of_store
 
         try:
-            status = status_of_store(ns.store)
+            return status_of_store(ns.store), 0
         except (StoreError, sqlite3.Error) as exc:
-            print(f"fedpers-server status: {exc}", file=sys.stderr)
-            return 2
-    else:
-        try:
-            status = get_status(ns.address, timeout=ns.timeout)
-        except grpc.RpcError as exc:
-            print(f"{ns.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
+            print(f"fedpers-server {ns.command}: {exc}", file=sys.stderr)
+            return None, 2
+    try:
+        return get_status(ns.address, timeout=ns.timeout), 0
+    except grpc.RpcError as exc:
+        print(f"{ns.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return None, 1
+
+
+def _status(ns: argparse.Namespace) -> int:
+    from fedpers import wire
+
+    status, code = _read_status(ns)
+    if status is None:
+        return code
     if ns.json:
         print(wire.status_to_json(status))
         return 0
@@ -173,17 +192,47 @@ def _status(ns: argparse.Namespace) -> int:
           f"{'   finished' if status.finished else ''}")
     if status.problem:
         print(f"problem: {status.problem}")
-    if status.rounds:
-        print(f"{'round':>6} {'state':>10} {'version':>8} {'devices':>8}  metrics")
-        for r in status.rounds:
-            metrics = "  ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()))
-            print(f"{r.round_id:>6} {r.state:>10} {r.version:>8} {r.devices:>8}  {metrics}")
+    _print_rounds(status.rounds)
+    return 0
+
+
+def _print_rounds(rounds: Any) -> None:
+    if not rounds:
+        return
+    print(f"{'round':>6} {'state':>10} {'version':>8} {'devices':>8}  metrics (example-weighted means of the devices')")
+    for r in rounds:
+        metrics = "  ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()))
+        print(f"{r.round_id:>6} {r.state:>10} {r.version:>8} {r.devices:>8}  {metrics}")
+
+
+def _report(ns: argparse.Namespace) -> int:
+    from fedpers.plots import Curve, plot_accuracy
+    from fedpers.store import atomic_write_bytes
+
+    status, code = _read_status(ns)
+    if status is None:
+        return code
+    closed = [r for r in status.rounds if r.state == "closed"]
+    rows = [{"round": r.round_id, "version": r.version, "devices": r.devices, **r.metrics} for r in closed]
+    _print_rounds(closed)
+    if ns.json:
+        doc = {"version": status.version, "rounds_completed": status.rounds_completed, "rounds": rows,
+               "notes": {"version": "the base model version the round produced; its metrics were measured by "
+                                    "the devices on the base it started from (version - 1) and after training"}}
+        atomic_write_bytes(ns.json, (json.dumps(doc, indent=2) + "\n").encode())
+        print(f"report: {ns.json}")
+    if ns.png:
+        curves = [Curve(label, [(r.version - 1, r.metrics[key]) for r in closed if key in r.metrics], style)
+                  for key, label, style in (("global_accuracy", "global model (start of round)", "o-"),
+                                            ("personalized_accuracy", "after local training", "s-"))]
+        if plot_accuracy(ns.png, curves, title="fedpers-server: devices' held-out accuracy per base version"):
+            print(f"plot: {ns.png}")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    handler = {"health": _health, "status": _status}.get(ns.command, _serve)
+    handler = {"health": _health, "status": _status, "report": _report}.get(ns.command, _serve)
     try:
         return handler(ns)
     except BrokenPipeError:  # e.g. `fedpers-server status | head -1`: the reader left, nothing is wrong

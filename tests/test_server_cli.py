@@ -102,6 +102,12 @@ def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
     assert (tmp_path / "state.sqlite").read_bytes() == db_before
     missing = _cli("status", "--store", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "not a fedpers-server store" in missing.stderr
+    out = tmp_path / "report"
+    rep = _cli("report", "--store", str(tmp_path), "--json", str(out / "report.json"), "--png", str(out / "acc.png"))
+    assert rep.returncode == 0, rep.stderr
+    doc = json.loads((out / "report.json").read_text())
+    assert [(r["round"], r["version"], r["devices"], r["loss"]) for r in doc["rounds"]] == [(1, 1, 1, 1.0)]
+    assert (out / "acc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name in stored:
         assert b"output" not in (tmp_path / "models" / name).read_bytes()
 
