@@ -14,6 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
+from fedpers.argtypes import host_port, nonnegative_int, positive_float, positive_int
+
 from .train_cmd import add_memory_args
 
 log = logging.getLogger(__name__)
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("run", help="run a device: join, train rounds, send compressed deltas",
                               description="Run one device of a federation until the server says it is done.")
-    p.add_argument("--server", required=True, metavar="HOST:PORT", help="address of fedpers-server")
+    p.add_argument("--server", required=True, type=host_port, metavar="HOST:PORT", help="address of fedpers-server")
     p.add_argument("--data", required=True, type=Path, metavar="DATA.npz",
                    help="this device's private data: x, y[, x_test, y_test]")
     p.add_argument("--state", required=True, type=Path, metavar="DIR",
@@ -31,12 +33,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     add_memory_args(p, swap_dir_default="DIR/swap")
     p.add_argument("--codec", default=None, metavar="C",
                    help="delta codec, overriding the server's: fp32|fp16|int8|int4|int2|topk:F, optional +zstd")
-    p.add_argument("--local-epochs", type=int, default=None, metavar="N", help="override the server's local epochs")
+    p.add_argument("--local-epochs", type=positive_int, default=None, metavar="N",
+                   help="override the server's local epochs")
     p.add_argument("--name", default=None, help="stable device name (same name -> same device id)")
-    p.add_argument("--max-rounds", type=int, default=None, metavar="N", help="stop after N rounds in this run")
+    p.add_argument("--max-rounds", type=nonnegative_int, default=None, metavar="N",
+                   help="stop after N rounds in this run")
     p.add_argument("--save-uploads", action="store_true",
                    help="debug: keep a copy of every uploaded blob in DIR/uploads")
-    p.add_argument("--retry-seconds", type=float, default=120.0, metavar="S",
+    p.add_argument("--retry-seconds", type=positive_float, default=120.0, metavar="S",
                    help="how long to keep retrying an unreachable server")
     p.add_argument("--json", action="store_true", help="print the device's final report as JSON on stdout")
     p.set_defaults(func=main)
@@ -60,12 +64,6 @@ def main(args: argparse.Namespace) -> int:
     from fedpers.codec import CodecError
     from fedpers.nn import BudgetError, ModelError, WeightError
 
-    if args.local_epochs is not None and args.local_epochs <= 0:
-        print("fedpers-client run: --local-epochs must be positive", file=sys.stderr)
-        return 2
-    if args.max_rounds is not None and args.max_rounds < 0:
-        print("fedpers-client run: --max-rounds must be >= 0", file=sys.stderr)
-        return 2
     cfg = AgentConfig(
         server=args.server, data=args.data, state=args.state, enroll_token=args.enroll_token,
         memory=args.memory, memory_budget=args.memory_budget, lookahead=args.lookahead, micro_batch=args.micro_batch,

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fedpers import models
+from fedpers.argtypes import fraction, positive_float, positive_int
 from fedpers.client import sim_report
 from fedpers.client.processes import Child, ProcessError, wait_for_server
 from fedpers.client.sim_report import SimReport
@@ -265,17 +266,6 @@ def simulate(cfg: SimConfig) -> SimReport:
 # ------------------------------------------------------------------------------------- CLI
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
-    return value
-
-
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """The flags of a simulation run: one per SimConfig field, defaults (and their help) from SimConfig."""
     fields = SimConfig.__dataclass_fields__
@@ -295,13 +285,14 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     arg("--model", "model INI", type=Path)
     arg("--strategy", "server optimizer: " + "; ".join(f"{k}: {v}" for k, v in STRATEGIES.items()),
         choices=tuple(STRATEGIES))
-    arg("--server-lr", "server learning rate; None: the strategy's", type=float)
+    arg("--server-lr", "server learning rate; None: the strategy's", type=positive_float)
     arg("--min-devices", "devices a round needs; None: all", type=positive_int)
-    arg("--fraction", "fraction of waiting devices sampled per round", type=float)
-    arg("--round-timeout", "seconds before a round closes or is abandoned", type=float)
+    arg("--fraction", "fraction of waiting devices sampled per round", type=fraction)
+    arg("--round-timeout", "seconds before a round closes or is abandoned", type=positive_float)
     arg("--memory", "device trainer memory mode", choices=MEMORY_MODES)
     arg("--memory-budget", "device memory budget, e.g. 64MiB; None: no budget")
-    arg("--timeout", "give up after this many seconds (the report of what finished is still written)", type=float)
+    arg("--timeout", "give up after this many seconds (the report of what finished is still written)",
+        type=positive_float)
     arg("--save-uploads", "devices keep a copy of each uploaded blob", action="store_true")
     arg("--keep-work", "keep the partitioned data under report-dir/work", action="store_true")
     arg("--quiet", "no progress output", action="store_true")

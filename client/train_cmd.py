@@ -8,6 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
+from fedpers.argtypes import positive_float, positive_int
 from fedpers.nn import BudgetError, ModelError, Trainer, WeightError, load_ini, output_size, rss, warmup
 from fedpers.nn.budget import format_size
 
@@ -23,9 +24,9 @@ def add_memory_args(p: argparse.ArgumentParser, swap_dir_default: str = "a temp 
     p.add_argument("--memory", choices=MEMORY_MODES, default="planned",
                    help="naive: every tensor its own buffer; planned: one planned arena (default); "
                         "swap: planned + saved activations swapped to a file")
-    p.add_argument("--lookahead", type=int, default=2, metavar="K",
+    p.add_argument("--lookahead", type=positive_int, default=2, metavar="K",
                    help="swap mode: read tensors back K steps before use (default 2)")
-    p.add_argument("--micro-batch", type=int, default=1, metavar="M",
+    p.add_argument("--micro-batch", type=positive_int, default=1, metavar="M",
                    help="run each batch as M micro-batches with gradient accumulation (default 1)")
     p.add_argument("--swap-dir", default=None, metavar="DIR",
                    help=f"where the swap file lives (default: {swap_dir_default}; unlinked once opened)")
@@ -39,9 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("model", type=Path, metavar="MODEL.ini", help="NNTrainer-style model file")
     p.add_argument("--data", required=True, type=Path, metavar="DATA.npz",
                    help="x float32 (N,C,H,W) or (N,F), y integer labels (N,); optional x_test, y_test")
-    p.add_argument("--epochs", type=int, default=None, metavar="N", help="override [Model] Epochs")
-    p.add_argument("--batch", type=int, default=None, metavar="B", help="override [Model] batch_size")
-    p.add_argument("--lr", type=float, default=None, metavar="X", help="override the learning rate")
+    p.add_argument("--epochs", type=positive_int, default=None, metavar="N", help="override [Model] Epochs")
+    p.add_argument("--batch", type=positive_int, default=None, metavar="B", help="override [Model] batch_size")
+    p.add_argument("--lr", type=positive_float, default=None, metavar="X", help="override the learning rate")
     p.add_argument("--init-weights", type=Path, default=None, metavar="W.npz", help="start from these weights")
     p.add_argument("--save-weights", type=Path, default=None, metavar="OUT.npz",
                    help="write trained weights here (default: [Model] Save_Path, if the model names one)")
