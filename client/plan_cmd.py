@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from fedpers.argtypes import positive_int
 from fedpers.nn import ModelError, load_ini
 from fedpers.nn.budget import format_size
 from fedpers.nn.graph import Compiled
@@ -20,10 +21,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("plan", help="show a model's memory plan without training",
                               description="Compile MODEL.ini for a batch size and print where memory goes.")
     p.add_argument("model", type=Path, metavar="MODEL.ini")
-    p.add_argument("--batch", type=int, default=None, metavar="B", help="batch size (default: [Model] batch_size)")
+    p.add_argument("--batch", type=positive_int, default=None, metavar="B",
+                   help="batch size (default: [Model] batch_size)")
     p.add_argument("--memory", choices=MEMORY_MODES, default="planned", help="memory mode to plan (default planned)")
-    p.add_argument("--lookahead", type=int, default=2, metavar="K", help="swap lookahead in steps (default 2)")
-    p.add_argument("--micro-batch", type=int, default=1, metavar="M", help="micro-batches per batch (default 1)")
+    p.add_argument("--lookahead", type=positive_int, default=2, metavar="K", help="swap lookahead in steps (default 2)")
+    p.add_argument("--micro-batch", type=positive_int, default=1, metavar="M",
+                   help="micro-batches per batch (default 1)")
     p.add_argument("--png", type=Path, default=None, metavar="FILE",
                    help="draw the arena over execution order (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -56,33 +59,92 @@ def totals(c: Compiled) -> dict:
     }
 
 
+KINDS = (  # legend label, roles, color
+    ("weights", ("weight", "stat"), "#4c72b0"),
+    ("gradients", ("grad", "gradacc"), "#dd8452"),
+    ("optimizer", ("opt",), "#8172b3"),
+    ("activations", ("act",), "#55a868"),
+    ("derivatives", ("deriv",), "#c44e52"),
+    ("scratch", ("scratch",), "#937860"),
+)
+LABEL_SHARE = 0.04  # name a buffer in the drawing when it holds at least this share of the arena
+
+
+def _swap_rows(spans: list[tuple[int, int, int]]) -> list[int]:
+    """Stack swapped-out spans (first, last, bytes) without overlap, largest first: each span's y offset."""
+    placed: list[tuple[int, int, int, int]] = []  # (first, last, bytes, y)
+    ys = [0] * len(spans)
+    for i in sorted(range(len(spans)), key=lambda k: (-spans[k][2], spans[k][0])):
+        first, last, nbytes = spans[i]
+        y = 0
+        for _, _, b, oy in sorted((p for p in placed if not (p[1] < first or last < p[0])), key=lambda p: p[3]):
+            if y + nbytes <= oy:
+                break
+            y = max(y, oy + b)
+        placed.append((first, last, nbytes, y))
+        ys[i] = y
+    return ys
+
+
 def draw(c: Compiled, path: Path) -> None:
+    """The arena over execution order: each buffer a box (named when big), the forward/backward boundary,
+    the lower bound, and (swap mode) what sits in the swap file between its two lives."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    colors = {"weight": "#4c72b0", "stat": "#4c72b0", "grad": "#dd8452", "gradacc": "#dd8452", "opt": "#8172b3",
-              "act": "#55a868", "deriv": "#c44e52", "scratch": "#937860"}
-    fig, ax = plt.subplots(figsize=(12, 6))
+    color = {role: col for _, roles, col in KINDS for role in roles}
+    swapped = [g for g in c.groups if g.swapped]
+    fig, axes = plt.subplots(2 if swapped else 1, 1, figsize=(12, 7.5 if swapped else 6), sharex=True, squeeze=False,
+                             gridspec_kw={"height_ratios": [3, 1]} if swapped else None)
+    ax = axes[0][0]
     mib = 1024 * 1024
+    present: set[str] = set()
     for g in c.groups:
-        role = c.tensors[g.members[0]].role
+        if not g.nbytes:
+            continue
+        first = c.tensors[g.members[0]]
+        present.add(first.role)
         for s in g.segments:
             ax.add_patch(Rectangle((s.first, s.offset / mib), s.last - s.first + 1, g.nbytes / mib,
-                                   facecolor=colors.get(role, "grey"), edgecolor="black", linewidth=0.3, alpha=0.8))
+                                   facecolor=color.get(first.role, "grey"), edgecolor="black", linewidth=0.3,
+                                   alpha=0.8))
+            if g.nbytes >= LABEL_SHARE * c.plan.total and s.last - s.first >= 2:
+                ax.text(s.first + (s.last - s.first + 1) / 2, (s.offset + g.nbytes / 2) / mib, first.name,
+                        ha="center", va="center", fontsize=7, clip_on=True)
+    forward_end = len(c.nodes) - 0.5
+    ax.axvline(forward_end, color="black", linewidth=1.0, label="forward | backward")
+    ax.axhline(c.lower_bound_bytes / mib, color="black", linestyle="--", linewidth=0.8, label="lower bound")
     ax.set_xlim(0, c.steps)
     ax.set_ylim(0, max(c.plan.total / mib, 1e-3) * 1.02)
-    ax.axhline(c.lower_bound_bytes / mib, color="black", linestyle="--", linewidth=0.8, label="lower bound")
-    ax.set_xlabel("execution order (forward, then calc-grad / calc-deriv / apply-grad per layer)")
     ax.set_ylabel("arena offset (MiB)")
     ax.set_title(f"{c.mode} arena: {format_size(c.plan.total)} (naive {format_size(c.naive_bytes)}), batch {c.batch}")
-    handles = [Rectangle((0, 0), 1, 1, facecolor=v) for v in ("#4c72b0", "#dd8452", "#8172b3", "#55a868", "#c44e52",
-                                                              "#937860")]
-    ax.legend(handles + [ax.lines[0]], ["weights", "gradients", "optimizer", "activations", "derivatives", "scratch",
-                                        "lower bound"], loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    handles = [Rectangle((0, 0), 1, 1, facecolor=col) for _, roles, col in KINDS if present & set(roles)]
+    labels = [label for label, roles, _ in KINDS if present & set(roles)]
+    lines = ax.get_lines()
+    ax.legend(handles + lines, labels + [ln.get_label() for ln in lines], loc="upper left",
+              bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    bottom = ax
+    if swapped:
+        sx = axes[1][0]
+        spans = [(g.segments[0].last + 1, g.segments[1].first - 1, g.nbytes) for g in swapped]
+        ys = _swap_rows(spans)
+        for (first, last, nbytes), y, g in zip(spans, ys, swapped, strict=True):
+            sx.add_patch(Rectangle((first, y / mib), last - first + 1, nbytes / mib, facecolor="none",
+                                   edgecolor=color.get(c.tensors[g.members[0]].role, "grey"), hatch="///",
+                                   linewidth=0.6))
+        top = max((y + s[2] for s, y in zip(spans, ys, strict=True)), default=1)
+        sx.set_ylim(0, top / mib * 1.05)
+        sx.axvline(forward_end, color="black", linewidth=1.0)
+        sx.set_ylabel("in swap file (MiB)")
+        sx.set_title("swapped out: written after the last forward use, read back before the first backward use",
+                     fontsize=9)
+        bottom = sx
+    bottom.set_xlabel("execution order (forward, then calc-grad / calc-deriv / apply-grad per layer)")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
