@@ -5,7 +5,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedpers.nn import DataError, Trainer, WeightError, load_ini
+from fedpers.nn import DataError, LayerSpec, ModelSpec, Trainer, WeightError, load_ini
+from fedpers.nn.layers.dropout import DropoutState
 
 from tests import nets
 
@@ -94,6 +95,40 @@ def digits_file(digits, tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "digits.npz"
     np.savez(path, x=x[:256], y=y[:256], x_test=xt[:64], y_test=yt[:64])
     return path
+
+
+def _dropout_net() -> ModelSpec:
+    return ModelSpec(
+        layers=(
+            LayerSpec("in", "input", input_shape=(1, 1, 12)),
+            LayerSpec("fc", "fully_connected", unit=16, activation="relu"),
+            LayerSpec("drop", "dropout", dropout_rate=0.3),
+            LayerSpec("out", "fully_connected", unit=4),
+        ),
+        batch_size=8,
+    )
+
+
+def test_run_records_are_typed_shared_and_reused():
+    """One Feed per compiled graph (every context holds the same object, fit reuses it); a node's
+    LayerState is shared by its steps; a misspelled field is an AttributeError, not a new key."""
+    t = Trainer(_dropout_net(), seed=0)
+    c = t.compile(8)
+    assert {id(run.feed) for per in c.contexts for run in per.values()} == {id(c.feed)}
+    with pytest.raises(AttributeError):
+        c.feed.batch_x = np.zeros(3)  # the old string key
+    di = next(i for i, n in enumerate(c.nodes) if n.layer.kind == "dropout")
+    state = c.contexts[di]["forward"].state
+    assert isinstance(state, DropoutState) and state is c.contexts[di]["calc_deriv"].state
+    with pytest.raises(AttributeError):
+        state.actve = True
+    assert all(per["forward"].state is None for n, per in zip(c.nodes, c.contexts, strict=True) if n is not c.nodes[di])
+    feed = c.feed
+    x = np.random.default_rng(0).standard_normal((32, 1, 1, 12)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 4, 32)
+    t.fit(x, y, epochs=1, batch_size=8)
+    assert t.compile(8).feed is feed and feed.y.shape == (8,) and feed.loss_sum > 0
+    assert state.active  # the last training forward applied a mask
 
 
 def test_cli_train_json(digits_file, tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 from . import layers as _layers  # noqa: F401  (fills LAYERS)
 from .init import initialize
 from .layers.activation import Activation
-from .layers.base import LAYERS, InitContext, Layer, RunContext, Shape
+from .layers.base import LAYERS, Feed, InitContext, Layer, RunContext, Shape
 from .layers.loss import CrossEntropyLoss, MSELoss
 from .order import ExecOrder, Life, assign, num_steps, touches
 from .planner import PLANNERS, Plan, Usage, aligned, lower_bound
@@ -109,6 +109,7 @@ class Compiled:
     micro_batch: int
     views: dict[str, np.ndarray]  # weights / stats / optimizer state / accumulated grads by name
     contexts: list[dict[str, RunContext]]  # per node: "forward", "calc_grad", "calc_deriv"
+    feed: Feed  # the current batch, shared by every context: the trainer writes it before each step
     weight_owner: dict[str, int]  # weight name -> node index
     opt_names: dict[str, list[str]]  # trainable weight -> its optimizer state tensors
     naive_bytes: int
@@ -118,9 +119,6 @@ class Compiled:
     @property
     def loss_node(self) -> Node:
         return self.nodes[-1]
-
-    def input_node_indices(self) -> list[int]:
-        return [i for i, n in enumerate(self.nodes) if n.layer.kind == "input"]
 
     def bytes_of(self, role: str) -> int:
         return sum(t.nbytes for t in self.tensors if t.role == role and not t.external)
@@ -147,7 +145,7 @@ class MultiOut(Layer):
         din = run.din()
         if din is None:
             return
-        douts = run.state["douts"]
+        douts = run.douts
         np.add(douts[0], douts[1], out=din)
         for d in douts[2:]:
             din += d
@@ -490,7 +488,8 @@ def compile(  # noqa: A001  (the graph's one verb)
     compiled = Compiled(
         spec=spec, batch=batch, training=training, mode=mode, nodes=nodes, tensors=tab.tensors, groups=groups,
         plan=plan, arena=Arena.from_plan(usages, plan) if allocate else None, steps=steps, lookahead=lookahead,
-        micro_batch=micro_batch, views={}, contexts=[], weight_owner=tab.weight_owner, opt_names=tab.opt_names,
+        micro_batch=micro_batch, views={}, contexts=[], feed=Feed(), weight_owner=tab.weight_owner,
+        opt_names=tab.opt_names,
         naive_bytes=sum(aligned(t.nbytes) for t in tab.tensors if not t.external),
         lower_bound_bytes=lower_bound(usages),
         grad_acc={tab.tensors[g].name: tab.tensors[a].name for g, a in tab.grad_acc.items()},
@@ -532,7 +531,8 @@ def _bind(c: Compiled, tab: _Table, aliased: list[bool], external: Mapping[str, 
 
     nodes = c.nodes
     for ni, n in enumerate(nodes):
-        state: dict = {"rng": np.random.default_rng([seed, ni, 7])}
+        make_state = n.layer.State
+        state = make_state(np.random.default_rng([seed, ni, 7])) if make_state is not None else None
         per_step: dict[str, RunContext] = {}
         for kind, step in (("forward", n.order.forward), ("calc_grad", n.order.calc_grad),
                            ("calc_deriv", n.order.calc_deriv)):
@@ -543,12 +543,11 @@ def _bind(c: Compiled, tab: _Table, aliased: list[bool], external: Mapping[str, 
             run.grads = [view(g, step) for g in tab.grads[ni]]
             run.tensors = [view(s, step) for s in tab.scratch[ni]]
             run.dins = [view(tab.douts[p][s], step) if tab.douts[p] else None for p, s in n.producers]
-            run.dout_ = view(tab.douts[ni][0], step) if tab.douts[ni] else None
-            run.batch = c.batch // c.micro_batch
+            run.douts = [view(d, step) for d in tab.douts[ni]]
+            run.dout_ = run.douts[0] if run.douts else None
             run.aliased = aliased[ni]
+            run.feed = c.feed
             run.state = state
-            if isinstance(n.layer, MultiOut) and tab.douts[ni]:
-                state["douts"] = [view(d, step) for d in tab.douts[ni]]
             per_step[kind] = run
         c.contexts.append(per_step)
 

@@ -276,14 +276,12 @@ class Trainer:
         m = c.micro_batch
         mb = len(idx) // m
         lr_now = learning_rate(lr or self.spec.optimizer.learning_rate, self.spec.scheduler, self._iteration)
-        loss_state = c.contexts[-1]["forward"].state
-        loss_state["scale"] = 1.0 / len(idx)
+        feed = c.feed
+        feed.x, feed.scale = x, 1.0 / len(idx)
         loss_sum, correct = 0.0, 0
         for k in range(m):
             sl = idx[k * mb : (k + 1) * mb]
-            for i in c.input_node_indices():
-                c.contexts[i]["forward"].state.update(batch_x=x, batch_idx=sl)
-            loss_state["batch_y"] = y[sl]
+            feed.idx, feed.y = sl, y[sl]
             if swapper is not None:
                 swapper.start_iteration()
             for ni, node in enumerate(c.nodes):
@@ -296,8 +294,8 @@ class Trainer:
                 self._backward_step(c, ni, swapper, apply=(k == m - 1), first_micro=(k == 0), lr=lr_now)
             if swapper is not None:
                 swapper.finish_iteration()
-            loss_sum += loss_state["loss_sum"]
-            correct += loss_state["correct"]
+            loss_sum += feed.loss_sum
+            correct += feed.correct
         self._iteration += 1
         return loss_sum, correct
 
@@ -342,17 +340,16 @@ class Trainer:
         for start in range(0, n, batch):
             stop = min(start + batch, n)
             c = self._inference(stop - start)
-            for i in c.input_node_indices():
-                c.contexts[i]["forward"].state.update(batch_x=x[start:stop], batch_idx=None)
-            loss_state = c.contexts[-1]["forward"].state
-            loss_state["batch_y"] = None if y is None else y[start:stop]
+            feed = c.feed
+            feed.x, feed.idx = x[start:stop], None
+            feed.y = None if y is None else y[start:stop]
             for ni, node in enumerate(c.nodes):
                 node.layer.forward(c.contexts[ni]["forward"], False)
             if collect is not None:
                 collect[start:stop] = c.contexts[-1]["forward"].out.reshape(stop - start, -1)
             if y is not None:
-                loss_sum += loss_state["loss_sum"]
-                correct += loss_state["correct"]
+                loss_sum += feed.loss_sum
+                correct += feed.correct
         return loss_sum, correct
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int | None = None) -> EvalResult:

@@ -3,17 +3,20 @@
 
 The keep mask is a uint8 scratch (forward -> calc-derivative). Its random bits come from a
 counter-based hash (splitmix64 of seed + element index), with one seed per forward drawn from
-run.state["rng"] (the per-layer numpy Generator the graph seeds): reproducible, no allocation,
-and the same mask for the same seed whatever the thread.
+run.state.rng (the node's numpy Generator, seeded by the graph): reproducible, no allocation,
+and the same mask for the same seed whatever the thread. run.state.active remembers whether the
+last forward applied a mask, for calc_derivative.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 from numba import njit, uint64
 
 from ..order import Life
-from .base import InitContext, Layer, RunContext, Shape, register
+from .base import InitContext, Layer, LayerState, RunContext, Shape, register
 from .conv2d import signatures
 
 GOLDEN = 0x9E3779B97F4A7C15
@@ -51,9 +54,15 @@ def dropout_backward(dy, mask, rate, dx):
         dx[i] = dy[i] * scale if mask[i] else 0.0
 
 
+@dataclass(slots=True)
+class DropoutState(LayerState):
+    active: bool = False  # the last forward applied a mask (training with rate > 0)
+
+
 @register
 class Dropout(Layer):
     kind = "dropout"
+    State = DropoutState
 
     def finalize(self, ctx: InitContext) -> Shape:
         (shape,) = ctx.input_shapes
@@ -67,10 +76,10 @@ class Dropout(Layer):
 
     def forward(self, run: RunContext, training: bool) -> None:
         x, out = run.input(), run.output()
-        active = training and self.mask is not None
-        run.state["dropout_active"] = active
+        state: DropoutState = run.state
+        active = state.active = training and self.mask is not None
         if active:
-            seed = int(run.state["rng"].integers(0, 2**63))
+            seed = int(state.rng.integers(0, 2**63))
             dropout_forward(
                 x.reshape(-1), out.reshape(-1), run.tensor(self.mask).reshape(-1), self.rate, np.uint64(seed)
             )
@@ -82,7 +91,7 @@ class Dropout(Layer):
         if din is None:
             return
         dy = run.dout()
-        if run.state.get("dropout_active", False):
+        if run.state.active:
             dropout_backward(dy.reshape(-1), run.tensor(self.mask).reshape(-1), self.rate, din.reshape(-1))
         elif not np.shares_memory(din, dy):
             np.copyto(din, dy)
