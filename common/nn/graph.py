@@ -20,6 +20,7 @@ from .order import ExecOrder, Life, assign, num_steps, touches
 from .planner import PLANNERS, Plan, Usage, aligned, lower_bound
 from .pool import Arena
 from .spec import LayerSpec, ModelError, ModelSpec
+from .swap import SwapItem, SwapWindow
 
 MODES = ("naive", "planned", "swap")
 
@@ -76,10 +77,11 @@ class Group:
     touches: set[int]
     pinned: bool
     segments: list[Segment] = field(default_factory=list)
+    window: SwapWindow | None = None  # swap mode: when the buffer is out of the arena
 
     @property
     def swapped(self) -> bool:
-        return len(self.segments) == 2
+        return self.window is not None
 
 
 @dataclass
@@ -115,6 +117,7 @@ class Compiled:
     naive_bytes: int
     lower_bound_bytes: int
     grad_acc: dict[str, str] = field(default_factory=dict)  # gradient -> its accumulator (micro-batching)
+    swap_items: list[SwapItem] = field(default_factory=list)  # what the swapper writes out / reads back, when
 
     @property
     def loss_node(self) -> Node:
@@ -429,7 +432,8 @@ def _groups(tab: _Table, nodes: list[Node], share: bool) -> tuple[list[Group], l
 
 def _lifespans(groups: list[Group], mode: str, n_forward: int, steps: int, lookahead: int) -> None:
     """Segments per group. Naive: everything lives the whole iteration. Swap: a group idle between its
-    last forward use and its first backward use is out of memory in between."""
+    last forward use and its first backward use is out of memory in between; its window says when
+    (the one place the swap timing is decided)."""
     for g in groups:
         whole = mode == "naive" or g.pinned
         first, last = (0, steps - 1) if whole else (min(g.touches), max(g.touches))
@@ -438,10 +442,26 @@ def _lifespans(groups: list[Group], mode: str, n_forward: int, steps: int, looka
             fwd = [t for t in g.touches if t < n_forward]
             bwd = [t for t in g.touches if t >= n_forward]
             if fwd and bwd:
-                out_end = max(fwd) + 1  # the write-out overlaps the next step
-                in_start = min(bwd) - lookahead  # read back `lookahead` steps ahead of use
-                if in_start > out_end + 1:
-                    g.segments = [Segment(first, out_end), Segment(in_start, last)]
+                w = SwapWindow(
+                    last_forward=max(fwd),
+                    free_at=max(fwd) + 2,  # the write-out runs during the next step; its bytes are reused after
+                    load_at=min(bwd) - lookahead,  # read back `lookahead` steps ahead of use
+                    first_backward=min(bwd),
+                )
+                if w.load_at > w.free_at:
+                    g.window = w
+                    g.segments = [Segment(first, w.free_at - 1), Segment(w.load_at, last)]
+
+
+def _swap_items(groups: list[Group]) -> list[SwapItem]:
+    """One item per swapped group, with its planned offsets and its place in the swap file."""
+    items, file_offset = [], 0
+    for g in groups:
+        if g.window is not None:
+            out_seg, in_seg = g.segments
+            items.append(SwapItem(g.nbytes, out_seg.offset, in_seg.offset, file_offset, *g.window))
+            file_offset += g.nbytes
+    return items
 
 
 def compile(  # noqa: A001  (the graph's one verb)
@@ -493,6 +513,7 @@ def compile(  # noqa: A001  (the graph's one verb)
         naive_bytes=sum(aligned(t.nbytes) for t in tab.tensors if not t.external),
         lower_bound_bytes=lower_bound(usages),
         grad_acc={tab.tensors[g].name: tab.tensors[a].name for g, a in tab.grad_acc.items()},
+        swap_items=_swap_items(groups),
     )
     if allocate:
         init = weights if weights is not None else ({} if external else init_weights(spec, seed))

@@ -22,7 +22,7 @@ from .graph import Compiled, init_weights, output_size
 from .graph import compile as compile_graph
 from .optim import Optimizer, learning_rate
 from .spec import ModelSpec
-from .swap import SwapItem, Swapper, swap_schedule
+from .swap import Swapper, swap_schedule
 
 log = logging.getLogger(__name__)
 
@@ -253,16 +253,10 @@ class Trainer:
         return FitResult(last["loss"], last["accuracy"], total, float(np.median(times)), history)
 
     def _start_swap(self, c: Compiled) -> Swapper | None:
-        items, file_off = [], 0
-        for g in c.groups:
-            if g.swapped:
-                a, b = g.segments
-                items.append(SwapItem(g.nbytes, a.offset, b.offset, file_off, a.last - 1, a.last + 1, b.first,
-                                      b.first + c.lookahead))
-                file_off += g.nbytes
-        if not items:
+        """A swapper running the compiled swap items, or None when nothing is swapped."""
+        if not c.swap_items:
             return None
-        return Swapper(swap_schedule(items), c.arena.buffer, self.swap_dir)
+        return Swapper(swap_schedule(c.swap_items), c.arena.buffer, self.swap_dir)
 
     def _stop_swap(self, swapper: Swapper | None) -> None:
         if swapper is not None:
