@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+from dataclasses import fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -586,3 +586,16 @@ def test_addition_of_different_shapes_is_a_model_error() -> None:
         "[out]\nType = fully_connected\nUnit = 2\nActivation = softmax\n"
     )
     assert err.section == "sum"
+
+
+# ------------------------------------------------------------------------------------------ light imports
+
+
+def test_layer_keys_come_from_the_kinds_table() -> None:
+    """One table: spec's keys and the LAYERS registry list the same kinds; every key is a LayerSpec field."""
+    from fedpers.nn.layers import KINDS, LAYERS
+
+    assert list(LAYER_KEYS) == list(KINDS) == list(LAYERS)
+    spec_fields = {f.name for f in fields(LayerSpec)}
+    for kind, keys in LAYER_KEYS.items():
+        assert keys == KINDS[kind].keys and keys <= spec_fields, kind

@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from fedpers.nn.layers import activation, batch_normalization, conv2d, dropout, pooling2d
-from fedpers.nn.layers.conv2d import output_size, resolve_padding
+from fedpers.nn.layers import activation, batch_normalization, conv2d, dropout, kernels, pooling2d, window
+from fedpers.nn.layers.window import output_size, resolve_padding
 from numba.core.registry import CPUDispatcher
 from numpy.lib.stride_tricks import sliding_window_view
 
-MODULES = (conv2d, pooling2d, batch_normalization, dropout, activation)
+MODULES = (kernels, window, conv2d, pooling2d, batch_normalization, dropout, activation)
 DTYPES = (np.float32, np.float64)
 
 # (N, C, H, W, F, kh, kw, stride, padding)
@@ -119,7 +119,7 @@ def check_add_bias(dtype, rng):
     out = rng.standard_normal((2, 4, 7)).astype(dtype)
     b = rng.standard_normal(4).astype(dtype)
     ref = out + b[None, :, None]
-    conv2d.add_bias(out, b)
+    kernels.add_bias(out, b)
     np.testing.assert_allclose(out, ref, **tol(dtype))
 
 

@@ -189,6 +189,26 @@ def test_every_layer_kind_has_a_gradient_case() -> None:
     assert set(LAYERS) - {"input"} <= covered, sorted(set(LAYERS) - covered)
 
 
+def test_each_kind_module_registers_exactly_its_kind() -> None:
+    """LAYERS[kind] imports the module KINDS names, which registers that kind and no other."""
+    from fedpers.nn.layers import KINDS, base, import_all
+
+    import_all()
+    assert set(base._CLASSES) == set(KINDS)
+    for kind, entry in KINDS.items():
+        cls = LAYERS[kind]
+        assert cls.kind == kind and cls.__module__ == f"fedpers.nn.layers.{entry.module}"
+
+
+def test_register_refuses_a_kind_missing_from_the_table() -> None:
+    from fedpers.nn.layers import register
+
+    with pytest.raises(TypeError, match="'bogus' is not in"):
+        register(type("Bogus", (Layer,), {"kind": "bogus"}))
+    with pytest.raises(KeyError):
+        LAYERS["bogus"]
+
+
 def test_frozen_layers_get_no_gradient_and_skip_calc_gradient() -> None:
     """A frozen conv has grads None; calc_gradient is a no-op and calc_derivative still works."""
     layer = LAYERS["conv2d"](LayerSpec("c", "conv2d", filters=2, kernel_size=(3, 3), trainable=False))

@@ -11,9 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import layers as _layers  # noqa: F401  (fills LAYERS)
 from .init import initialize
-from .layers.activation import Activation
 from .layers.base import LAYERS, Feed, InitContext, Layer, RunContext, Shape
 from .layers.loss import CrossEntropyLoss, MSELoss
 from .order import ExecOrder, Life, assign, num_steps, touches
@@ -167,11 +165,11 @@ def _expand(spec: ModelSpec) -> list[Node]:
         nodes.append(Node(ls.name, LAYERS[ls.type](ls), ls.name, producers))
         if ls.type != "activation" and ls.activation not in (None, "none"):
             act = LayerSpec(f"{ls.name}_act", "activation", activation=ls.activation, trainable=ls.trainable)
-            nodes.append(Node(f"{ls.name}/{ls.activation}", Activation(act), ls.name, [(len(nodes) - 1, 0)]))
+            nodes.append(Node(f"{ls.name}/{ls.activation}", LAYERS["activation"](act), ls.name, [(len(nodes) - 1, 0)]))
         out_of[ls.name] = len(nodes) - 1
     last = nodes[-1]
     if spec.loss == "cross":
-        if isinstance(last.layer, Activation):
+        if last.layer.kind == "activation":
             fn = last.layer.spec.activation
             if fn == "softmax":
                 nodes.pop()

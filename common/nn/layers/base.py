@@ -14,7 +14,8 @@ one per node, when its class names one in `State`). A misspelled field is an Att
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -22,6 +23,7 @@ import numpy as np
 
 from ..order import Life
 from ..spec import LayerSpec, ModelError
+from . import KINDS
 
 Shape = tuple[int, ...]
 
@@ -165,13 +167,42 @@ class Layer:
         raise NotImplementedError
 
 
-LAYERS: dict[str, type[Layer]] = {}
+_CLASSES: dict[str, type[Layer]] = {}  # filled by @register as kind modules are imported
 
 
 def register(cls: type[Layer]) -> type[Layer]:
-    """Class decorator: make a layer available under its INI type name."""
-    LAYERS[cls.kind] = cls
+    """Class decorator: make a layer class the implementation of its INI type (a KINDS entry)."""
+    if cls.kind not in KINDS:
+        raise TypeError(f"{cls.__name__}: layer kind {cls.kind!r} is not in fedpers.nn.layers.KINDS")
+    _CLASSES[cls.kind] = cls
     return cls
+
+
+class _Registry(Mapping[str, "type[Layer]"]):
+    """INI type -> layer class. The keys are KINDS; a kind's module is imported on first lookup."""
+
+    def __getitem__(self, kind: str) -> type[Layer]:
+        cls = _CLASSES.get(kind)
+        if cls is None:
+            if kind not in KINDS:
+                raise KeyError(kind)
+            module = importlib.import_module(f"{__package__}.{KINDS[kind].module}")
+            cls = _CLASSES.get(kind)
+            if cls is None:
+                raise LookupError(f"{module.__name__} registers no layer of kind {kind!r}")
+        return cls
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in KINDS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(KINDS)
+
+    def __len__(self) -> int:
+        return len(KINDS)
+
+
+LAYERS: Mapping[str, type[Layer]] = _Registry()
 
 
 Initializer = Callable[[np.random.Generator, WeightRequest], np.ndarray]

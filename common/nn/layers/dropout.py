@@ -17,7 +17,7 @@ from numba import njit, uint64
 
 from ..order import Life
 from .base import InitContext, Layer, LayerState, RunContext, Shape, register
-from .conv2d import signatures
+from .kernels import signatures
 
 GOLDEN = 0x9E3779B97F4A7C15
 MIX1 = 0xBF58476D1CE4E5B9
