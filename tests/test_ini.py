@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
+import sys
 from dataclasses import fields, replace
 from importlib import resources
 from pathlib import Path
@@ -589,6 +592,30 @@ def test_addition_of_different_shapes_is_a_model_error() -> None:
 
 
 # ------------------------------------------------------------------------------------------ light imports
+
+
+def modules_after(code: str) -> set[str]:
+    """The modules a fresh interpreter holds after running `code`."""
+    probe = code + "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return set(json.loads(proc.stdout.splitlines()[-1]))
+
+
+def test_reading_an_ini_loads_no_trainer_and_no_numba() -> None:
+    """The server reads model files; that must not cost numba's start-up or the trainer."""
+    mods = modules_after(
+        "import fedpers.nn.ini as ini, fedpers.models as models\n"
+        "from fedpers.nn import ModelSpec, load_ini\n"
+        "spec = ini.load_ini(models.path('digits_cnn.ini'))\n"
+        "assert isinstance(spec, ModelSpec) and load_ini is ini.load_ini\n"
+        "assert [l.type for l in spec.layers][:2] == ['input', 'conv2d']"
+    )
+    assert "fedpers.nn.spec" in mods  # the probe ran what it claims
+    assert "numba" not in mods
+    light = {"fedpers.nn.ini", "fedpers.nn.spec", "fedpers.nn.layers"}  # the last: only its KINDS table
+    loaded = {m for m in mods if m.startswith("fedpers.nn.")} - light
+    assert loaded == set(), f"reading an INI file imported {sorted(loaded)}"
 
 
 def test_layer_keys_come_from_the_kinds_table() -> None:

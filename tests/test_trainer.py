@@ -131,6 +131,21 @@ def test_run_records_are_typed_shared_and_reused():
     assert state.active  # the last training forward applied a mask
 
 
+def test_a_model_imports_only_the_layer_modules_it_uses():
+    """Training an all-fully_connected model loads no conv, pooling, batch-norm or dropout kernels."""
+    from tests.test_ini import modules_after
+
+    mods = modules_after(
+        "import numpy as np, fedpers.models as models\n"
+        "from fedpers.nn import Trainer, load_ini\n"
+        "t = Trainer(load_ini(models.path('mlp.ini')))\n"
+        "t.fit(np.zeros((4, 1, 1, 784), np.float32), np.zeros(4, np.int64), epochs=1, batch_size=2)"
+    )
+    assert {"fedpers.nn.trainer", "fedpers.nn.layers.fully_connected", "numba"} <= mods
+    unused = {f"fedpers.nn.layers.{m}" for m in ("conv2d", "pooling2d", "batch_normalization", "dropout", "addition")}
+    assert not unused & mods, sorted(unused & mods)
+
+
 def test_cli_train_json(digits_file, tmp_path):
     out = tmp_path / "w.npz"
     proc = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(digits_file), "--epochs", "2",
