@@ -5,8 +5,9 @@ A codec name is `<base>[:<param>][+<compressor>]`, e.g. "fp32", "fp16", "int8", 
 count), so decoding a payload of the wrong codec or the wrong shape is an error, never silent garbage.
 
   fp32, fp16   raw values (fp16 refuses values beyond its range)
-  int8/4/2     per-chunk (256) scale max|x| / L, L = 127 / 7 / 1; stochastic rounding from a
-               counter-based RNG seeded by the caller (device, round, tensor): unbiased, |error| < scale
+  int8/4/2     per-chunk scale max|x| / L over QUANT_CHUNK = 256 values, L = 127 / 7 / 1 (the entry's
+               .chunk and .levels); stochastic rounding from fedpers.rng's counter-based stream
+               seeded by the caller (device, round, tensor): unbiased, |error| < scale
   topk:F       the ceil(F * n) largest |x| as float32 values + LEB128 index gaps
 
 Error feedback: the lossy-on-purpose codecs (int4, int2, top-k) return what they did not send as
@@ -28,6 +29,8 @@ import numpy as np
 import zstandard
 from numba import njit
 
+from .rng import uniform01
+
 __all__ = [
     "CODECS",
     "COMPRESSORS",
@@ -41,7 +44,7 @@ __all__ = [
 
 MAGIC = b"FPD1"
 _HEADER = struct.Struct("<4sBQ")  # magic, kind, element count
-INT8_CHUNK = 256  # elements sharing one int8 scale
+QUANT_CHUNK = 256  # elements sharing one scale in int8 / int4 / int2 payloads (each payload records it)
 _FP16_MAX = 65504.0
 
 
@@ -67,16 +70,6 @@ class CodecSpec:
 # numba kernels
 
 
-@njit(cache=True, nogil=True)
-def _uniform01(seed: np.uint64, i: np.int64) -> np.float64:
-    """Counter-based uniform in [0, 1): splitmix64 of (seed, i). No global RNG state."""
-    z = seed + np.uint64(i + 1) * np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-    return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
-
-
 @njit("float32(float32[::1], int64, int64, float64)", cache=True, nogil=True)
 def _chunk_scale(x, lo, hi, levels):
     """absmax of x[lo:hi] / levels: the step that maps the chunk onto [-levels, levels]."""
@@ -88,15 +81,15 @@ def _chunk_scale(x, lo, hi, levels):
     return np.float32(amax / levels)
 
 
-@njit("void(float32[::1], int64, uint64, int8[::1], float32[::1])", cache=True, nogil=True)
-def _int8_quantize(x, chunk, seed, q, scales):
-    """Per-chunk absmax scale; q = floor(x / scale + u), u ~ U[0, 1): unbiased, |error| < scale."""
+@njit("void(float32[::1], int64, float64, uint64, int8[::1], float32[::1])", cache=True, nogil=True)
+def _int8_quantize(x, chunk, levels, seed, q, scales):
+    """Per-chunk scale absmax / levels; q = floor(x / scale + u), u ~ U[0, 1): unbiased, |error| < scale."""
     n = x.shape[0]
     nchunks = scales.shape[0]
     for c in range(nchunks):
         lo = c * chunk
         hi = min(lo + chunk, n)
-        scale = _chunk_scale(x, lo, hi, 127.0)
+        scale = _chunk_scale(x, lo, hi, levels)
         scales[c] = scale
         if scale == 0.0:
             for i in range(lo, hi):
@@ -104,11 +97,11 @@ def _int8_quantize(x, chunk, seed, q, scales):
             continue
         inv = 1.0 / np.float64(scale)
         for i in range(lo, hi):
-            v = math.floor(np.float64(x[i]) * inv + _uniform01(seed, i))
-            if v > 127.0:
-                v = 127.0
-            elif v < -127.0:
-                v = -127.0
+            v = math.floor(np.float64(x[i]) * inv + uniform01(seed, i))
+            if v > levels:
+                v = levels
+            elif v < -levels:
+                v = -levels
             q[i] = np.int8(v)
 
 
@@ -134,7 +127,7 @@ def _packed_quantize(x, chunk, bits, levels, seed, packed, scales):
         scales[c] = scale
         inv = 1.0 / np.float64(scale) if scale != 0.0 else 0.0
         for i in range(lo, hi):
-            v = math.floor(np.float64(x[i]) * inv + _uniform01(seed, i)) if scale != 0.0 else 0.0
+            v = math.floor(np.float64(x[i]) * inv + uniform01(seed, i)) if scale != 0.0 else 0.0
             if v > levels:
                 v = levels
             elif v < -levels:
@@ -239,77 +232,86 @@ def _dec_fp16(body: memoryview, n: int, param: float | None) -> np.ndarray:
     return np.frombuffer(body, dtype="<f2").astype(np.float32)
 
 
-def _enc_int8(x: np.ndarray, param: float | None, seed: int) -> bytes:
-    n = x.size
-    nchunks = -(-n // INT8_CHUNK)
-    q = np.empty(n, np.int8)
-    scales = np.empty(nchunks, np.float32)
-    _int8_quantize(x, INT8_CHUNK, np.uint64(seed), q, scales)
-    return struct.pack("<I", INT8_CHUNK) + scales.astype("<f4").tobytes() + q.tobytes()
+@dataclass(frozen=True)
+class _Base:
+    """One base codec: its payload kind byte, encoder and decoder, and what a caller may rely on."""
+
+    kind: int
+    encode: Callable[[np.ndarray, float | None, int], bytes]
+    decode: Callable[[memoryview, int, float | None], np.ndarray]
+    error_feedback: bool  # returns a residual to carry into the next round
+    needs_param: bool = False
+    chunk: int | None = None  # quantizers: elements sharing one scale
+    levels: int | None = None  # quantizers: codes span [-levels, levels]; scale = chunk absmax / levels
 
 
-def _dec_int8(body: memoryview, n: int, param: float | None) -> np.ndarray:
+def _levels(bits: int) -> int:
+    """Codes of a `bits`-bit quantizer span [-levels, levels]: 127, 7, 1 for 8, 4, 2 bits."""
+    return (1 << (bits - 1)) - 1
+
+
+def _check_chunked(name: str, body: memoryview, n: int, data_bytes: Callable[[int], int]) -> tuple[int, np.ndarray]:
+    """The chunk size and float32 scales of a quantized payload, after checking its length."""
     if len(body) < 4:
-        raise CodecError("int8 payload is too short for its chunk size")
+        raise CodecError(f"{name} payload is too short for its chunk size")
     (chunk,) = struct.unpack_from("<I", body, 0)
     if chunk <= 0:
-        raise CodecError(f"int8 payload has a bad chunk size {chunk}")
+        raise CodecError(f"{name} payload has a bad chunk size {chunk}")
     nchunks = -(-n // chunk)
-    expected = 4 + 4 * nchunks + n
+    expected = 4 + 4 * nchunks + data_bytes(n)
     if len(body) != expected:
-        raise CodecError(f"int8 payload has {len(body)} bytes, expected {expected}")
+        raise CodecError(f"{name} payload has {len(body)} bytes, expected {expected}")
     scales = np.frombuffer(body, dtype="<f4", count=nchunks, offset=4).astype(np.float32)
     if not np.isfinite(scales).all() or (scales < 0).any():
-        raise CodecError("int8 payload has non-finite or negative scales")
-    q = np.frombuffer(body, dtype=np.int8, count=n, offset=4 + 4 * nchunks).copy()
-    if (q == -128).any():
-        raise CodecError("int8 payload has the out-of-range value -128")
-    out = np.empty(n, np.float32)
-    _int8_dequantize(q, scales, chunk, out)
-    return out
+        raise CodecError(f"{name} payload has non-finite or negative scales")
+    return chunk, scales
 
 
-LOWBIT_CHUNK = 256
+def _int8(kind: int) -> _Base:
+    """int8: per-chunk scale absmax / 127, stochastic rounding, one byte per value."""
+    chunk, levels = QUANT_CHUNK, _levels(8)
+
+    def enc(x: np.ndarray, param: float | None, seed: int) -> bytes:
+        n = x.size
+        q = np.empty(n, np.int8)
+        scales = np.empty(-(-n // chunk), np.float32)
+        _int8_quantize(x, chunk, float(levels), np.uint64(seed), q, scales)
+        return struct.pack("<I", chunk) + scales.astype("<f4").tobytes() + q.tobytes()
+
+    def dec(body: memoryview, n: int, param: float | None) -> np.ndarray:
+        got_chunk, scales = _check_chunked("int8", body, n, lambda n: n)
+        q = np.frombuffer(body, dtype=np.int8, count=n, offset=4 + 4 * len(scales)).copy()
+        if (q < -levels).any():
+            raise CodecError(f"int8 payload has the out-of-range value {-levels - 1}")
+        out = np.empty(n, np.float32)
+        _int8_dequantize(q, scales, got_chunk, out)
+        return out
+
+    return _Base(kind, enc, dec, error_feedback=False, chunk=chunk, levels=levels)
 
 
-def _lowbit(bits: int) -> tuple[Callable, Callable]:
-    """intB codecs (B = 4 or 2): per-chunk scale amax / (2^(B-1) - 1), stochastic rounding, packed."""
-    levels = (1 << (bits - 1)) - 1
+def _lowbit(kind: int, bits: int) -> _Base:
+    """intB codecs (B = 4 or 2): per-chunk scale absmax / (2^(B-1) - 1), stochastic rounding, packed."""
+    chunk, levels = QUANT_CHUNK, _levels(bits)
+    name = f"int{bits}"
     vpb = 8 // bits
 
     def enc(x: np.ndarray, param: float | None, seed: int) -> bytes:
         n = x.size
-        scales = np.empty(-(-n // LOWBIT_CHUNK), np.float32)
+        scales = np.empty(-(-n // chunk), np.float32)
         packed = np.empty(-(-n // vpb), np.uint8)
-        _packed_quantize(x, LOWBIT_CHUNK, bits, levels, np.uint64(seed), packed, scales)
-        return struct.pack("<I", LOWBIT_CHUNK) + scales.astype("<f4").tobytes() + packed.tobytes()
+        _packed_quantize(x, chunk, bits, levels, np.uint64(seed), packed, scales)
+        return struct.pack("<I", chunk) + scales.astype("<f4").tobytes() + packed.tobytes()
 
     def dec(body: memoryview, n: int, param: float | None) -> np.ndarray:
-        name = f"int{bits}"
-        if len(body) < 4:
-            raise CodecError(f"{name} payload is too short for its chunk size")
-        (chunk,) = struct.unpack_from("<I", body, 0)
-        if chunk <= 0:
-            raise CodecError(f"{name} payload has a bad chunk size {chunk}")
-        nchunks = -(-n // chunk)
-        nbytes = -(-n // vpb)
-        expected = 4 + 4 * nchunks + nbytes
-        if len(body) != expected:
-            raise CodecError(f"{name} payload has {len(body)} bytes, expected {expected}")
-        scales = np.frombuffer(body, dtype="<f4", count=nchunks, offset=4).astype(np.float32)
-        if not np.isfinite(scales).all() or (scales < 0).any():
-            raise CodecError(f"{name} payload has non-finite or negative scales")
-        packed = np.frombuffer(body, dtype=np.uint8, count=nbytes, offset=4 + 4 * nchunks).copy()
+        got_chunk, scales = _check_chunked(name, body, n, lambda n: -(-n // vpb))
+        packed = np.frombuffer(body, dtype=np.uint8, count=-(-n // vpb), offset=4 + 4 * len(scales)).copy()
         out = np.empty(n, np.float32)
-        if _packed_dequantize(packed, scales, chunk, bits, levels, out) != 0:
+        if _packed_dequantize(packed, scales, got_chunk, bits, levels, out) != 0:
             raise CodecError(f"{name} payload has out-of-range codes or non-zero padding")
         return out
 
-    return enc, dec
-
-
-_enc_int4, _dec_int4 = _lowbit(4)
-_enc_int2, _dec_int2 = _lowbit(2)
+    return _Base(kind, enc, dec, error_feedback=True, chunk=chunk, levels=levels)
 
 
 _TOPK_HEADER = struct.Struct("<Q")  # k; then k float32 values, then k LEB128 index gaps
@@ -354,22 +356,13 @@ def _dec_topk(body: memoryview, n: int, param: float | None) -> np.ndarray:
     return out
 
 
-@dataclass(frozen=True)
-class _Base:
-    kind: int
-    encode: Callable[[np.ndarray, float | None, int], bytes]
-    decode: Callable[[memoryview, int, float | None], np.ndarray]
-    error_feedback: bool  # returns a residual to carry into the next round
-    needs_param: bool = False
-
-
 CODECS: dict[str, _Base] = {
     "fp32": _Base(1, _enc_fp32, _dec_fp32, error_feedback=False),
     "fp16": _Base(2, _enc_fp16, _dec_fp16, error_feedback=False),
-    "int8": _Base(3, _enc_int8, _dec_int8, error_feedback=False),
+    "int8": _int8(3),
     "topk": _Base(4, _enc_topk, _dec_topk, error_feedback=True, needs_param=True),
-    "int4": _Base(5, _enc_int4, _dec_int4, error_feedback=True),
-    "int2": _Base(6, _enc_int2, _dec_int2, error_feedback=True),
+    "int4": _lowbit(5, 4),
+    "int2": _lowbit(6, 2),
 }
 
 
