@@ -357,6 +357,27 @@ def test_shipped_model_round_trips(name: str, tmp_path: Path) -> None:
     assert spec.layers[-1].activation == "softmax" and spec.layers[-1].unit == 10
 
 
+def test_save_ini_failing_midway_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, monkeypatch) -> None:
+    """A write that dies before the rename (here: fsync fails) leaves the previous file whole."""
+    import os
+
+    target = tmp_path / "model.ini"
+    old = load_ini(MODELS / "mlp.ini")
+    save_ini(old, target)
+    before = target.read_bytes()
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="No space"):
+        save_ini(replace(old, epochs=99), target)
+    monkeypatch.undo()
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.ini"]
+    save_ini(replace(old, epochs=99), target)
+    assert load_ini(target).epochs == 99 and [p.name for p in tmp_path.iterdir()] == ["model.ini"]
+
+
 def test_shipped_models_are_package_data() -> None:
     names = {p.name for p in resources.files("fedpers").joinpath("models").iterdir() if p.name.endswith(".ini")}
     assert {
