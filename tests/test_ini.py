@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import random
-import subprocess
-import sys
 from dataclasses import fields, replace
 from importlib import resources
 from pathlib import Path
@@ -23,6 +20,8 @@ from fedpers.nn.spec import (
     OptimizerSpec,
     SchedulerSpec,
 )
+
+from tests.probes import modules_after
 
 MODELS = Path(__file__).resolve().parent.parent / "common" / "models"
 SHIPPED = sorted(p.name for p in MODELS.glob("*.ini"))
@@ -613,14 +612,6 @@ def test_addition_of_different_shapes_is_a_model_error() -> None:
 
 
 # ------------------------------------------------------------------------------------------ light imports
-
-
-def modules_after(code: str) -> set[str]:
-    """The modules a fresh interpreter holds after running `code`."""
-    probe = code + "\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    return set(json.loads(proc.stdout.splitlines()[-1]))
 
 
 def test_reading_an_ini_loads_no_trainer_and_no_numba() -> None:

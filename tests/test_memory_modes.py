@@ -10,6 +10,7 @@ import pytest
 from fedpers.nn import BudgetError, Trainer, compile
 
 from tests import nets
+from tests.probes import open_files_under
 
 
 def data_for(spec, n=40, seed=0):
@@ -98,29 +99,34 @@ def test_frozen_prefix_saves_no_activation_or_gradient():
             assert max(t.touches) < n_fwd, t.name
 
 
-def test_swap_moves_bytes_and_leaves_no_file(tmp_path):
+def test_swap_moves_bytes_through_one_file_closed_after_fit(tmp_path):
     spec = nets.cnn(batch_norm=False)
     x, y = data_for(spec)
     t = Trainer(spec, memory="swap", lookahead=1, swap_dir=str(tmp_path), seed=0)
-    t.fit(x, y, epochs=1, batch_size=8, shuffle=False)
+    held: list[list[str]] = []
+    t.fit(x, y, epochs=1, batch_size=8, shuffle=False, progress=lambda *_: held.append(open_files_under(tmp_path)))
     rep = t.memory_report()
     assert rep.swap_out_bytes > 0 and rep.swap_in_bytes == rep.swap_out_bytes
-    assert list(tmp_path.iterdir()) == []
+    assert held and all(len(h) == 1 for h in held)  # one swap file, open for the whole fit
+    assert open_files_under(tmp_path) == []
 
 
 def test_swap_file_gone_after_an_exception_mid_epoch(tmp_path):
     spec = nets.mlp()
     x, y = data_for(spec)
     t = Trainer(spec, memory="swap", lookahead=1, swap_dir=str(tmp_path), seed=0)
+    held: list[list[str]] = []
 
     def boom(step, total, loss, acc):
         assert list(tmp_path.iterdir()) == []  # unlinked while still in use
+        held.append(open_files_under(tmp_path))
         if step == 2:
             raise RuntimeError("stop here")
 
     with pytest.raises(RuntimeError, match="stop here"):
         t.fit(x, y, epochs=1, batch_size=8, progress=boom)
-    assert list(tmp_path.iterdir()) == []
+    assert len(held) == 2 and all(len(h) == 1 and h[0].endswith("(deleted)") for h in held)
+    assert open_files_under(tmp_path) == []  # the exception still closed the swap file
 
 
 def test_swap_file_gone_after_sigint(tmp_path):
@@ -132,17 +138,20 @@ def test_swap_file_gone_after_sigint(tmp_path):
         spec = nets.mlp()
         x = np.random.default_rng(0).standard_normal((4000, 1, 1, 12)).astype(np.float32)
         y = np.random.default_rng(1).integers(0, 4, 4000)
+        from tests.probes import open_files_under
         t = Trainer(spec, memory="swap", lookahead=1, swap_dir={str(tmp_path)!r})
         def progress(step, total, loss, acc):
             if step == 5:
-                print("training", flush=True)
+                print("training, swap files open:", len(open_files_under({str(tmp_path)!r})), flush=True)
                 os.kill(os.getpid(), signal.SIGINT)
-        t.fit(x, y, epochs=50, batch_size=8, progress=progress)
+        try:
+            t.fit(x, y, epochs=50, batch_size=8, progress=progress)
+        finally:
+            print("interrupted, swap files open:", len(open_files_under({str(tmp_path)!r})), flush=True)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert "training" in proc.stdout
     assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert proc.stdout.splitlines() == ["training, swap files open: 1", "interrupted, swap files open: 0"]
 
 
 def test_budget_picks_the_fastest_mode_that_fits():

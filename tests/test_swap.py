@@ -6,6 +6,7 @@ from fedpers.nn.graph import compile
 from fedpers.nn.swap import SwapItem, Swapper, swap_schedule
 
 from tests import nets
+from tests.probes import open_files_under
 
 
 def item(last_forward, free_at, load_at, first_backward, nbytes=64, out_off=0, in_off=64, file_off=0):
@@ -32,6 +33,8 @@ def test_swapper_moves_bytes_to_the_backward_segment(tmp_path):
     buf = np.zeros(256, np.uint8)
     buf[:64] = np.arange(64, dtype=np.uint8)
     sw = Swapper(swap_schedule([item(0, 2, 3, 5, out_off=0, in_off=128)]), buf, str(tmp_path))
+    held = open_files_under(tmp_path)
+    assert len(held) == 1 and held[0].endswith("(deleted)") and list(tmp_path.iterdir()) == []
     try:
         sw.start_iteration()
         for t in range(6):
@@ -44,7 +47,7 @@ def test_swapper_moves_bytes_to_the_backward_segment(tmp_path):
         assert sw.bytes_out == sw.bytes_in == 64
     finally:
         sw.close()
-    assert list(tmp_path.iterdir()) == []
+    assert open_files_under(tmp_path) == []  # close() released the only handle: the file is gone
 
 
 def test_skipped_step_numbers_still_fire_their_events(tmp_path):
