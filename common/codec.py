@@ -24,12 +24,10 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
 import zstandard
-from numba import njit
-
-from .rng import uniform01
 
 __all__ = [
     "CODECS",
@@ -67,142 +65,15 @@ class CodecSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# numba kernels
-
-
-@njit("float32(float32[::1], int64, int64, float64)", cache=True, nogil=True)
-def _chunk_scale(x, lo, hi, levels):
-    """absmax of x[lo:hi] / levels: the step that maps the chunk onto [-levels, levels]."""
-    amax = 0.0
-    for i in range(lo, hi):
-        a = abs(np.float64(x[i]))
-        if a > amax:
-            amax = a
-    return np.float32(amax / levels)
-
-
-@njit("void(float32[::1], int64, float64, uint64, int8[::1], float32[::1])", cache=True, nogil=True)
-def _int8_quantize(x, chunk, levels, seed, q, scales):
-    """Per-chunk scale absmax / levels; q = floor(x / scale + u), u ~ U[0, 1): unbiased, |error| < scale."""
-    n = x.shape[0]
-    nchunks = scales.shape[0]
-    for c in range(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        scale = _chunk_scale(x, lo, hi, levels)
-        scales[c] = scale
-        if scale == 0.0:
-            for i in range(lo, hi):
-                q[i] = 0
-            continue
-        inv = 1.0 / np.float64(scale)
-        for i in range(lo, hi):
-            v = math.floor(np.float64(x[i]) * inv + uniform01(seed, i))
-            if v > levels:
-                v = levels
-            elif v < -levels:
-                v = -levels
-            q[i] = np.int8(v)
-
-
-@njit("void(int8[::1], float32[::1], int64, float32[::1])", cache=True, nogil=True)
-def _int8_dequantize(q, scales, chunk, out):
-    n = q.shape[0]
-    for i in range(n):
-        out[i] = np.float32(q[i]) * scales[i // chunk]
-
-
-@njit("void(float32[::1], int64, int64, int64, uint64, uint8[::1], float32[::1])", cache=True, nogil=True)
-def _packed_quantize(x, chunk, bits, levels, seed, packed, scales):
-    """Low-bit version of _int8_quantize: q in [-levels, levels] stored as q + levels in `bits` bits,
-    8 // bits values per byte, lowest bits first."""
-    n = x.shape[0]
-    vpb = 8 // bits
-    for j in range(packed.shape[0]):
-        packed[j] = 0
-    for c in range(scales.shape[0]):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        scale = _chunk_scale(x, lo, hi, levels)
-        scales[c] = scale
-        inv = 1.0 / np.float64(scale) if scale != 0.0 else 0.0
-        for i in range(lo, hi):
-            v = math.floor(np.float64(x[i]) * inv + uniform01(seed, i)) if scale != 0.0 else 0.0
-            if v > levels:
-                v = levels
-            elif v < -levels:
-                v = -levels
-            code = np.int64(v) + levels
-            packed[i // vpb] |= np.uint8(code << ((i % vpb) * bits))
-
-
-@njit("int64(uint8[::1], float32[::1], int64, int64, int64, float32[::1])", cache=True, nogil=True)
-def _packed_dequantize(packed, scales, chunk, bits, levels, out):
-    """Inverse of _packed_quantize; returns -1 on a code above 2 * levels or non-zero padding bits."""
-    n = out.shape[0]
-    vpb = 8 // bits
-    mask = (1 << bits) - 1
-    for i in range(packed.shape[0] * vpb):
-        code = (np.int64(packed[i // vpb]) >> ((i % vpb) * bits)) & mask
-        if i >= n:
-            if code != 0:
-                return -1
-            continue
-        if code > 2 * levels:
-            return -1
-        out[i] = np.float32(code - levels) * scales[i // chunk]
-    return 0
-
-
-@njit("int64(int64[::1], uint8[::1])", cache=True, nogil=True)
-def _varint_gaps_encode(idx, out):
-    """Sorted indices -> LEB128 varints of their gaps (first gap from 0) in `out`; returns bytes used."""
-    pos = 0
-    prev = np.int64(0)
-    for j in range(idx.shape[0]):
-        g = np.uint64(idx[j] - prev)
-        prev = idx[j]
-        while g >= np.uint64(0x80):
-            out[pos] = np.uint8((g & np.uint64(0x7F)) | np.uint64(0x80))
-            g >>= np.uint64(7)
-            pos += 1
-        out[pos] = np.uint8(g)
-        pos += 1
-    return pos
-
-
-@njit("int64(uint8[::1], int64, int64[::1])", cache=True, nogil=True)
-def _varint_gaps_decode(buf, n, idx):
-    """LEB128 gaps -> indices in `idx`. Returns 0, or -1 if the stream is malformed, does not hold
-    exactly len(idx) varints, or the indices are not strictly increasing and below n."""
-    pos = 0
-    size = buf.shape[0]
-    cur = np.int64(-1)
-    for j in range(idx.shape[0]):
-        g = np.uint64(0)
-        shift = np.uint64(0)
-        while True:
-            if pos >= size or shift > np.uint64(56):
-                return -1
-            b = np.uint64(buf[pos])
-            pos += 1
-            g |= (b & np.uint64(0x7F)) << shift
-            if b < np.uint64(0x80):
-                break
-            shift += np.uint64(7)
-        if g >= np.uint64(n) or (j > 0 and g == np.uint64(0)):
-            return -1
-        cur = np.int64(g) if j == 0 else cur + np.int64(g)
-        if cur >= n:
-            return -1
-        idx[j] = cur
-    if pos != size:
-        return -1
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
 # base codecs: encode(flat float32, param, seed) -> body; decode(body, n, param) -> flat float32
+
+
+def _kernels() -> ModuleType:
+    """The numba kernels (fedpers.codec_kernels), imported -- compiled or loaded from numba's cache --
+    on the first encode or decode, so that codec names and help import light."""
+    from . import codec_kernels
+
+    return codec_kernels
 
 
 def _check_finite(x: np.ndarray, what: str) -> None:
@@ -275,7 +146,7 @@ def _int8(kind: int) -> _Base:
         n = x.size
         q = np.empty(n, np.int8)
         scales = np.empty(-(-n // chunk), np.float32)
-        _int8_quantize(x, chunk, float(levels), np.uint64(seed), q, scales)
+        _kernels().int8_quantize(x, chunk, float(levels), np.uint64(seed), q, scales)
         return struct.pack("<I", chunk) + scales.astype("<f4").tobytes() + q.tobytes()
 
     def dec(body: memoryview, n: int, param: float | None) -> np.ndarray:
@@ -284,7 +155,7 @@ def _int8(kind: int) -> _Base:
         if (q < -levels).any():
             raise CodecError(f"int8 payload has the out-of-range value {-levels - 1}")
         out = np.empty(n, np.float32)
-        _int8_dequantize(q, scales, got_chunk, out)
+        _kernels().int8_dequantize(q, scales, got_chunk, out)
         return out
 
     return _Base(kind, enc, dec, error_feedback=False, chunk=chunk, levels=levels)
@@ -300,14 +171,14 @@ def _lowbit(kind: int, bits: int) -> _Base:
         n = x.size
         scales = np.empty(-(-n // chunk), np.float32)
         packed = np.empty(-(-n // vpb), np.uint8)
-        _packed_quantize(x, chunk, bits, levels, np.uint64(seed), packed, scales)
+        _kernels().packed_quantize(x, chunk, bits, levels, np.uint64(seed), packed, scales)
         return struct.pack("<I", chunk) + scales.astype("<f4").tobytes() + packed.tobytes()
 
     def dec(body: memoryview, n: int, param: float | None) -> np.ndarray:
         got_chunk, scales = _check_chunked(name, body, n, lambda n: -(-n // vpb))
         packed = np.frombuffer(body, dtype=np.uint8, count=-(-n // vpb), offset=4 + 4 * len(scales)).copy()
         out = np.empty(n, np.float32)
-        if _packed_dequantize(packed, scales, got_chunk, bits, levels, out) != 0:
+        if _kernels().packed_dequantize(packed, scales, got_chunk, bits, levels, out) != 0:
             raise CodecError(f"{name} payload has out-of-range codes or non-zero padding")
         return out
 
@@ -332,7 +203,7 @@ def _enc_topk(x: np.ndarray, param: float | None, seed: int) -> bytes:
         idx = np.argpartition(np.abs(x), n - k)[n - k :].astype(np.int64)
         idx.sort()
     gaps = np.empty(10 * k, np.uint8)
-    used = _varint_gaps_encode(idx, gaps)
+    used = _kernels().varint_gaps_encode(idx, gaps)
     return _TOPK_HEADER.pack(k) + x[idx].astype("<f4").tobytes() + gaps[:used].tobytes()
 
 
@@ -348,7 +219,7 @@ def _dec_topk(body: memoryview, n: int, param: float | None) -> np.ndarray:
     vals = np.frombuffer(body, dtype="<f4", count=k, offset=off).astype(np.float32)
     gaps = np.frombuffer(body, dtype=np.uint8, offset=off + 4 * k).copy()
     idx = np.empty(k, np.int64)
-    if _varint_gaps_decode(gaps, n, idx) != 0:
+    if _kernels().varint_gaps_decode(gaps, n, idx) != 0:
         raise CodecError("topk payload has malformed indices: truncated, trailing bytes, out of range "
                          "or not strictly increasing")
     out = np.zeros(n, np.float32)

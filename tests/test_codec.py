@@ -10,6 +10,8 @@ import zstandard
 from fedpers import codec
 from fedpers.codec import CODECS, CodecError, decode, encode, parse_codec
 
+from tests.probes import modules_after
+
 NAMES = ["fp32", "fp16", "int8", "int4", "int2", "topk:0.05", "topk:0.3", "topk:1"]
 ALL = NAMES + [n + "+zstd" for n in NAMES] + ["int8+zlib", "topk:0.01+zlib"]
 SHAPES = [(0,), (1,), (7,), (3, 5), (255,), (257,), (4, 3, 3, 3), (2000,)]
@@ -311,3 +313,11 @@ def test_derive_seed_is_stable_and_distinct():
     assert codec.derive_seed(3, 7, "fc.weight") == codec.derive_seed(3, 7, "fc.weight")
     assert len({codec.derive_seed(d, r) for d in range(20) for r in range(20)}) == 400
     assert 0 <= codec.derive_seed("x") < 2**64
+
+
+def test_codec_names_load_no_numba_until_the_first_encode():
+    """CLIs parse and list codec names at start-up; only encoding or decoding loads the kernels."""
+    light = modules_after("import fedpers.codec as c\nassert c.parse_codec('topk:0.1+zstd').base == 'topk'")
+    assert "fedpers.codec" in light and not {"numba", "fedpers.codec_kernels"} & light
+    used = modules_after("import numpy as np, fedpers.codec as c\nc.encode('int4', np.ones(9, np.float32))")
+    assert {"numba", "fedpers.codec_kernels", "fedpers.rng"} <= used
