@@ -25,6 +25,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 import zstandard
@@ -34,6 +35,9 @@ __all__ = [
     "COMPRESSORS",
     "CodecError",
     "CodecSpec",
+    "Compressor",
+    "codec_choices",
+    "codec_help",
     "decode",
     "derive_seed",
     "encode",
@@ -111,7 +115,8 @@ class _Base:
     encode: Callable[[np.ndarray, float | None, int], bytes]
     decode: Callable[[memoryview, int, float | None], np.ndarray]
     error_feedback: bool  # returns a residual to carry into the next round
-    needs_param: bool = False
+    help: str  # one line for CLIs (codec_choices)
+    needs_param: bool = False  # named '<base>:F' with a fraction F
     chunk: int | None = None  # quantizers: elements sharing one scale
     levels: int | None = None  # quantizers: codes span [-levels, levels]; scale = chunk absmax / levels
 
@@ -158,7 +163,8 @@ def _int8(kind: int) -> _Base:
         _kernels().int8_dequantize(q, scales, got_chunk, out)
         return out
 
-    return _Base(kind, enc, dec, error_feedback=False, chunk=chunk, levels=levels)
+    text = f"8-bit codes, a float32 scale per {chunk} values, stochastic rounding"
+    return _Base(kind, enc, dec, error_feedback=False, help=text, chunk=chunk, levels=levels)
 
 
 def _lowbit(kind: int, bits: int) -> _Base:
@@ -182,7 +188,9 @@ def _lowbit(kind: int, bits: int) -> _Base:
             raise CodecError(f"{name} payload has out-of-range codes or non-zero padding")
         return out
 
-    return _Base(kind, enc, dec, error_feedback=True, chunk=chunk, levels=levels)
+    text = (f"{bits}-bit codes in -{levels}..{levels}, {vpb} per byte, a scale per {chunk} values, stochastic "
+            "rounding; error feedback")
+    return _Base(kind, enc, dec, error_feedback=True, help=text, chunk=chunk, levels=levels)
 
 
 _TOPK_HEADER = struct.Struct("<Q")  # k; then k float32 values, then k LEB128 index gaps
@@ -228,12 +236,14 @@ def _dec_topk(body: memoryview, n: int, param: float | None) -> np.ndarray:
 
 
 CODECS: dict[str, _Base] = {
-    "fp32": _Base(1, _enc_fp32, _dec_fp32, error_feedback=False),
-    "fp16": _Base(2, _enc_fp16, _dec_fp16, error_feedback=False),
+    "fp32": _Base(1, _enc_fp32, _dec_fp32, error_feedback=False, help="float32 values, lossless"),
+    "fp16": _Base(2, _enc_fp16, _dec_fp16, error_feedback=False,
+                  help=f"float16 values (refuses |value| > {_FP16_MAX:g})"),
     "int8": _int8(3),
-    "topk": _Base(4, _enc_topk, _dec_topk, error_feedback=True, needs_param=True),
     "int4": _lowbit(5, 4),
     "int2": _lowbit(6, 2),
+    "topk": _Base(4, _enc_topk, _dec_topk, error_feedback=True, needs_param=True,
+                  help="the fraction F (0 < F <= 1) of largest |values| with their index gaps; error feedback"),
 }
 
 
@@ -270,9 +280,17 @@ def _zlib_decompress(data: bytes, limit: int) -> bytes:
         raise CodecError(f"zlib payload is corrupted: {exc}") from exc
 
 
-COMPRESSORS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes, int], bytes]]] = {
-    "zstd": (_zstd_compress, _zstd_decompress),
-    "zlib": (_zlib_compress, _zlib_decompress),
+class Compressor(NamedTuple):
+    """A lossless stage on top of any payload, named by a '+<name>' suffix."""
+
+    compress: Callable[[bytes], bytes]
+    decompress: Callable[[bytes, int], bytes]  # (data, size limit) -> payload; CodecError if corrupted
+    help: str  # one line for CLIs (codec_choices)
+
+
+COMPRESSORS: dict[str, Compressor] = {
+    "zstd": Compressor(_zstd_compress, _zstd_decompress, "then compress the payload with zstd (level 9)"),
+    "zlib": Compressor(_zlib_compress, _zlib_decompress, "then compress the payload with zlib (level 9)"),
 }
 
 
@@ -300,6 +318,23 @@ def parse_codec(name: str) -> CodecSpec:
     elif colon:
         raise CodecError(f"codec {base!r} takes no parameter, got {name!r}")
     return CodecSpec(base, param, compressor or None)
+
+
+def codec_choices() -> dict[str, str]:
+    """Every form a codec name takes, with one line of help each, in the order to list them: the base
+    codecs ('topk:F' for the one that takes a fraction), then the '+zstd' / '+zlib' suffixes."""
+    out = {f"{name}:F" if base.needs_param else name: base.help for name, base in CODECS.items()}
+    out.update({f"+{name}": c.help for name, c in COMPRESSORS.items()})
+    return out
+
+
+def codec_help(default: str | None = None) -> str:
+    """One line for a --codec help: 'fp32 | fp16 | ... | topk:F, optionally +zstd or +zlib (default fp32)'."""
+    forms = list(codec_choices())
+    bases = [f for f in forms if not f.startswith("+")]
+    suffixes = [f for f in forms if f.startswith("+")]
+    text = " | ".join(bases) + ", optionally " + " or ".join(suffixes)
+    return text if default is None else f"{text} (default {default})"
 
 
 def derive_seed(*parts: object) -> int:
@@ -333,7 +368,7 @@ def encode(
         sent = base.decode(memoryview(body), x.size, spec.param)
         new_residual = (x - sent).reshape(np.shape(delta))
     if spec.compressor is not None:
-        payload = COMPRESSORS[spec.compressor][0](payload)
+        payload = COMPRESSORS[spec.compressor].compress(payload)
     return payload, new_residual
 
 
@@ -347,7 +382,7 @@ def decode(codec: str | CodecSpec, payload: bytes, shape: tuple[int, ...] | list
     n = math.prod(shape)
     data = bytes(payload) if not isinstance(payload, bytes) else payload
     if spec.compressor is not None:
-        data = COMPRESSORS[spec.compressor][1](data, _max_payload(n))
+        data = COMPRESSORS[spec.compressor].decompress(data, _max_payload(n))
     if len(data) < _HEADER.size:
         raise CodecError(f"payload has {len(data)} bytes, shorter than the {_HEADER.size}-byte header")
     magic, kind, count = _HEADER.unpack_from(data, 0)

@@ -321,3 +321,17 @@ def test_codec_names_load_no_numba_until_the_first_encode():
     assert "fedpers.codec" in light and not {"numba", "fedpers.codec_kernels"} & light
     used = modules_after("import numpy as np, fedpers.codec as c\nc.encode('int4', np.ones(9, np.float32))")
     assert {"numba", "fedpers.codec_kernels", "fedpers.rng"} <= used
+
+
+def test_codec_choices_list_every_form_and_each_one_parses():
+    """What CLIs show for --codec: every base codec and compressor, and each listed form is accepted."""
+    choices = codec.codec_choices()
+    assert list(choices) == ["fp32", "fp16", "int8", "int4", "int2", "topk:F", "+zstd", "+zlib"]
+    assert all(text and "\n" not in text for text in choices.values())
+    for form in choices:
+        name = form.replace(":F", ":0.05") if not form.startswith("+") else "int8" + form
+        assert parse_codec(name).name == name
+    assert {parse_codec(f.replace(":F", ":0.5")).base for f in choices if not f.startswith("+")} == set(CODECS)
+    assert {f[1:] for f in choices if f.startswith("+")} == set(codec.COMPRESSORS)
+    expected = "fp32 | fp16 | int8 | int4 | int2 | topk:F, optionally +zstd or +zlib"
+    assert codec.codec_help() == expected and codec.codec_help("fp32") == expected + " (default fp32)"

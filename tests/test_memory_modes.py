@@ -10,7 +10,7 @@ import pytest
 from fedpers.nn import BudgetError, Trainer, compile
 
 from tests import nets
-from tests.probes import open_files_under
+from tests.probes import modules_after, open_files_under
 
 
 def data_for(spec, n=40, seed=0):
@@ -138,7 +138,7 @@ def test_swap_file_gone_after_sigint(tmp_path):
         spec = nets.mlp()
         x = np.random.default_rng(0).standard_normal((4000, 1, 1, 12)).astype(np.float32)
         y = np.random.default_rng(1).integers(0, 4, 4000)
-        from tests.probes import open_files_under
+        from tests.probes import modules_after, open_files_under
         t = Trainer(spec, memory="swap", lookahead=1, swap_dir={str(tmp_path)!r})
         def progress(step, total, loss, acc):
             if step == 5:
@@ -179,3 +179,19 @@ def test_budget_below_the_minimum_names_the_smallest_and_trains_nothing():
     ok = Trainer(spec, memory_budget=smallest)
     ok.fit(x, y, epochs=1, batch_size=8)
     assert ok.memory_report().arena_bytes <= smallest
+
+
+def test_memory_modes_registry_is_what_compile_accepts():
+    """MEMORY_MODES (for CLI choices and help) names exactly the modes compile runs; it imports light."""
+    from fedpers.nn import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
+
+    spec = nets.mlp()
+    assert list(MEMORY_MODES) == ["naive", "planned", "swap"] and DEFAULT_MEMORY_MODE in MEMORY_MODES
+    for mode in MEMORY_MODES:
+        assert compile(spec, 8, mode=mode, allocate=False).mode == mode
+    with pytest.raises(ValueError, match="naive"):
+        compile(spec, 8, mode="paged", allocate=False)
+    text = memory_modes_help()
+    assert all(f"{m}: {d}" in text for m, d in MEMORY_MODES.items()) and text.count("(default)") == 1
+    mods = modules_after("from fedpers.nn import MEMORY_MODES, memory_modes_help\nassert memory_modes_help()")
+    assert "fedpers.nn.modes" in mods and not {"numba", "numpy", "fedpers.nn.graph"} & mods

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .budget import BudgetError, parse_size
     from .graph import WeightSpec, compile, init_weights, output_size, weight_specs
     from .ini import load_ini, parse_ini, save_ini, to_ini
+    from .modes import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
     from .spec import LayerSpec, ModelError, ModelSpec, OptimizerSpec, SchedulerSpec
     from .trainer import DataError, EvalResult, FitResult, MemoryReport, Trainer, WeightError, warmup
 
@@ -25,16 +26,17 @@ _HOMES: dict[str, str] = {
     "WeightSpec": "graph", "compile": "graph", "init_weights": "graph", "output_size": "graph",
     "weight_specs": "graph",
     "load_ini": "ini", "parse_ini": "ini", "save_ini": "ini", "to_ini": "ini",
+    "DEFAULT_MEMORY_MODE": "modes", "MEMORY_MODES": "modes", "memory_modes_help": "modes",
     "LayerSpec": "spec", "ModelError": "spec", "ModelSpec": "spec", "OptimizerSpec": "spec", "SchedulerSpec": "spec",
     "DataError": "trainer", "EvalResult": "trainer", "FitResult": "trainer", "MemoryReport": "trainer",
     "Trainer": "trainer", "WeightError": "trainer", "warmup": "trainer",
 }  # fmt: skip
 
 __all__ = [
-    "BudgetError", "DataError", "EvalResult", "FitResult", "LayerSpec", "MemoryReport", "ModelError",
-    "ModelSpec", "OptimizerSpec", "SchedulerSpec", "Trainer", "WeightError", "WeightSpec", "compile",
-    "init_weights", "load_ini", "output_size", "rss", "parse_ini", "parse_size", "save_ini", "to_ini", "warmup",
-    "weight_specs",
+    "DEFAULT_MEMORY_MODE", "MEMORY_MODES", "BudgetError", "DataError", "EvalResult", "FitResult", "LayerSpec",
+    "MemoryReport", "ModelError", "ModelSpec", "OptimizerSpec", "SchedulerSpec", "Trainer", "WeightError",
+    "WeightSpec", "compile", "init_weights", "load_ini", "memory_modes_help", "output_size", "rss", "parse_ini",
+    "parse_size", "save_ini", "to_ini", "warmup", "weight_specs",
 ]  # fmt: skip
 
 

@@ -14,13 +14,14 @@ import numpy as np
 from .init import initialize
 from .layers.base import LAYERS, Feed, InitContext, Layer, RunContext, Shape
 from .layers.loss import CrossEntropyLoss, MSELoss
+from .modes import DEFAULT_MEMORY_MODE, MEMORY_MODES
 from .order import ExecOrder, Life, assign, num_steps, touches
 from .planner import PLANNERS, Plan, Usage, aligned, lower_bound
 from .pool import Arena
 from .spec import LayerSpec, ModelError, ModelSpec
 from .swap import SwapItem, SwapWindow
 
-MODES = ("naive", "planned", "swap")
+MODES = tuple(MEMORY_MODES)  # naive, planned, swap: described in modes.py
 
 
 @dataclass
@@ -467,7 +468,7 @@ def compile(  # noqa: A001  (the graph's one verb)
     batch: int,
     *,
     training: bool = True,
-    mode: str = "planned",
+    mode: str = DEFAULT_MEMORY_MODE,
     lookahead: int = 2,
     micro_batch: int = 1,
     optimizer_slots: int = 0,

@@ -20,6 +20,7 @@ from . import rss
 from .budget import Choice, choose, parse_size
 from .graph import Compiled, init_weights, output_size
 from .graph import compile as compile_graph
+from .modes import DEFAULT_MEMORY_MODE
 from .optim import Optimizer, learning_rate
 from .spec import ModelSpec
 from .swap import Swapper, swap_schedule
@@ -82,7 +83,7 @@ class Trainer:
         self,
         spec: ModelSpec,
         *,
-        memory: str = "planned",
+        memory: str = DEFAULT_MEMORY_MODE,
         memory_budget: str | int | None = None,
         lookahead: int = 2,
         micro_batch: int = 1,
