@@ -615,17 +615,17 @@ def test_addition_of_different_shapes_is_a_model_error() -> None:
 
 
 def test_reading_an_ini_loads_no_trainer_and_no_numba() -> None:
-    """The server reads model files; that must not cost numba's start-up or the trainer."""
+    """The server reads model files (and a device checks its data) without numba's start-up or the trainer."""
     mods = modules_after(
         "import fedpers.nn.ini as ini, fedpers.models as models\n"
-        "from fedpers.nn import ModelSpec, load_ini\n"
+        "from fedpers.nn import DataError, ModelSpec, WeightError, load_ini\n"
         "spec = ini.load_ini(models.path('digits_cnn.ini'))\n"
         "assert isinstance(spec, ModelSpec) and load_ini is ini.load_ini\n"
         "assert [l.type for l in spec.layers][:2] == ['input', 'conv2d']"
     )
     assert "fedpers.nn.spec" in mods  # the probe ran what it claims
     assert "numba" not in mods
-    light = {"fedpers.nn.ini", "fedpers.nn.spec", "fedpers.nn.layers"}  # the last: only its KINDS table
+    light = {"fedpers.nn.ini", "fedpers.nn.spec", "fedpers.nn.errors", "fedpers.nn.layers"}  # layers: its KINDS only
     loaded = {m for m in mods if m.startswith("fedpers.nn.")} - light
     assert loaded == set(), f"reading an INI file imported {sorted(loaded)}"
 

@@ -13,11 +13,12 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from . import rss
     from .budget import BudgetError, parse_size
+    from .errors import DataError, WeightError
     from .graph import WeightSpec, compile, init_weights, output_size, weight_specs
     from .ini import load_ini, parse_ini, save_ini, to_ini
     from .modes import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
     from .spec import LayerSpec, ModelError, ModelSpec, OptimizerSpec, SchedulerSpec
-    from .trainer import DataError, EvalResult, FitResult, MemoryReport, Trainer, WeightError, warmup
+    from .trainer import EvalResult, FitResult, MemoryReport, Trainer, warmup
 
 # public name -> the module of this package that defines it ("rss" is the module itself)
 _HOMES: dict[str, str] = {
@@ -28,8 +29,9 @@ _HOMES: dict[str, str] = {
     "load_ini": "ini", "parse_ini": "ini", "save_ini": "ini", "to_ini": "ini",
     "DEFAULT_MEMORY_MODE": "modes", "MEMORY_MODES": "modes", "memory_modes_help": "modes",
     "LayerSpec": "spec", "ModelError": "spec", "ModelSpec": "spec", "OptimizerSpec": "spec", "SchedulerSpec": "spec",
-    "DataError": "trainer", "EvalResult": "trainer", "FitResult": "trainer", "MemoryReport": "trainer",
-    "Trainer": "trainer", "WeightError": "trainer", "warmup": "trainer",
+    "DataError": "errors", "WeightError": "errors",
+    "EvalResult": "trainer", "FitResult": "trainer", "MemoryReport": "trainer", "Trainer": "trainer",
+    "warmup": "trainer",
 }  # fmt: skip
 
 __all__ = [

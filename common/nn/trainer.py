@@ -18,6 +18,7 @@ import numpy as np
 from ..store import atomic_write_bytes
 from . import rss
 from .budget import Choice, choose, parse_size
+from .errors import DataError, WeightError
 from .graph import Compiled, init_weights, output_size
 from .graph import compile as compile_graph
 from .modes import DEFAULT_MEMORY_MODE
@@ -25,18 +26,11 @@ from .optim import Optimizer, learning_rate
 from .spec import ModelSpec
 from .swap import Swapper, swap_schedule
 
+__all__ = ["DataError", "EvalResult", "FitResult", "MemoryReport", "Trainer", "WeightError", "warmup"]
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float, float], None]  # step, total steps, running loss, running accuracy
-
-
-class WeightError(ValueError):
-    """Weights given to a model do not match it (names or shapes); the message names them."""
-
-
-class DataError(ValueError):
-    """Data is missing, unreadable or does not fit the model (keys, shape, dtype, labels); the
-    message names the file or array and what is wrong."""
 
 
 @dataclass
