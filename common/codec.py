@@ -5,8 +5,9 @@ A codec name is `<base>[:<param>][+<compressor>]`, e.g. "fp32", "fp16", "int8", 
 count), so decoding a payload of the wrong codec or the wrong shape is an error, never silent garbage.
 
   fp32, fp16   raw values (fp16 refuses values beyond its range)
-  int8/4/2     per-chunk (256) scale max|x| / L, L = 127 / 7 / 1; stochastic rounding from a
-               counter-based RNG seeded by the caller (device, round, tensor): unbiased, |error| < scale
+  int8/4/2     per-chunk scale max|x| / L over QUANT_CHUNK = 256 values, L = 127 / 7 / 1 (the entry's
+               .chunk and .levels); stochastic rounding from fedpers.rng's counter-based stream
+               seeded by the caller (device, round, tensor): unbiased, |error| < scale
   topk:F       the ceil(F * n) largest |x| as float32 values + LEB128 index gaps
 
 Error feedback: the lossy-on-purpose codecs (int4, int2, top-k) return what they did not send as
@@ -23,16 +24,20 @@ import struct
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 import zstandard
-from numba import njit
 
 __all__ = [
     "CODECS",
     "COMPRESSORS",
     "CodecError",
     "CodecSpec",
+    "Compressor",
+    "codec_choices",
+    "codec_help",
     "decode",
     "derive_seed",
     "encode",
@@ -41,7 +46,7 @@ __all__ = [
 
 MAGIC = b"FPD1"
 _HEADER = struct.Struct("<4sBQ")  # magic, kind, element count
-INT8_CHUNK = 256  # elements sharing one int8 scale
+QUANT_CHUNK = 256  # elements sharing one scale in int8 / int4 / int2 payloads (each payload records it)
 _FP16_MAX = 65504.0
 
 
@@ -64,152 +69,15 @@ class CodecSpec:
 
 
 # ---------------------------------------------------------------------------------------------
-# numba kernels
-
-
-@njit(cache=True, nogil=True)
-def _uniform01(seed: np.uint64, i: np.int64) -> np.float64:
-    """Counter-based uniform in [0, 1): splitmix64 of (seed, i). No global RNG state."""
-    z = seed + np.uint64(i + 1) * np.uint64(0x9E3779B97F4A7C15)
-    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> np.uint64(31))
-    return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
-
-
-@njit("float32(float32[::1], int64, int64, float64)", cache=True, nogil=True)
-def _chunk_scale(x, lo, hi, levels):
-    """absmax of x[lo:hi] / levels: the step that maps the chunk onto [-levels, levels]."""
-    amax = 0.0
-    for i in range(lo, hi):
-        a = abs(np.float64(x[i]))
-        if a > amax:
-            amax = a
-    return np.float32(amax / levels)
-
-
-@njit("void(float32[::1], int64, uint64, int8[::1], float32[::1])", cache=True, nogil=True)
-def _int8_quantize(x, chunk, seed, q, scales):
-    """Per-chunk absmax scale; q = floor(x / scale + u), u ~ U[0, 1): unbiased, |error| < scale."""
-    n = x.shape[0]
-    nchunks = scales.shape[0]
-    for c in range(nchunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        scale = _chunk_scale(x, lo, hi, 127.0)
-        scales[c] = scale
-        if scale == 0.0:
-            for i in range(lo, hi):
-                q[i] = 0
-            continue
-        inv = 1.0 / np.float64(scale)
-        for i in range(lo, hi):
-            v = math.floor(np.float64(x[i]) * inv + _uniform01(seed, i))
-            if v > 127.0:
-                v = 127.0
-            elif v < -127.0:
-                v = -127.0
-            q[i] = np.int8(v)
-
-
-@njit("void(int8[::1], float32[::1], int64, float32[::1])", cache=True, nogil=True)
-def _int8_dequantize(q, scales, chunk, out):
-    n = q.shape[0]
-    for i in range(n):
-        out[i] = np.float32(q[i]) * scales[i // chunk]
-
-
-@njit("void(float32[::1], int64, int64, int64, uint64, uint8[::1], float32[::1])", cache=True, nogil=True)
-def _packed_quantize(x, chunk, bits, levels, seed, packed, scales):
-    """Low-bit version of _int8_quantize: q in [-levels, levels] stored as q + levels in `bits` bits,
-    8 // bits values per byte, lowest bits first."""
-    n = x.shape[0]
-    vpb = 8 // bits
-    for j in range(packed.shape[0]):
-        packed[j] = 0
-    for c in range(scales.shape[0]):
-        lo = c * chunk
-        hi = min(lo + chunk, n)
-        scale = _chunk_scale(x, lo, hi, levels)
-        scales[c] = scale
-        inv = 1.0 / np.float64(scale) if scale != 0.0 else 0.0
-        for i in range(lo, hi):
-            v = math.floor(np.float64(x[i]) * inv + _uniform01(seed, i)) if scale != 0.0 else 0.0
-            if v > levels:
-                v = levels
-            elif v < -levels:
-                v = -levels
-            code = np.int64(v) + levels
-            packed[i // vpb] |= np.uint8(code << ((i % vpb) * bits))
-
-
-@njit("int64(uint8[::1], float32[::1], int64, int64, int64, float32[::1])", cache=True, nogil=True)
-def _packed_dequantize(packed, scales, chunk, bits, levels, out):
-    """Inverse of _packed_quantize; returns -1 on a code above 2 * levels or non-zero padding bits."""
-    n = out.shape[0]
-    vpb = 8 // bits
-    mask = (1 << bits) - 1
-    for i in range(packed.shape[0] * vpb):
-        code = (np.int64(packed[i // vpb]) >> ((i % vpb) * bits)) & mask
-        if i >= n:
-            if code != 0:
-                return -1
-            continue
-        if code > 2 * levels:
-            return -1
-        out[i] = np.float32(code - levels) * scales[i // chunk]
-    return 0
-
-
-@njit("int64(int64[::1], uint8[::1])", cache=True, nogil=True)
-def _varint_gaps_encode(idx, out):
-    """Sorted indices -> LEB128 varints of their gaps (first gap from 0) in `out`; returns bytes used."""
-    pos = 0
-    prev = np.int64(0)
-    for j in range(idx.shape[0]):
-        g = np.uint64(idx[j] - prev)
-        prev = idx[j]
-        while g >= np.uint64(0x80):
-            out[pos] = np.uint8((g & np.uint64(0x7F)) | np.uint64(0x80))
-            g >>= np.uint64(7)
-            pos += 1
-        out[pos] = np.uint8(g)
-        pos += 1
-    return pos
-
-
-@njit("int64(uint8[::1], int64, int64[::1])", cache=True, nogil=True)
-def _varint_gaps_decode(buf, n, idx):
-    """LEB128 gaps -> indices in `idx`. Returns 0, or -1 if the stream is malformed, does not hold
-    exactly len(idx) varints, or the indices are not strictly increasing and below n."""
-    pos = 0
-    size = buf.shape[0]
-    cur = np.int64(-1)
-    for j in range(idx.shape[0]):
-        g = np.uint64(0)
-        shift = np.uint64(0)
-        while True:
-            if pos >= size or shift > np.uint64(56):
-                return -1
-            b = np.uint64(buf[pos])
-            pos += 1
-            g |= (b & np.uint64(0x7F)) << shift
-            if b < np.uint64(0x80):
-                break
-            shift += np.uint64(7)
-        if g >= np.uint64(n) or (j > 0 and g == np.uint64(0)):
-            return -1
-        cur = np.int64(g) if j == 0 else cur + np.int64(g)
-        if cur >= n:
-            return -1
-        idx[j] = cur
-    if pos != size:
-        return -1
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------
 # base codecs: encode(flat float32, param, seed) -> body; decode(body, n, param) -> flat float32
+
+
+def _kernels() -> ModuleType:
+    """The numba kernels (fedpers.codec_kernels), imported -- compiled or loaded from numba's cache --
+    on the first encode or decode, so that codec names and help import light."""
+    from . import codec_kernels
+
+    return codec_kernels
 
 
 def _check_finite(x: np.ndarray, what: str) -> None:
@@ -239,77 +107,90 @@ def _dec_fp16(body: memoryview, n: int, param: float | None) -> np.ndarray:
     return np.frombuffer(body, dtype="<f2").astype(np.float32)
 
 
-def _enc_int8(x: np.ndarray, param: float | None, seed: int) -> bytes:
-    n = x.size
-    nchunks = -(-n // INT8_CHUNK)
-    q = np.empty(n, np.int8)
-    scales = np.empty(nchunks, np.float32)
-    _int8_quantize(x, INT8_CHUNK, np.uint64(seed), q, scales)
-    return struct.pack("<I", INT8_CHUNK) + scales.astype("<f4").tobytes() + q.tobytes()
+@dataclass(frozen=True)
+class _Base:
+    """One base codec: its payload kind byte, encoder and decoder, and what a caller may rely on."""
+
+    kind: int
+    encode: Callable[[np.ndarray, float | None, int], bytes]
+    decode: Callable[[memoryview, int, float | None], np.ndarray]
+    error_feedback: bool  # returns a residual to carry into the next round
+    help: str  # one line for CLIs (codec_choices)
+    needs_param: bool = False  # named '<base>:F' with a fraction F
+    chunk: int | None = None  # quantizers: elements sharing one scale
+    levels: int | None = None  # quantizers: codes span [-levels, levels]; scale = chunk absmax / levels
 
 
-def _dec_int8(body: memoryview, n: int, param: float | None) -> np.ndarray:
+def _levels(bits: int) -> int:
+    """Codes of a `bits`-bit quantizer span [-levels, levels]: 127, 7, 1 for 8, 4, 2 bits."""
+    return (1 << (bits - 1)) - 1
+
+
+def _check_chunked(name: str, body: memoryview, n: int, data_bytes: Callable[[int], int]) -> tuple[int, np.ndarray]:
+    """The chunk size and float32 scales of a quantized payload, after checking its length."""
     if len(body) < 4:
-        raise CodecError("int8 payload is too short for its chunk size")
+        raise CodecError(f"{name} payload is too short for its chunk size")
     (chunk,) = struct.unpack_from("<I", body, 0)
     if chunk <= 0:
-        raise CodecError(f"int8 payload has a bad chunk size {chunk}")
+        raise CodecError(f"{name} payload has a bad chunk size {chunk}")
     nchunks = -(-n // chunk)
-    expected = 4 + 4 * nchunks + n
+    expected = 4 + 4 * nchunks + data_bytes(n)
     if len(body) != expected:
-        raise CodecError(f"int8 payload has {len(body)} bytes, expected {expected}")
+        raise CodecError(f"{name} payload has {len(body)} bytes, expected {expected}")
     scales = np.frombuffer(body, dtype="<f4", count=nchunks, offset=4).astype(np.float32)
     if not np.isfinite(scales).all() or (scales < 0).any():
-        raise CodecError("int8 payload has non-finite or negative scales")
-    q = np.frombuffer(body, dtype=np.int8, count=n, offset=4 + 4 * nchunks).copy()
-    if (q == -128).any():
-        raise CodecError("int8 payload has the out-of-range value -128")
-    out = np.empty(n, np.float32)
-    _int8_dequantize(q, scales, chunk, out)
-    return out
+        raise CodecError(f"{name} payload has non-finite or negative scales")
+    return chunk, scales
 
 
-LOWBIT_CHUNK = 256
+def _int8(kind: int) -> _Base:
+    """int8: per-chunk scale absmax / 127, stochastic rounding, one byte per value."""
+    chunk, levels = QUANT_CHUNK, _levels(8)
+
+    def enc(x: np.ndarray, param: float | None, seed: int) -> bytes:
+        n = x.size
+        q = np.empty(n, np.int8)
+        scales = np.empty(-(-n // chunk), np.float32)
+        _kernels().int8_quantize(x, chunk, float(levels), np.uint64(seed), q, scales)
+        return struct.pack("<I", chunk) + scales.astype("<f4").tobytes() + q.tobytes()
+
+    def dec(body: memoryview, n: int, param: float | None) -> np.ndarray:
+        got_chunk, scales = _check_chunked("int8", body, n, lambda n: n)
+        q = np.frombuffer(body, dtype=np.int8, count=n, offset=4 + 4 * len(scales)).copy()
+        if (q < -levels).any():
+            raise CodecError(f"int8 payload has the out-of-range value {-levels - 1}")
+        out = np.empty(n, np.float32)
+        _kernels().int8_dequantize(q, scales, got_chunk, out)
+        return out
+
+    text = f"8-bit codes, a float32 scale per {chunk} values, stochastic rounding"
+    return _Base(kind, enc, dec, error_feedback=False, help=text, chunk=chunk, levels=levels)
 
 
-def _lowbit(bits: int) -> tuple[Callable, Callable]:
-    """intB codecs (B = 4 or 2): per-chunk scale amax / (2^(B-1) - 1), stochastic rounding, packed."""
-    levels = (1 << (bits - 1)) - 1
+def _lowbit(kind: int, bits: int) -> _Base:
+    """intB codecs (B = 4 or 2): per-chunk scale absmax / (2^(B-1) - 1), stochastic rounding, packed."""
+    chunk, levels = QUANT_CHUNK, _levels(bits)
+    name = f"int{bits}"
     vpb = 8 // bits
 
     def enc(x: np.ndarray, param: float | None, seed: int) -> bytes:
         n = x.size
-        scales = np.empty(-(-n // LOWBIT_CHUNK), np.float32)
+        scales = np.empty(-(-n // chunk), np.float32)
         packed = np.empty(-(-n // vpb), np.uint8)
-        _packed_quantize(x, LOWBIT_CHUNK, bits, levels, np.uint64(seed), packed, scales)
-        return struct.pack("<I", LOWBIT_CHUNK) + scales.astype("<f4").tobytes() + packed.tobytes()
+        _kernels().packed_quantize(x, chunk, bits, levels, np.uint64(seed), packed, scales)
+        return struct.pack("<I", chunk) + scales.astype("<f4").tobytes() + packed.tobytes()
 
     def dec(body: memoryview, n: int, param: float | None) -> np.ndarray:
-        name = f"int{bits}"
-        if len(body) < 4:
-            raise CodecError(f"{name} payload is too short for its chunk size")
-        (chunk,) = struct.unpack_from("<I", body, 0)
-        if chunk <= 0:
-            raise CodecError(f"{name} payload has a bad chunk size {chunk}")
-        nchunks = -(-n // chunk)
-        nbytes = -(-n // vpb)
-        expected = 4 + 4 * nchunks + nbytes
-        if len(body) != expected:
-            raise CodecError(f"{name} payload has {len(body)} bytes, expected {expected}")
-        scales = np.frombuffer(body, dtype="<f4", count=nchunks, offset=4).astype(np.float32)
-        if not np.isfinite(scales).all() or (scales < 0).any():
-            raise CodecError(f"{name} payload has non-finite or negative scales")
-        packed = np.frombuffer(body, dtype=np.uint8, count=nbytes, offset=4 + 4 * nchunks).copy()
+        got_chunk, scales = _check_chunked(name, body, n, lambda n: -(-n // vpb))
+        packed = np.frombuffer(body, dtype=np.uint8, count=-(-n // vpb), offset=4 + 4 * len(scales)).copy()
         out = np.empty(n, np.float32)
-        if _packed_dequantize(packed, scales, chunk, bits, levels, out) != 0:
+        if _kernels().packed_dequantize(packed, scales, got_chunk, bits, levels, out) != 0:
             raise CodecError(f"{name} payload has out-of-range codes or non-zero padding")
         return out
 
-    return enc, dec
-
-
-_enc_int4, _dec_int4 = _lowbit(4)
-_enc_int2, _dec_int2 = _lowbit(2)
+    text = (f"{bits}-bit codes in -{levels}..{levels}, {vpb} per byte, a scale per {chunk} values, stochastic "
+            "rounding; error feedback")
+    return _Base(kind, enc, dec, error_feedback=True, help=text, chunk=chunk, levels=levels)
 
 
 _TOPK_HEADER = struct.Struct("<Q")  # k; then k float32 values, then k LEB128 index gaps
@@ -330,7 +211,7 @@ def _enc_topk(x: np.ndarray, param: float | None, seed: int) -> bytes:
         idx = np.argpartition(np.abs(x), n - k)[n - k :].astype(np.int64)
         idx.sort()
     gaps = np.empty(10 * k, np.uint8)
-    used = _varint_gaps_encode(idx, gaps)
+    used = _kernels().varint_gaps_encode(idx, gaps)
     return _TOPK_HEADER.pack(k) + x[idx].astype("<f4").tobytes() + gaps[:used].tobytes()
 
 
@@ -346,7 +227,7 @@ def _dec_topk(body: memoryview, n: int, param: float | None) -> np.ndarray:
     vals = np.frombuffer(body, dtype="<f4", count=k, offset=off).astype(np.float32)
     gaps = np.frombuffer(body, dtype=np.uint8, offset=off + 4 * k).copy()
     idx = np.empty(k, np.int64)
-    if _varint_gaps_decode(gaps, n, idx) != 0:
+    if _kernels().varint_gaps_decode(gaps, n, idx) != 0:
         raise CodecError("topk payload has malformed indices: truncated, trailing bytes, out of range "
                          "or not strictly increasing")
     out = np.zeros(n, np.float32)
@@ -354,22 +235,15 @@ def _dec_topk(body: memoryview, n: int, param: float | None) -> np.ndarray:
     return out
 
 
-@dataclass(frozen=True)
-class _Base:
-    kind: int
-    encode: Callable[[np.ndarray, float | None, int], bytes]
-    decode: Callable[[memoryview, int, float | None], np.ndarray]
-    error_feedback: bool  # returns a residual to carry into the next round
-    needs_param: bool = False
-
-
 CODECS: dict[str, _Base] = {
-    "fp32": _Base(1, _enc_fp32, _dec_fp32, error_feedback=False),
-    "fp16": _Base(2, _enc_fp16, _dec_fp16, error_feedback=False),
-    "int8": _Base(3, _enc_int8, _dec_int8, error_feedback=False),
-    "topk": _Base(4, _enc_topk, _dec_topk, error_feedback=True, needs_param=True),
-    "int4": _Base(5, _enc_int4, _dec_int4, error_feedback=True),
-    "int2": _Base(6, _enc_int2, _dec_int2, error_feedback=True),
+    "fp32": _Base(1, _enc_fp32, _dec_fp32, error_feedback=False, help="float32 values, lossless"),
+    "fp16": _Base(2, _enc_fp16, _dec_fp16, error_feedback=False,
+                  help=f"float16 values (refuses |value| > {_FP16_MAX:g})"),
+    "int8": _int8(3),
+    "int4": _lowbit(5, 4),
+    "int2": _lowbit(6, 2),
+    "topk": _Base(4, _enc_topk, _dec_topk, error_feedback=True, needs_param=True,
+                  help="the fraction F (0 < F <= 1) of largest |values| with their index gaps; error feedback"),
 }
 
 
@@ -406,9 +280,17 @@ def _zlib_decompress(data: bytes, limit: int) -> bytes:
         raise CodecError(f"zlib payload is corrupted: {exc}") from exc
 
 
-COMPRESSORS: dict[str, tuple[Callable[[bytes], bytes], Callable[[bytes, int], bytes]]] = {
-    "zstd": (_zstd_compress, _zstd_decompress),
-    "zlib": (_zlib_compress, _zlib_decompress),
+class Compressor(NamedTuple):
+    """A lossless stage on top of any payload, named by a '+<name>' suffix."""
+
+    compress: Callable[[bytes], bytes]
+    decompress: Callable[[bytes, int], bytes]  # (data, size limit) -> payload; CodecError if corrupted
+    help: str  # one line for CLIs (codec_choices)
+
+
+COMPRESSORS: dict[str, Compressor] = {
+    "zstd": Compressor(_zstd_compress, _zstd_decompress, "then compress the payload with zstd (level 9)"),
+    "zlib": Compressor(_zlib_compress, _zlib_decompress, "then compress the payload with zlib (level 9)"),
 }
 
 
@@ -436,6 +318,23 @@ def parse_codec(name: str) -> CodecSpec:
     elif colon:
         raise CodecError(f"codec {base!r} takes no parameter, got {name!r}")
     return CodecSpec(base, param, compressor or None)
+
+
+def codec_choices() -> dict[str, str]:
+    """Every form a codec name takes, with one line of help each, in the order to list them: the base
+    codecs ('topk:F' for the one that takes a fraction), then the '+zstd' / '+zlib' suffixes."""
+    out = {f"{name}:F" if base.needs_param else name: base.help for name, base in CODECS.items()}
+    out.update({f"+{name}": c.help for name, c in COMPRESSORS.items()})
+    return out
+
+
+def codec_help(default: str | None = None) -> str:
+    """One line for a --codec help: 'fp32 | fp16 | ... | topk:F, optionally +zstd or +zlib (default fp32)'."""
+    forms = list(codec_choices())
+    bases = [f for f in forms if not f.startswith("+")]
+    suffixes = [f for f in forms if f.startswith("+")]
+    text = " | ".join(bases) + ", optionally " + " or ".join(suffixes)
+    return text if default is None else f"{text} (default {default})"
 
 
 def derive_seed(*parts: object) -> int:
@@ -469,7 +368,7 @@ def encode(
         sent = base.decode(memoryview(body), x.size, spec.param)
         new_residual = (x - sent).reshape(np.shape(delta))
     if spec.compressor is not None:
-        payload = COMPRESSORS[spec.compressor][0](payload)
+        payload = COMPRESSORS[spec.compressor].compress(payload)
     return payload, new_residual
 
 
@@ -483,7 +382,7 @@ def decode(codec: str | CodecSpec, payload: bytes, shape: tuple[int, ...] | list
     n = math.prod(shape)
     data = bytes(payload) if not isinstance(payload, bytes) else payload
     if spec.compressor is not None:
-        data = COMPRESSORS[spec.compressor][1](data, _max_payload(n))
+        data = COMPRESSORS[spec.compressor].decompress(data, _max_payload(n))
     if len(data) < _HEADER.size:
         raise CodecError(f"payload has {len(data)} bytes, shorter than the {_HEADER.size}-byte header")
     magic, kind, count = _HEADER.unpack_from(data, 0)

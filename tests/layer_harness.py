@@ -86,8 +86,8 @@ class LayerRun:
         rng = np.random.default_rng(seed)
 
         run = RunContext()
-        run.batch = shapes[0][0]
-        run.state["rng"] = np.random.default_rng([seed, 7])
+        if layer.State is not None:
+            run.state = layer.State(np.random.default_rng([seed, 7]))
         run.inputs = [np.full(s, np.nan, dt) for s in shapes]
         can_alias = alias and (ctx.view or ctx.inplace) and len(shapes) == 1
         can_alias = can_alias and int(np.prod(out_shape)) == int(np.prod(shapes[0]))
@@ -109,6 +109,7 @@ class LayerRun:
             run.tensors.append(arr)
             buffers.append(Buffer(f"scratch {r.name}", arr, life))
         run.dout_ = np.full(out_shape, np.nan, dt) if not _is_loss(layer) else None
+        run.douts = [] if run.dout_ is None else [run.dout_]
         deriv_alias = can_alias and (ctx.view or ctx.deriv_inplace) and run.dout_ is not None
         run.dins = []
         for i, s in enumerate(shapes):

@@ -10,6 +10,8 @@ import zstandard
 from fedpers import codec
 from fedpers.codec import CODECS, CodecError, decode, encode, parse_codec
 
+from tests.probes import modules_after
+
 NAMES = ["fp32", "fp16", "int8", "int4", "int2", "topk:0.05", "topk:0.3", "topk:1"]
 ALL = NAMES + [n + "+zstd" for n in NAMES] + ["int8+zlib", "topk:0.01+zlib"]
 SHAPES = [(0,), (1,), (7,), (3, 5), (255,), (257,), (4, 3, 3, 3), (2000,)]
@@ -23,17 +25,41 @@ def _delta(shape, seed=0):
     return x
 
 
-def _int8_scales(x: np.ndarray, levels: int = 127) -> np.ndarray:
-    """Each element's quantization step: its chunk's max |x| / levels (chunks of 256)."""
-    flat = x.reshape(-1).astype(np.float64)
+QUANTIZERS = ("int8", "int4", "int2")
+
+
+def _steps(x: np.ndarray, base: str) -> np.ndarray:
+    """Each element's quantization step under codec `base`, computed as the codec states it from its
+    own constants: the float32 max |x| / levels of its chunk of `chunk` elements."""
+    entry = CODECS[base]
+    flat = x.reshape(-1)
     out = np.empty(flat.size)
-    for lo in range(0, flat.size, codec.INT8_CHUNK):
-        hi = min(lo + codec.INT8_CHUNK, flat.size)
-        out[lo:hi] = np.abs(flat[lo:hi]).max() / levels
+    for lo in range(0, flat.size, entry.chunk):
+        chunk = flat[lo : lo + entry.chunk].astype(np.float64)
+        out[lo : lo + entry.chunk] = np.float32(np.abs(chunk).max() / entry.levels)
     return out.reshape(x.shape)
 
 
-LEVELS = {"int8": 127, "int4": 7, "int2": 1}
+def _within_a_step(y: np.ndarray, x: np.ndarray, base: str) -> np.ndarray:
+    """The stated bound |y - x| < step, plus the float32 rounding of y = q * step itself."""
+    err = np.abs(y.astype(np.float64) - x.astype(np.float64))
+    step = _steps(x, base)
+    return (err < step + np.abs(y) * 2.0**-24) | ((err == 0) & (step == 0))
+
+
+def test_quantizer_constants_are_what_the_payload_says():
+    """chunk and levels are each codec's own: the payload records the chunk, codes span +-levels."""
+    assert {b: (CODECS[b].chunk, CODECS[b].levels) for b in QUANTIZERS} == {
+        "int8": (codec.QUANT_CHUNK, 127), "int4": (codec.QUANT_CHUNK, 7), "int2": (codec.QUANT_CHUNK, 1)}
+    x = _delta((3 * codec.QUANT_CHUNK + 5,))
+    for base in QUANTIZERS:
+        payload, _ = encode(base, x, None, rng_seed=1)
+        (chunk,) = struct.unpack_from("<I", payload, codec._HEADER.size)
+        assert chunk == CODECS[base].chunk
+        y = decode(base, payload, x.shape)
+        for lo in range(0, x.size, chunk):
+            codes = np.round(y[lo : lo + chunk] / _steps(x, base)[lo]).astype(int)
+            assert np.abs(codes).max() == CODECS[base].levels  # the chunk max maps onto the top code
 
 
 def test_registry_names_parse():
@@ -64,12 +90,12 @@ def test_round_trip_within_stated_bound(name, shape):
         np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-7)
         assert residual is None
     elif base == "int8":
-        assert (np.abs(y - x) <= _int8_scales(x) * (1 + 1e-6) + 1e-12).all()
+        assert _within_a_step(y, x, base).all()
         assert residual is None
     elif base in ("int4", "int2"):
-        step = _int8_scales(x, LEVELS[base])
-        assert (np.abs(y - x) <= step * (1 + 1e-6) + 1e-12).all()
-        assert len(np.unique(y.reshape(-1)[:256])) <= 2 * LEVELS[base] + 1
+        assert _within_a_step(y, x, base).all()
+        entry = CODECS[base]
+        assert len(np.unique(y.reshape(-1)[: entry.chunk])) <= 2 * entry.levels + 1
         # error feedback: sent + carried = input (up to float32 rounding of the subtraction)
         assert residual is not None and residual.shape == shape
         np.testing.assert_allclose(y + residual, x, rtol=0, atol=1e-7)
@@ -92,19 +118,19 @@ def test_encoding_is_deterministic_in_its_seed():
     assert a == b and a != c
 
 
-@pytest.mark.parametrize("name", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("name", QUANTIZERS)
 def test_stochastic_rounding_is_unbiased(name):
     x = _delta((512,), seed=3)
     mean = np.mean([decode(name, encode(name, x, None, rng_seed=s)[0], x.shape) for s in range(400)], axis=0)
-    scales = _int8_scales(x, LEVELS[name])
-    # each sample has |error| < scale; the mean of 400 independent ones is within a few scale/sqrt(400)
-    assert (np.abs(mean - x) <= 0.25 * scales + 1e-12).all()
+    steps = _steps(x, name)
+    # each sample has |error| < step; the mean of 400 independent ones is within a few step/sqrt(400)
+    assert (np.abs(mean - x) <= 0.25 * steps + 1e-12).all()
 
 
 def test_int8_error_bound_on_extreme_values():
     x = np.array([3.0e4, -3.0e4, 1e-30, 0.0, 1.0, -1.0] * 100, np.float32)
     y = decode("int8", encode("int8", x, None, rng_seed=5)[0], x.shape)
-    assert (np.abs(y - x) <= _int8_scales(x) * (1 + 1e-6)).all()
+    assert _within_a_step(y, x, "int8").all()
     assert y[0] == pytest.approx(3.0e4, rel=1e-6)  # the chunk max is exact
 
 
@@ -287,3 +313,25 @@ def test_derive_seed_is_stable_and_distinct():
     assert codec.derive_seed(3, 7, "fc.weight") == codec.derive_seed(3, 7, "fc.weight")
     assert len({codec.derive_seed(d, r) for d in range(20) for r in range(20)}) == 400
     assert 0 <= codec.derive_seed("x") < 2**64
+
+
+def test_codec_names_load_no_numba_until_the_first_encode():
+    """CLIs parse and list codec names at start-up; only encoding or decoding loads the kernels."""
+    light = modules_after("import fedpers.codec as c\nassert c.parse_codec('topk:0.1+zstd').base == 'topk'")
+    assert "fedpers.codec" in light and not {"numba", "fedpers.codec_kernels"} & light
+    used = modules_after("import numpy as np, fedpers.codec as c\nc.encode('int4', np.ones(9, np.float32))")
+    assert {"numba", "fedpers.codec_kernels", "fedpers.rng"} <= used
+
+
+def test_codec_choices_list_every_form_and_each_one_parses():
+    """What CLIs show for --codec: every base codec and compressor, and each listed form is accepted."""
+    choices = codec.codec_choices()
+    assert list(choices) == ["fp32", "fp16", "int8", "int4", "int2", "topk:F", "+zstd", "+zlib"]
+    assert all(text and "\n" not in text for text in choices.values())
+    for form in choices:
+        name = form.replace(":F", ":0.05") if not form.startswith("+") else "int8" + form
+        assert parse_codec(name).name == name
+    assert {parse_codec(f.replace(":F", ":0.5")).base for f in choices if not f.startswith("+")} == set(CODECS)
+    assert {f[1:] for f in choices if f.startswith("+")} == set(codec.COMPRESSORS)
+    expected = "fp32 | fp16 | int8 | int4 | int2 | topk:F, optionally +zstd or +zlib"
+    assert codec.codec_help() == expected and codec.codec_help("fp32") == expected + " (default fp32)"

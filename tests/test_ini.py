@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from dataclasses import replace
+from dataclasses import fields, replace
 from importlib import resources
 from pathlib import Path
 
@@ -20,6 +20,8 @@ from fedpers.nn.spec import (
     OptimizerSpec,
     SchedulerSpec,
 )
+
+from tests.probes import modules_after
 
 MODELS = Path(__file__).resolve().parent.parent / "common" / "models"
 SHIPPED = sorted(p.name for p in MODELS.glob("*.ini"))
@@ -354,6 +356,27 @@ def test_shipped_model_round_trips(name: str, tmp_path: Path) -> None:
     assert spec.layers[-1].activation == "softmax" and spec.layers[-1].unit == 10
 
 
+def test_save_ini_failing_midway_keeps_the_old_file_and_leaves_no_temp(tmp_path: Path, monkeypatch) -> None:
+    """A write that dies before the rename (here: fsync fails) leaves the previous file whole."""
+    import os
+
+    target = tmp_path / "model.ini"
+    old = load_ini(MODELS / "mlp.ini")
+    save_ini(old, target)
+    before = target.read_bytes()
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="No space"):
+        save_ini(replace(old, epochs=99), target)
+    monkeypatch.undo()
+    assert target.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["model.ini"]
+    save_ini(replace(old, epochs=99), target)
+    assert load_ini(target).epochs == 99 and [p.name for p in tmp_path.iterdir()] == ["model.ini"]
+
+
 def test_shipped_models_are_package_data() -> None:
     names = {p.name for p in resources.files("fedpers").joinpath("models").iterdir() if p.name.endswith(".ini")}
     assert {
@@ -586,3 +609,32 @@ def test_addition_of_different_shapes_is_a_model_error() -> None:
         "[out]\nType = fully_connected\nUnit = 2\nActivation = softmax\n"
     )
     assert err.section == "sum"
+
+
+# ------------------------------------------------------------------------------------------ light imports
+
+
+def test_reading_an_ini_loads_no_trainer_and_no_numba() -> None:
+    """The server reads model files (and a device checks its data) without numba's start-up or the trainer."""
+    mods = modules_after(
+        "import fedpers.nn.ini as ini, fedpers.models as models\n"
+        "from fedpers.nn import DataError, ModelSpec, WeightError, load_ini\n"
+        "spec = ini.load_ini(models.path('digits_cnn.ini'))\n"
+        "assert isinstance(spec, ModelSpec) and load_ini is ini.load_ini\n"
+        "assert [l.type for l in spec.layers][:2] == ['input', 'conv2d']"
+    )
+    assert "fedpers.nn.spec" in mods  # the probe ran what it claims
+    assert "numba" not in mods
+    light = {"fedpers.nn.ini", "fedpers.nn.spec", "fedpers.nn.errors", "fedpers.nn.layers"}  # layers: its KINDS only
+    loaded = {m for m in mods if m.startswith("fedpers.nn.")} - light
+    assert loaded == set(), f"reading an INI file imported {sorted(loaded)}"
+
+
+def test_layer_keys_come_from_the_kinds_table() -> None:
+    """One table: spec's keys and the LAYERS registry list the same kinds; every key is a LayerSpec field."""
+    from fedpers.nn.layers import KINDS, LAYERS
+
+    assert list(LAYER_KEYS) == list(KINDS) == list(LAYERS)
+    spec_fields = {f.name for f in fields(LayerSpec)}
+    for kind, keys in LAYER_KEYS.items():
+        assert keys == KINDS[kind].keys and keys <= spec_fields, kind

@@ -11,12 +11,13 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from fedpers.nn.layers import activation, batch_normalization, conv2d, dropout, pooling2d
-from fedpers.nn.layers.conv2d import output_size, resolve_padding
+from fedpers import rng as counter_rng
+from fedpers.nn.layers import activation, batch_normalization, conv2d, dropout, kernels, pooling2d, window
+from fedpers.nn.layers.window import output_size, resolve_padding
 from numba.core.registry import CPUDispatcher
 from numpy.lib.stride_tricks import sliding_window_view
 
-MODULES = (conv2d, pooling2d, batch_normalization, dropout, activation)
+MODULES = (kernels, window, conv2d, pooling2d, batch_normalization, dropout, activation, counter_rng)
 DTYPES = (np.float32, np.float64)
 
 # (N, C, H, W, F, kh, kw, stride, padding)
@@ -119,7 +120,7 @@ def check_add_bias(dtype, rng):
     out = rng.standard_normal((2, 4, 7)).astype(dtype)
     b = rng.standard_normal(4).astype(dtype)
     ref = out + b[None, :, None]
-    conv2d.add_bias(out, b)
+    kernels.add_bias(out, b)
     np.testing.assert_allclose(out, ref, **tol(dtype))
 
 
@@ -370,7 +371,19 @@ def splitmix64_reference(z: int) -> int:
 
 def check_splitmix64(dtype, rng):
     for z in (0, 1, 12345, 2**63 + 17, 2**64 - 1):
-        assert int(dropout.splitmix64(np.uint64(z))) == splitmix64_reference(z)
+        assert int(counter_rng.splitmix64(np.uint64(z))) == splitmix64_reference(z)
+
+
+def check_counter_stream(dtype, rng):
+    """Draw i of the stream at key: splitmix64(key + (i + 1) * golden), mod 2^64; uniform01 its top 53 bits."""
+    mask = (1 << 64) - 1
+    for key in (0, 7, 2**64 - 1):
+        for i in (0, 1, 1000, 2**40):
+            z = splitmix64_reference((key + (i + 1) * 0x9E3779B97F4A7C15) & mask)
+            assert int(counter_rng.counter_hash(np.uint64(key), i)) == z
+            assert counter_rng.uniform01(np.uint64(key), i) == (z >> 11) / 2.0**53
+    u = np.array([counter_rng.uniform01(np.uint64(3), i) for i in range(20000)])
+    assert u.min() >= 0.0 and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.01
 
 
 def check_dropout(dtype, rng):
@@ -442,6 +455,8 @@ KERNEL_CHECKS: dict[str, Callable[[type, np.random.Generator], None]] = {
     "bn_train_backward": check_bn_train_backward,
     "bn_frozen_backward": check_bn_frozen_backward,
     "splitmix64": check_splitmix64,
+    "counter_hash": check_counter_stream,
+    "uniform01": check_counter_stream,
     "dropout_forward": check_dropout,
     "dropout_backward": check_dropout,
     **{

@@ -83,22 +83,22 @@ def set_running_stats(lr: LayerRun) -> None:
 
 def fixed_rng(lr: LayerRun) -> None:
     """Same dropout mask on every forward: reseed the layer's generator."""
-    lr.run.state["rng"] = np.random.default_rng(1234)
+    lr.run.state.rng = np.random.default_rng(1234)
 
 
 def cross_entropy_case() -> Case:
     labels = np.array([0, 3, 1, 3], dtype=np.int64)
 
     def setup(lr: LayerRun) -> None:
-        lr.run.state["batch_y"] = labels
-        lr.run.state["scale"] = 1.0 / len(labels)
+        lr.run.feed.y = labels
+        lr.run.feed.scale = 1.0 / len(labels)
 
     return Case(
         "loss_cross",
         lambda: CrossEntropyLoss(LayerSpec("loss", "flatten")),
         [(4, 5)],
         setup=setup,
-        objective=lambda lr, out: lr.run.state["loss_sum"] * lr.run.state["scale"],
+        objective=lambda lr, out: lr.run.feed.loss_sum * lr.run.feed.scale,
     )
 
 
@@ -106,15 +106,15 @@ def mse_case() -> Case:
     target = np.random.default_rng(9).standard_normal((4, 3))
 
     def setup(lr: LayerRun) -> None:
-        lr.run.state["batch_y"] = target
-        lr.run.state["scale"] = 1.0 / 4
+        lr.run.feed.y = target
+        lr.run.feed.scale = 1.0 / 4
 
     return Case(
         "loss_mse",
         lambda: MSELoss(LayerSpec("loss", "flatten")),
         [(4, 3)],
         setup=setup,
-        objective=lambda lr, out: lr.run.state["loss_sum"] * lr.run.state["scale"],
+        objective=lambda lr, out: lr.run.feed.loss_sum * lr.run.feed.scale,
     )
 
 
@@ -187,6 +187,26 @@ def test_every_layer_kind_has_a_gradient_case() -> None:
     """Adding a layer kind without a gradient check fails here (input has no gradient to check)."""
     covered = {c.make().kind for c in CASES}
     assert set(LAYERS) - {"input"} <= covered, sorted(set(LAYERS) - covered)
+
+
+def test_each_kind_module_registers_exactly_its_kind() -> None:
+    """LAYERS[kind] imports the module KINDS names, which registers that kind and no other."""
+    from fedpers.nn.layers import KINDS, base, import_all
+
+    import_all()
+    assert set(base._CLASSES) == set(KINDS)
+    for kind, entry in KINDS.items():
+        cls = LAYERS[kind]
+        assert cls.kind == kind and cls.__module__ == f"fedpers.nn.layers.{entry.module}"
+
+
+def test_register_refuses_a_kind_missing_from_the_table() -> None:
+    from fedpers.nn.layers import register
+
+    with pytest.raises(TypeError, match="'bogus' is not in"):
+        register(type("Bogus", (Layer,), {"kind": "bogus"}))
+    with pytest.raises(KeyError):
+        LAYERS["bogus"]
 
 
 def test_frozen_layers_get_no_gradient_and_skip_calc_gradient() -> None:
@@ -295,7 +315,7 @@ def test_dropout_scales_kept_units_and_is_identity_in_eval() -> None:
 def test_dropout_masks_repeat_for_the_same_generator_seed() -> None:
     def masks(seed: int) -> np.ndarray:
         lr = LayerRun.build(LAYERS["dropout"](LayerSpec("d", "dropout", dropout_rate=0.5)), [(8, 8)])
-        lr.run.state["rng"] = np.random.default_rng(seed)
+        lr.run.state.rng = np.random.default_rng(seed)
         return np.stack([lr.forward(np.ones((8, 8))) != 0 for _ in range(3)])
 
     np.testing.assert_array_equal(masks(5), masks(5))

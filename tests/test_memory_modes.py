@@ -10,6 +10,7 @@ import pytest
 from fedpers.nn import BudgetError, Trainer, compile
 
 from tests import nets
+from tests.probes import modules_after, open_files_under
 
 
 def data_for(spec, n=40, seed=0):
@@ -98,29 +99,34 @@ def test_frozen_prefix_saves_no_activation_or_gradient():
             assert max(t.touches) < n_fwd, t.name
 
 
-def test_swap_moves_bytes_and_leaves_no_file(tmp_path):
+def test_swap_moves_bytes_through_one_file_closed_after_fit(tmp_path):
     spec = nets.cnn(batch_norm=False)
     x, y = data_for(spec)
     t = Trainer(spec, memory="swap", lookahead=1, swap_dir=str(tmp_path), seed=0)
-    t.fit(x, y, epochs=1, batch_size=8, shuffle=False)
+    held: list[list[str]] = []
+    t.fit(x, y, epochs=1, batch_size=8, shuffle=False, progress=lambda *_: held.append(open_files_under(tmp_path)))
     rep = t.memory_report()
     assert rep.swap_out_bytes > 0 and rep.swap_in_bytes == rep.swap_out_bytes
-    assert list(tmp_path.iterdir()) == []
+    assert held and all(len(h) == 1 for h in held)  # one swap file, open for the whole fit
+    assert open_files_under(tmp_path) == []
 
 
 def test_swap_file_gone_after_an_exception_mid_epoch(tmp_path):
     spec = nets.mlp()
     x, y = data_for(spec)
     t = Trainer(spec, memory="swap", lookahead=1, swap_dir=str(tmp_path), seed=0)
+    held: list[list[str]] = []
 
     def boom(step, total, loss, acc):
         assert list(tmp_path.iterdir()) == []  # unlinked while still in use
+        held.append(open_files_under(tmp_path))
         if step == 2:
             raise RuntimeError("stop here")
 
     with pytest.raises(RuntimeError, match="stop here"):
         t.fit(x, y, epochs=1, batch_size=8, progress=boom)
-    assert list(tmp_path.iterdir()) == []
+    assert len(held) == 2 and all(len(h) == 1 and h[0].endswith("(deleted)") for h in held)
+    assert open_files_under(tmp_path) == []  # the exception still closed the swap file
 
 
 def test_swap_file_gone_after_sigint(tmp_path):
@@ -132,17 +138,20 @@ def test_swap_file_gone_after_sigint(tmp_path):
         spec = nets.mlp()
         x = np.random.default_rng(0).standard_normal((4000, 1, 1, 12)).astype(np.float32)
         y = np.random.default_rng(1).integers(0, 4, 4000)
+        from tests.probes import modules_after, open_files_under
         t = Trainer(spec, memory="swap", lookahead=1, swap_dir={str(tmp_path)!r})
         def progress(step, total, loss, acc):
             if step == 5:
-                print("training", flush=True)
+                print("training, swap files open:", len(open_files_under({str(tmp_path)!r})), flush=True)
                 os.kill(os.getpid(), signal.SIGINT)
-        t.fit(x, y, epochs=50, batch_size=8, progress=progress)
+        try:
+            t.fit(x, y, epochs=50, batch_size=8, progress=progress)
+        finally:
+            print("interrupted, swap files open:", len(open_files_under({str(tmp_path)!r})), flush=True)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert "training" in proc.stdout
     assert proc.returncode != 0 and "KeyboardInterrupt" in proc.stderr
-    assert list(tmp_path.iterdir()) == []
+    assert proc.stdout.splitlines() == ["training, swap files open: 1", "interrupted, swap files open: 0"]
 
 
 def test_budget_picks_the_fastest_mode_that_fits():
@@ -170,3 +179,19 @@ def test_budget_below_the_minimum_names_the_smallest_and_trains_nothing():
     ok = Trainer(spec, memory_budget=smallest)
     ok.fit(x, y, epochs=1, batch_size=8)
     assert ok.memory_report().arena_bytes <= smallest
+
+
+def test_memory_modes_registry_is_what_compile_accepts():
+    """MEMORY_MODES (for CLI choices and help) names exactly the modes compile runs; it imports light."""
+    from fedpers.nn import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
+
+    spec = nets.mlp()
+    assert list(MEMORY_MODES) == ["naive", "planned", "swap"] and DEFAULT_MEMORY_MODE in MEMORY_MODES
+    for mode in MEMORY_MODES:
+        assert compile(spec, 8, mode=mode, allocate=False).mode == mode
+    with pytest.raises(ValueError, match="naive"):
+        compile(spec, 8, mode="paged", allocate=False)
+    text = memory_modes_help()
+    assert all(f"{m}: {d}" in text for m, d in MEMORY_MODES.items()) and text.count("(default)") == 1
+    mods = modules_after("from fedpers.nn import MEMORY_MODES, memory_modes_help\nassert memory_modes_help()")
+    assert "fedpers.nn.modes" in mods and not {"numba", "numpy", "fedpers.nn.graph"} & mods

@@ -10,10 +10,7 @@ from tests import nets
 
 def loss_and_grads(spec, weights, x, y):
     c = compile(spec, len(x), mode="naive", dtype=np.float64, weights=weights)
-    for i in c.input_node_indices():
-        c.contexts[i]["forward"].state.update(batch_x=x, batch_idx=None)
-    state = c.contexts[-1]["forward"].state
-    state.update(batch_y=y, scale=1.0 / len(x))
+    c.feed.x, c.feed.idx, c.feed.y, c.feed.scale = x, None, y, 1.0 / len(x)
     for ni, node in enumerate(c.nodes):
         node.layer.forward(c.contexts[ni]["forward"], True)
     grads = {}
@@ -26,7 +23,7 @@ def loss_and_grads(spec, weights, x, y):
                     grads[f"{node.spec_name}.{w.name}"] = g.copy()
         if node.backprop:
             node.layer.calc_derivative(ctxs["calc_deriv"])
-    return state["loss_sum"] / len(x), grads
+    return c.feed.loss_sum / len(x), grads
 
 
 def check(spec, x, y, samples=6, eps=1e-6, rtol=1e-4):

@@ -160,9 +160,9 @@ def _prepare(name: str, alias: bool) -> LayerRun:
     if lr.run.dout_ is not None:
         lr.run.dout_[...] = rng.standard_normal(lr.run.dout_.shape)
     if lr.layer.kind == "loss_cross":
-        lr.run.state.update(batch_y=rng.integers(0, shapes[0][1], shapes[0][0]), scale=1.0 / shapes[0][0])
+        lr.run.feed.y, lr.run.feed.scale = rng.integers(0, shapes[0][1], shapes[0][0]), 1.0 / shapes[0][0]
     elif lr.layer.kind == "loss_mse":
-        lr.run.state.update(batch_y=rng.standard_normal(shapes[0]).astype(np.float32), scale=1.0 / shapes[0][0])
+        lr.run.feed.y, lr.run.feed.scale = rng.standard_normal(shapes[0]).astype(np.float32), 1.0 / shapes[0][0]
     return lr
 
 

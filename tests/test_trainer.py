@@ -5,9 +5,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedpers.nn import DataError, Trainer, WeightError, load_ini
+from fedpers.nn import DataError, LayerSpec, ModelSpec, Trainer, WeightError, load_ini
+from fedpers.nn.layers.dropout import DropoutState
 
 from tests import nets
+from tests.probes import modules_after, open_files_under
 
 MODELS = Path(__file__).resolve().parent.parent / "common" / "models"
 
@@ -96,6 +98,53 @@ def digits_file(digits, tmp_path_factory):
     return path
 
 
+def _dropout_net() -> ModelSpec:
+    return ModelSpec(
+        layers=(
+            LayerSpec("in", "input", input_shape=(1, 1, 12)),
+            LayerSpec("fc", "fully_connected", unit=16, activation="relu"),
+            LayerSpec("drop", "dropout", dropout_rate=0.3),
+            LayerSpec("out", "fully_connected", unit=4),
+        ),
+        batch_size=8,
+    )
+
+
+def test_run_records_are_typed_shared_and_reused():
+    """One Feed per compiled graph (every context holds the same object, fit reuses it); a node's
+    LayerState is shared by its steps; a misspelled field is an AttributeError, not a new key."""
+    t = Trainer(_dropout_net(), seed=0)
+    c = t.compile(8)
+    assert {id(run.feed) for per in c.contexts for run in per.values()} == {id(c.feed)}
+    with pytest.raises(AttributeError):
+        c.feed.batch_x = np.zeros(3)  # the old string key
+    di = next(i for i, n in enumerate(c.nodes) if n.layer.kind == "dropout")
+    state = c.contexts[di]["forward"].state
+    assert isinstance(state, DropoutState) and state is c.contexts[di]["calc_deriv"].state
+    with pytest.raises(AttributeError):
+        state.actve = True
+    assert all(per["forward"].state is None for n, per in zip(c.nodes, c.contexts, strict=True) if n is not c.nodes[di])
+    feed = c.feed
+    x = np.random.default_rng(0).standard_normal((32, 1, 1, 12)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 4, 32)
+    t.fit(x, y, epochs=1, batch_size=8)
+    assert t.compile(8).feed is feed and feed.y.shape == (8,) and feed.loss_sum > 0
+    assert state.active  # the last training forward applied a mask
+
+
+def test_a_model_imports_only_the_layer_modules_it_uses():
+    """Training an all-fully_connected model loads no conv, pooling, batch-norm or dropout kernels."""
+    mods = modules_after(
+        "import numpy as np, fedpers.models as models\n"
+        "from fedpers.nn import Trainer, load_ini\n"
+        "t = Trainer(load_ini(models.path('mlp.ini')))\n"
+        "t.fit(np.zeros((4, 1, 1, 784), np.float32), np.zeros(4, np.int64), epochs=1, batch_size=2)"
+    )
+    assert {"fedpers.nn.trainer", "fedpers.nn.layers.fully_connected", "numba"} <= mods
+    unused = {f"fedpers.nn.layers.{m}" for m in ("conv2d", "pooling2d", "batch_normalization", "dropout", "addition")}
+    assert not unused & mods, sorted(unused & mods)
+
+
 def test_cli_train_json(digits_file, tmp_path):
     out = tmp_path / "w.npz"
     proc = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(digits_file), "--epochs", "2",
@@ -155,7 +204,7 @@ def test_cli_train_saves_to_the_models_save_path(digits_file, tmp_path):
     assert [p.name for p in target.parent.iterdir()] == ["trained.npz"]  # no temp file left behind
 
 
-def test_cli_train_ctrl_c_exits_130_and_leaves_no_swap_file(digits_file, tmp_path):
+def test_cli_train_ctrl_c_exits_130_with_its_swap_file_already_unlinked(digits_file, tmp_path):
     import signal
     import time
 
@@ -171,12 +220,14 @@ def test_cli_train_ctrl_c_exits_130_and_leaves_no_swap_file(digits_file, tmp_pat
             if "training plan: memory=swap" in line or time.monotonic() > deadline:
                 break
         time.sleep(0.5)  # inside the epoch loop by now
+        # while training: one swap file open, already unlinked (so no exit path can leave it behind)
+        held = open_files_under(swap, proc.pid)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 130 and "interrupted" in err
-    assert list(swap.iterdir()) == []
+    assert len(held) == 1 and held[0].endswith("(deleted)"), held
 
 
 def test_cli_train_init_weights_names_what_is_missing_or_misshaped(digits_file, tmp_path):

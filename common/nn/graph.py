@@ -11,17 +11,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import layers as _layers  # noqa: F401  (fills LAYERS)
 from .init import initialize
-from .layers.activation import Activation
-from .layers.base import LAYERS, InitContext, Layer, RunContext, Shape
+from .layers.base import LAYERS, Feed, InitContext, Layer, RunContext, Shape
 from .layers.loss import CrossEntropyLoss, MSELoss
+from .modes import DEFAULT_MEMORY_MODE, MEMORY_MODES
 from .order import ExecOrder, Life, assign, num_steps, touches
 from .planner import PLANNERS, Plan, Usage, aligned, lower_bound
 from .pool import Arena
 from .spec import LayerSpec, ModelError, ModelSpec
+from .swap import SwapItem, SwapWindow
 
-MODES = ("naive", "planned", "swap")
+MODES = tuple(MEMORY_MODES)  # naive, planned, swap: described in modes.py
 
 
 @dataclass
@@ -76,10 +76,11 @@ class Group:
     touches: set[int]
     pinned: bool
     segments: list[Segment] = field(default_factory=list)
+    window: SwapWindow | None = None  # swap mode: when the buffer is out of the arena
 
     @property
     def swapped(self) -> bool:
-        return len(self.segments) == 2
+        return self.window is not None
 
 
 @dataclass
@@ -109,18 +110,17 @@ class Compiled:
     micro_batch: int
     views: dict[str, np.ndarray]  # weights / stats / optimizer state / accumulated grads by name
     contexts: list[dict[str, RunContext]]  # per node: "forward", "calc_grad", "calc_deriv"
+    feed: Feed  # the current batch, shared by every context: the trainer writes it before each step
     weight_owner: dict[str, int]  # weight name -> node index
     opt_names: dict[str, list[str]]  # trainable weight -> its optimizer state tensors
     naive_bytes: int
     lower_bound_bytes: int
     grad_acc: dict[str, str] = field(default_factory=dict)  # gradient -> its accumulator (micro-batching)
+    swap_items: list[SwapItem] = field(default_factory=list)  # what the swapper writes out / reads back, when
 
     @property
     def loss_node(self) -> Node:
         return self.nodes[-1]
-
-    def input_node_indices(self) -> list[int]:
-        return [i for i, n in enumerate(self.nodes) if n.layer.kind == "input"]
 
     def bytes_of(self, role: str) -> int:
         return sum(t.nbytes for t in self.tensors if t.role == role and not t.external)
@@ -147,7 +147,7 @@ class MultiOut(Layer):
         din = run.din()
         if din is None:
             return
-        douts = run.state["douts"]
+        douts = run.douts
         np.add(douts[0], douts[1], out=din)
         for d in douts[2:]:
             din += d
@@ -166,11 +166,11 @@ def _expand(spec: ModelSpec) -> list[Node]:
         nodes.append(Node(ls.name, LAYERS[ls.type](ls), ls.name, producers))
         if ls.type != "activation" and ls.activation not in (None, "none"):
             act = LayerSpec(f"{ls.name}_act", "activation", activation=ls.activation, trainable=ls.trainable)
-            nodes.append(Node(f"{ls.name}/{ls.activation}", Activation(act), ls.name, [(len(nodes) - 1, 0)]))
+            nodes.append(Node(f"{ls.name}/{ls.activation}", LAYERS["activation"](act), ls.name, [(len(nodes) - 1, 0)]))
         out_of[ls.name] = len(nodes) - 1
     last = nodes[-1]
     if spec.loss == "cross":
-        if isinstance(last.layer, Activation):
+        if last.layer.kind == "activation":
             fn = last.layer.spec.activation
             if fn == "softmax":
                 nodes.pop()
@@ -431,7 +431,8 @@ def _groups(tab: _Table, nodes: list[Node], share: bool) -> tuple[list[Group], l
 
 def _lifespans(groups: list[Group], mode: str, n_forward: int, steps: int, lookahead: int) -> None:
     """Segments per group. Naive: everything lives the whole iteration. Swap: a group idle between its
-    last forward use and its first backward use is out of memory in between."""
+    last forward use and its first backward use is out of memory in between; its window says when
+    (the one place the swap timing is decided)."""
     for g in groups:
         whole = mode == "naive" or g.pinned
         first, last = (0, steps - 1) if whole else (min(g.touches), max(g.touches))
@@ -440,10 +441,26 @@ def _lifespans(groups: list[Group], mode: str, n_forward: int, steps: int, looka
             fwd = [t for t in g.touches if t < n_forward]
             bwd = [t for t in g.touches if t >= n_forward]
             if fwd and bwd:
-                out_end = max(fwd) + 1  # the write-out overlaps the next step
-                in_start = min(bwd) - lookahead  # read back `lookahead` steps ahead of use
-                if in_start > out_end + 1:
-                    g.segments = [Segment(first, out_end), Segment(in_start, last)]
+                w = SwapWindow(
+                    last_forward=max(fwd),
+                    free_at=max(fwd) + 2,  # the write-out runs during the next step; its bytes are reused after
+                    load_at=min(bwd) - lookahead,  # read back `lookahead` steps ahead of use
+                    first_backward=min(bwd),
+                )
+                if w.load_at > w.free_at:
+                    g.window = w
+                    g.segments = [Segment(first, w.free_at - 1), Segment(w.load_at, last)]
+
+
+def _swap_items(groups: list[Group]) -> list[SwapItem]:
+    """One item per swapped group, with its planned offsets and its place in the swap file."""
+    items, file_offset = [], 0
+    for g in groups:
+        if g.window is not None:
+            out_seg, in_seg = g.segments
+            items.append(SwapItem(g.nbytes, out_seg.offset, in_seg.offset, file_offset, *g.window))
+            file_offset += g.nbytes
+    return items
 
 
 def compile(  # noqa: A001  (the graph's one verb)
@@ -451,7 +468,7 @@ def compile(  # noqa: A001  (the graph's one verb)
     batch: int,
     *,
     training: bool = True,
-    mode: str = "planned",
+    mode: str = DEFAULT_MEMORY_MODE,
     lookahead: int = 2,
     micro_batch: int = 1,
     optimizer_slots: int = 0,
@@ -490,10 +507,12 @@ def compile(  # noqa: A001  (the graph's one verb)
     compiled = Compiled(
         spec=spec, batch=batch, training=training, mode=mode, nodes=nodes, tensors=tab.tensors, groups=groups,
         plan=plan, arena=Arena.from_plan(usages, plan) if allocate else None, steps=steps, lookahead=lookahead,
-        micro_batch=micro_batch, views={}, contexts=[], weight_owner=tab.weight_owner, opt_names=tab.opt_names,
+        micro_batch=micro_batch, views={}, contexts=[], feed=Feed(), weight_owner=tab.weight_owner,
+        opt_names=tab.opt_names,
         naive_bytes=sum(aligned(t.nbytes) for t in tab.tensors if not t.external),
         lower_bound_bytes=lower_bound(usages),
         grad_acc={tab.tensors[g].name: tab.tensors[a].name for g, a in tab.grad_acc.items()},
+        swap_items=_swap_items(groups),
     )
     if allocate:
         init = weights if weights is not None else ({} if external else init_weights(spec, seed))
@@ -532,7 +551,8 @@ def _bind(c: Compiled, tab: _Table, aliased: list[bool], external: Mapping[str, 
 
     nodes = c.nodes
     for ni, n in enumerate(nodes):
-        state: dict = {"rng": np.random.default_rng([seed, ni, 7])}
+        make_state = n.layer.State
+        state = make_state(np.random.default_rng([seed, ni, 7])) if make_state is not None else None
         per_step: dict[str, RunContext] = {}
         for kind, step in (("forward", n.order.forward), ("calc_grad", n.order.calc_grad),
                            ("calc_deriv", n.order.calc_deriv)):
@@ -543,12 +563,11 @@ def _bind(c: Compiled, tab: _Table, aliased: list[bool], external: Mapping[str, 
             run.grads = [view(g, step) for g in tab.grads[ni]]
             run.tensors = [view(s, step) for s in tab.scratch[ni]]
             run.dins = [view(tab.douts[p][s], step) if tab.douts[p] else None for p, s in n.producers]
-            run.dout_ = view(tab.douts[ni][0], step) if tab.douts[ni] else None
-            run.batch = c.batch // c.micro_batch
+            run.douts = [view(d, step) for d in tab.douts[ni]]
+            run.dout_ = run.douts[0] if run.douts else None
             run.aliased = aliased[ni]
+            run.feed = c.feed
             run.state = state
-            if isinstance(n.layer, MultiOut) and tab.douts[ni]:
-                state["douts"] = [view(d, step) for d in tab.douts[ni]]
             per_step[kind] = run
         c.contexts.append(per_step)
 

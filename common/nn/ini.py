@@ -522,11 +522,8 @@ def to_ini(spec: ModelSpec) -> str:
 
 
 def save_ini(spec: ModelSpec, path: str | os.PathLike[str]) -> None:
-    """Write `spec` to `path` (through a temporary file and a rename, so a reader never sees half a file)."""
-    text = to_ini(spec)
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `spec` to `path` atomically (store.atomic_write_bytes: temp file, fsync, rename): a reader
+    or a crash sees the old file or the new one, never half of one, and no temp file is left."""
+    from ..store import atomic_write_bytes  # here, not at the top: reading INI files stays numpy-free
+
+    atomic_write_bytes(path, to_ini(spec).encode("utf-8"))

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from .layers import KINDS
+
 LOSSES = ("cross", "mse")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("constant", "exponential", "step")
@@ -15,20 +17,9 @@ ACTIVATIONS = ("relu", "sigmoid", "tanh", "softmax", "none")
 INITIALIZERS = ("xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "zeros", "ones")
 POOLINGS = ("max", "average", "global_max", "global_average")
 
-# Which LayerSpec fields each layer type accepts (besides name, type, input_layers, trainable, personal).
-LAYER_KEYS: dict[str, frozenset[str]] = {
-    "input": frozenset({"input_shape"}),
-    "fully_connected": frozenset({"unit", "activation", "weight_initializer", "bias_initializer"}),
-    "conv2d": frozenset(
-        {"filters", "kernel_size", "stride", "padding", "activation", "weight_initializer", "bias_initializer"}
-    ),
-    "pooling2d": frozenset({"pool_size", "stride", "padding", "pooling"}),
-    "flatten": frozenset(),
-    "activation": frozenset({"activation"}),
-    "batch_normalization": frozenset({"epsilon", "momentum", "activation"}),
-    "dropout": frozenset({"dropout_rate"}),
-    "addition": frozenset({"activation"}),
-}
+# Which LayerSpec fields each layer type accepts (besides name, type, input_layers, trainable, personal):
+# read from the one table of layer kinds, which also names each kind's module (imported only when used).
+LAYER_KEYS: dict[str, frozenset[str]] = {kind: k.keys for kind, k in KINDS.items()}
 COMMON_KEYS = frozenset({"input_layers", "trainable", "personal"})
 
 

@@ -1,7 +1,7 @@
 """Proactive swapping of saved activations, in three parts (as NNTrainer splits it):
 
 - SwapFile: positional reads and writes of arena bytes to one file (os.pwrite / os.preadv);
-- swap_schedule: a pure function from the compiled buffer segments to per-step events;
+- swap_schedule: a pure function from the swap items graph.compile built to per-step events;
 - Swapper: one background thread that executes the events in order while the trainer computes.
 
 The file is unlinked as soon as it is opened, so it disappears on normal exit, on an exception,
@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -60,9 +61,19 @@ class SwapFile:
             self.fd = -1
 
 
+class SwapWindow(NamedTuple):
+    """The steps around one buffer's time out of the arena (graph._lifespans decides them)."""
+
+    last_forward: int  # write it out after this step
+    free_at: int  # the forward segment's bytes are reused from this step on
+    load_at: int  # read it back before this step
+    first_backward: int  # it must be back before this step
+
+
 @dataclass(frozen=True)
 class SwapItem:
-    """One swapped buffer: where it lives before and after, and where in the file."""
+    """One swapped buffer: where it lives before and after, where in the file, and its window's
+    steps (the same four fields as a SwapWindow). graph.compile builds them; tests may by hand."""
 
     nbytes: int
     out_offset: int  # arena offset of the forward segment

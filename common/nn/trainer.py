@@ -18,24 +18,19 @@ import numpy as np
 from ..store import atomic_write_bytes
 from . import rss
 from .budget import Choice, choose, parse_size
+from .errors import DataError, WeightError
 from .graph import Compiled, init_weights, output_size
 from .graph import compile as compile_graph
+from .modes import DEFAULT_MEMORY_MODE
 from .optim import Optimizer, learning_rate
 from .spec import ModelSpec
-from .swap import SwapItem, Swapper, swap_schedule
+from .swap import Swapper, swap_schedule
+
+__all__ = ["DataError", "EvalResult", "FitResult", "MemoryReport", "Trainer", "WeightError", "warmup"]
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, float, float], None]  # step, total steps, running loss, running accuracy
-
-
-class WeightError(ValueError):
-    """Weights given to a model do not match it (names or shapes); the message names them."""
-
-
-class DataError(ValueError):
-    """Data is missing, unreadable or does not fit the model (keys, shape, dtype, labels); the
-    message names the file or array and what is wrong."""
 
 
 @dataclass
@@ -82,7 +77,7 @@ class Trainer:
         self,
         spec: ModelSpec,
         *,
-        memory: str = "planned",
+        memory: str = DEFAULT_MEMORY_MODE,
         memory_budget: str | int | None = None,
         lookahead: int = 2,
         micro_batch: int = 1,
@@ -253,16 +248,10 @@ class Trainer:
         return FitResult(last["loss"], last["accuracy"], total, float(np.median(times)), history)
 
     def _start_swap(self, c: Compiled) -> Swapper | None:
-        items, file_off = [], 0
-        for g in c.groups:
-            if g.swapped:
-                a, b = g.segments
-                items.append(SwapItem(g.nbytes, a.offset, b.offset, file_off, a.last - 1, a.last + 1, b.first,
-                                      b.first + c.lookahead))
-                file_off += g.nbytes
-        if not items:
+        """A swapper running the compiled swap items, or None when nothing is swapped."""
+        if not c.swap_items:
             return None
-        return Swapper(swap_schedule(items), c.arena.buffer, self.swap_dir)
+        return Swapper(swap_schedule(c.swap_items), c.arena.buffer, self.swap_dir)
 
     def _stop_swap(self, swapper: Swapper | None) -> None:
         if swapper is not None:
@@ -276,14 +265,12 @@ class Trainer:
         m = c.micro_batch
         mb = len(idx) // m
         lr_now = learning_rate(lr or self.spec.optimizer.learning_rate, self.spec.scheduler, self._iteration)
-        loss_state = c.contexts[-1]["forward"].state
-        loss_state["scale"] = 1.0 / len(idx)
+        feed = c.feed
+        feed.x, feed.scale = x, 1.0 / len(idx)
         loss_sum, correct = 0.0, 0
         for k in range(m):
             sl = idx[k * mb : (k + 1) * mb]
-            for i in c.input_node_indices():
-                c.contexts[i]["forward"].state.update(batch_x=x, batch_idx=sl)
-            loss_state["batch_y"] = y[sl]
+            feed.idx, feed.y = sl, y[sl]
             if swapper is not None:
                 swapper.start_iteration()
             for ni, node in enumerate(c.nodes):
@@ -296,8 +283,8 @@ class Trainer:
                 self._backward_step(c, ni, swapper, apply=(k == m - 1), first_micro=(k == 0), lr=lr_now)
             if swapper is not None:
                 swapper.finish_iteration()
-            loss_sum += loss_state["loss_sum"]
-            correct += loss_state["correct"]
+            loss_sum += feed.loss_sum
+            correct += feed.correct
         self._iteration += 1
         return loss_sum, correct
 
@@ -342,17 +329,16 @@ class Trainer:
         for start in range(0, n, batch):
             stop = min(start + batch, n)
             c = self._inference(stop - start)
-            for i in c.input_node_indices():
-                c.contexts[i]["forward"].state.update(batch_x=x[start:stop], batch_idx=None)
-            loss_state = c.contexts[-1]["forward"].state
-            loss_state["batch_y"] = None if y is None else y[start:stop]
+            feed = c.feed
+            feed.x, feed.idx = x[start:stop], None
+            feed.y = None if y is None else y[start:stop]
             for ni, node in enumerate(c.nodes):
                 node.layer.forward(c.contexts[ni]["forward"], False)
             if collect is not None:
                 collect[start:stop] = c.contexts[-1]["forward"].out.reshape(stop - start, -1)
             if y is not None:
-                loss_sum += loss_state["loss_sum"]
-                correct += loss_state["correct"]
+                loss_sum += feed.loss_sum
+                correct += feed.correct
         return loss_sum, correct
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int | None = None) -> EvalResult:

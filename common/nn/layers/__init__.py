@@ -1,16 +1,66 @@
-"""Layer kinds by INI type name: importing this package fills LAYERS."""
+"""Layer kinds by INI type name.
 
-from . import (  # noqa: F401
-    activation,
-    addition,
-    batch_normalization,
-    conv2d,
-    dropout,
-    flatten,
-    fully_connected,
-    input,
-    pooling2d,
-)
-from .base import LAYERS, InitContext, Layer, RunContext, register
+KINDS is the one table of layer kinds: which LayerSpec keys each accepts (spec.LAYER_KEYS is read
+from it) and which module of this package implements it. Importing this package is light (no
+numpy, no numba): LAYERS[kind] imports a kind's module -- compiling or loading its numba kernels --
+the first time a model uses that kind. The contract's names (Layer, RunContext, ...) load
+`base` on first use.
+"""
 
-__all__ = ["LAYERS", "InitContext", "Layer", "RunContext", "register"]
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .base import LAYERS, Feed, InitContext, Layer, LayerState, RunContext, register
+
+
+@dataclass(frozen=True, slots=True)
+class LayerKind:
+    """One INI layer type: the module that registers its class, and the keys it accepts."""
+
+    module: str  # a module of this package
+    keys: frozenset[str]  # LayerSpec fields besides name, type and spec.COMMON_KEYS
+
+
+KINDS: dict[str, LayerKind] = {
+    "input": LayerKind("input", frozenset({"input_shape"})),
+    "fully_connected": LayerKind(
+        "fully_connected", frozenset({"unit", "activation", "weight_initializer", "bias_initializer"})
+    ),
+    "conv2d": LayerKind(
+        "conv2d",
+        frozenset(
+            {"filters", "kernel_size", "stride", "padding", "activation", "weight_initializer", "bias_initializer"}
+        ),
+    ),
+    "pooling2d": LayerKind("pooling2d", frozenset({"pool_size", "stride", "padding", "pooling"})),
+    "flatten": LayerKind("flatten", frozenset()),
+    "activation": LayerKind("activation", frozenset({"activation"})),
+    "batch_normalization": LayerKind("batch_normalization", frozenset({"epsilon", "momentum", "activation"})),
+    "dropout": LayerKind("dropout", frozenset({"dropout_rate"})),
+    "addition": LayerKind("addition", frozenset({"activation"})),
+}
+
+_FROM_BASE = frozenset({"LAYERS", "Feed", "InitContext", "Layer", "LayerState", "RunContext", "register"})
+
+__all__ = [
+    "KINDS", "LAYERS", "Feed", "InitContext", "Layer", "LayerKind", "LayerState", "RunContext", "import_all",
+    "register",
+]
+
+
+def import_all() -> list[str]:
+    """Import every kind's module (compiling its kernels into numba's cache); returns the module names.
+    For warming a cache ahead of time (an image build); models load only the kinds they use."""
+    return [importlib.import_module(f"{__name__}.{kind.module}").__name__ for kind in KINDS.values()]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_BASE:
+        from . import base
+
+        return getattr(base, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

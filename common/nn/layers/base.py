@@ -7,11 +7,15 @@ calc_gradient(run)                      writes run.grad(k) for its trainable wei
 calc_derivative(run)                    writes run.din(i) = dL/d input i from run.dout()
 
 Integer handles returned by request_* index into run.weight / run.grad / run.tensor.
+What crosses steps is typed, never a string-keyed bag: `run.feed` (the current batch, one `Feed`
+per compiled graph, written by the trainer) and `run.state` (a layer's own `LayerState` record,
+one per node, when its class names one in `State`). A misspelled field is an AttributeError.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -19,6 +23,7 @@ import numpy as np
 
 from ..order import Life
 from ..spec import LayerSpec, ModelError
+from . import KINDS
 
 Shape = tuple[int, ...]
 
@@ -73,10 +78,34 @@ class InitContext:
         return ModelError(self.layer_name, key, reason)
 
 
+@dataclass(slots=True)
+class Feed:
+    """The current (micro-)batch: one record per compiled graph, shared by reference by all its run
+    contexts and reused every step. The trainer writes x / idx / y / scale before a forward; the
+    loss layer's forward writes loss_sum / correct."""
+
+    x: np.ndarray | None = None  # the examples; input layers copy rows `idx` of it into the arena
+    idx: np.ndarray | None = None  # this (micro-)batch's rows of x; None: all of x
+    y: np.ndarray | None = None  # labels (cross) or targets (mse) of those rows; None: no loss (predict)
+    scale: float = 1.0  # 1 / examples in the whole batch (micro-batches of one batch share it)
+    loss_sum: float = 0.0  # summed loss over this (micro-)batch
+    correct: int = 0  # correct predictions in this (micro-)batch
+
+
+@dataclass(slots=True)
+class LayerState:
+    """Values one node keeps across its steps (e.g. forward -> calc-derivative), shared by the node's
+    run contexts. A layer that needs some subclasses this and names it in `Layer.State`; the graph
+    makes one per node with a generator seeded from (compile seed, node index)."""
+
+    rng: np.random.Generator
+
+
 class RunContext:
     """Views for one layer at one step. Built by the graph; resolved again when swapping moves a tensor."""
 
-    __slots__ = ("inputs", "out", "weights", "grads", "tensors", "dins", "dout_", "batch", "aliased", "state")
+    __slots__ = ("inputs", "out", "weights", "grads", "tensors", "dins", "dout_", "douts", "aliased", "feed",
+                 "state")
 
     def __init__(self) -> None:
         self.inputs: list[np.ndarray] = []
@@ -86,9 +115,10 @@ class RunContext:
         self.tensors: list[np.ndarray] = []
         self.dins: list[np.ndarray | None] = []
         self.dout_: np.ndarray | None = None
-        self.batch: int = 0
+        self.douts: list[np.ndarray] = []  # every derivative slot of the output (a split node has one per reader)
         self.aliased: bool = False  # output shares the input's buffer (in place or view)
-        self.state: dict = {}  # per-layer scalars that live across steps (e.g. the loss value)
+        self.feed: Feed = Feed()  # replaced by the graph's shared record
+        self.state: LayerState | None = None  # the node's own record, if its layer class names one
 
     def input(self, i: int = 0) -> np.ndarray:
         return self.inputs[i]
@@ -118,6 +148,7 @@ class Layer:
 
     kind: ClassVar[str] = ""
     has_weights: ClassVar[bool] = False
+    State: ClassVar[type[LayerState] | None] = None  # per-node record in run.state (None: no state)
 
     def __init__(self, spec: LayerSpec) -> None:
         self.spec = spec
@@ -136,13 +167,42 @@ class Layer:
         raise NotImplementedError
 
 
-LAYERS: dict[str, type[Layer]] = {}
+_CLASSES: dict[str, type[Layer]] = {}  # filled by @register as kind modules are imported
 
 
 def register(cls: type[Layer]) -> type[Layer]:
-    """Class decorator: make a layer available under its INI type name."""
-    LAYERS[cls.kind] = cls
+    """Class decorator: make a layer class the implementation of its INI type (a KINDS entry)."""
+    if cls.kind not in KINDS:
+        raise TypeError(f"{cls.__name__}: layer kind {cls.kind!r} is not in fedpers.nn.layers.KINDS")
+    _CLASSES[cls.kind] = cls
     return cls
+
+
+class _Registry(Mapping[str, "type[Layer]"]):
+    """INI type -> layer class. The keys are KINDS; a kind's module is imported on first lookup."""
+
+    def __getitem__(self, kind: str) -> type[Layer]:
+        cls = _CLASSES.get(kind)
+        if cls is None:
+            if kind not in KINDS:
+                raise KeyError(kind)
+            module = importlib.import_module(f"{__package__}.{KINDS[kind].module}")
+            cls = _CLASSES.get(kind)
+            if cls is None:
+                raise LookupError(f"{module.__name__} registers no layer of kind {kind!r}")
+        return cls
+
+    def __contains__(self, kind: object) -> bool:
+        return kind in KINDS
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(KINDS)
+
+    def __len__(self) -> int:
+        return len(KINDS)
+
+
+LAYERS: Mapping[str, type[Layer]] = _Registry()
 
 
 Initializer = Callable[[np.random.Generator, WeightRequest], np.ndarray]

@@ -18,7 +18,7 @@ from numba import njit
 
 from ..order import Life
 from .base import InitContext, Layer, RunContext, Shape, register
-from .conv2d import REDUCE, signatures
+from .kernels import REDUCE, signatures
 
 DEFAULT_MOMENTUM = 0.99
 DEFAULT_EPSILON = 1e-3

@@ -24,49 +24,13 @@ import numpy as np
 from numba import njit, uint64
 
 from ..order import Life
-from ..spec import Padding
 from .base import InitContext, Layer, RunContext, Shape, register
+from .kernels import REDUCE, add_bias, signatures
+from .window import column_range, output_size, resolve_padding
 
-DTYPES = ("float32", "float64")  # float32 is what runs; float64 serves the gradient checks
-REDUCE = {"reassoc", "nsz"}  # lets LLVM vectorize sums (order of additions may change); nothing else
 COL_TILE_BYTES = 1 << 20  # a tile takes as many samples as fit 1 MiB of columns...
 MIN_TILE_COLUMNS = 1024  # ...or enough for 1024 columns side by side (small-spatial layers)...
 COL_TILE_MAX_BYTES = 4 << 20  # ...but never more than 4 MiB of columns
-
-
-def signatures(template: str) -> list[str]:
-    """One explicit signature per dtype from a template with `{t}` for the float type."""
-    return [template.format(t=t) for t in DTYPES]
-
-
-def resolve_padding(
-    padding: Padding | None, size: tuple[int, int], kernel: tuple[int, int], stride: tuple[int, int]
-) -> tuple[int, int, int, int]:
-    """(top, bottom, left, right) zero padding; 'same' pads as Keras/NNTrainer (extra on bottom/right)."""
-    if padding is None or padding == "valid":
-        return (0, 0, 0, 0)
-    if padding == "same":
-        pads = []
-        for n, k, s in zip(size, kernel, stride, strict=True):
-            out = -(-n // s)
-            total = max((out - 1) * s + k - n, 0)
-            pads += [total // 2, total - total // 2]
-        return (pads[0], pads[1], pads[2], pads[3])
-    ph, pw = padding
-    return (ph, ph, pw, pw)
-
-
-def output_size(n: int, k: int, s: int, before: int, after: int) -> int:
-    return (n + before + after - k) // s + 1
-
-
-@njit("UniTuple(int64, 2)(int64, int64, int64, int64, int64)", cache=True, nogil=True)
-def column_range(kj, sw, pl, w, ow):
-    """Output columns j whose window column j*sw - pl + kj lies inside [0, w)."""
-    off = kj - pl
-    j0 = 0 if off >= 0 else min((-off + sw - 1) // sw, ow)
-    j1 = min((w - 1 - off) // sw + 1, ow) if w - 1 - off >= 0 else 0
-    return j0, max(j0, j1)
 
 
 @njit(
@@ -161,17 +125,6 @@ def unpack_tile(src, dst):
         for f in range(f_out):
             for j in range(p):
                 dst[t, f, j] = src[f, t * p + j]
-
-
-@njit(signatures("void({t}[:,:,::1], {t}[::1])"), cache=True, nogil=True)
-def add_bias(out, b):
-    """out (T, F, P) += b[None, :, None]."""
-    tile, f_out, p = out.shape
-    for t in range(tile):
-        for f in range(f_out):
-            v = b[f]
-            for j in range(p):
-                out[t, f, j] += v
 
 
 @njit(signatures("void({t}[:,:,::1], {t}[::1])"), cache=True, nogil=True, fastmath=REDUCE)

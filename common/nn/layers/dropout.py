@@ -2,32 +2,25 @@
 1 / (1 - rate); in evaluation the layer is the identity. Works in place (forward and derivative).
 
 The keep mask is a uint8 scratch (forward -> calc-derivative). Its random bits come from a
-counter-based hash (splitmix64 of seed + element index), with one seed per forward drawn from
-run.state["rng"] (the per-layer numpy Generator the graph seeds): reproducible, no allocation,
-and the same mask for the same seed whatever the thread.
+counter-based hash (fedpers.rng: splitmix64 of seed and element index), with one seed per forward
+drawn from run.state.rng (the node's numpy Generator, seeded by the graph): reproducible, no
+allocation, and the same mask for the same seed whatever the thread. run.state.active remembers
+whether the last forward applied a mask, for calc_derivative.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numba import njit, uint64
 
+from ...rng import GOLDEN, counter_hash
 from ..order import Life
-from .base import InitContext, Layer, RunContext, Shape, register
-from .conv2d import signatures
+from .base import InitContext, Layer, LayerState, RunContext, Shape, register
+from .kernels import signatures
 
-GOLDEN = 0x9E3779B97F4A7C15
-MIX1 = 0xBF58476D1CE4E5B9
-MIX2 = 0x94D049BB133111EB
 BITS = 24  # uniform draws of 24 bits: the rate is resolved to 1 / 16M
-
-
-@njit("uint64(uint64)", cache=True, nogil=True)
-def splitmix64(z):
-    """The splitmix64 finalizer: a well-mixed 64-bit hash of z."""
-    z = (z ^ (z >> uint64(30))) * uint64(MIX1)
-    z = (z ^ (z >> uint64(27))) * uint64(MIX2)
-    return z ^ (z >> uint64(31))
 
 
 @njit(signatures("void({t}[::1], {t}[::1], uint8[::1], float64, uint64)"), cache=True, nogil=True)
@@ -35,10 +28,9 @@ def dropout_forward(x, out, mask, rate, seed):
     """mask[i] = 1 with probability 1 - rate (from hash(seed, i)); out = x * mask / (1 - rate); out may alias x."""
     threshold = uint64(int(rate * (1 << BITS)))
     scale = 1.0 / (1.0 - rate)
-    base = seed * uint64(GOLDEN)
+    key = seed * uint64(GOLDEN)
     for i in range(x.size):
-        z = splitmix64(base + uint64(i + 1) * uint64(GOLDEN))
-        keep = (z >> uint64(64 - BITS)) >= threshold
+        keep = (counter_hash(key, i) >> uint64(64 - BITS)) >= threshold
         mask[i] = 1 if keep else 0
         out[i] = x[i] * scale if keep else 0.0
 
@@ -51,9 +43,15 @@ def dropout_backward(dy, mask, rate, dx):
         dx[i] = dy[i] * scale if mask[i] else 0.0
 
 
+@dataclass(slots=True)
+class DropoutState(LayerState):
+    active: bool = False  # the last forward applied a mask (training with rate > 0)
+
+
 @register
 class Dropout(Layer):
     kind = "dropout"
+    State = DropoutState
 
     def finalize(self, ctx: InitContext) -> Shape:
         (shape,) = ctx.input_shapes
@@ -67,10 +65,10 @@ class Dropout(Layer):
 
     def forward(self, run: RunContext, training: bool) -> None:
         x, out = run.input(), run.output()
-        active = training and self.mask is not None
-        run.state["dropout_active"] = active
+        state: DropoutState = run.state
+        active = state.active = training and self.mask is not None
         if active:
-            seed = int(run.state["rng"].integers(0, 2**63))
+            seed = int(state.rng.integers(0, 2**63))
             dropout_forward(
                 x.reshape(-1), out.reshape(-1), run.tensor(self.mask).reshape(-1), self.rate, np.uint64(seed)
             )
@@ -82,7 +80,7 @@ class Dropout(Layer):
         if din is None:
             return
         dy = run.dout()
-        if run.state.get("dropout_active", False):
+        if run.state.active:
             dropout_backward(dy.reshape(-1), run.tensor(self.mask).reshape(-1), self.rate, din.reshape(-1))
         elif not np.shares_memory(din, dy):
             np.copyto(din, dy)

@@ -8,7 +8,7 @@ import numpy as np
 
 from ..order import Life
 from .base import InitContext, Layer, RunContext, Shape, register
-from .conv2d import add_bias
+from .kernels import add_bias
 
 
 @register

@@ -1,4 +1,4 @@
-"""Input layer: the batch enters the arena here (the trainer puts it in run.state["batch_x"])."""
+"""Input layer: the batch enters the arena here (the trainer puts it in run.feed.x / run.feed.idx)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ class Input(Layer):
         return (ctx.batch, *self.spec.input_shape)
 
     def forward(self, run: RunContext, training: bool) -> None:
-        """Gather the batch rows run.state["batch_idx"] of run.state["batch_x"] (or all of it)."""
-        x, idx, out = run.state["batch_x"], run.state.get("batch_idx"), run.output()
+        """Gather the batch rows run.feed.idx of run.feed.x (or all of it)."""
+        x, idx, out = run.feed.x, run.feed.idx, run.output()
         if idx is None:
             np.copyto(out, x.reshape(out.shape))
         else:

@@ -1,9 +1,9 @@
 """Loss layers the graph appends after the last layer (not INI types).
 
 Both are means over the batch, as in PyTorch and TensorFlow. The trainer puts the labels in
-run.state["batch_y"] and the gradient scale 1/(examples in the whole batch) in run.state["scale"]
-(micro-batches of one batch share it). forward leaves the summed loss and the number of correct
-predictions of this (micro-)batch in run.state["loss_sum"] / run.state["correct"].
+run.feed.y and the gradient scale 1/(examples in the whole batch) in run.feed.scale (micro-batches
+of one batch share it). forward leaves the summed loss and the number of correct predictions of
+this (micro-)batch in run.feed.loss_sum / run.feed.correct.
 """
 
 from __future__ import annotations
@@ -67,17 +67,16 @@ class CrossEntropyLoss(Layer):
 
     def forward(self, run: RunContext, training: bool) -> None:
         x, out = run.input(), run.output()
-        y = run.state.get("batch_y")
-        if y is None:
+        feed = run.feed
+        if feed.y is None:
             softmax_forward(x, out)
             return
-        loss_sum, correct = cross_entropy_forward(x, y, out)
-        run.state["loss_sum"], run.state["correct"] = loss_sum, correct
+        feed.loss_sum, feed.correct = cross_entropy_forward(x, feed.y, out)
 
     def calc_derivative(self, run: RunContext) -> None:
         din = run.din()
         if din is not None:
-            cross_entropy_backward(run.output(), run.state["batch_y"], np.float32(run.state["scale"]), din)
+            cross_entropy_backward(run.output(), run.feed.y, np.float32(run.feed.scale), din)
 
 
 class MSELoss(Layer):
@@ -96,26 +95,27 @@ class MSELoss(Layer):
         x, out = run.input(), run.output()
         if not run.aliased:
             np.copyto(out, x)
-        y = run.state.get("batch_y")
+        feed = run.feed
+        y = feed.y
         if y is None:
             return
         pred = x.reshape(x.shape[0], -1)
         diff = run.tensor(self.diff)
         np.subtract(pred, y.reshape(pred.shape), out=diff)
         per_example = x[0].size
-        run.state["loss_sum"] = float(np.einsum("ij,ij->", diff, diff)) / per_example
+        feed.loss_sum = float(np.einsum("ij,ij->", diff, diff)) / per_example
         if per_example > 1 and y.ndim == 2:
-            run.state["correct"] = int(np.count_nonzero(pred.argmax(1) == y.argmax(1)))
+            feed.correct = int(np.count_nonzero(pred.argmax(1) == y.argmax(1)))
         else:
-            run.state["correct"] = 0
+            feed.correct = 0
 
     def calc_derivative(self, run: RunContext) -> None:
         din = run.din()
         if din is None:
             return
         pred = run.output().reshape(din.shape[0], -1)
-        y = run.state["batch_y"].reshape(pred.shape)
+        y = run.feed.y.reshape(pred.shape)
         per_example = pred.shape[1]
         d = din.reshape(pred.shape)
         np.subtract(pred, y, out=d)
-        d *= np.float32(2.0 * run.state["scale"] / per_example)
+        d *= np.float32(2.0 * run.feed.scale / per_example)

@@ -13,7 +13,8 @@ from numba import njit
 
 from ..order import Life
 from .base import InitContext, Layer, RunContext, Shape, register
-from .conv2d import REDUCE, column_range, output_size, resolve_padding, signatures
+from .kernels import REDUCE, signatures
+from .window import column_range, output_size, resolve_padding
 
 WINDOW = "int64, int64, int64, int64, int64, int64"  # pool h, w, stride h, w, pad top, left
 

@@ -1,0 +1,16 @@
+"""The trainer's memory modes by name, one line of help each: what graph.compile and Trainer accept,
+and what CLIs offer as --memory choices. Light: importing it loads no numpy and no numba."""
+
+from __future__ import annotations
+
+MEMORY_MODES: dict[str, str] = {
+    "naive": "every tensor its own buffer, alive the whole iteration (the comparison baseline)",
+    "planned": "one planned arena: views, in-place ops and best-fit offsets",
+    "swap": "planned, plus saved activations swapped to a file between forward and backward",
+}
+DEFAULT_MEMORY_MODE = "planned"
+
+
+def memory_modes_help(default: str | None = DEFAULT_MEMORY_MODE) -> str:
+    """One line for a --memory help: 'naive: ...; planned: ... (default); swap: ...'."""
+    return "; ".join(f"{name}: {text}{' (default)' if name == default else ''}" for name, text in MEMORY_MODES.items())
