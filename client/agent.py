@@ -36,6 +36,7 @@ from fedpers.client.personal import (
     split_weights,
 )
 from fedpers.client.report import DeviceReport, write_report
+from fedpers.nn.modes import DEFAULT_MEMORY_MODE
 from fedpers.store import atomic_write_bytes
 from fedpers.stub import FederationClient
 
@@ -64,7 +65,7 @@ class AgentConfig:
     data: Path
     state: Path
     enroll_token: str = ""
-    memory: str = "planned"
+    memory: str = DEFAULT_MEMORY_MODE
     memory_budget: str | None = None
     lookahead: int = 2
     micro_batch: int = 1

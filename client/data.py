@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from fedpers.nn.trainer import DataError  # one error kind for bad data, file or array
+from fedpers.nn import DataError  # one error kind for bad data, file or array
 
 __all__ = ["DataError", "Dataset", "check_against_model", "holdout_split", "load_data"]
 

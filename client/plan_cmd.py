@@ -12,9 +12,8 @@ from fedpers.nn import ModelError, load_ini
 from fedpers.nn.budget import format_size
 from fedpers.nn.graph import Compiled
 from fedpers.nn.graph import compile as compile_graph
+from fedpers.nn.modes import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
 from fedpers.nn.optim import Optimizer
-
-from .train_cmd import MEMORY_MODES
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -23,7 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("model", type=Path, metavar="MODEL.ini")
     p.add_argument("--batch", type=positive_int, default=None, metavar="B",
                    help="batch size (default: [Model] batch_size)")
-    p.add_argument("--memory", choices=MEMORY_MODES, default="planned", help="memory mode to plan (default planned)")
+    p.add_argument("--memory", choices=MEMORY_MODES, default=DEFAULT_MEMORY_MODE,
+                   help="memory mode to plan: " + memory_modes_help(DEFAULT_MEMORY_MODE))
     p.add_argument("--lookahead", type=positive_int, default=2, metavar="K", help="swap lookahead in steps (default 2)")
     p.add_argument("--micro-batch", type=positive_int, default=1, metavar="M",
                    help="micro-batches per batch (default 1)")

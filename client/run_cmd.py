@@ -15,6 +15,7 @@ import threading
 from pathlib import Path
 
 from fedpers.argtypes import host_port, nonnegative_int, positive_float, positive_int
+from fedpers.codec import codec_help
 
 from .train_cmd import add_memory_args
 
@@ -32,7 +33,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--enroll-token", default="", metavar="T", help="token the server requires to join")
     add_memory_args(p, swap_dir_default="DIR/swap")
     p.add_argument("--codec", default=None, metavar="C",
-                   help="delta codec, overriding the server's: fp32|fp16|int8|int4|int2|topk:F, optional +zstd")
+                   help="delta codec, overriding the server's: " + codec_help())
     p.add_argument("--local-epochs", type=positive_int, default=None, metavar="N",
                    help="override the server's local epochs")
     p.add_argument("--name", default=None, help="stable device name (same name -> same device id)")

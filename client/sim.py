@@ -30,12 +30,13 @@ from fedpers.argtypes import fraction, positive_float, positive_int
 from fedpers.client import sim_report
 from fedpers.client.processes import Child, ProcessError, wait_for_server
 from fedpers.client.sim_report import SimReport
+from fedpers.codec import codec_help
+from fedpers.nn.modes import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
 from fedpers.strategies import STRATEGIES
 
 log = logging.getLogger("fedpers.sim")
 
 DEFAULT_MODEL = models.path("digits_cnn_personal.ini")
-MEMORY_MODES = ("naive", "planned", "swap")
 STATUS_FAILURES_ALLOWED = 25  # consecutive failed GetStatus polls (~5 s) before the run is called broken
 
 
@@ -68,7 +69,7 @@ class SimConfig:
     min_devices: int | None = None  # None: all devices
     fraction: float = 1.0
     round_timeout: float = 60.0
-    memory: str = "planned"
+    memory: str = DEFAULT_MEMORY_MODE
     memory_budget: str | None = None
     timeout: float = 600.0
     save_uploads: bool = False
@@ -278,7 +279,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     arg("--devices", "number of device processes", type=positive_int)
     arg("--rounds", "federated rounds", type=positive_int)
     arg("--report-dir", "where report.json and accuracy.png go; None: runs/sim-<timestamp>", type=Path)
-    arg("--codec", "delta codec: fp32|fp16|int8|int4|int2|topk:F, optional +zstd or +zlib")
+    arg("--codec", "delta codec: " + codec_help())
     arg("--seed", "seed of the partition, the server and the baselines", type=int)
     arg("--alpha", "Dirichlet label-skew concentration (smaller: more skew)", type=float)
     arg("--local-epochs", "local epochs per round", type=positive_int)
@@ -289,7 +290,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     arg("--min-devices", "devices a round needs; None: all", type=positive_int)
     arg("--fraction", "fraction of waiting devices sampled per round", type=fraction)
     arg("--round-timeout", "seconds before a round closes or is abandoned", type=positive_float)
-    arg("--memory", "device trainer memory mode", choices=MEMORY_MODES)
+    arg("--memory", "device trainer memory mode: " + memory_modes_help(), choices=MEMORY_MODES)
     arg("--memory-budget", "device memory budget, e.g. 64MiB; None: no budget")
     arg("--timeout", "give up after this many seconds (the report of what finished is still written)",
         type=positive_float)
@@ -328,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--model", type=Path, required=True, metavar="MODEL.ini", help="model to train from scratch")
     lo.add_argument("--epochs", type=positive_int, required=True, metavar="N", help="epochs of local training")
     lo.add_argument("--seed", type=int, default=0, metavar="S", help="seed for init and shuffling (default 0)")
-    lo.add_argument("--memory", default="planned", choices=MEMORY_MODES, help="trainer memory mode (default planned)")
+    lo.add_argument("--memory", default=DEFAULT_MEMORY_MODE, choices=MEMORY_MODES,
+                    help=memory_modes_help(DEFAULT_MEMORY_MODE))
     lo.add_argument("--out", type=Path, default=None, metavar="FILE", help="write the result JSON here")
     return p
 

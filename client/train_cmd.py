@@ -11,19 +11,18 @@ from pathlib import Path
 from fedpers.argtypes import positive_float, positive_int
 from fedpers.nn import BudgetError, ModelError, Trainer, WeightError, load_ini, output_size, rss, warmup
 from fedpers.nn.budget import format_size
+from fedpers.nn.modes import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
 
 from .data import DataError, check_against_model, load_data
 from .progress import ProgressBar
 
 log = logging.getLogger(__name__)
-MEMORY_MODES = ("naive", "planned", "swap")
 
 
 def add_memory_args(p: argparse.ArgumentParser, swap_dir_default: str = "a temp dir") -> None:
     """The trainer's memory flags, shared by train and run."""
-    p.add_argument("--memory", choices=MEMORY_MODES, default="planned",
-                   help="naive: every tensor its own buffer; planned: one planned arena (default); "
-                        "swap: planned + saved activations swapped to a file")
+    p.add_argument("--memory", choices=MEMORY_MODES, default=DEFAULT_MEMORY_MODE,
+                   help=memory_modes_help(DEFAULT_MEMORY_MODE))
     p.add_argument("--lookahead", type=positive_int, default=2, metavar="K",
                    help="swap mode: read tensors back K steps before use (default 2)")
     p.add_argument("--micro-batch", type=positive_int, default=1, metavar="M",

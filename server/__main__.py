@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from fedpers.codec import codec_help
 from fedpers.logs import LOG_FORMATS, setup_logging
 from fedpers.strategies import STRATEGIES
 
@@ -47,7 +48,7 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--local-epochs", type=int, help="local epochs per round (default: the INI's Epochs)")
     a("--batch-size", type=int, help="device batch size (default: the INI's batch_size)")
     a("--learning-rate", type=float, help="device learning rate (default: the INI's Learning_rate)")
-    a("--codec", help="delta codec devices use: fp32, fp16, int8, int4, int2, topk:F, optional +zstd (default fp32)")
+    a("--codec", help="delta codec devices use: " + codec_help("fp32"))
     a("--seed", type=int, help="seed for version 0 and device sampling (default 0)")
     a("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     a("--log-file", metavar="FILE", help="append log lines to FILE instead of stderr")
