@@ -71,16 +71,30 @@ def test_bad_data_is_refused():
 
 
 def test_adam_step_matches_a_hand_computation():
-    spec = nets.mlp(opt="adam")
-    t = Trainer(spec, seed=0)
     x = np.random.default_rng(0).standard_normal((4, 12)).astype(np.float32)
     y = np.array([0, 1, 2, 3])
-    before = t.get_weights()
+    # the gradient at the initial weights, from one plain SGD step of the same net (w1 = w0 - lr g)
+    sgd_spec = nets.mlp(opt="sgd")
+    sgd = Trainer(sgd_spec, seed=0)
+    before = sgd.get_weights()
+    sgd.fit(x, y, epochs=1, batch_size=4, shuffle=False)
+    grads = {k: (before[k] - w) / sgd_spec.optimizer.learning_rate for k, w in sgd.get_weights().items()}
+    spec = nets.mlp(opt="adam")
+    t = Trainer(spec, seed=0)
+    assert all(np.array_equal(before[k], w) for k, w in t.get_weights().items())  # same initial weights
     t.fit(x, y, epochs=1, batch_size=4, shuffle=False)
     after = t.get_weights()
-    # first Adam step moves every weight with a non-zero gradient by lr * g/(|g| + eps') ~ lr
-    step = np.abs(after["out.bias"] - before["out.bias"])
-    assert np.allclose(step, spec.optimizer.learning_rate, rtol=1e-3)
+    # Adam's first step: m = (1-b1) g, v = (1-b2) g^2, bias-corrected to g and g^2: w1 = w0 - lr g / (|g| + eps)
+    o = spec.optimizer
+    assert set(after) == set(grads) and len(after) == 6
+    for k, g in grads.items():
+        want = before[k] - o.learning_rate * g / (np.abs(g) + o.epsilon)
+        np.testing.assert_allclose(after[k], want, rtol=1e-4, atol=1e-6, err_msg=k)
+        moved = np.abs(g) > 1e-4  # every weight with a real gradient moved by ~lr, against its gradient's sign
+        assert moved.any(), k
+        step = after[k] - before[k]
+        assert np.all(np.sign(step[moved]) == -np.sign(g[moved])), k
+        np.testing.assert_allclose(np.abs(step[moved]), o.learning_rate, rtol=1e-2, err_msg=k)
 
 
 def run_cli(*args, check=True):
@@ -209,23 +223,28 @@ def test_cli_train_ctrl_c_exits_130_with_its_swap_file_already_unlinked(digits_f
     import time
 
     swap = tmp_path / "swap"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedpers.client", "--log-level", "INFO", "train", str(MODELS / "digits_cnn.ini"),
-         "--data", str(digits_file), "--epochs", "100000", "--memory", "swap", "--lookahead", "1",
-         "--swap-dir", str(swap)],
-        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    err_path = tmp_path / "stderr.txt"
+    with open(err_path, "w") as err_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedpers.client", "train", str(MODELS / "digits_cnn.ini"),
+             "--data", str(digits_file), "--epochs", "100000", "--memory", "swap", "--lookahead", "1",
+             "--swap-dir", str(swap)],
+            stderr=err_file, stdout=subprocess.DEVNULL, text=True)
     try:
+        # training has started once the process holds its swap file open
         deadline = time.monotonic() + 120
-        for line in proc.stderr:
-            if "training plan: memory=swap" in line or time.monotonic() > deadline:
-                break
-        time.sleep(0.5)  # inside the epoch loop by now
+        held: list[str] = []
+        while not held and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+            held = open_files_under(swap, proc.pid)
+        time.sleep(0.3)  # inside the epoch loop by now
         # while training: one swap file open, already unlinked (so no exit path can leave it behind)
         held = open_files_under(swap, proc.pid)
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
     finally:
         proc.kill()
+    err = err_path.read_text()
     assert proc.returncode == 130 and "interrupted" in err
     assert len(held) == 1 and held[0].endswith("(deleted)"), held
 
