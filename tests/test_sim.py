@@ -62,7 +62,7 @@ def test_local_only_subcommand(tmp_path):
 def test_bad_arguments_are_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:  # argparse's own check: exit 2 with the usage
         sim.main(["--devices", "0"])
-    assert exit_.value.code == 2 and "argument --devices: must be positive, got 0" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "argument --devices: must be a positive integer, got 0" in capsys.readouterr().err
     assert sim.main(["--codec", "nope", "--report-dir", str(tmp_path / "r")]) == 2
     assert sim.main(["--model", str(tmp_path / "missing.ini"), "--report-dir", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
