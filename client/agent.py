@@ -25,7 +25,7 @@ import numpy as np
 from fedpers import codec as codecs
 from fedpers import wire
 from fedpers.backoff import Backoff
-from fedpers.client.data import Dataset, check_against_model, load_data
+from fedpers.client.data import HOLDOUT_FRACTION, Dataset, check_against_model, load_data
 from fedpers.client.personal import (
     DeviceState,
     PersonalStore,
@@ -36,6 +36,7 @@ from fedpers.client.personal import (
     split_weights,
 )
 from fedpers.client.report import DeviceReport, write_report
+from fedpers.locks import DirLock
 from fedpers.nn.modes import DEFAULT_MEMORY_MODE
 from fedpers.store import atomic_write_bytes
 from fedpers.stub import FederationClient
@@ -76,6 +77,7 @@ class AgentConfig:
     max_rounds: int | None = None
     save_uploads: bool = False  # keep a copy of every uploaded blob in <state>/uploads
     retry_seconds: float = 120.0  # keep retrying an unreachable server this long
+    holdout: float = HOLDOUT_FRACTION  # held-out share of the data when the file has no x_test/y_test
     backoff_initial: float = 0.1
     backoff_max: float = 3.0
 
@@ -135,8 +137,12 @@ class Agent:
     def __init__(self, config: AgentConfig, stop: threading.Event | None = None) -> None:
         self.cfg = config
         self.stop = stop or threading.Event()
+        self._lock = DirLock(config.state, "device (fedpers-client run)")
         self.store = PersonalStore(config.state)
-        self.data: Dataset = load_data(config.data)
+        self.data: Dataset = load_data(config.data, holdout=config.holdout)
+        if self.data.held_out_by_device:
+            log.info("%s has no x_test/y_test: %d examples (%.0f%%) held out as this device's test split",
+                     config.data, self.data.y_test.size, 100 * config.holdout)
         self.state: DeviceState = self.store.load_or_create(config.name)
         if config.codec:
             codecs.parse_codec(config.codec)  # refuse a bad name before touching the network
@@ -156,6 +162,7 @@ class Agent:
             trainer.close()
         self._models.clear()
         self.server.close()
+        self._lock.release()
 
     def _wait(self, seconds: float) -> None:
         if self.stop.wait(max(0.0, seconds)):

@@ -80,11 +80,25 @@ def holdout_split(
     return x[train], y[train], x[test], y[test]
 
 
-def load_data(path: str | os.PathLike, holdout_seed: int = 0) -> Dataset:
-    """Load and validate DATA.npz; DataError names the problem."""
+def load_data(path: str | os.PathLike, holdout_seed: int = 0, holdout: float = HOLDOUT_FRACTION) -> Dataset:
+    """Load and validate DATA.npz; without x_test/y_test, hold out the seeded fraction `holdout` of the
+    examples as the test split. DataError names the problem."""
     p = str(path)
+    if not 0 < holdout < 1:
+        raise DataError(f"the held-out fraction must be in (0, 1), got {holdout}")
+    if Path(p).is_dir():
+        raise DataError(f"{p}: is a directory, not a data file (expected DATA.npz)")
     if not Path(p).is_file():
         raise DataError(f"{p}: no such data file")
+    with open(p, "rb") as fh:
+        head = fh.read(64)
+    if not head.startswith(b"PK"):  # every .npz is a zip archive
+        hint = ""
+        if head.lstrip()[:1] in (b"[", b"#"):
+            hint = " (it looks like an INI model file: give the model as MODEL.ini and the data with --data)"
+        elif head.startswith(b"\x93NUMPY"):
+            hint = " (it is a single .npy array: save x and y together with numpy.savez)"
+        raise DataError(f"{p}: not an .npz file{hint}")
     try:
         with np.load(p, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
@@ -108,7 +122,7 @@ def load_data(path: str | os.PathLike, holdout_seed: int = 0) -> Dataset:
             raise DataError(f"{p}: x_test examples have shape {x_test.shape[1:]}, x examples {x.shape[1:]}")
         y_test = _labels(p, "y_test", arrays["y_test"], x_test.shape[0], "x_test")
         return Dataset(x, y, x_test, y_test, held_out_by_device=False)
-    x, y, x_test, y_test = holdout_split(x, y, HOLDOUT_FRACTION, holdout_seed)
+    x, y, x_test, y_test = holdout_split(x, y, holdout, holdout_seed)
     return Dataset(
         np.ascontiguousarray(x), y, np.ascontiguousarray(x_test), y_test, held_out_by_device=True
     )

@@ -14,7 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
-from fedpers.argtypes import host_port, nonnegative_int, positive_float, positive_int
+from fedpers.argtypes import host_port, nonnegative_int, positive_float, positive_int, share
+from fedpers.client.data import HOLDOUT_FRACTION
 from fedpers.codec import codec_help
 
 from .train_cmd import add_memory_args
@@ -41,6 +42,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="stop after N rounds in this run")
     p.add_argument("--save-uploads", action="store_true",
                    help="debug: keep a copy of every uploaded blob in DIR/uploads")
+    p.add_argument("--holdout", type=share, default=HOLDOUT_FRACTION, metavar="F",
+                   help=f"without x_test/y_test in the data file, hold out this seeded fraction as the device's "
+                        f"test split (default {HOLDOUT_FRACTION})")
     p.add_argument("--retry-seconds", type=positive_float, default=120.0, metavar="S",
                    help="how long to keep retrying an unreachable server")
     p.add_argument("--json", action="store_true", help="print the device's final report as JSON on stdout")
@@ -63,6 +67,7 @@ def main(args: argparse.Namespace) -> int:
     from fedpers.client.data import DataError
     from fedpers.client.personal import StateError, TaskMismatch
     from fedpers.codec import CodecError
+    from fedpers.locks import DirectoryBusy
     from fedpers.nn import BudgetError, ModelError, WeightError
 
     cfg = AgentConfig(
@@ -70,14 +75,14 @@ def main(args: argparse.Namespace) -> int:
         memory=args.memory, memory_budget=args.memory_budget, lookahead=args.lookahead, micro_batch=args.micro_batch,
         swap_dir=args.swap_dir, codec=args.codec, local_epochs=args.local_epochs,
         name=args.name, max_rounds=args.max_rounds, save_uploads=args.save_uploads,
-        retry_seconds=args.retry_seconds,
+        retry_seconds=args.retry_seconds, holdout=args.holdout,
     )
     stop = threading.Event()
     if threading.current_thread() is threading.main_thread():
         _install_signal_handlers(stop)
     try:
         agent = Agent(cfg, stop)
-    except (DataError, StateError, CodecError) as exc:
+    except (DataError, StateError, CodecError, DirectoryBusy) as exc:
         print(f"fedpers-client run: {exc}", file=sys.stderr)
         return 2
     try:

@@ -8,12 +8,12 @@ import logging
 import sys
 from pathlib import Path
 
-from fedpers.argtypes import positive_float, positive_int
+from fedpers.argtypes import positive_float, positive_int, share
 from fedpers.nn import BudgetError, ModelError, Trainer, WeightError, load_ini, output_size, rss, warmup
 from fedpers.nn.budget import format_size
 from fedpers.nn.modes import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
 
-from .data import DataError, check_against_model, load_data
+from .data import HOLDOUT_FRACTION, DataError, check_against_model, load_data
 from .progress import ProgressBar
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--init-weights", type=Path, default=None, metavar="W.npz", help="start from these weights")
     p.add_argument("--save-weights", type=Path, default=None, metavar="OUT.npz",
                    help="write trained weights here (default: [Model] Save_Path, if the model names one)")
+    p.add_argument("--holdout", type=share, default=HOLDOUT_FRACTION, metavar="F",
+                   help=f"without x_test/y_test in the data file, hold out this seeded fraction of the examples "
+                        f"as the test split (default {HOLDOUT_FRACTION}); said on stderr when it happens")
+    p.add_argument("--drop-last", action="store_true",
+                   help="drop each epoch's last partial batch (default: train it, filled up from the epoch's start)")
     p.add_argument("--no-shuffle", action="store_true", help="keep batch order (reproducible runs)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for init, shuffling, dropout")
     p.add_argument("--json", action="store_true", help="print one JSON object with the results at the end")
@@ -55,7 +60,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def main(args: argparse.Namespace) -> int:
     try:
         spec = load_ini(args.model)
-        data = load_data(args.data)
+        data = load_data(args.data, holdout=args.holdout)
+        if data.held_out_by_device:
+            print(f"{args.data} has no x_test/y_test: holding out {args.holdout:.0%} ({data.y_test.size} examples) "
+                  f"as the test split (--holdout)", file=sys.stderr)
         check_against_model(data, spec.layers[0].input_shape, output_size(spec) if spec.loss == "cross" else None,
                             str(args.data))
         warmup(spec)
@@ -69,7 +77,7 @@ def main(args: argparse.Namespace) -> int:
         if trainer.choice is not None:
             print(f"memory budget {args.memory_budget}: {trainer.choice.describe()}", file=sys.stderr)
         result = trainer.fit(data.x, data.y, epochs=args.epochs, batch_size=batch, shuffle=not args.no_shuffle,
-                             seed=args.seed, learning_rate=args.lr, progress=ProgressBar())
+                             seed=args.seed, learning_rate=args.lr, progress=ProgressBar(), drop_last=args.drop_last)
         report = trainer.memory_report()
         test = trainer.evaluate(data.x_test, data.y_test) if data.x_test is not None else None
         save_to = args.save_weights or spec.save_path

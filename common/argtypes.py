@@ -28,6 +28,7 @@ positive_int = _number(int, lambda v: v >= 1, "a positive integer")
 nonnegative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _number(float, lambda v: 0 < v and math.isfinite(v), "a finite number > 0")
 fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+share = _number(float, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
 
 
 def host_port(text: str) -> str:

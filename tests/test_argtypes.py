@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
-from fedpers.argtypes import fraction, host_port, nonnegative_int, positive_float, positive_int
+from fedpers.argtypes import fraction, host_port, nonnegative_int, positive_float, positive_int, share
 
 
 @pytest.mark.parametrize(("parse", "good", "bad"), [
@@ -13,6 +13,7 @@ from fedpers.argtypes import fraction, host_port, nonnegative_int, positive_floa
     (nonnegative_int, {"0": 0, "7": 7}, ["-1", "two"]),
     (positive_float, {"0.5": 0.5, "3": 3.0}, ["0", "-1", "inf", "nan", "x"]),
     (fraction, {"1": 1.0, "0.05": 0.05}, ["0", "1.01", "-0.5", "half"]),
+    (share, {"0.2": 0.2, "0.999": 0.999}, ["0", "1", "1.5", "some"]),
     (host_port, {"127.0.0.1:50051": "127.0.0.1:50051", "[::1]:0": "[::1]:0"}, ["nohostport", ":80", "h:", "h:x",
                                                                                 "h:70000"]),
 ])

@@ -77,12 +77,37 @@ def test_missing_and_unreadable_files(tmp_path):
         load_data(tmp_path / "nope.npz")
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"this is not a zip file")
-    with pytest.raises(DataError, match="not a readable .npz"):
+    with pytest.raises(DataError, match="junk.npz: not an .npz file$"):
         load_data(junk)
+    model = tmp_path / "model.ini"
+    model.write_text("[Model]\nType = NeuralNetwork\n")
+    with pytest.raises(DataError, match="model.ini: not an .npz file \\(it looks like an INI model file"):
+        load_data(model)
+    one = tmp_path / "x.npy"
+    np.save(one, np.zeros(3))
+    with pytest.raises(DataError, match="single .npy array"):
+        load_data(one)
+    with pytest.raises(DataError, match="is a directory"):
+        load_data(tmp_path)
+    broken = tmp_path / "broken.npz"
+    broken.write_bytes(b"PK\x03\x04 but truncated")
+    with pytest.raises(DataError, match="broken.npz: not a readable .npz"):
+        load_data(broken)
     pickled = tmp_path / "obj.npz"
     np.savez(pickled, x=np.array([object()] * 3), y=np.zeros(3, int))
     with pytest.raises(DataError):
         load_data(pickled)
+
+
+def test_holdout_fraction(tmp_path):
+    x, y = _xy(50)
+    path = tmp_path / "d.npz"
+    np.savez(path, x=x, y=y)
+    assert load_data(path).y_test.size == 10  # the default 20%
+    d = load_data(path, holdout=0.5)
+    assert d.held_out_by_device and d.y_test.size == 25 and d.y.size == 25
+    with pytest.raises(DataError, match="held-out fraction"):
+        load_data(path, holdout=1.0)
 
 
 def test_check_against_model(tmp_path):

@@ -259,3 +259,24 @@ def test_cli_train_init_weights_names_what_is_missing_or_misshaped(digits_file, 
                    check=False)
     assert proc.returncode == 2
     assert "missing: conv1.bias" in proc.stderr and "wrong shape: fc1.weight (3, 3)" in proc.stderr
+
+
+def test_zero_epochs_batch_or_rate_is_refused_not_replaced_by_the_default():
+    t = Trainer(nets.mlp(), seed=0)
+    x, y = np.zeros((8, 12), np.float32), np.zeros(8, np.int64)
+    for kw in ({"epochs": 0}, {"batch_size": 0}, {"learning_rate": 0.0}):
+        with pytest.raises(ValueError, match=f"{next(iter(kw))} must be > 0"):
+            t.fit(x, y, **kw)
+
+
+def test_cli_train_says_when_it_holds_out_a_test_split(digits, tmp_path):
+    x, y, _, _ = digits
+    path = tmp_path / "no_test.npz"
+    np.savez(path, x=x[:100], y=y[:100])
+    proc = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(path), "--epochs", "1", "--holdout",
+                   "0.3", "--drop-last", "--json")
+    assert "has no x_test/y_test: holding out 30% (30 examples) as the test split" in proc.stderr
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["steps"] == 70 // 32  # 70 training examples, batch 32, the partial batch dropped
+    bad = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(path), "--holdout", "1", check=False)
+    assert bad.returncode == 2 and "argument --holdout" in bad.stderr

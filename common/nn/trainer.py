@@ -300,8 +300,11 @@ class Trainer:
         epoch and the plan keeps one batch size. drop_last=True drops it instead (the old behaviour:
         a device with fewer than two batches of data then takes one step per epoch)."""
         x, y = self._check_data(x, y)
-        epochs = epochs or self.spec.epochs
-        batch = min(batch_size or self.spec.batch_size, len(x))
+        for name, value in (("epochs", epochs), ("batch_size", batch_size), ("learning_rate", learning_rate)):
+            if value is not None and not value > 0:  # None means "the model's"; 0 is not a silent default
+                raise ValueError(f"{name} must be > 0, got {value}")
+        epochs = epochs if epochs is not None else self.spec.epochs
+        batch = min(batch_size if batch_size is not None else self.spec.batch_size, len(x))
         if batch < 1:
             raise DataError("no training examples")
         c = self.compile(batch)
@@ -356,7 +359,8 @@ class Trainer:
         """One batch: forward and backward per micro-batch; weights updated after the last one."""
         m = c.micro_batch
         mb = len(idx) // m
-        lr_now = learning_rate(lr or self.spec.optimizer.learning_rate, self.spec.scheduler, self._iteration)
+        base_lr = lr if lr is not None else self.spec.optimizer.learning_rate
+        lr_now = learning_rate(base_lr, self.spec.scheduler, self._iteration)
         feed = c.feed
         feed.x, feed.scale = x, 1.0 / len(idx)
         loss_sum, correct = 0.0, 0
