@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from fedpers import codec, wire
+from fedpers.locks import DirLock
 from fedpers.server.aggregate import make_aggregator, make_optimizer
 from fedpers.server.config import ConfigError, ServerConfig
 from fedpers.server.metrics import MetricsEndpoint, ServerMetrics
@@ -64,6 +65,7 @@ class RunningServer:
     coordinator: Coordinator
     health: health.HealthServicer
     metrics: MetricsEndpoint | None = None
+    lock: DirLock | None = None  # the store's lock: one server per --store
     _stop: threading.Event = field(default_factory=threading.Event)
     _ticker: threading.Thread | None = None
 
@@ -92,17 +94,29 @@ class RunningServer:
         if self._ticker is not None:
             self._ticker.join()
         self.coordinator.state.close()
+        if self.lock is not None:
+            self.lock.release()
         log.info("stopped at version %d", self.coordinator.version)
 
 
 def start(cfg: ServerConfig, coordinator: Coordinator | None = None) -> RunningServer:
-    """Build (unless given) the coordinator, bind, start serving and the deadline ticker."""
-    coord = coordinator or build_coordinator(cfg)
-    metrics = ServerMetrics.create(coord) if cfg.metrics_listen else None
-    server, port, health_servicer = build_server(coord, cfg.listen, cfg.workers, metrics=metrics)
+    """Build (unless given) the coordinator, bind, start serving and the deadline ticker. The store is
+    locked first: a second server on the same --store is refused (DirectoryBusy) before it writes anything."""
+    lock = DirLock(cfg.store, "fedpers-server") if coordinator is None else None
+    coord: Coordinator | None = coordinator
+    try:
+        coord = coordinator or build_coordinator(cfg)
+        metrics = ServerMetrics.create(coord) if cfg.metrics_listen else None
+        server, port, health_servicer = build_server(coord, cfg.listen, cfg.workers, metrics=metrics)
+    except BaseException:
+        if coord is not None and coordinator is None:
+            coord.state.close()
+        if lock is not None:
+            lock.release()
+        raise
     server.start()
     host = cfg.listen.rsplit(":", 1)[0]
-    running = RunningServer(server=server, port=port, host=host, coordinator=coord, health=health_servicer)
+    running = RunningServer(server=server, port=port, host=host, coordinator=coord, health=health_servicer, lock=lock)
     if metrics is not None and cfg.metrics_listen:
         running.metrics = metrics.serve(cfg.metrics_listen)
     interval = min(1.0, max(0.05, cfg.round_timeout / 20))
