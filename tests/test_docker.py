@@ -9,38 +9,32 @@ below asserts on what that run observed. Skipped, with the reason, where no Dock
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "docker"))  # the fleet modules sit next to docker/fleet.py, not in the package
+
+import fleet  # noqa: E402
+from fleet_docker import docker_available  # noqa: E402
+from fleet_report import summary  # noqa: E402
+
 pytestmark = pytest.mark.docker
 
-REPO = Path(__file__).resolve().parent.parent
 ROUNDS = 3
-
-
-def _load_fleet():
-    spec = importlib.util.spec_from_file_location("fedpers_docker_fleet", REPO / "docker" / "fleet.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module by name
-    spec.loader.exec_module(module)
-    return module
-
-
-fleet = _load_fleet()
 
 
 @pytest.fixture(scope="module")
 def run(request: pytest.FixtureRequest):
-    reason = fleet.docker_available()
+    reason = docker_available()
     if reason:
         pytest.skip(f"Docker fleet test needs a Docker daemon and docker-compose: {reason}")
     result = fleet.run_fleet(rounds=ROUNDS, timeout=600)
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        print("\n" + fleet.summary(result), flush=True)
+        print("\n" + summary(result), flush=True)
     return result
 
 
