@@ -20,7 +20,6 @@ the memory-limit probe fleet_limits.py (all next to it: the script's directory i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import re
@@ -29,11 +28,11 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 from fedpers import wire
 from fedpers.client.processes import ProcessError, wait_until
+from fedpers.client.report import DeviceReport, ReportError
 from fedpers.stub import get_status
 from fleet_docker import (
     DATA_IN_CONTAINER,
@@ -73,7 +72,7 @@ class RestartProof:
     devices_running_while_down: list[str]  # device containers still up (retrying) while it was down
     device: str = ""  # the device stopped (SIGTERM) during a round and started again on its state volume
     device_stop_exit_code: int | None = None
-    device_stop_report: dict[str, Any] = field(default_factory=dict)  # its --json report when it stopped
+    device_stop_report: DeviceReport | None = None  # its --json report when it stopped
 
 
 @dataclass
@@ -114,7 +113,7 @@ class FleetResult:
     status: wire.Status | None = None  # GetStatus at the end
     versions_seen: list[int] = field(default_factory=list)
     containers: dict[str, ContainerInfo] = field(default_factory=dict)
-    reports: dict[str, dict[str, Any]] = field(default_factory=dict)  # device service -> final JSON report
+    reports: dict[str, DeviceReport | None] = field(default_factory=dict)  # device -> final --json report
     peaks: dict[str, int] = field(default_factory=dict)  # service -> peak container memory (bytes)
     anon_peaks: dict[str, int] = field(default_factory=dict)  # service -> peak anonymous memory (cgroup)
     peak_source: str = ""
@@ -191,14 +190,16 @@ class Scenario:
         proof.device_stop_report = self.device_report(service)
         p.compose("start", service, timeout=120)
 
-    def device_report(self, service: str) -> dict[str, Any]:
-        """The agent's final JSON report (`--json`: the last JSON line on the container's stdout)."""
-        for line in reversed(self.project.logs(service, stdout_only=True).splitlines()):
-            line = line.strip()
-            if line.startswith("{"):
-                with contextlib.suppress(json.JSONDecodeError):
-                    return json.loads(line)
-        return {}
+    def device_report(self, service: str) -> DeviceReport | None:
+        """The agent's last `--json` report (the last JSON line on its stdout); None if it printed none."""
+        lines = [line.strip() for line in self.project.logs(service, stdout_only=True).splitlines()]
+        reports = [line for line in lines if line.startswith("{")]
+        if not reports:
+            return None
+        try:
+            return DeviceReport.from_json(reports[-1])
+        except ReportError as exc:
+            raise FleetError(f"{service} printed a report that is not a DeviceReport: {exc}") from None
 
     def plan_totals(self) -> dict[str, int]:
         """`fedpers-client plan` of the fleet model in the image: arena bytes per memory mode."""

@@ -21,10 +21,10 @@ def device_table(result: FleetResult) -> str:
             f"{'memory mode':<24} {'exit':>4} {'OOM':>4}")
     lines = [head, "-" * len(head)]
     for s in result.devices:
-        rep, info = result.reports.get(s, {}), result.containers[s]
-        mem = rep.get("memory_report") or {}
+        rep, info = result.reports.get(s), result.containers[s]
+        mem = (rep.memory_report if rep else None) or {}
         mode = f"{mem['mode']} (arena {mib(mem.get('arena_bytes'))})" if mem else "-"
-        lines.append(f"{s:<14} {rep.get('rounds_trained', 0):>13} {rep.get('bytes_up', 0):>10,} "
+        lines.append(f"{s:<14} {rep.rounds_trained if rep else 0:>13} {rep.bytes_up if rep else 0:>10,} "
                      f"{mib(result.peaks.get(s)):>9} {mib(result.anon_peaks.get(s)):>8} "
                      f"{mib(info.mem_limit) if info.mem_limit else 'none':>9} {mode:<24} {info.exit_code!s:>4} "
                      f"{'yes' if info.oom_killed else 'no':>4}")
@@ -47,7 +47,7 @@ def summary(result: FleetResult) -> str:
                    f"exit after SIGTERM {result.server_final_exit}")
     if result.restart:
         r = result.restart
-        reason = r.device_stop_report.get("reason")
+        reason = r.device_stop_report.reason if r.device_stop_report else None
         out.append(f"restart: stopped at v{r.stopped_at_version} (exit {r.stop_exit_code}), continued at "
                    f"v{r.version_after_start}; devices up while it was down: {len(r.devices_running_while_down)}; "
                    f"{r.device} stopped mid-round (exit {r.device_stop_exit_code}, {reason!r}) and rejoined")

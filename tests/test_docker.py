@@ -62,9 +62,10 @@ def test_every_device_contributed(run) -> None:
     assert len(run.devices) >= 4 and "device-small" in run.devices
     for device in run.devices:
         report = run.reports[device]
-        assert report.get("rounds_trained", 0) >= 1, f"{device} never contributed: {report}"
-        assert report.get("bytes_up", 0) > 0
-        assert report.get("reason") == "done" and report.get("name") == device
+        assert report is not None, f"{device} printed no --json report"
+        assert report.rounds_trained >= 1, f"{device} never contributed: {report}"
+        assert report.bytes_up > 0
+        assert report.reason == "done" and report.name == device
 
 
 def test_no_restart_no_oom_clean_exits(run) -> None:
@@ -101,10 +102,11 @@ def test_server_restart_continues_from_its_last_version(run) -> None:
 def test_device_sigterm_is_clean_and_it_rejoins_as_itself(run) -> None:
     r = run.restart
     assert r.device_stop_exit_code == 0, f"{r.device} did not exit 0 on SIGTERM"
-    assert r.device_stop_report.get("reason") == "stopped"
-    final = run.reports[r.device]
-    assert final["id"] == r.device_stop_report["id"] and final["name"] == r.device
-    assert final["rounds_trained"] >= r.device_stop_report.get("rounds_trained", 0)
+    stopped, final = r.device_stop_report, run.reports[r.device]
+    assert stopped is not None and final is not None, f"{r.device} printed no --json report"
+    assert stopped.reason == "stopped"
+    assert final.id == stopped.id and final.name == r.device
+    assert final.rounds_trained >= stopped.rounds_trained
 
 
 def test_device_small_naive_is_oom_killed_where_swap_fits(run) -> None:
@@ -118,4 +120,4 @@ def test_device_small_naive_is_oom_killed_where_swap_fits(run) -> None:
     assert m.swap.exit_code == 0 and not m.swap.oom_killed, f"swap under {m.mem_limit} bytes: {m.swap}"
     small = run.containers["device-small"]
     assert small.mem_limit == m.mem_limit and small.exit_code == 0 and not small.oom_killed
-    assert run.reports["device-small"]["memory_report"]["mode"] == "swap"
+    assert run.reports["device-small"].memory_report["mode"] == "swap"
