@@ -117,6 +117,7 @@ class FleetResult:
     peaks: dict[str, int] = field(default_factory=dict)  # service -> peak container memory (bytes)
     anon_peaks: dict[str, int] = field(default_factory=dict)  # service -> peak anonymous memory (cgroup)
     peak_source: str = ""
+    sampling_problems: list[str] = field(default_factory=list)  # what memory sampling could not read
     server_log: str = ""
     server_final_exit: int | None = None
     restart: RestartProof | None = None
@@ -221,7 +222,7 @@ class Scenario:
         seconds = time.monotonic() - t0
         state = p.inspect(name)["State"]
         time.sleep(2 * sampler.interval)
-        peak, anon = sampler.peaks.get(name), sampler.anon_peaks.get(name)
+        peak, anon = sampler.peak(name), sampler.anon_peak(name)
         p.remove(name)
         return MemoryRun(mode=mode, exit_code=state["ExitCode"], oom_killed=bool(state["OOMKilled"]), peak_bytes=peak,
                          seconds=seconds, tail="\n".join((proc.stdout or "").splitlines()[-5:]), anon_bytes=anon)
@@ -282,7 +283,8 @@ def run_fleet(rounds: int = 3, timeout: float = 600.0, keep_image: bool = False,
                 result.memory = scenario.memory_proof(result.containers[SMALL].mem_limit, sampler)
             result.peaks = sampler.stop()
             result.anon_peaks = dict(sampler.anon_peaks)
-            result.peak_source = sampler.source
+            result.peak_source = sampler.source_of(devices)
+            result.sampling_problems = list(sampler.problems)
             result.seconds = time.monotonic() - t_start
             ok = True
             return result

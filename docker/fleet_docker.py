@@ -254,9 +254,11 @@ class ComposeProject:
         """Every container's log into `folder/<service>.log` (kept for a failed run)."""
         folder.mkdir(parents=True, exist_ok=True)
         for cid, service in self.container_ids().items():
-            with contextlib.suppress(Exception):
+            try:
                 proc = run(["docker", "logs", "--timestamps", cid], timeout=60, check=False)
                 (folder / f"{service}.log").write_text(proc.stdout or "")
+            except (FleetError, OSError) as exc:
+                log.warning("could not save the log of %s: %s", service, exc)
 
     def teardown(self) -> None:
         """Remove everything this project made; every step is tried even when one fails."""
@@ -269,8 +271,10 @@ class ComposeProject:
             # --no-prune keeps the untagged parent layers: the next build reuses the dependency layer.
             steps.append(["docker", "rmi", "--no-prune", self.image])
         for argv in steps:
-            with contextlib.suppress(FleetError):
+            try:
                 run(argv, env=self.env, timeout=300, check=False)
+            except FleetError as exc:
+                log.warning("teardown step failed: %s", exc)
         leftovers = run(["docker", "ps", "-aq", "--filter", f"label=com.docker.compose.project={self.project}"],
                         check=False).stdout.split()
         volumes = run(["docker", "volume", "ls", "-q", "--filter", f"label=com.docker.compose.project={self.project}"],

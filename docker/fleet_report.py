@@ -53,6 +53,8 @@ def summary(result: FleetResult) -> str:
                    f"{r.device} stopped mid-round (exit {r.device_stop_exit_code}, {reason!r}) and rejoined")
     out.append(device_table(result))
     out.append(f"(peak mem: {result.peak_source or 'not sampled'}, page cache included; anon: peak anonymous memory)")
+    for problem in result.sampling_problems:
+        out.append(f"memory sampling problem: {problem}")
     m = result.memory
     if m is not None:
         if not m.enforced:

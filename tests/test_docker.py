@@ -9,6 +9,8 @@ below asserts on what that run observed. Skipped, with the reason, where no Dock
 from __future__ import annotations
 
 import contextlib
+import logging
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,12 +20,54 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "docker"))  # the fleet modules sit next to docker/fleet.py, not in the package
 
 import fleet  # noqa: E402
-from fleet_docker import docker_available  # noqa: E402
+import fleet_memory  # noqa: E402
+from fleet_docker import FleetError, docker_available  # noqa: E402
+from fleet_memory import PeakSampler, SizeError, parse_size  # noqa: E402
 from fleet_report import summary  # noqa: E402
 
 pytestmark = pytest.mark.docker
 
 ROUNDS = 3
+
+
+# -- the sampler's parsing, without Docker
+
+
+def test_docker_stats_sizes_parse_and_anything_else_is_an_error() -> None:
+    assert parse_size("190.5MiB") == int(190.5 * 2**20)
+    assert parse_size("1.2GiB") == int(1.2 * 2**30)
+    assert parse_size("512kB") == 512_000
+    assert parse_size(" 0B ") == 0
+    for junk in ("", "--", "12 parsecs", "1.2.3MiB", "MiB"):
+        with pytest.raises(SizeError):
+            parse_size(junk)
+
+
+def test_an_odd_docker_stats_line_is_reported_not_counted(monkeypatch, caplog) -> None:
+    printed = "abc123 100MiB / 288MiB\ndef456 -- / --\n"
+    monkeypatch.setattr(fleet_memory, "run", lambda argv, **kw: subprocess.CompletedProcess(argv, 0, printed, ""))
+    with caplog.at_level(logging.WARNING, logger="fedpers.fleet"):
+        assert fleet_memory.docker_stats(["abc123ffff", "def456ffff"]) == {"abc123": 100 * 2**20}
+    assert "def456 -- / --" in caplog.text
+
+
+def test_sampling_problems_are_kept_and_bugs_raise_from_stop() -> None:
+    def docker_gone() -> dict[str, str]:
+        raise FleetError("docker ps: exit 1")
+
+    expected = PeakSampler(docker_gone, interval=0.01, relist=0.0)
+    expected.start()
+    expected.join(0.2)
+    assert expected.stop() == {} and expected.problems == ["FleetError: docker ps: exit 1"]
+
+    buggy = PeakSampler(lambda: {"abc": 1 // 0}, interval=0.01)  # a bug, not a sampling problem
+    buggy.start()
+    buggy.join(5)
+    with pytest.raises(ZeroDivisionError):
+        buggy.stop()
+
+
+# -- the fleet for real
 
 
 @pytest.fixture(scope="module")
