@@ -5,8 +5,8 @@
 
 From a clean state: build the image, bring up the fleet of docker/docker-compose.yml under a
 unique project name (the one-shot data step runs first), follow the rounds through GetStatus on
-the published port, stop the server after its first round and start it again on the same volume
-(restart proof), wait for all rounds, then run device-small's
+the published port, stop the server after its first round, read the version it left in its store,
+and start it again on the same volume (restart proof), wait for all rounds, then run device-small's
 container once more with `fedpers-client train` in naive mode and in swap mode under the same
 mem_limit (memory proof). Peak memory per container is sampled from the cgroup while it runs.
 Everything the run made (containers, volumes, network, the image tag) is removed at the end, also
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,6 +39,7 @@ from fleet_docker import (
     REPO,
     SMALL,
     STATE_IN_CONTAINER,
+    STORE_IN_CONTAINER,
     SWAP_ARGS,
     ComposeProject,
     ContainerInfo,
@@ -66,7 +66,7 @@ class RestartProof:
     """What the server restart and the device restart showed."""
 
     version_before_stop: int  # from GetStatus just before `docker-compose stop server`
-    stopped_at_version: int  # the server's own "stopped at version N" log line
+    stopped_at_version: int  # what the stopped server left in its store (`fedpers-server status --store`)
     stop_exit_code: int | None  # after SIGTERM: 0 means a clean shutdown
     version_after_start: int  # GetStatus once healthy again
     devices_running_while_down: list[str]  # device containers still up (retrying) while it was down
@@ -161,6 +161,17 @@ class Scenario:
 
         return wait_until(what, probe, self.timeout if timeout is None else timeout, interval=0.5)
 
+    def stored_status(self) -> wire.Status:
+        """What the stopped server left in its store volume: `fedpers-server status --store --json` in a
+        one-off container of the server service (same volume, no ports, the server itself stays down)."""
+        proc = self.project.compose("run", "--rm", "--no-deps", "-T", "server", "fedpers-server", "status",
+                                    "--store", STORE_IN_CONTAINER, "--json", timeout=120, merge_stderr=False)
+        try:
+            return wire.status_from_json(proc.stdout)
+        except wire.MalformedMessage as exc:
+            raise FleetError(f"fedpers-server status --store printed no status ({exc}):\n{proc.stdout[-1000:]}\n"
+                             f"{proc.stderr[-1000:]}") from None
+
     def restart_server(self) -> RestartProof:
         """Stop the server (SIGTERM) between rounds 1 and R, start it again on the same volume."""
         p = self.project
@@ -169,13 +180,13 @@ class Scenario:
             raise FleetError("the federation finished before the server could be restarted; raise --rounds")
         p.compose("stop", "-t", "30", "server", timeout=120)
         down = p.info("server")
-        stopped = [int(m) for m in re.findall(r"stopped at version (\d+)", p.logs("server"))]
+        stopped = self.stored_status()
         devices_up = sorted(c.service for c in (p.info(s) for s in p.device_services()) if c.running)
         time.sleep(3.0)  # let the devices notice: their calls now fail and they back off
         p.compose("start", "server", timeout=120)
         wait_until("the restarted server to be healthy", lambda: p.server_health() == "healthy", 120, interval=0.5)
         after = self.wait_status(lambda s: True, "GetStatus after the restart", 60)
-        return RestartProof(version_before_stop=before.version, stopped_at_version=stopped[-1] if stopped else -1,
+        return RestartProof(version_before_stop=before.version, stopped_at_version=stopped.version,
                             stop_exit_code=down.exit_code, version_after_start=after.version,
                             devices_running_while_down=devices_up)
 

@@ -48,7 +48,7 @@ def summary(result: FleetResult) -> str:
     if result.restart:
         r = result.restart
         reason = r.device_stop_report.reason if r.device_stop_report else None
-        out.append(f"restart: stopped at v{r.stopped_at_version} (exit {r.stop_exit_code}), continued at "
+        out.append(f"restart: stopped at v{r.stopped_at_version} (its store; exit {r.stop_exit_code}), continued at "
                    f"v{r.version_after_start}; devices up while it was down: {len(r.devices_running_while_down)}; "
                    f"{r.device} stopped mid-round (exit {r.device_stop_exit_code}, {reason!r}) and rejoined")
     out.append(device_table(result))
