@@ -54,6 +54,7 @@ from fleet_memory import PeakSampler
 from fleet_report import mib, summary
 
 RESTARTED_DEVICE = "device-0"
+MEMORY_RUN_SAMPLE_SECONDS = 0.02  # a naive run climbs from start-up to its limit in well under a second
 
 log = logging.getLogger("fedpers.fleet")
 
@@ -86,6 +87,8 @@ class MemoryRun:
     seconds: float
     tail: str = ""
     anon_bytes: int | None = None  # highest anonymous memory seen (cgroup only)
+    peak_source: str = ""  # fleet_memory.CGROUP (exact peak counter) or DOCKER_STATS (a lower bound)
+    startup_rss_bytes: int | None = None  # RSS after imports, data and warm-up (train --json; runs that finish)
 
 
 @dataclass
@@ -132,6 +135,31 @@ class FleetResult:
 
 
 # ------------------------------------------------------------------------------------------ the scenario
+
+
+def _by_name(name: str) -> Callable[[], dict[str, str]]:
+    """A PeakSampler container list for one container known by name before it exists."""
+    found: dict[str, str] = {}
+
+    def containers() -> dict[str, str]:
+        if not found:
+            proc = run(["docker", "inspect", "-f", "{{.Id}}", name], check=False, merge_stderr=False, timeout=30)
+            if proc.returncode == 0 and proc.stdout.strip():
+                found[proc.stdout.strip()] = name
+        return found
+
+    return containers
+
+
+def _train_startup_rss(stdout: str) -> int | None:
+    """RSS after imports, data and kernel warm-up from `fedpers-client train --json` (None: no JSON)."""
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return None
+    try:
+        return int(json.loads(lines[-1])["memory"]["rss_baseline_bytes"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise FleetError(f"fedpers-client train --json printed no memory.rss_baseline_bytes: {exc}") from None
 
 
 class Scenario:
@@ -222,23 +250,30 @@ class Scenario:
             out[mode] = int(json.loads(proc.stdout.strip().splitlines()[-1])["totals"]["arena_bytes"])
         return out
 
-    def memory_run(self, mode: str, extra: Sequence[str], sampler: PeakSampler) -> MemoryRun:
-        """device-small's container (same mem_limit, same data) once more: one epoch of local training."""
+    def memory_run(self, mode: str, extra: Sequence[str]) -> MemoryRun:
+        """device-small's container (same mem_limit, same data) once more: one epoch of local training,
+        its memory read every MEMORY_RUN_SAMPLE_SECONDS by a sampler of its own."""
         p = self.project
         name = p.track(f"{p.project}_{SMALL}_{mode}")
+        watch = PeakSampler(_by_name(name), interval=MEMORY_RUN_SAMPLE_SECONDS, relist=0.0, name=f"peaks-{mode}")
+        watch.start()
         t0 = time.monotonic()
-        proc = p.compose("run", "--no-deps", "-T", "--name", name, SMALL, "fedpers-client", "--log-level", "INFO",
-                         "train", MODEL_IN_IMAGE, "--data", DATA_IN_CONTAINER, "--epochs", "1",
-                         "--swap-dir", STATE_IN_CONTAINER, *extra, timeout=600, check=False)
+        try:
+            proc = p.compose("run", "--no-deps", "-T", "--name", name, SMALL, "fedpers-client", "--log-level", "INFO",
+                             "train", MODEL_IN_IMAGE, "--data", DATA_IN_CONTAINER, "--epochs", "1",
+                             "--swap-dir", STATE_IN_CONTAINER, "--json", *extra, timeout=600, check=False)
+        finally:
+            watch.stop()
         seconds = time.monotonic() - t0
         state = p.inspect(name)["State"]
-        time.sleep(2 * sampler.interval)
-        peak, anon = sampler.peak(name), sampler.anon_peak(name)
+        startup = _train_startup_rss(p.container_logs(name, stdout_only=True))
         p.remove(name)
-        return MemoryRun(mode=mode, exit_code=state["ExitCode"], oom_killed=bool(state["OOMKilled"]), peak_bytes=peak,
-                         seconds=seconds, tail="\n".join((proc.stdout or "").splitlines()[-5:]), anon_bytes=anon)
+        return MemoryRun(mode=mode, exit_code=state["ExitCode"], oom_killed=bool(state["OOMKilled"]),
+                         peak_bytes=watch.peak(name), seconds=seconds,
+                         tail="\n".join((proc.stdout or "").splitlines()[-5:]), anon_bytes=watch.anon_peak(name),
+                         peak_source=watch.sources.get(name, ""), startup_rss_bytes=startup)
 
-    def memory_proof(self, limit: int, sampler: PeakSampler) -> MemoryProof:
+    def memory_proof(self, limit: int) -> MemoryProof:
         """Naive then swap training under `limit` (device-small's), where this host enforces limits."""
         proof = MemoryProof(mem_limit=limit, enforced=False)
         if not limit:
@@ -248,8 +283,8 @@ class Scenario:
         else:
             proof.enforced = True
             proof.plan = self.plan_totals()
-            proof.naive = self.memory_run("naive", ("--memory", "naive"), sampler)
-            proof.swap = self.memory_run("swap", SWAP_ARGS, sampler)
+            proof.naive = self.memory_run("naive", ("--memory", "naive"))
+            proof.swap = self.memory_run("swap", SWAP_ARGS)
         return proof
 
 
@@ -291,7 +326,7 @@ def run_fleet(rounds: int = 3, timeout: float = 600.0, keep_image: bool = False,
             result.server_log = project.logs("server")
             result.reports = {s: scenario.device_report(s) for s in devices}
             if memory_proof:
-                result.memory = scenario.memory_proof(result.containers[SMALL].mem_limit, sampler)
+                result.memory = scenario.memory_proof(result.containers[SMALL].mem_limit)
             result.peaks = sampler.stop()
             result.anon_peaks = dict(sampler.anon_peaks)
             result.peak_source = sampler.source_of(devices)

@@ -65,5 +65,6 @@ def summary(result: FleetResult) -> str:
             for r in (m.naive, m.swap):
                 if r is not None:
                     out.append(f"  {r.mode:<6} exit {r.exit_code}  OOMKilled {r.oom_killed}  peak {mib(r.peak_bytes)}  "
-                               f"anon {mib(r.anon_bytes)}  {r.seconds:.0f}s")
+                               f"anon {mib(r.anon_bytes)}  start-up RSS {mib(r.startup_rss_bytes)}  {r.seconds:.0f}s"
+                               f"  ({r.peak_source or 'not sampled'})")
     return "\n".join(out)
