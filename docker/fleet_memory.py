@@ -9,12 +9,12 @@ falls back to `docker stats` samples, which only bound the peak from below; `sou
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from fedpers.nn import budget
 from fleet_docker import FleetError, run
 
 log = logging.getLogger("fedpers.fleet")
@@ -27,7 +27,6 @@ CGROUP_PEAK_FILES = (
 )
 CGROUP = "cgroup peak counter"
 DOCKER_STATS = "docker stats samples"
-_UNITS = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}
 
 
 class SizeError(ValueError):
@@ -35,13 +34,12 @@ class SizeError(ValueError):
 
 
 def parse_size(text: str) -> int:
-    """'190.5MiB' / '1.2GiB' / '512kB' / '0B' (docker stats) -> bytes; SizeError for anything else."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKMGT]?i?B)\s*", text)
-    if not m:
-        raise SizeError(f"not a size: {text!r}")
-    unit = m.group(2)
-    base = 1024 if "i" in unit else 1000
-    return int(float(m.group(1)) * base ** _UNITS[unit[0].upper() if unit[0] != "B" else "B"])
+    """'190.5MiB' / '1.2GiB' / '512kB' / '0B' (docker stats) -> bytes, by the package's one size parser;
+    SizeError for anything else."""
+    try:
+        return budget.parse_size(text)
+    except ValueError:
+        raise SizeError(f"not a size: {text!r}") from None
 
 
 def parse_counter(text: str, where: str) -> int:
