@@ -152,6 +152,11 @@ CASES = [
     *[act(fn) for fn in ("relu", "sigmoid", "tanh", "softmax", "none")],
     Case("flatten", spec_layer("flat", "flatten"), [(2, 3, 2, 2)]),
     Case("addition_3", spec_layer("add", "addition"), [(2, 3, 2), (2, 3, 2), (2, 3, 2)]),
+    Case("concat_channels", spec_layer("cat", "concat", axis=1), [(2, 3, 2, 4), (2, 1, 2, 4)]),
+    Case("concat_height_3", spec_layer("cat", "concat", axis=2), [(2, 2, 3, 2), (2, 2, 1, 2), (2, 2, 2, 2)]),
+    Case("concat_width_default", spec_layer("cat", "concat"), [(2, 3, 2, 4), (2, 3, 2, 1)]),
+    Case("concat_features_2d", spec_layer("cat", "concat", axis=3), [(3, 4), (3, 2)]),
+    Case("concat_2d_default_channel", spec_layer("cat", "concat"), [(3, 4), (3, 4)]),
     cross_entropy_case(),
     mse_case(),
 ]

@@ -277,6 +277,7 @@ LAYER_PARSERS: dict[str, Callable[[str], Any]] = {
     "dropout_rate": _nonneg_float,
     "epsilon": _nonneg_float,
     "momentum": _nonneg_float,
+    "axis": lambda s: _int(s, 0),
 }
 MODEL_PARSERS: dict[str, Callable[[str], Any]] = {
     "type": _enum(("neuralnetwork",)),

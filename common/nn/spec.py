@@ -58,6 +58,7 @@ class LayerSpec:
     dropout_rate: float | None = None
     epsilon: float | None = None
     momentum: float | None = None
+    axis: int | None = None  # concat: the NCHW axis the inputs are joined along (1..3)
 
     def __post_init__(self) -> None:
         # '#', ';' and quotes would be read as comments/quoting in an INI file.
@@ -97,6 +98,8 @@ class LayerSpec:
             v = getattr(self, key)
             if v is not None and v not in INITIALIZERS:
                 raise bad(key, f"unknown initializer {v!r}; known: {list(INITIALIZERS)}")
+        if self.axis is not None and (not isinstance(self.axis, int) or not 1 <= self.axis <= 3):
+            raise bad("axis", f"must be 1 (channel), 2 (height) or 3 (width), got {self.axis!r}")
         if self.dropout_rate is not None and not 0.0 <= self.dropout_rate < 1.0:
             raise bad("dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
         if self.epsilon is not None and not self.epsilon > 0:

@@ -42,6 +42,7 @@ KINDS: dict[str, LayerKind] = {
     "batch_normalization": LayerKind("batch_normalization", frozenset({"epsilon", "momentum", "activation"})),
     "dropout": LayerKind("dropout", frozenset({"dropout_rate"})),
     "addition": LayerKind("addition", frozenset({"activation"})),
+    "concat": LayerKind("concat", frozenset({"axis", "activation"})),
 }
 
 _FROM_BASE = frozenset({"LAYERS", "Feed", "InitContext", "Layer", "LayerState", "RunContext", "register"})
