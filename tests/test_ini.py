@@ -467,6 +467,10 @@ FIELD_MAKERS = {
     "epsilon": lambda r: r.choice([1e-5, 1e-3, r.uniform(1e-9, 1.0)]),
     "momentum": lambda r: r.choice([0.0, 0.99, 1.0, r.random()]),
     "axis": lambda r: r.randint(1, 3),
+    "gamma_initializer": lambda r: r.choice(INITIALIZERS),
+    "beta_initializer": lambda r: r.choice(INITIALIZERS),
+    "moving_mean_initializer": lambda r: r.choice(INITIALIZERS),
+    "moving_variance_initializer": lambda r: r.choice(INITIALIZERS),
 }
 
 

@@ -278,6 +278,10 @@ LAYER_PARSERS: dict[str, Callable[[str], Any]] = {
     "epsilon": _nonneg_float,
     "momentum": _nonneg_float,
     "axis": lambda s: _int(s, 0),
+    "gamma_initializer": _enum(INITIALIZERS),
+    "beta_initializer": _enum(INITIALIZERS),
+    "moving_mean_initializer": _enum(INITIALIZERS),
+    "moving_variance_initializer": _enum(INITIALIZERS),
 }
 MODEL_PARSERS: dict[str, Callable[[str], Any]] = {
     "type": _enum(("neuralnetwork",)),

@@ -58,7 +58,11 @@ class LayerSpec:
     dropout_rate: float | None = None
     epsilon: float | None = None
     momentum: float | None = None
-    axis: int | None = None  # concat: the NCHW axis the inputs are joined along (1..3)
+    axis: int | None = None  # batch_normalization: statistics per this NCHW axis; concat: joined axis (1..3)
+    gamma_initializer: str | None = None
+    beta_initializer: str | None = None
+    moving_mean_initializer: str | None = None
+    moving_variance_initializer: str | None = None
 
     def __post_init__(self) -> None:
         # '#', ';' and quotes would be read as comments/quoting in an INI file.
@@ -94,7 +98,8 @@ class LayerSpec:
             raise bad("activation", f"unknown activation {self.activation!r}; known: {list(ACTIVATIONS)}")
         if self.pooling is not None and self.pooling not in POOLINGS:
             raise bad("pooling", f"unknown pooling {self.pooling!r}; known: {list(POOLINGS)}")
-        for key in ("weight_initializer", "bias_initializer"):
+        for key in ("weight_initializer", "bias_initializer", "gamma_initializer", "beta_initializer",
+                    "moving_mean_initializer", "moving_variance_initializer"):
             v = getattr(self, key)
             if v is not None and v not in INITIALIZERS:
                 raise bad(key, f"unknown initializer {v!r}; known: {list(INITIALIZERS)}")

@@ -39,7 +39,11 @@ KINDS: dict[str, LayerKind] = {
     "pooling2d": LayerKind("pooling2d", frozenset({"pool_size", "stride", "padding", "pooling"})),
     "flatten": LayerKind("flatten", frozenset()),
     "activation": LayerKind("activation", frozenset({"activation"})),
-    "batch_normalization": LayerKind("batch_normalization", frozenset({"epsilon", "momentum", "activation"})),
+    "batch_normalization": LayerKind(
+        "batch_normalization",
+        frozenset({"epsilon", "momentum", "activation", "axis", "gamma_initializer", "beta_initializer",
+                   "moving_mean_initializer", "moving_variance_initializer"}),
+    ),
     "dropout": LayerKind("dropout", frozenset({"dropout_rate"})),
     "addition": LayerKind("addition", frozenset({"activation"})),
     "concat": LayerKind("concat", frozenset({"axis", "activation"})),
