@@ -466,6 +466,8 @@ FIELD_MAKERS = {
     "dropout_rate": lambda r: r.choice([0.0, 0.5, r.random() * 0.999]),
     "epsilon": lambda r: r.choice([1e-5, 1e-3, r.uniform(1e-9, 1.0)]),
     "momentum": lambda r: r.choice([0.0, 0.99, 1.0, r.random()]),
+    "normalization": lambda r: r.choice([True, False]),
+    "standardization": lambda r: r.choice([True, False]),
     "axis": lambda r: r.randint(1, 3),
     "gamma_initializer": lambda r: r.choice(INITIALIZERS),
     "beta_initializer": lambda r: r.choice(INITIALIZERS),

@@ -277,6 +277,8 @@ LAYER_PARSERS: dict[str, Callable[[str], Any]] = {
     "dropout_rate": _nonneg_float,
     "epsilon": _nonneg_float,
     "momentum": _nonneg_float,
+    "normalization": _bool,
+    "standardization": _bool,
     "axis": lambda s: _int(s, 0),
     "gamma_initializer": _enum(INITIALIZERS),
     "beta_initializer": _enum(INITIALIZERS),

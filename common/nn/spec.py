@@ -14,7 +14,9 @@ LOSSES = ("cross", "mse")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULERS = ("constant", "exponential", "step")
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "softmax", "none")
-INITIALIZERS = ("xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "zeros", "ones")
+INITIALIZERS = (
+    "xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal", "zeros", "ones",
+)  # fmt: skip
 POOLINGS = ("max", "average", "global_max", "global_average")
 
 # Which LayerSpec fields each layer type accepts (besides name, type, input_layers, trainable, personal):
@@ -58,6 +60,8 @@ class LayerSpec:
     dropout_rate: float | None = None
     epsilon: float | None = None
     momentum: float | None = None
+    normalization: bool | None = None  # input: min-max scale the batch to [0, 1]
+    standardization: bool | None = None  # input: per example, NNTrainer's (x - mean) / (||x - mean|| / F)
     axis: int | None = None  # batch_normalization: statistics per this NCHW axis; concat: joined axis (1..3)
     gamma_initializer: str | None = None
     beta_initializer: str | None = None

@@ -26,7 +26,7 @@ class LayerKind:
 
 
 KINDS: dict[str, LayerKind] = {
-    "input": LayerKind("input", frozenset({"input_shape"})),
+    "input": LayerKind("input", frozenset({"input_shape", "normalization", "standardization"})),
     "fully_connected": LayerKind(
         "fully_connected", frozenset({"unit", "activation", "weight_initializer", "bias_initializer"})
     ),
