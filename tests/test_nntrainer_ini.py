@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 from fedpers.nn.ini import parse_ini
+from fedpers.nn.optim import per_weight_decay
 from fedpers.nn.spec import LayerSpec
 
 HEAD = "[in]\nType = input\nInput_Shape = 1:1:4\n"  # lines 1-3
@@ -65,3 +66,29 @@ def test_lecun_initializers_follow_nntrainer() -> None:
 
 
 # ---- layers NNTrainer realizes, backbones, data sets ----------------------------------------------
+
+
+def test_weight_regularizer_and_decays_add_their_l2_term_to_the_right_weights() -> None:
+    from fedpers.nn import Trainer
+
+    base = ("[Model]\nloss = mse\n[Optimizer]\nType = sgd\nLearning_rate = 0.1\n" + HEAD
+            + "[fc]\nType = fully_connected\nUnit = 2\n")
+    plain = parse_ini(base)
+    reg = parse_ini(base + "weight_regularizer = l2norm\nweight_regularizer_constant = 0.3\nbias_decay = 0.2\n")
+    assert per_weight_decay(reg) == {"fc.weight": 0.3, "fc.bias": 0.2}
+    assert per_weight_decay(parse_ini(base + "weight_regularizer = l2norm\n")) == {"fc.weight": 1.0}  # default 1
+    assert per_weight_decay(parse_ini(base + "weight_regularizer = none\nweight_decay = 0.5\n")) == {"fc.weight": 0.5}
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((4, 1, 1, 4)).astype(np.float32), rng.standard_normal((4, 2)).astype(np.float32)
+    w0 = {"fc.weight": rng.standard_normal((4, 2)).astype(np.float32), "fc.bias": np.ones(2, np.float32)}
+    after = {}
+    for name, spec in (("plain", plain), ("reg", reg)):
+        t = Trainer(spec)
+        t.set_weights(w0)
+        t.fit(x, y, epochs=1, batch_size=4, shuffle=False)
+        after[name] = t.get_weights()
+    # sgd: w1 = w0 - lr (g + c w0): the regularized step differs by exactly -lr c w0
+    np.testing.assert_allclose(after["reg"]["fc.weight"] - after["plain"]["fc.weight"], -0.1 * 0.3 * w0["fc.weight"],
+                               rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(after["reg"]["fc.bias"] - after["plain"]["fc.bias"], -0.1 * 0.2 * w0["fc.bias"],
+                               rtol=1e-5, atol=1e-7)

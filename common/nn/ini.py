@@ -22,6 +22,7 @@ from .spec import (
     LOSSES,
     OPTIMIZERS,
     POOLINGS,
+    REGULARIZERS,
     SCHEDULERS,
     LayerSpec,
     ModelError,
@@ -280,6 +281,10 @@ LAYER_PARSERS: dict[str, Callable[[str], Any]] = {
     "normalization": _bool,
     "standardization": _bool,
     "axis": lambda s: _int(s, 0),
+    "weight_regularizer": _enum(REGULARIZERS),
+    "weight_regularizer_constant": _nonneg_float,
+    "weight_decay": _nonneg_float,
+    "bias_decay": _nonneg_float,
     "gamma_initializer": _enum(INITIALIZERS),
     "beta_initializer": _enum(INITIALIZERS),
     "moving_mean_initializer": _enum(INITIALIZERS),
@@ -521,7 +526,8 @@ def to_ini(spec: ModelSpec) -> str:
                 out.append("input_layers = " + ", ".join(value))
             elif key == "input_shape":
                 out.append("Input_Shape = " + ":".join(str(v) for v in value))
-            elif key in ("dropout_rate", "epsilon", "momentum"):
+            elif key in ("dropout_rate", "epsilon", "momentum", "weight_regularizer_constant", "weight_decay",
+                         "bias_decay"):
                 out.append(_line(key, float(value)))
             else:
                 out.append(_line(key, value))

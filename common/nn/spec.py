@@ -5,6 +5,7 @@ Layers see typed fields, never string property bags; `ini.py` is the only place 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -18,6 +19,7 @@ INITIALIZERS = (
     "xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "lecun_uniform", "lecun_normal", "zeros", "ones",
 )  # fmt: skip
 POOLINGS = ("max", "average", "global_max", "global_average")
+REGULARIZERS = ("l2norm", "none")
 
 # Which LayerSpec fields each layer type accepts (besides name, type, input_layers, trainable, personal):
 # read from the one table of layer kinds, which also names each kind's module (imported only when used).
@@ -63,6 +65,10 @@ class LayerSpec:
     normalization: bool | None = None  # input: min-max scale the batch to [0, 1]
     standardization: bool | None = None  # input: per example, NNTrainer's (x - mean) / (||x - mean|| / F)
     axis: int | None = None  # batch_normalization: statistics per this NCHW axis; concat: joined axis (1..3)
+    weight_regularizer: str | None = None  # "l2norm": weight_regularizer_constant * W added to dL/dW
+    weight_regularizer_constant: float | None = None
+    weight_decay: float | None = None  # added to the gradient of weight / gamma (per layer, like NNTrainer)
+    bias_decay: float | None = None  # added to the gradient of bias / beta
     gamma_initializer: str | None = None
     beta_initializer: str | None = None
     moving_mean_initializer: str | None = None
@@ -109,6 +115,13 @@ class LayerSpec:
                 raise bad(key, f"unknown initializer {v!r}; known: {list(INITIALIZERS)}")
         if self.axis is not None and (not isinstance(self.axis, int) or not 1 <= self.axis <= 3):
             raise bad("axis", f"must be 1 (channel), 2 (height) or 3 (width), got {self.axis!r}")
+        if self.weight_regularizer is not None and self.weight_regularizer not in REGULARIZERS:
+            raise bad("weight_regularizer", f"unknown regularizer {self.weight_regularizer!r}; known: "
+                                            f"{list(REGULARIZERS)}")
+        for key in ("weight_regularizer_constant", "weight_decay", "bias_decay"):
+            v = getattr(self, key)
+            if v is not None and not (v >= 0 and math.isfinite(v)):
+                raise bad(key, f"must be a finite number >= 0, got {v}")
         if self.dropout_rate is not None and not 0.0 <= self.dropout_rate < 1.0:
             raise bad("dropout_rate", f"must be in [0, 1), got {self.dropout_rate}")
         if self.epsilon is not None and not self.epsilon > 0:
