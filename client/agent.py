@@ -273,6 +273,8 @@ class Agent:
                 old.close()
             self._models.clear()
             spec = parse_ini(model_ini)
+            for note in spec.notes:  # NNTrainer keys the model gives that fedpers does not act on
+                log.info("model: %s", note)
             first = spec.layers[0]
             last = spec.layers[-1]
             num_classes = last.unit if last.type == "fully_connected" else None

@@ -37,6 +37,8 @@ def build_coordinator(cfg: ServerConfig) -> Coordinator:
     except codec.CodecError as exc:
         raise ConfigError(f"codec: {exc}") from None
     spec = load_ini(cfg.model)
+    for note in spec.notes:  # NNTrainer keys the model gives that fedpers does not act on
+        log.info("model: %s", note)
     layout, weights = load_model(cfg.model, cfg.personal_layers, cfg.seed)
     training = wire.TrainingConfig(
         local_epochs=cfg.local_epochs or spec.epochs,

@@ -89,12 +89,19 @@ class Optimizer:
 
 
 def learning_rate(base: float, sched: SchedulerSpec, iteration: int) -> float:
-    """The learning rate at a 0-based iteration (batch) count."""
+    """The learning rate at a 0-based iteration (batch) count, as NNTrainer's schedulers compute it;
+    `base` (the optimizer's rate) is what constant and exponential start from."""
+    t = iteration
     if sched.type == "exponential":
-        return base * sched.decay_rate ** (iteration / sched.decay_steps)
-    if sched.type == "step":
-        k = sum(1 for b in sched.iterations if iteration >= b)
-        return sched.learning_rates[k]
+        return base * sched.decay_rate ** (t / sched.decay_steps)
+    if sched.type == "step":  # NNTrainer: the first boundary >= t picks the rate, past the last: the last rate
+        return sched.learning_rates[sum(1 for b in sched.iterations if b < t)]
+    if sched.type == "cosine":
+        hi, lo, n = sched.max_learning_rate, sched.min_learning_rate, sched.decay_steps
+        return lo + (hi - lo) * 0.5 * (1.0 + math.cos(math.pi * (t % n) / n))
+    if sched.type == "linear":
+        hi, lo, n = sched.max_learning_rate, sched.min_learning_rate, sched.decay_steps
+        return max(lo, hi - (hi - lo) * (t / n))
     return base
 
 
