@@ -15,6 +15,7 @@ import grpc
 from fedpers import codec, wire
 from fedpers.server.aggregate import make_aggregator, make_optimizer
 from fedpers.server.config import ConfigError, ServerConfig
+from fedpers.server.export_cmd import MODEL_COPY
 from fedpers.server.metrics import MetricsEndpoint, ServerMetrics
 from fedpers.server.model import load_model
 from fedpers.server.rounds import Coordinator
@@ -48,6 +49,7 @@ def build_coordinator(cfg: ServerConfig) -> Coordinator:
     )
     policy = cfg.round_policy()
     cfg.store.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cfg.store / MODEL_COPY, layout.ini_text.encode())  # for `fedpers-server export`
     return Coordinator(
         state=SqliteState(cfg.store / STATE_DB), store=ModelStore(cfg.store), layout=layout,
         initial_weights=weights, aggregator=make_aggregator(cfg.clip_norm),
