@@ -73,7 +73,10 @@ OPTIMIZER_KEYS = {  # what each optimizer type reads ([Optimizer] section or the
 }  # fmt: skip
 FEDPERS_OPTIMIZER_KEYS = ("momentum", "weight_decay")  # fedpers extensions NNTrainer's sgd / adam do not take
 DEFAULT_LEARNING_RATE = {"sgd": 1e-4, "adam": 1e-3}  # NNTrainer's, when a file gives none
-OPTIMIZER_NOTES = {"torch_ref": "fedpers's Adam adds epsilon after the square root, as NNTrainer's default"}
+OPTIMIZER_NOTES = {  # fedpers's Adam is PyTorch's: epsilon added to sqrt(v / (1 - beta2^t))
+    "torch_ref": "fedpers's Adam always takes PyTorch's form (torch_ref = true); NNTrainer's default adds "
+                 "epsilon before the bias correction, a difference of epsilon's scale only",
+}
 
 SCHEDULER_KEYS = {
     "constant": ("type", "learning_rate"),
