@@ -1,4 +1,5 @@
-"""`fedpers-client`: a device's command line (train locally, show a memory plan, join a federation)."""
+"""`fedpers-client`: a device's command line (train locally, show a memory plan, join a federation,
+export a model, predict and evaluate with one)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 
 from fedpers.logs import add_logging_args, setup_logging
 
-from . import plan_cmd, run_cmd, train_cmd
+from . import evaluate_cmd, export_cmd, plan_cmd, predict_cmd, run_cmd, train_cmd
 
 # `run` reports its progress at INFO; the local commands print their own output and log warnings only.
 DEFAULT_LOG_LEVEL = {"run": "INFO"}
@@ -17,8 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedpers-client", description="fedpers device: train on private data.")
     level_help = "DEBUG, INFO, WARNING or ERROR (default: INFO for run, WARNING otherwise)"
     add_logging_args(p, level_help)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,plan,run}")
-    for mod in (train_cmd, plan_cmd, run_cmd):
+    sub = p.add_subparsers(dest="command", required=True, metavar="{train,plan,run,export,predict,evaluate}")
+    for mod in (train_cmd, plan_cmd, run_cmd, export_cmd, predict_cmd, evaluate_cmd):
         cmd = mod.add_parser(sub)
         cmd.set_defaults(handler=mod.main)
         add_logging_args(cmd, level_help, on_subcommand=True)

@@ -280,6 +280,8 @@ class Agent:
                 old.close()
             self._models.clear()
             spec = parse_ini(model_ini)
+            for note in spec.notes:  # NNTrainer keys the model gives that fedpers does not act on
+                log.info("model: %s", note)
             first = spec.layers[0]
             last = spec.layers[-1]
             num_classes = last.unit if last.type == "fully_connected" else None
@@ -356,9 +358,11 @@ class Agent:
         return EncodedUpdate(blob=wire.tensorset_to_blob(tensors), residuals=new_residuals)
 
     def _commit(self, record: RoundRecord, local: dict[str, np.ndarray], encoded: EncodedUpdate,
-                codec_name: str) -> None:
-        """After the server accepted: local tensors, residuals and bookkeeping in one atomic write."""
+                codec_name: str, base: Mapping[str, np.ndarray]) -> None:
+        """After the server accepted: local tensors, the base they pair with, residuals and bookkeeping
+        in one atomic write."""
         self.state.local = local
+        self.state.base, self.state.base_kept = dict(base), record.base_version
         self.state.residuals = encoded.residuals
         self.state.codec = codec_name
         self.state.last_round = record.round_id
@@ -421,7 +425,7 @@ class Agent:
         if not reply.accepted:
             log.warning("round %d: update not accepted (%s)", r, reply.message)
             return False
-        self._commit(record, local, encoded, plan.codec.name)
+        self._commit(record, local, encoded, plan.codec.name, base)
         log.info("round %d: sent %d bytes; global acc %.3f -> personalized %.3f (%d in round)",
                  r, record.bytes_up, glob.accuracy, pers.accuracy, reply.updates_in_round)
         return True
@@ -458,6 +462,7 @@ class Agent:
                                       epochs=int(epochs))
         _, local = split_weights(trainer.get_weights(), base)
         self.state.local = local
+        self.state.base, self.state.base_kept = dict(base), v
         self.store.save(self.state)
         log.info("final base v%d: accuracy %.3f; personalized with %d local epochs: %.3f", v, final_global, epochs,
                  personalized)

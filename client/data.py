@@ -11,11 +11,12 @@ import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fedpers.nn import DataError  # one error kind for bad data, file or array
 
-__all__ = ["DataError", "Dataset", "check_against_model", "holdout_split", "load_data"]
+__all__ = ["DataError", "Dataset", "check_against_model", "holdout_split", "load_data", "load_model_data"]
 
 HOLDOUT_FRACTION = 0.2
 
@@ -126,6 +127,26 @@ def load_data(path: str | os.PathLike, holdout_seed: int = 0, holdout: float = H
     return Dataset(
         np.ascontiguousarray(x), y, np.ascontiguousarray(x_test), y_test, held_out_by_device=True
     )
+
+
+def load_model_data(spec: Any, model_path: str | os.PathLike, holdout_seed: int = 0,
+                    holdout: float = HOLDOUT_FRACTION) -> Dataset:
+    """The data a model file names, in NNTrainer's raw format (paths relative to the model file):
+    [train_set] (or [DataSet] TrainData) to train on, [valid_set] / [test_set] as the held-out split
+    (else the seeded fraction `holdout` of the training file)."""
+    from fedpers.nn.nntrainer_format import read_raw_data, resolve_data_path
+
+    ds = spec.dataset
+    if ds.train is None:
+        raise DataError(f"no --data, and {model_path} names no training data ([train_set] path, or [DataSet] "
+                        "TrainData)")
+    x, y = read_raw_data(resolve_data_path(ds.train, model_path), spec)
+    held = ds.valid or ds.test
+    if held is not None:
+        x_test, y_test = read_raw_data(resolve_data_path(held, model_path), spec)
+        return Dataset(x, y, x_test, y_test, held_out_by_device=False)
+    x, y, x_test, y_test = holdout_split(x, y, holdout, holdout_seed)
+    return Dataset(np.ascontiguousarray(x), y, np.ascontiguousarray(x_test), y_test, held_out_by_device=True)
 
 
 def check_against_model(data: Dataset, input_shape: tuple[int, ...], num_classes: int | None, path: str = "") -> None:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "device.fpst"
 REPORT_FILE = "report.json"
 UPLOADS_DIR = "uploads"
-_LOCAL, _RESID = "local/", "residual/"
+_LOCAL, _RESID, _BASE = "local/", "residual/", "base/"
 STATE_FORMAT = 1
 
 
@@ -87,6 +87,10 @@ class DeviceState:
     history: list[RoundRecord] = field(default_factory=list)
     bytes_up: int = 0
     bytes_down: int = 0
+    # The server's tensors `local` was last trained against (version `base_kept`): with `local` they
+    # are the device's personalized model, which `fedpers-client export` writes out.
+    base: dict[str, np.ndarray] = field(default_factory=dict)
+    base_kept: int = -1
 
     @property
     def epochs_trained(self) -> int:
@@ -131,6 +135,8 @@ class PersonalStore:
                 history=history,
                 bytes_up=int(meta["bytes_up"]),
                 bytes_down=int(meta["bytes_down"]),
+                base={k[len(_BASE):]: v for k, v in arrays.items() if k.startswith(_BASE)},
+                base_kept=int(meta.get("base_kept", -1)),  # absent in states written before it existed
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"{self.state_path}: unreadable state ({exc})") from None
@@ -150,6 +156,7 @@ class PersonalStore:
         """Write the whole state in one atomic step."""
         arrays = {_LOCAL + k: v for k, v in state.local.items()}
         arrays.update({_RESID + k: v for k, v in state.residuals.items()})
+        arrays.update({_BASE + k: v for k, v in state.base.items()})
         meta = {
             "format": STATE_FORMAT,
             "name": state.name,
@@ -160,6 +167,7 @@ class PersonalStore:
             "history": [asdict(r) for r in state.history],
             "bytes_up": state.bytes_up,
             "bytes_down": state.bytes_down,
+            "base_kept": state.base_kept,
         }
         save_arrays(self.state_path, arrays, meta)
 

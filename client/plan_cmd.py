@@ -167,7 +167,7 @@ def main(args: argparse.Namespace) -> int:
             print("fedpers-client plan: --png needs matplotlib (pip install 'fedpers[plot]')", file=sys.stderr)
             return 2
     if args.json:
-        print(json.dumps({"tensors": rows, "totals": tot}))
+        print(json.dumps({"tensors": rows, "totals": tot, "notes": list(spec.notes)}))
         return 0
     print(f"{'tensor':<34} {'role':<8} {'bytes':>11} {'lifespan':>11}  offset(s)")
     for r in rows:
@@ -177,4 +177,8 @@ def main(args: argparse.Namespace) -> int:
     print()
     for k, v in tot.items():
         print(f"{k:<26} {format_size(v) + f' ({v:,})' if k.endswith('bytes') or k.endswith('iteration') else v}")
+    if spec.notes:  # NNTrainer keys the model file gives that fedpers accepts without acting on them
+        print()
+        for note in spec.notes:
+            print(f"note: {note}")
     return 0

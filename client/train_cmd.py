@@ -13,7 +13,7 @@ from fedpers.nn import BudgetError, ModelError, Trainer, WeightError, load_ini, 
 from fedpers.nn.budget import format_size
 from fedpers.nn.modes import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
 
-from .data import HOLDOUT_FRACTION, DataError, check_against_model, load_data
+from .data import HOLDOUT_FRACTION, DataError, check_against_model, load_data, load_model_data
 from .progress import ProgressBar
 
 log = logging.getLogger(__name__)
@@ -37,8 +37,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("train", help="train a model locally on DATA.npz",
                               description="Train MODEL.ini on DATA.npz on this machine, without a server.")
     p.add_argument("model", type=Path, metavar="MODEL.ini", help="NNTrainer-style model file")
-    p.add_argument("--data", required=True, type=Path, metavar="DATA.npz",
-                   help="x float32 (N,C,H,W) or (N,F), y integer labels (N,); optional x_test, y_test")
+    p.add_argument("--data", type=Path, metavar="DATA.npz",
+                   help="x float32 (N,C,H,W) or (N,F), y integer labels (N,); optional x_test, y_test "
+                        "(default: the model's [train_set] / [DataSet] files, NNTrainer's raw format)")
     p.add_argument("--epochs", type=positive_int, default=None, metavar="N", help="override [Model] Epochs")
     p.add_argument("--batch", type=positive_int, default=None, metavar="B", help="override [Model] batch_size")
     p.add_argument("--lr", type=positive_float, default=None, metavar="X", help="override the learning rate")
@@ -60,12 +61,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 def main(args: argparse.Namespace) -> int:
     try:
         spec = load_ini(args.model)
-        data = load_data(args.data, holdout=args.holdout)
+        for note in spec.notes:
+            print(f"note: {note}", file=sys.stderr)
+        if args.data is not None:
+            data = load_data(args.data, holdout=args.holdout)
+        else:
+            data = load_model_data(spec, args.model, holdout=args.holdout)
         if data.held_out_by_device:
-            print(f"{args.data} has no x_test/y_test: holding out {args.holdout:.0%} ({data.y_test.size} examples) "
-                  f"as the test split (--holdout)", file=sys.stderr)
+            print(f"{args.data or args.model} has no test split: holding out {args.holdout:.0%} "
+                  f"({data.y_test.size} examples) as the test split (--holdout)", file=sys.stderr)
         check_against_model(data, spec.layers[0].input_shape, output_size(spec) if spec.loss == "cross" else None,
-                            str(args.data))
+                            str(args.data or args.model))
         warmup(spec)
         rss.mark_baseline()
         trainer = Trainer(spec, memory=args.memory, memory_budget=args.memory_budget, lookahead=args.lookahead,

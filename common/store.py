@@ -189,6 +189,14 @@ class ModelStore:
             log.warning("removing unfinished write %s", stale)
             stale.unlink(missing_ok=True)
 
+    @classmethod
+    def read_only(cls, directory: str | os.PathLike) -> ModelStore:
+        """The versions in `directory`, for reading only: no folder is made and no unfinished write is
+        removed (a running server may be in the middle of one)."""
+        store = cls.__new__(cls)
+        store.directory = Path(directory) / "models"
+        return store
+
     def path(self, version: int) -> Path:
         return self.directory / f"v{version:012d}.fpst"
 

@@ -5,6 +5,7 @@
     fedpers-server status --address HOST:PORT [--json]          a running server's progress
     fedpers-server status --store DIR [--json]                  what a stopped server left in its store
     fedpers-server report --store DIR|--address A [--json F] [--png F]   per-round report and accuracy plot
+    fedpers-server export --store DIR [--version V] --out PATH     a model version as .npz or NNTrainer .bin+.ini
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 import grpc
 from fedpers.codec import codec_help
 from fedpers.logs import LOG_FORMATS, setup_logging
+from fedpers.server import export_cmd
 from fedpers.strategies import STRATEGIES
 
 _M_ARENA_MAX = -8  # glibc mallopt parameter
@@ -68,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpers-server", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     _serve_flags(parser)
-    sub = parser.add_subparsers(dest="command", metavar="{serve,health,status,report}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,health,status,report,export}")
     _serve_flags(sub.add_parser("serve", help="run the aggregation server (the default; same flags as above)",
                                 description="Run the aggregation server. Flags override --config."))
     health = sub.add_parser("health", help="exit 0 iff the server reports SERVING (grpc.health.v1)")
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
     report.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON to FILE")
     report.add_argument("--png", type=Path, metavar="FILE", help="write the accuracy plot to FILE")
+    export_cmd.add_parser(sub)
     return parser
 
 
@@ -233,7 +236,8 @@ def _report(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    handler = {"health": _health, "status": _status, "report": _report}.get(ns.command, _serve)
+    handler = {"health": _health, "status": _status, "report": _report, "export": export_cmd.main}.get(ns.command,
+                                                                                                       _serve)
     try:
         return handler(ns)
     except BrokenPipeError:  # e.g. `fedpers-server status | head -1`: the reader left, nothing is wrong

@@ -16,6 +16,7 @@ from fedpers import codec, wire
 from fedpers.locks import DirLock
 from fedpers.server.aggregate import make_aggregator, make_optimizer
 from fedpers.server.config import ConfigError, ServerConfig
+from fedpers.server.export_cmd import MODEL_COPY
 from fedpers.server.metrics import MetricsEndpoint, ServerMetrics
 from fedpers.server.model import load_model
 from fedpers.server.rounds import Coordinator
@@ -38,6 +39,8 @@ def build_coordinator(cfg: ServerConfig) -> Coordinator:
     except codec.CodecError as exc:
         raise ConfigError(f"codec: {exc}") from None
     spec = load_ini(cfg.model)
+    for note in spec.notes:  # NNTrainer keys the model gives that fedpers does not act on
+        log.info("model: %s", note)
     layout, weights = load_model(cfg.model, cfg.personal_layers, cfg.seed)
     training = wire.TrainingConfig(
         local_epochs=cfg.local_epochs or spec.epochs,
@@ -47,6 +50,7 @@ def build_coordinator(cfg: ServerConfig) -> Coordinator:
     )
     policy = cfg.round_policy()
     cfg.store.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(cfg.store / MODEL_COPY, layout.ini_text.encode())  # for `fedpers-server export`
     return Coordinator(
         state=SqliteState(cfg.store / STATE_DB), store=ModelStore(cfg.store), layout=layout,
         initial_weights=weights, aggregator=make_aggregator(cfg.clip_norm),

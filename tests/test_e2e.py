@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -283,3 +284,32 @@ def test_join_retries_and_download_resumes_at_the_byte_it_reached(tmp_path):
     for k in arrays:
         np.testing.assert_array_equal(got[k], arrays[k])
     assert agent.state.bytes_down == len(blob)
+
+
+def test_models_out_after_the_federation(fed, tmp_path):
+    """The device exports base v3 + its own head; the server exports v3 with an initial head; they
+    share every served tensor, and the device's export evaluates as `evaluate --state` does."""
+    tmp = fed["tmp"]
+    state = PersonalStore(tmp / "dev" / "1").load()
+    assert state.base_kept == ROUNDS and sorted(state.base) == ["hidden.bias", "hidden.weight"]
+    dev_out, srv_out = tmp_path / "device.npz", tmp_path / "server.bin"
+    for argv in (["fedpers.client", "export", "--state", str(tmp / "dev" / "1"), "--out", str(dev_out)],
+                 ["fedpers.server", "export", "--store", str(tmp / "store"), "--out", str(srv_out)]):
+        proc = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    from fedpers.export import read_weights
+    from fedpers.nn import load_ini
+
+    spec = load_ini(MODEL)
+    device, server = read_weights(dev_out, spec), read_weights(srv_out, spec)
+    for name in ("hidden.weight", "hidden.bias"):
+        np.testing.assert_array_equal(device[name], server[name])
+        np.testing.assert_array_equal(device[name], state.base[name])
+    np.testing.assert_array_equal(device["privhead.weight"], state.local["privhead.weight"])
+    assert not np.array_equal(device["privhead.weight"], server["privhead.weight"])
+    data = tmp / "data" / "device-1.npz"
+    runs = [subprocess.run([sys.executable, "-m", "fedpers.client", "evaluate", *src, "--data", str(data), "--json"],
+                           capture_output=True, text=True, timeout=120)
+            for src in (["--state", str(tmp / "dev" / "1")], [str(MODEL), "--weights", str(dev_out)])]
+    assert all(r.returncode == 0 for r in runs), [r.stderr for r in runs]
+    assert json.loads(runs[0].stdout) == {**json.loads(runs[1].stdout), "model": str(tmp / "dev" / "1" / "model.ini")}

@@ -152,6 +152,14 @@ CASES = [
     *[act(fn) for fn in ("relu", "sigmoid", "tanh", "softmax", "none")],
     Case("flatten", spec_layer("flat", "flatten"), [(2, 3, 2, 2)]),
     Case("addition_3", spec_layer("add", "addition"), [(2, 3, 2), (2, 3, 2), (2, 3, 2)]),
+    Case("concat_channels", spec_layer("cat", "concat", axis=1), [(2, 3, 2, 4), (2, 1, 2, 4)]),
+    Case("concat_height_3", spec_layer("cat", "concat", axis=2), [(2, 2, 3, 2), (2, 2, 1, 2), (2, 2, 2, 2)]),
+    Case("concat_width_default", spec_layer("cat", "concat"), [(2, 3, 2, 4), (2, 3, 2, 1)]),
+    Case("concat_features_2d", spec_layer("cat", "concat", axis=3), [(3, 4), (3, 2)]),
+    Case("concat_2d_default_channel", spec_layer("cat", "concat"), [(3, 4), (3, 4)]),
+    Case("batch_norm_axis_width", spec_layer("bn", "batch_normalization", axis=3), [(3, 2, 2, 4)]),
+    Case("batch_norm_axis_height", spec_layer("bn", "batch_normalization", axis=2), [(3, 2, 3, 2)]),
+    Case("batch_norm_one_channel", spec_layer("bn", "batch_normalization"), [(4, 1, 2, 3)]),
     cross_entropy_case(),
     mse_case(),
 ]
@@ -284,6 +292,22 @@ def test_batch_norm_running_stats_follow_momentum_in_training_only() -> None:
     rm, rv = lr.weight("running_mean"), lr.weight("running_var")
     expected = (x - rm[None, :, None, None]) / np.sqrt(rv[None, :, None, None] + 1e-3)
     np.testing.assert_allclose(out, expected, rtol=1e-12)
+
+
+def test_batch_norm_axis_and_initializers() -> None:
+    """Statistics per index of the chosen NCHW axis (NNTrainer's `axis`; width by default for one
+    channel); the four initializers fill the weights."""
+    spec = LayerSpec("bn", "batch_normalization", axis=3, momentum=0.5, gamma_initializer="zeros",
+                     beta_initializer="ones", moving_mean_initializer="zeros", moving_variance_initializer="ones")
+    lr = LayerRun.build(LAYERS["batch_normalization"](spec), [(5, 2, 3, 4)])
+    assert lr.weight("gamma").shape == (4,)
+    assert (lr.weight("gamma") == 0).all() and (lr.weight("beta") == 1).all()
+    x = np.random.default_rng(0).standard_normal((5, 2, 3, 4)) * 2 + 1
+    lr.forward(x, training=True)
+    np.testing.assert_allclose(lr.weight("running_mean"), 0.5 * x.mean(axis=(0, 1, 2)), rtol=1e-12)
+    np.testing.assert_allclose(lr.weight("running_var"), 0.5 + 0.5 * x.var(axis=(0, 1, 2)), rtol=1e-12)
+    one = LayerRun.build(LAYERS["batch_normalization"](LayerSpec("b", "batch_normalization")), [(2, 1, 3, 5)])
+    assert one.weight("gamma").shape == (5,)
 
 
 def test_frozen_batch_norm_uses_running_stats_and_keeps_them() -> None:

@@ -136,6 +136,9 @@ RUNTIME_CASES = {
     "activation_none": (lambda: _spec("activation", activation="none"), [(64, 1024)]),
     "flatten": (lambda: _spec("flatten"), [(8, 16, 32, 32)]),
     "addition": (lambda: _spec("addition"), [(8, 16, 32, 32)] * 3),
+    "concat_channels": (lambda: _spec("concat", axis=1), [(8, 16, 32, 32), (8, 8, 32, 32)]),
+    "concat_width": (lambda: _spec("concat", axis=3), [(8, 16, 32, 32), (8, 16, 32, 16)]),
+    "batch_norm_width": (lambda: _spec("batch_normalization", axis=3), [(8, 16, 32, 32)]),
     "loss_cross": (lambda: CrossEntropyLoss(LayerSpec("loss", "flatten")), [(64, 1024)]),
     "loss_mse": (lambda: MSELoss(LayerSpec("loss", "flatten")), [(64, 1024)]),
 }

@@ -15,9 +15,9 @@ if TYPE_CHECKING:
     from .budget import BudgetError, parse_size
     from .errors import DataError, WeightError
     from .graph import WeightSpec, compile, init_weights, output_size, weight_specs
-    from .ini import load_ini, parse_ini, save_ini, to_ini
+    from .ini import load_ini, nntrainer_ini, parse_ini, save_ini, to_ini
     from .modes import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
-    from .spec import LayerSpec, ModelError, ModelSpec, OptimizerSpec, SchedulerSpec
+    from .spec import DatasetSpec, LayerSpec, ModelError, ModelSpec, OptimizerSpec, SchedulerSpec
     from .trainer import EvalResult, FitResult, MemoryReport, Trainer, warmup
 
 # public name -> the module of this package that defines it ("rss" is the module itself)
@@ -26,18 +26,21 @@ _HOMES: dict[str, str] = {
     "BudgetError": "budget", "parse_size": "budget",
     "WeightSpec": "graph", "compile": "graph", "init_weights": "graph", "output_size": "graph",
     "weight_specs": "graph",
-    "load_ini": "ini", "parse_ini": "ini", "save_ini": "ini", "to_ini": "ini",
+    "load_ini": "ini", "nntrainer_ini": "ini", "parse_ini": "ini", "save_ini": "ini", "to_ini": "ini",
     "DEFAULT_MEMORY_MODE": "modes", "MEMORY_MODES": "modes", "memory_modes_help": "modes",
     "LayerSpec": "spec", "ModelError": "spec", "ModelSpec": "spec", "OptimizerSpec": "spec", "SchedulerSpec": "spec",
+    "DatasetSpec": "spec",
     "DataError": "errors", "WeightError": "errors",
     "EvalResult": "trainer", "FitResult": "trainer", "MemoryReport": "trainer", "Trainer": "trainer",
     "warmup": "trainer",
 }  # fmt: skip
 
 __all__ = [
-    "DEFAULT_MEMORY_MODE", "MEMORY_MODES", "BudgetError", "DataError", "EvalResult", "FitResult", "LayerSpec",
+    "DEFAULT_MEMORY_MODE", "MEMORY_MODES", "BudgetError", "DataError", "DatasetSpec", "EvalResult", "FitResult",
+    "LayerSpec",
     "MemoryReport", "ModelError", "ModelSpec", "OptimizerSpec", "SchedulerSpec", "Trainer", "WeightError",
-    "WeightSpec", "compile", "init_weights", "load_ini", "memory_modes_help", "output_size", "rss", "parse_ini",
+    "WeightSpec", "compile", "init_weights", "load_ini", "memory_modes_help", "nntrainer_ini", "output_size", "rss",
+    "parse_ini",
     "parse_size", "save_ini", "to_ini", "warmup", "weight_specs",
 ]  # fmt: skip
 

@@ -8,7 +8,8 @@ from .layers.base import WeightRequest
 
 
 def initialize(rng: np.random.Generator, req: WeightRequest) -> np.ndarray:
-    """A float32 array of req.shape drawn as req.initializer says (Glorot / He, as in Keras)."""
+    """A float32 array of req.shape drawn as req.initializer says (Glorot / He as in Keras; LeCun as
+    NNTrainer defines it: normal with std sqrt(1/fan_in), uniform in +-sqrt(1/fan_in))."""
     shape, fan_in, fan_out = req.shape, max(req.fan_in, 1), max(req.fan_out, 1)
     match req.initializer:
         case "zeros":
@@ -25,4 +26,9 @@ def initialize(rng: np.random.Generator, req: WeightRequest) -> np.ndarray:
             return rng.uniform(-limit, limit, shape).astype(np.float32)
         case "he_normal":
             return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        case "lecun_uniform":
+            limit = np.sqrt(1.0 / fan_in)
+            return rng.uniform(-limit, limit, shape).astype(np.float32)
+        case "lecun_normal":
+            return (rng.standard_normal(shape) * np.sqrt(1.0 / fan_in)).astype(np.float32)
     raise ValueError(f"unknown initializer {req.initializer!r}")

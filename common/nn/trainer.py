@@ -22,7 +22,7 @@ from .errors import DataError, WeightError
 from .graph import Compiled, init_weights, output_size
 from .graph import compile as compile_graph
 from .modes import DEFAULT_MEMORY_MODE
-from .optim import Optimizer, learning_rate
+from .optim import Optimizer, learning_rate, per_weight_decay
 from .spec import ModelError, ModelSpec
 from .swap import Swapper, swap_schedule
 
@@ -93,6 +93,7 @@ class Trainer:
         self.budget = parse_size(memory_budget) if memory_budget is not None else None
         self.swap_dir, self.seed = swap_dir, seed
         self.optimizer = Optimizer(spec.optimizer)
+        self._decay = per_weight_decay(spec)  # layers' L2 terms (NNTrainer weight_regularizer / *_decay)
         self.choice: Choice | None = None
         self._weights: dict[str, np.ndarray] = init_weights(spec, seed)
         self.outputs = output_size(spec)  # values per example at the output (classes for Loss = cross)
@@ -418,7 +419,8 @@ class Trainer:
                     g = c.views[c.grad_acc[f"{name}:grad"]]
                 mu = self._mu.get(name, 0.0)
                 self.optimizer.apply(wv, g, [c.views[s] for s in c.opt_names[name]], lr, self._iteration,
-                                     anchor=c.views[f"{name}:anchor"] if mu else None, mu=mu)
+                                     anchor=c.views[f"{name}:anchor"] if mu else None, mu=mu,
+                                     decay=self._decay.get(name, 0.0))
 
     # ---- inference -----------------------------------------------------------------------------
     def _forward_batches(self, x: np.ndarray, y: np.ndarray | None, batch: int, collect: np.ndarray | None):

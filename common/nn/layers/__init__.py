@@ -25,23 +25,25 @@ class LayerKind:
     keys: frozenset[str]  # LayerSpec fields besides name, type and spec.COMMON_KEYS
 
 
+_WEIGHTED = frozenset({"weight_initializer", "bias_initializer", "weight_regularizer", "weight_regularizer_constant",
+                       "weight_decay", "bias_decay", "activation"})  # fmt: skip
+
+# Every kind takes `activation` (realized as its own node after the layer, as NNTrainer does).
 KINDS: dict[str, LayerKind] = {
-    "input": LayerKind("input", frozenset({"input_shape"})),
-    "fully_connected": LayerKind(
-        "fully_connected", frozenset({"unit", "activation", "weight_initializer", "bias_initializer"})
-    ),
-    "conv2d": LayerKind(
-        "conv2d",
-        frozenset(
-            {"filters", "kernel_size", "stride", "padding", "activation", "weight_initializer", "bias_initializer"}
-        ),
-    ),
-    "pooling2d": LayerKind("pooling2d", frozenset({"pool_size", "stride", "padding", "pooling"})),
-    "flatten": LayerKind("flatten", frozenset()),
+    "input": LayerKind("input", frozenset({"input_shape", "normalization", "standardization", "activation"})),
+    "fully_connected": LayerKind("fully_connected", _WEIGHTED | {"unit"}),
+    "conv2d": LayerKind("conv2d", _WEIGHTED | {"filters", "kernel_size", "stride", "padding"}),
+    "pooling2d": LayerKind("pooling2d", frozenset({"pool_size", "stride", "padding", "pooling", "activation"})),
+    "flatten": LayerKind("flatten", frozenset({"activation"})),
     "activation": LayerKind("activation", frozenset({"activation"})),
-    "batch_normalization": LayerKind("batch_normalization", frozenset({"epsilon", "momentum", "activation"})),
-    "dropout": LayerKind("dropout", frozenset({"dropout_rate"})),
+    "batch_normalization": LayerKind(
+        "batch_normalization",
+        frozenset({"epsilon", "momentum", "activation", "axis", "weight_decay", "bias_decay", "gamma_initializer",
+                   "beta_initializer", "moving_mean_initializer", "moving_variance_initializer"}),
+    ),
+    "dropout": LayerKind("dropout", frozenset({"dropout_rate", "activation"})),
     "addition": LayerKind("addition", frozenset({"activation"})),
+    "concat": LayerKind("concat", frozenset({"axis", "activation"})),
 }
 
 _FROM_BASE = frozenset({"LAYERS", "Feed", "InitContext", "Layer", "LayerState", "RunContext", "register"})

@@ -1,4 +1,6 @@
-"""Batch normalization: per channel over (N, H, W) for NCHW input, per feature for (N, F) input.
+"""Batch normalization: statistics per index of one NCHW axis, over all the others (NNTrainer's
+`axis`; a (N, F) tensor reads as (N, 1, 1, F)). Unset, the axis is the channel when there is more
+than one channel, else the width: per channel for conv output, per feature for (N, F) input.
 
 Weights gamma, beta (trainable) and running_mean, running_var (statistics: no gradient, changed in
 a training forward as running = momentum * running + (1 - momentum) * batch, with the biased batch
@@ -6,7 +8,8 @@ variance, as Keras and NNTrainer do). Training uses batch statistics and saves x
 and 1/std (per channel) for backward; evaluation uses the running statistics. A frozen layer
 (trainable = false) always normalizes with the running statistics and leaves them alone, so its
 derivative is a per-channel scale and it saves nothing. Forward and derivative work in place.
-All kernels see the data as (N, C, P) with P = H*W (P = 1 for 2-D input).
+All kernels see the data as (M, C, P): M the batch times the axes before the statistics' axis, C
+that axis, P the axes after it (for the channel axis: (N, C, H*W); for features: (N, F, 1)).
 """
 
 from __future__ import annotations
@@ -136,11 +139,6 @@ def bn_frozen_backward(dy, gamma, run_var, eps, dx):
                 dx[n, c, k] = dy[n, c, k] * scale
 
 
-def _as3(a: np.ndarray) -> np.ndarray:
-    """(N, C, ...) -> (N, C, P) view."""
-    return a.reshape(a.shape[0], a.shape[1], -1)
-
-
 @register
 class BatchNormalization(Layer):
     kind = "batch_normalization"
@@ -150,14 +148,19 @@ class BatchNormalization(Layer):
         (shape,) = ctx.input_shapes
         if len(shape) not in (2, 4):
             raise ctx.error("input_layers", f"batch_normalization needs (features) or C:H:W input, got {shape[1:]}")
-        c = shape[1]
+        dims = (1, 1, shape[1]) if len(shape) == 2 else tuple(shape[1:])
+        axis = self.spec.axis if self.spec.axis is not None else (1 if dims[0] > 1 else 3)
+        k = axis - 1
+        c = dims[k]
+        self.view = (math.prod(dims[:k]), c, math.prod(dims[k + 1 :]))  # per example: (lead, C, P)
         self.eps = float(self.spec.epsilon if self.spec.epsilon is not None else DEFAULT_EPSILON)
         self.momentum = float(self.spec.momentum if self.spec.momentum is not None else DEFAULT_MOMENTUM)
         self.frozen = not self.spec.trainable
-        self.gamma = ctx.request_weight("gamma", (c,), "ones")
-        self.beta = ctx.request_weight("beta", (c,), "zeros")
-        self.mean = ctx.request_weight("running_mean", (c,), "zeros", trainable=False)
-        self.var = ctx.request_weight("running_var", (c,), "ones", trainable=False)
+        sp = self.spec
+        self.gamma = ctx.request_weight("gamma", (c,), sp.gamma_initializer or "ones")
+        self.beta = ctx.request_weight("beta", (c,), sp.beta_initializer or "zeros")
+        self.mean = ctx.request_weight("running_mean", (c,), sp.moving_mean_initializer or "zeros", trainable=False)
+        self.var = ctx.request_weight("running_var", (c,), sp.moving_variance_initializer or "ones", trainable=False)
         self.xhat = self.inv_std = None
         if not self.frozen:
             self.xhat = ctx.request_tensor("x_hat", shape, Life.FORWARD | Life.CALC_GRAD | Life.CALC_DERIV)
@@ -166,7 +169,13 @@ class BatchNormalization(Layer):
         ctx.deriv_inplace = True
         return shape
 
+    def _as3(self, a: np.ndarray) -> np.ndarray:
+        """(N, ...) -> the (M, C, P) view the kernels take."""
+        lead, c, p = self.view
+        return a.reshape(a.shape[0] * lead, c, p)
+
     def forward(self, run: RunContext, training: bool) -> None:
+        _as3 = self._as3
         x, out = _as3(run.input()), _as3(run.output())
         gamma, beta = run.weight(self.gamma), run.weight(self.beta)
         mean, var = run.weight(self.mean), run.weight(self.var)
@@ -182,12 +191,13 @@ class BatchNormalization(Layer):
         dgamma, dbeta = run.grad(self.gamma), run.grad(self.beta)
         if dgamma is None or dbeta is None or self.frozen:
             return
-        bn_param_grad(_as3(run.dout()), _as3(run.tensor(self.xhat)), dgamma, dbeta)
+        bn_param_grad(self._as3(run.dout()), self._as3(run.tensor(self.xhat)), dgamma, dbeta)
 
     def calc_derivative(self, run: RunContext) -> None:
         din = run.din()
         if din is None:
             return
+        _as3 = self._as3
         dy = _as3(run.dout())
         if self.frozen:
             bn_frozen_backward(dy, run.weight(self.gamma), run.weight(self.var), self.eps, _as3(din))
