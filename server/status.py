@@ -37,7 +37,7 @@ def status_of_store(store_dir: Path) -> wire.Status:
     db = Path(store_dir) / STATE_DB
     if not db.is_file():
         raise StoreError(f"{store_dir} is not a fedpers-server store (no {STATE_DB})")
-    latest = ModelStore(store_dir).latest_version()
+    latest = ModelStore.read_only(store_dir).latest_version()
     state = st.SqliteState(db, read_only=True)
     try:
         return build_status(state, version=latest if latest is not None else 0, rounds_target=0, finished=False)

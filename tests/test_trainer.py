@@ -275,7 +275,7 @@ def test_cli_train_says_when_it_holds_out_a_test_split(digits, tmp_path):
     np.savez(path, x=x[:100], y=y[:100])
     proc = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(path), "--epochs", "1", "--holdout",
                    "0.3", "--drop-last", "--json")
-    assert "has no x_test/y_test: holding out 30% (30 examples) as the test split" in proc.stderr
+    assert "has no test split: holding out 30% (30 examples) as the test split" in proc.stderr
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["steps"] == 70 // 32  # 70 training examples, batch 32, the partial batch dropped
     bad = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(path), "--holdout", "1", check=False)
