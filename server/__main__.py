@@ -32,7 +32,9 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--listen", help="HOST:PORT to bind (port 0: a free port; default 127.0.0.1:50051)")
     a("--store", help="directory for model versions and the state database")
     a("--rounds", type=int, help="rounds to complete before tasks say DONE (default 10)")
-    a("--min-devices", type=int, help="devices needed to open and to close a round (default 2)")
+    a("--min-devices", type=int,
+      help="the minimum of live waiting devices to open a round, and of updates to close it at its deadline "
+           "(default 2); a round closes earlier at its quorum: every selected device, or --target-devices")
     a("--fraction", type=float, help="fraction of waiting devices sampled per round (default 1.0)")
     a("--round-timeout", type=float, help="seconds until a round's deadline (default 60)")
     a("--strategy", choices=tuple(STRATEGIES),
@@ -47,7 +49,18 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--seed", type=int, help="seed for version 0 and device sampling (default 0)")
     a("--log-level", help="DEBUG, INFO, WARNING... (default INFO)")
     a("--clip-norm", type=float, help="clip each delta to this L2 norm before averaging")
-    a("--norm-bound", type=float, help="refuse updates whose L2 norm exceeds this")
+    a("--norm-bound", type=float,
+      help="refuse updates whose L2 norm exceeds this (default: 4x the L2 norm of the shared weights at start, "
+           "at least 1)")
+    a("--max-examples", type=int,
+      help="ceiling on the num_examples one update counts for, i.e. its weight in the mean (default 10000)")
+    a("--target-devices", type=int,
+      help="over-selection: close a round as soon as this many updates are in, and select "
+           "ceil(K x (1 + --over-select)) live waiting devices for it (instead of --fraction)")
+    a("--over-select", type=float, help="extra fraction selected with --target-devices (default 0.3)")
+    a("--waiting-ttl", type=float,
+      help="liveness: a device counts as waiting (selectable) this many seconds after its last call "
+           "(default max(2, 6 x --retry-after))")
     a("--max-update-mb", type=float, help="largest accepted update (default: 2x fp32 shared size + 1 MiB)")
     a("--workers", type=int, help="gRPC handler threads; bounds concurrent uploads and memory (default 4)")
     a("--retry-after", type=float, help="seconds a waiting device is told to wait (default 0.5)")

@@ -2,7 +2,8 @@
 
 Order of a stop: health says NOT_SERVING, the gRPC server refuses new calls and gives
 in-flight ones a grace period (an upload that completes the round still closes it), then the
-coordinator abandons whatever round is still open, the ticker ends and the database closes.
+coordinator takes no more work (a round still open stays open: its updates are journaled and a
+restart continues it), the ticker ends and the database closes.
 """
 
 from __future__ import annotations

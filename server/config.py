@@ -40,7 +40,10 @@ class ServerConfig:
     max_update_mb: float | None = None  # None: 2x the fp32 size of the shared tensors + 1 MiB
     workers: int = 4  # gRPC handler threads: bounds concurrent uploads, hence server memory
     retry_after: float = 0.5  # seconds a waiting device is told to wait
-    waiting_ttl: float = 30.0
+    waiting_ttl: float | None = None  # liveness: None = max(2 s, 6 x retry_after)
+    target_devices: int | None = None  # close a round at this many updates (over-selection)
+    over_select: float = 0.3  # with target_devices: select ceil(target x (1 + over_select))
+    max_examples: int = 10_000  # ceiling on the num_examples one update may count for
     port_file: Path | None = None  # write the bound port here once serving (for --listen HOST:0)
 
     def __post_init__(self) -> None:
@@ -72,7 +75,8 @@ class ServerConfig:
             rounds=self.rounds, min_devices=self.min_devices, fraction=self.fraction,
             round_timeout=self.round_timeout, retry_after=self.retry_after, waiting_ttl=self.waiting_ttl,
             max_update_bytes=int(self.max_update_mb * (1 << 20)) if self.max_update_mb else None,
-            norm_bound=self.norm_bound, seed=self.seed,
+            norm_bound=self.norm_bound, seed=self.seed, target_devices=self.target_devices,
+            over_select=self.over_select, max_examples=self.max_examples,
         )
 
 

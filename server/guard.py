@@ -1,0 +1,52 @@
+"""What the server refuses to publish or to fold in, beyond an update's format: bounded influence.
+
+- `default_norm_bound`: when `--norm-bound` is not given, updates are still bounded, by a multiple
+  of the served model's own L2 norm (an honest delta is a step away from the base, not a new model).
+- `check_update`: batch-norm running variances must stay >= 0 once the delta is applied.
+- `check_model`: a model about to be published must be finite and have running variances >= 0;
+  otherwise the version is refused (UnsafeModel) and the last good one is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+from fedpers.server.errors import BadUpdate
+
+VARIANCE_SUFFIXES = (".running_var",)
+NORM_BOUND_FACTOR = 4.0  # default norm bound = this x the L2 norm of the shared weights at startup
+MIN_NORM_BOUND = 1.0  # ... but never below this (a model whose weights start near zero)
+
+
+class UnsafeModel(RuntimeError):
+    """The next model would not be safe to serve (NaN/Inf, negative variance); it is not published."""
+
+
+def is_variance(name: str) -> bool:
+    return name.endswith(VARIANCE_SUFFIXES)
+
+
+def default_norm_bound(shared: Mapping[str, np.ndarray]) -> float:
+    """NORM_BOUND_FACTOR x the global L2 norm of the shared weights, at least MIN_NORM_BOUND."""
+    norm = math.sqrt(sum(float(np.vdot(a, a)) for a in (np.asarray(v, np.float64) for v in shared.values())))
+    return max(MIN_NORM_BOUND, NORM_BOUND_FACTOR * norm)
+
+
+def check_update(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> None:
+    """BadUpdate when a running variance would become negative."""
+    for k, d in delta.items():
+        if is_variance(k):
+            low = float(np.min(base[k] + d)) if d.size else 0.0
+            if low < 0:
+                raise BadUpdate(f"tensor {k!r}: base + delta makes a batch-norm running variance negative ({low:.4g})")
+
+
+def check_model(weights: Mapping[str, np.ndarray]) -> None:
+    """UnsafeModel when any tensor holds NaN/Inf or a running variance is negative."""
+    for k, w in weights.items():
+        if not np.isfinite(w).all():
+            raise UnsafeModel(f"tensor {k!r} would hold NaN or Inf")
+        if is_variance(k) and w.size and float(np.min(w)) < 0:
+            raise UnsafeModel(f"batch-norm running variance {k!r} would be negative ({float(np.min(w)):.4g})")
