@@ -379,6 +379,7 @@ class TrainingConfig:
     deadline_unix: float = 0.0
     dp_clip_norm: float = 0.0  # 0: no differential privacy
     dp_noise_multiplier: float = 0.0
+    dp_delta: float = 0.0  # the delta at which epsilon is reported (0 when DP is off)
 
 
 def training_config_to_proto(c: TrainingConfig) -> pb.TrainingConfig:
@@ -386,6 +387,7 @@ def training_config_to_proto(c: TrainingConfig) -> pb.TrainingConfig:
         local_epochs=c.local_epochs, batch_size=c.batch_size, learning_rate=c.learning_rate,
         shared_tensors=list(c.shared_tensors), personal_layers=list(c.personal_layers), codec=c.codec,
         deadline_unix=c.deadline_unix, dp_clip_norm=c.dp_clip_norm, dp_noise_multiplier=c.dp_noise_multiplier,
+        dp_delta=c.dp_delta,
     )
 
 
@@ -394,6 +396,7 @@ def training_config_from_proto(m: pb.TrainingConfig) -> TrainingConfig:
         local_epochs=m.local_epochs, batch_size=m.batch_size, learning_rate=float(m.learning_rate),
         shared_tensors=tuple(m.shared_tensors), personal_layers=tuple(m.personal_layers), codec=m.codec,
         deadline_unix=m.deadline_unix, dp_clip_norm=m.dp_clip_norm, dp_noise_multiplier=m.dp_noise_multiplier,
+        dp_delta=m.dp_delta,
     )
 
 

@@ -49,7 +49,7 @@ class Maker:
             local_epochs=self.py.randint(1, 9), batch_size=self.py.randint(1, 512), learning_rate=self.f32(),
             shared_tensors=self.names(), personal_layers=self.names(), codec=self.py.choice(["fp32", "topk:0.05"]),
             deadline_unix=self.rng.uniform(0, 2e9), dp_clip_norm=self.rng.uniform(0, 5),
-            dp_noise_multiplier=self.rng.uniform(0, 3),
+            dp_noise_multiplier=self.rng.uniform(0, 3), dp_delta=self.rng.uniform(0, 1e-3),
         )
 
 

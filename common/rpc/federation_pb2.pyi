@@ -77,7 +77,7 @@ class TaskRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("local_epochs", "batch_size", "learning_rate", "shared_tensors", "personal_layers", "codec", "deadline_unix", "dp_clip_norm", "dp_noise_multiplier")
+    __slots__ = ("local_epochs", "batch_size", "learning_rate", "shared_tensors", "personal_layers", "codec", "deadline_unix", "dp_clip_norm", "dp_noise_multiplier", "dp_delta")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class TrainingConfig(_message.Message):
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
     DP_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     batch_size: int
     learning_rate: float
@@ -96,7 +97,8 @@ class TrainingConfig(_message.Message):
     deadline_unix: float
     dp_clip_norm: float
     dp_noise_multiplier: float
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., shared_tensors: _Optional[_Iterable[str]] = ..., personal_layers: _Optional[_Iterable[str]] = ..., codec: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., dp_clip_norm: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ...) -> None: ...
+    dp_delta: float
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., shared_tensors: _Optional[_Iterable[str]] = ..., personal_layers: _Optional[_Iterable[str]] = ..., codec: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., dp_clip_norm: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_delta: _Optional[float] = ...) -> None: ...
 
 class TaskReply(_message.Message):
     __slots__ = ("kind", "round_id", "base_version", "config", "retry_after_seconds", "model_ini")
