@@ -58,3 +58,21 @@ def epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
     accountant = dp_accounting.rdp.RdpAccountant()
     accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier), rounds)
     return float(accountant.get_epsilon(delta))
+
+
+def epsilon_of(noise_multipliers: list[float], delta: float) -> float:
+    """The epsilon spent by a device whose released updates had these noise multipliers (one per
+    round it took part in), at `delta`; 0 for none, inf if any release had no noise."""
+    if not noise_multipliers:
+        return 0.0
+    if min(noise_multipliers) <= 0:
+        return math.inf
+    if len(set(noise_multipliers)) == 1:
+        return epsilon(noise_multipliers[0], len(noise_multipliers), delta)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    import dp_accounting
+
+    accountant = dp_accounting.rdp.RdpAccountant()
+    for sigma in sorted(set(noise_multipliers)):
+        accountant.compose(dp_accounting.GaussianDpEvent(sigma), noise_multipliers.count(sigma))
+    return float(accountant.get_epsilon(delta))
