@@ -35,6 +35,7 @@ from fedpers.client.personal import (
     personal_layer_names,
     split_weights,
 )
+from fedpers.client.privacy import privatize_weights
 from fedpers.client.report import DeviceReport, write_report
 from fedpers.store import atomic_write_bytes
 from fedpers.stub import FederationClient
@@ -389,6 +390,9 @@ class Agent:
 
         # delta of the shared tensors only; local tensors are never serialized for the server
         up, local = split_weights(trainer.get_weights(), plan.shared)
+        cfg = task.config
+        if cfg is not None and cfg.dp_clip_norm > 0:  # differential privacy: clip + noise before the codec
+            up = privatize_weights(up, base, plan.shared, cfg.dp_clip_norm, cfg.dp_noise_multiplier)
         encoded = self._encode(plan, up, base, r)
         record = RoundRecord(
             round_id=r, base_version=v, num_examples=self.data.num_examples,
@@ -397,6 +401,8 @@ class Agent:
             train_loss=float(fit.loss), train_accuracy=float(fit.accuracy), bytes_up=len(encoded.blob),
             bytes_down=self.state.bytes_down - down_before, train_seconds=train_seconds, codec=plan.codec.name,
             epochs=int(plan.epochs), test_examples=int(self.data.y_test.size),
+            dp_noise_multiplier=cfg.dp_noise_multiplier if cfg and cfg.dp_clip_norm > 0 else 0.0,
+            dp_delta=cfg.dp_delta if cfg and cfg.dp_clip_norm > 0 else 0.0,
         )
         header = wire.UpdateHeader(round_id=r, base_version=v, num_examples=self.data.num_examples,
                                    total_size=len(encoded.blob), sha256=wire.sha256(encoded.blob),
