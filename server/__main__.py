@@ -19,7 +19,7 @@ import threading
 from typing import Any
 
 import grpc
-from fedpers.strategies import STRATEGIES
+from fedpers.strategies import AGGREGATORS, STRATEGIES
 
 _M_ARENA_MAX = -8  # glibc mallopt parameter
 
@@ -49,6 +49,22 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--seed", type=int, help="seed for version 0 and device sampling (default 0)")
     a("--log-level", help="DEBUG, INFO, WARNING... (default INFO)")
     a("--clip-norm", type=float, help="clip each delta to this L2 norm before averaging")
+    a("--aggregation", choices=tuple(AGGREGATORS),
+      help="how a round's deltas are combined (default mean): "
+           + "; ".join(f"{k}: {v}" for k, v in AGGREGATORS.items()))
+    a("--trim", type=float, help="trimmed: fraction of values dropped at each end, per coordinate (default 0.2)")
+    a("--robust-memory-mb", type=float,
+      help="trimmed / median keep every delta of a round (O(devices x model)): at most this many MiB; a round "
+           "closes once it holds as many updates as fit (default 1024)")
+    a("--bn-stats", choices=("shared", "local"),
+      help="batch-norm running statistics: shared (averaged; an update may not make a variance negative) or "
+           "local (kept on each device, never sent; needed for DP) (default shared)")
+    a("--dp-clip", type=float,
+      help="differential privacy: devices clip their whole delta to this L2 norm (default 0: off)")
+    a("--dp-noise", type=float,
+      help="differential privacy: devices add Gaussian noise of std DP_NOISE x DP_CLIP to every value")
+    a("--dp-delta", type=float,
+      help="the delta at which the epsilon spent is reported per round (dp-accounting RDP; default 1e-5)")
     a("--norm-bound", type=float,
       help="refuse updates whose L2 norm exceeds this (default: 4x the L2 norm of the shared weights at start, "
            "at least 1)")

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import grpc
 from fedpers import codec, wire
-from fedpers.server.aggregate import make_aggregator, make_optimizer
+from fedpers.server.aggregate import make_optimizer
 from fedpers.server.config import ConfigError, ServerConfig
 from fedpers.server.model import load_model
+from fedpers.server.robust import make_aggregator
 from fedpers.server.rounds import Coordinator
 from fedpers.server.service import build_server
 from fedpers.server.state import SqliteState
@@ -37,20 +38,23 @@ def build_coordinator(cfg: ServerConfig) -> Coordinator:
     except codec.CodecError as exc:
         raise ConfigError(f"codec: {exc}") from None
     spec = load_ini(cfg.model)
-    layout, weights = load_model(cfg.model, cfg.personal_layers, cfg.seed)
+    layout, weights = load_model(cfg.model, cfg.personal_layers, cfg.seed, local_stats=cfg.bn_stats == "local")
+    dp = cfg.dp_config()
     training = wire.TrainingConfig(
         local_epochs=cfg.local_epochs or spec.epochs,
         batch_size=cfg.batch_size or spec.batch_size,
         learning_rate=cfg.learning_rate or spec.optimizer.learning_rate,
-        codec=cfg.codec,
+        codec=cfg.codec, dp_clip_norm=dp.clip_norm, dp_noise_multiplier=dp.noise_multiplier,
     )
     policy = cfg.round_policy()
     cfg.store.mkdir(parents=True, exist_ok=True)
     return Coordinator(
         state=SqliteState(cfg.store / STATE_DB), store=ModelStore(cfg.store), layout=layout,
-        initial_weights=weights, aggregator=make_aggregator(cfg.clip_norm),
+        initial_weights=weights,
+        aggregator=make_aggregator(cfg.aggregation, clip_norm=cfg.clip_norm, trim=cfg.trim,
+                                   memory_mb=cfg.robust_memory_mb),
         optimizer=make_optimizer(cfg.strategy, cfg.server_lr), policy=policy, training=training,
-        enroll_token=cfg.enroll_token,
+        enroll_token=cfg.enroll_token, dp_delta=dp.delta,
     )
 
 

@@ -8,8 +8,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fedpers.privacy import DPConfig, PrivacyError
 from fedpers.server.rounds import PolicyError, RoundPolicy
-from fedpers.strategies import STRATEGIES
+from fedpers.strategies import AGGREGATORS, STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -36,6 +37,13 @@ class ServerConfig:
     seed: int = 0
     log_level: str = "INFO"
     clip_norm: float | None = None  # clip each delta to this global L2 norm before averaging
+    aggregation: str = "mean"  # fedpers.strategies.AGGREGATORS
+    trim: float = 0.2  # trimmed mean: fraction dropped at each end, per coordinate
+    robust_memory_mb: float = 1024.0  # trimmed / median keep every delta: at most this much
+    dp_clip: float = 0.0  # devices clip their delta to this L2 norm (0: no differential privacy)
+    dp_noise: float = 0.0  # ... and add Gaussian noise of std dp_noise x dp_clip
+    dp_delta: float = 1e-5  # the delta of the (epsilon, delta) reported per round
+    bn_stats: str = "shared"  # shared | local: batch-norm running statistics averaged, or kept on devices
     norm_bound: float | None = None  # refuse updates whose global L2 norm is larger
     max_update_mb: float | None = None  # None: 2x the fp32 size of the shared tensors + 1 MiB
     workers: int = 4  # gRPC handler threads: bounds concurrent uploads, hence server memory
@@ -52,6 +60,23 @@ class ServerConfig:
 
         if self.strategy not in STRATEGIES:
             raise bad("strategy", f"unknown {self.strategy!r}; known: {list(STRATEGIES)}")
+        if self.aggregation not in AGGREGATORS:
+            raise bad("aggregation", f"unknown {self.aggregation!r}; known: {list(AGGREGATORS)}")
+        if self.aggregation == "normbounded" and self.clip_norm is None:
+            raise bad("aggregation", "normbounded needs clip_norm (--clip-norm)")
+        if not 0 <= self.trim < 0.5:
+            raise bad("trim", f"must be in [0, 0.5), got {self.trim}")
+        if not self.robust_memory_mb > 0:
+            raise bad("robust_memory_mb", f"must be > 0, got {self.robust_memory_mb}")
+        if self.bn_stats not in ("shared", "local"):
+            raise bad("bn_stats", f"must be shared or local, got {self.bn_stats!r}")
+        try:
+            dp = self.dp_config()
+        except PrivacyError as exc:
+            raise ConfigError(str(exc)) from None
+        if dp.enabled and self.bn_stats != "local":
+            raise bad("dp_clip", "differential privacy needs bn_stats = local (--bn-stats local): noisy running "
+                                 "variances would be refused, and noise-free ones would leak the data")
         if self.workers < 1:
             raise bad("workers", f"must be >= 1, got {self.workers}")
         for key in ("server_lr", "clip_norm", "max_update_mb", "learning_rate"):
@@ -68,6 +93,10 @@ class ServerConfig:
             self.round_policy()  # the round settings are checked where they are used, once
         except PolicyError as exc:
             raise ConfigError(str(exc)) from None
+
+    def dp_config(self) -> DPConfig:
+        """The devices' clipping and noise, and the delta the server reports epsilon at."""
+        return DPConfig(clip_norm=self.dp_clip, noise_multiplier=self.dp_noise, delta=self.dp_delta)
 
     def round_policy(self) -> RoundPolicy:
         """The coordinator's policy from these settings."""
