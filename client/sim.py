@@ -29,7 +29,7 @@ from fedpers import models
 from fedpers.client import sim_report
 from fedpers.client.processes import Child, ProcessError, wait_for_server
 from fedpers.client.sim_report import SimReport
-from fedpers.strategies import STRATEGIES
+from fedpers.strategies import AGGREGATORS, STRATEGIES
 
 log = logging.getLogger("fedpers.sim")
 
@@ -64,7 +64,7 @@ class SimConfig:
     model: Path = DEFAULT_MODEL
     strategy: str = "fedavg"
     server_lr: float | None = None
-    min_devices: int | None = None  # None: all devices
+    min_devices: int | None = None  # None: all devices but one (a lost device does not stall the run)
     fraction: float = 1.0
     round_timeout: float = 60.0
     memory: str = "planned"
@@ -73,6 +73,10 @@ class SimConfig:
     save_uploads: bool = False
     keep_work: bool = False
     quiet: bool = False
+    aggregation: str = "mean"
+    bn_stats: str = "shared"
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
 
     def __post_init__(self) -> None:
         from fedpers.codec import parse_codec
@@ -84,6 +88,10 @@ class SimConfig:
             raise ValueError(f"min_devices must be in [1, devices={self.devices}], got {self.min_devices}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.aggregation not in AGGREGATORS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; known: {list(AGGREGATORS)}")
+        if self.dp_clip > 0 and self.bn_stats != "local" and self.model_has_batch_norm():
+            raise ValueError("--dp-clip needs --bn-stats local for a model with batch norm")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; known: {list(STRATEGIES)}")
         if self.memory not in MEMORY_MODES:
@@ -91,6 +99,14 @@ class SimConfig:
         if not Path(self.model).is_file():
             raise ValueError(f"model file {self.model} does not exist")
         parse_codec(self.codec)
+
+    @property
+    def min_devices_or_default(self) -> int:
+        """--min-devices, else all devices but one (at least one): one lost device never stalls the run."""
+        return self.min_devices or max(1, self.devices - 1)
+
+    def model_has_batch_norm(self) -> bool:
+        return "batch_normalization" in Path(self.model).read_text().lower()
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -102,12 +118,15 @@ class SimConfig:
 def server_argv(cfg: SimConfig, port_file: Path, store: Path, token: str) -> list[str]:
     argv = [sys.executable, "-m", "fedpers.server", "serve", "--model", str(Path(cfg.model).resolve()),
             "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--store", str(store), "--seed", str(cfg.seed),
-            "--rounds", str(cfg.rounds), "--min-devices", str(cfg.min_devices or cfg.devices),
+            "--rounds", str(cfg.rounds), "--min-devices", str(cfg.min_devices_or_default),
             "--fraction", str(cfg.fraction), "--round-timeout", str(cfg.round_timeout),
             "--strategy", cfg.strategy, "--enroll-token", token, "--codec", cfg.codec,
             "--local-epochs", str(cfg.local_epochs)]
     if cfg.server_lr is not None:
         argv += ["--server-lr", str(cfg.server_lr)]
+    argv += ["--aggregation", cfg.aggregation, "--bn-stats", cfg.bn_stats]
+    if cfg.dp_clip > 0:
+        argv += ["--dp-clip", str(cfg.dp_clip), "--dp-noise", str(cfg.dp_noise)]
     return argv
 
 
@@ -184,7 +203,8 @@ class _Run:
             self.say(f"round {row.round:>3}/{self.cfg.rounds}  v{row.version:<3} {row.devices} devices  "
                      f"global {sim_report.fmt_pct(row.global_accuracy)}%  "
                      f"personalized {sim_report.fmt_pct(row.personalized_accuracy)}%  "
-                     f"({time.monotonic() - self.t_start:5.1f}s)", flush=True)
+                     + (f"eps {row.dp_epsilon:.2f}  " if row.dp_epsilon is not None else "")
+                     + f"({time.monotonic() - self.t_start:5.1f}s)", flush=True)
         self.shown = max(self.shown, len(rows))
 
     def stop_all(self) -> None:
@@ -252,6 +272,9 @@ def simulate(cfg: SimConfig) -> SimReport:
     say("")
     say(sim_report.format_table(rows))
     say(f"\nreport: {report_dir / 'report.json'}" + (f"  plot: {report_dir / 'accuracy.png'}" if plotted else ""))
+    if report.summary.dp_epsilon is not None:
+        say(f"differential privacy: each device spent at most epsilon = {report.summary.dp_epsilon:.3f} at "
+            f"delta = 1e-5 (dp-accounting RDP; clip {cfg.dp_clip}, noise multiplier {cfg.dp_noise})")
     say(f"{ended} in {report.summary.elapsed_seconds:.1f}s")
     if not cfg.keep_work:
         shutil.rmtree(work / "data", ignore_errors=True)
@@ -296,7 +319,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     arg("--strategy", "server optimizer: " + "; ".join(f"{k}: {v}" for k, v in STRATEGIES.items()),
         choices=tuple(STRATEGIES))
     arg("--server-lr", "server learning rate; None: the strategy's", type=float)
-    arg("--min-devices", "devices a round needs; None: all", type=positive_int)
+    arg("--min-devices", "devices a round needs to open and, at its deadline, to close; None: all but one",
+        type=positive_int)
     arg("--fraction", "fraction of waiting devices sampled per round", type=float)
     arg("--round-timeout", "seconds before a round closes or is abandoned", type=float)
     arg("--memory", "device trainer memory mode", choices=MEMORY_MODES)
@@ -305,6 +329,13 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     arg("--save-uploads", "devices keep a copy of each uploaded blob", action="store_true")
     arg("--keep-work", "keep the partitioned data under report-dir/work", action="store_true")
     arg("--quiet", "no progress output", action="store_true")
+    arg("--aggregation", "how the server combines deltas: " + "; ".join(f"{k}: {v}" for k, v in AGGREGATORS.items()),
+        choices=tuple(AGGREGATORS))
+    arg("--bn-stats", "batch-norm running statistics: shared (averaged) or local (kept on each device)",
+        choices=("shared", "local"))
+    arg("--dp-clip", "differential privacy: devices clip their delta to this L2 norm; 0: off", type=float)
+    arg("--dp-noise", "differential privacy: Gaussian noise std = DP_NOISE x DP_CLIP; epsilon per round in the "
+        "report", type=float)
 
 
 def config_from_args(ns: argparse.Namespace) -> SimConfig:
