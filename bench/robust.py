@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=int, default=15)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--seeds", default="0", help="comma-separated seeds; the table shows the mean (default 0)")
-    ap.add_argument("--aggregations", default="mean,trimmed,median", help="comma-separated (default mean,trimmed,median)")
+    ap.add_argument("--aggregations", default="mean,trimmed,median",
+                    help="comma-separated (default mean,trimmed,median)")
     ns = ap.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)  # rounds left short by refused attackers log warnings
     seeds = [int(s) for s in ns.seeds.split(",")]

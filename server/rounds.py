@@ -146,7 +146,7 @@ class Coordinator:
         self.enroll_token = enroll_token
         self.clock = clock
         self.training = replace(training, shared_tensors=layout.shared, personal_layers=layout.personal_layers,
-                                deadline_unix=0.0)
+                                deadline_unix=0.0, dp_delta=dp_delta if training.dp_clip_norm > 0 else 0.0)
         shared_bytes = 4 * layout.shared_params
         self.max_update_bytes = policy.max_update_bytes or 2 * shared_bytes + (1 << 20)
         self.journal = journal if journal is not None else Journal(Path(store.directory).parent / "journal")
