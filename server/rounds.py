@@ -78,7 +78,7 @@ class RoundPolicy:
     seed: int = 0
     target_devices: int | None = None  # close a round at this many updates (None: every selected device)
     over_select: float = 0.3  # with target_devices: select ceil(target x (1 + over_select)) devices
-    gather_seconds: float = 2.0  # with target_devices: open with fewer (>= min_devices) after this wait
+    gather_seconds: float = 2.0  # open with fewer than wanted (but >= min_devices) after this wait
     max_examples: int = 10_000  # ceiling on the num_examples an update may claim (its weight)
 
     @property
@@ -155,6 +155,7 @@ class Coordinator:
         self._rng = np.random.default_rng(policy.seed)
         self._waiting: dict[int, float] = {}
         self._gather_since: float | None = None  # when enough devices to open (but fewer than wanted) first waited
+        self._seen: dict[int, float] = {}  # device -> its last GetTask or upload: the live devices
         self._round: st.Round | None = None
         self._reported: set[int] = set()
         self._stopping = False
@@ -286,6 +287,7 @@ class Coordinator:
             task = self._train_task(device_id)
             if task is not None:
                 return task
+            self._seen[device_id] = now
             if not self.finished:
                 self._waiting[device_id] = now
             self._tick_locked(now)
@@ -334,6 +336,8 @@ class Coordinator:
         if self._round is None and not self.finished:
             for d in [d for d, t in self._waiting.items() if now - t > self.policy.liveness]:
                 del self._waiting[d]  # stopped calling: not live, never selected
+            for d in [d for d, t in self._seen.items() if now - t > self.policy.liveness]:
+                del self._seen[d]
             if len(self._waiting) >= self.policy.min_devices:
                 self._open_locked(now)
             else:
@@ -343,12 +347,17 @@ class Coordinator:
         """How many of `live` waiting devices to select now (0: not yet)."""
         p = self.policy
         if p.target_devices is None:
-            return min(live, max(p.min_devices, math.ceil(p.fraction * live)))
-        want = math.ceil(p.target_devices * (1 + p.over_select))
+            # Every live device (called recently) is waiting, or the gather window has passed: a
+            # device still uploading the last round is not left out, a lost one is not awaited.
+            want = len(self._seen.keys() | self._waiting.keys())
+            size = min(live, max(p.min_devices, math.ceil(p.fraction * live)))
+        else:
+            want = math.ceil(p.target_devices * (1 + p.over_select))
+            size = min(live, want)
         if live >= want:
-            return want
+            return size
         self._gather_since = self._gather_since if self._gather_since is not None else now
-        return live if now - self._gather_since >= p.gather_seconds else 0
+        return size if now - self._gather_since >= p.gather_seconds else 0
 
     def _open_locked(self, now: float) -> None:
         candidates = sorted(self._waiting)
@@ -481,6 +490,7 @@ class Coordinator:
         outside the lock, so uploads overlap); then, under the lock and in one state transaction,
         record it (the commit point) and fold it into the aggregate. Only then is it acknowledged."""
         with self._lock:
+            self._seen[device_id] = self.clock()
             self._check_upload(device_id, header, self.clock())
             base = {k: self.weights[k] for k in self.layout.shared}
         blob = wire.join_chunks(chunks, header.total_size, self.max_update_bytes, header.sha256)

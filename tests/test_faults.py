@@ -270,3 +270,28 @@ def test_round_policy_checks_the_new_settings() -> None:
         RoundPolicy(max_examples=0)
     with pytest.raises(ValueError, match="over_select"):
         RoundPolicy(over_select=-1)
+
+
+def test_a_round_waits_briefly_for_every_live_device(tmp_path: Path) -> None:
+    clock = Clock()
+    c = make_coordinator(tmp_path, min_devices=2, clock=clock, retry_after=0.5)
+    a, b, slow = _join(c, 3)
+    c._waiting = dict.fromkeys((a, b, slow), clock())  # three live devices ask at once
+    c._seen = dict(c._waiting)
+    c.tick()
+    t = c.get_task(a)
+    for d in (a, b):
+        _upload(c, d, t, random_delta(d))
+    clock.t += 0.5
+    _upload(c, slow, t, random_delta(9))  # the round closes; slow is live but not asking yet
+    assert c.version == 1
+    assert c.get_task(a).kind == WAIT and c.get_task(b).kind == WAIT  # min_devices wait, slow is live
+    t2 = c.get_task(slow)
+    assert t2.kind == TRAIN and set(c.state.round(t2.round_id).selected) == {a, b, slow}
+    for d in (a, b, slow):
+        _upload(c, d, t2, random_delta(d))
+    # slow dies now: the others open after the gather window, without it
+    assert c.get_task(a).kind == WAIT and c.get_task(b).kind == WAIT
+    clock.t += 2.1
+    t3 = c.get_task(a)
+    assert t3.kind == TRAIN and set(c.state.round(t3.round_id).selected) == {a, b}
