@@ -252,6 +252,7 @@ class Coordinator:
         token = secrets.token_urlsafe(32)
         dev = self.state.add_device(device_name or None, hash_token(token), self.clock())
         self._token_hashes[dev.device_id] = dev.token_hash
+        self._seen[dev.device_id] = self.clock()  # live: it is about to ask for a task
         log.info("device %d joined%s", dev.device_id, f" as {device_name!r}" if device_name else "")
         return wire.JoinReply(device_id=dev.device_id, session_token=token)
 

@@ -224,7 +224,8 @@ def test_a_device_that_stopped_calling_is_not_selected(tmp_path: Path) -> None:
 
 def test_over_selection_closes_at_the_target_and_counts_late_updates(tmp_path: Path) -> None:
     clock = Clock()
-    c = make_coordinator(tmp_path, min_devices=2, target_devices=3, over_select=0.34, clock=clock)
+    c = make_coordinator(tmp_path, min_devices=2, target_devices=3, over_select=0.34, clock=clock,
+                         gather_seconds=2.0)
     devs = _join(c, 5)
     for d in devs[:3]:
         assert c.get_task(d).kind == WAIT  # 3 wait; ceil(3 x 1.34) = 5 wanted
@@ -274,7 +275,7 @@ def test_round_policy_checks_the_new_settings() -> None:
 
 def test_a_round_waits_briefly_for_every_live_device(tmp_path: Path) -> None:
     clock = Clock()
-    c = make_coordinator(tmp_path, min_devices=2, clock=clock, retry_after=0.5)
+    c = make_coordinator(tmp_path, min_devices=2, clock=clock, retry_after=0.5, gather_seconds=2.0)
     a, b, slow = _join(c, 3)
     c._waiting = dict.fromkeys((a, b, slow), clock())  # three live devices ask at once
     c._seen = dict(c._waiting)
@@ -295,3 +296,12 @@ def test_a_round_waits_briefly_for_every_live_device(tmp_path: Path) -> None:
     clock.t += 2.1
     t3 = c.get_task(a)
     assert t3.kind == TRAIN and set(c.state.round(t3.round_id).selected) == {a, b}
+
+
+def test_a_device_that_just_joined_is_awaited_before_the_first_round(tmp_path: Path) -> None:
+    clock = Clock()
+    c = make_coordinator(tmp_path, min_devices=2, clock=clock, gather_seconds=2.0)
+    a, b, starting = _join(c, 3)
+    assert c.get_task(a).kind == WAIT and c.get_task(b).kind == WAIT  # `starting` joined: it is live
+    t = c.get_task(starting)
+    assert t.kind == TRAIN and len(c.state.round(t.round_id).selected) == 3

@@ -34,7 +34,7 @@ def _sums(c: Coordinator) -> dict[str, np.ndarray]:
 
 def test_round_opens_only_when_enough_devices_wait(tmp_path: Path) -> None:
     c = make_coordinator(tmp_path, min_devices=3)
-    devs = _join(c, 4)
+    devs = _join(c, 3)
     assert c.get_task(devs[0]).kind == WAIT
     assert c.get_task(devs[1]).kind == WAIT
     t = c.get_task(devs[2])
@@ -43,6 +43,7 @@ def test_round_opens_only_when_enough_devices_wait(tmp_path: Path) -> None:
     assert t.config.shared_tensors == ("fc1.bias", "fc1.weight") and t.config.personal_layers == ("head",)
     assert t.config.deadline_unix == c.clock() + 60.0 and t.config.local_epochs == 2
     assert c.get_task(devs[0]).kind == TRAIN and c.get_task(devs[1]).round_id == t.round_id
+    devs += _join(c, 4)[3:]
     assert c.get_task(devs[3]).kind == WAIT  # arrived after the round opened
 
 
