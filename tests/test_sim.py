@@ -67,3 +67,39 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert sim.main(["--model", str(tmp_path / "missing.ini"), "--report-dir", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
     assert "unknown codec" in err and "does not exist" in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_the_report_of_what_finished(tmp_path):
+    """Ctrl-C reaches the simulator only (its children run in their own sessions): it stops them,
+    writes report.json with the rounds that finished, and exits 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "fedpers.client.sim", "--devices", "3", "--rounds", "40", "--local-epochs", "1",
+            "--model", str(MODEL), "--report-dir", str(out), "--seed", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    deadline = time.monotonic() + 180
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("round   2/40"):
+                break
+            assert time.monotonic() < deadline, "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(seen) + rest
+    assert proc.returncode == 130, text
+    assert "interrupted; writing the report of what finished" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["ended"] == "interrupted" and len(report["rounds"]) >= 2, report["rounds"]
+    assert len(report["devices"]) == 3 and all(d["rounds_trained"] >= 1 for d in report["devices"])
