@@ -162,6 +162,7 @@ class _Run:
     devices: list[Child] = field(default_factory=list)
     status: Any = None  # the last fedpers.wire.Status seen
     shown: int = 0
+    lost: set[str] = field(default_factory=set)  # devices whose process died
 
     def follow(self, address: str) -> None:
         """Poll GetStatus until the federation is finished and every device has exited."""
@@ -176,8 +177,14 @@ class _Run:
                 self.server.check_alive()
                 for d in self.devices:
                     code = d.poll()
-                    if code not in (None, 0):
-                        raise SimError(f"{d.name} exited with code {code}:\n{d.tail()}")
+                    if code not in (None, 0) and d.name not in self.lost:
+                        self.lost.add(d.name)  # a lost device: the federation goes on without it
+                        log.warning("%s exited with code %s; continuing without it:\n%s", d.name, code, d.tail())
+                        self.say(f"{d.name} was lost (exit code {code}); continuing without it", flush=True)
+                alive = sum(1 for d in self.devices if d.poll() in (None, 0))
+                if alive < self.cfg.min_devices_or_default:
+                    raise SimError(f"only {alive} devices are left, fewer than min-devices "
+                                   f"({self.cfg.min_devices_or_default}): {sorted(self.lost)} exited")
                 try:
                     self.status = client.status()
                     failures = 0
@@ -190,7 +197,8 @@ class _Run:
                     self._show_rounds()
                     if self.status.finished and all(d.poll() is not None for d in self.devices):
                         return
-                if all(d.poll() == 0 for d in self.devices) and (self.status is None or not self.status.finished):
+                if all(d.poll() is not None for d in self.devices) and (self.status is None
+                                                                        or not self.status.finished):
                     raise SimError("every device exited but the server is not finished")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the simulation did not finish within {self.cfg.timeout:.0f}s "
