@@ -341,11 +341,11 @@ class Agent:
             res = residuals.get(name)
             if res is not None and res.shape != delta.shape:
                 res = None
-            payload, new_res = codecs.encode(plan.codec, delta, res,
-                                             codecs.derive_seed(self.state.device_id, round_id, name))
+            spec = codecs.codec_for(name, plan.codec)
+            payload, new_res = codecs.encode(spec, delta, res, codecs.derive_seed(self.state.device_id, round_id, name))
             if new_res is not None:
                 new_residuals[name] = new_res
-            tensors.append(wire.encoded_to_wire(name, delta.shape, plan.codec.name, payload))
+            tensors.append(wire.encoded_to_wire(name, delta.shape, spec.name, payload))
         return EncodedUpdate(blob=wire.tensorset_to_blob(tensors), residuals=new_residuals)
 
     def _commit(self, record: RoundRecord, local: dict[str, np.ndarray], encoded: EncodedUpdate,

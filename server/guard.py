@@ -2,7 +2,9 @@
 
 - `default_norm_bound`: when `--norm-bound` is not given, updates are still bounded, by a multiple
   of the served model's own L2 norm (an honest delta is a step away from the base, not a new model).
-- `check_update`: batch-norm running variances must stay >= 0 once the delta is applied.
+- `check_update`: batch-norm running variances must stay >= 0 once the delta is applied (devices
+  send running statistics lossless, fedpers.codec.codec_for; float32 rounding of base + delta is
+  forgiven up to VARIANCE_TOLERANCE and clamped to 0).
 - `check_model`: a model about to be published must be finite and have running variances >= 0;
   otherwise the version is refused (UnsafeModel) and the last good one is kept.
 """
@@ -18,6 +20,7 @@ from fedpers.server.errors import BadUpdate
 VARIANCE_SUFFIXES = (".running_var",)
 NORM_BOUND_FACTOR = 4.0  # default norm bound = this x the L2 norm of the shared weights at startup
 MIN_NORM_BOUND = 1.0  # ... but never below this (a model whose weights start near zero)
+VARIANCE_TOLERANCE = 1e-6  # float32 rounding of base + (trained - base) near zero, relative to 1 + |base|
 
 
 class UnsafeModel(RuntimeError):
@@ -34,13 +37,25 @@ def default_norm_bound(shared: Mapping[str, np.ndarray]) -> float:
     return max(MIN_NORM_BOUND, NORM_BOUND_FACTOR * norm)
 
 
-def check_update(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> None:
-    """BadUpdate when a running variance would become negative."""
+def check_update(base: Mapping[str, np.ndarray], delta: dict[str, np.ndarray]) -> None:
+    """BadUpdate when a running variance would become negative; rounding-sized negatives are
+    clamped in `delta` (so base + delta >= 0 exactly)."""
     for k, d in delta.items():
-        if is_variance(k):
-            low = float(np.min(base[k] + d)) if d.size else 0.0
-            if low < 0:
+        if is_variance(k) and d.size:
+            new = base[k] + d
+            low = float(np.min(new))
+            if low < -VARIANCE_TOLERANCE * (1.0 + float(np.max(np.abs(base[k])))):
                 raise BadUpdate(f"tensor {k!r}: base + delta makes a batch-norm running variance negative ({low:.4g})")
+            if low < 0:
+                delta[k] = np.maximum(d, -base[k]).astype(np.float32)
+
+
+def clamp_rounding(weights: dict[str, np.ndarray]) -> None:
+    """Running variances a hair below 0 from float rounding of the mean become 0 (in place)."""
+    for k, w in weights.items():
+        if is_variance(k) and w.size and float(np.min(w)) < 0:
+            if float(np.min(w)) >= -VARIANCE_TOLERANCE * (1.0 + float(np.max(np.abs(w)))):
+                weights[k] = np.maximum(w, 0).astype(np.float32)
 
 
 def check_model(weights: Mapping[str, np.ndarray]) -> None:

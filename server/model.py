@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from fedpers.codec import STATISTICS_SUFFIXES
 
 
 class WeightInfo(Protocol):
@@ -59,7 +60,7 @@ class ModelLayout:
         return out
 
 
-STAT_SUFFIXES = (".running_mean", ".running_var")  # batch-norm running statistics
+STAT_SUFFIXES = STATISTICS_SUFFIXES  # batch-norm running statistics
 
 
 def layout_from_specs(

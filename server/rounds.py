@@ -229,6 +229,7 @@ class Coordinator:
                 self.journal.remove(path)  # never acknowledged (or a duplicate attempt)
                 continue
             delta = decode_update(rec.blob, self.layout.shared_shapes, None)
+            guard.check_update(self.weights, delta)  # the same clamping as when it was accepted
             self.aggregator.add(delta, rec.weight)
             self._reported.add(rec.device_id)
         missing = sorted(set(committed) - self._reported)
@@ -417,6 +418,7 @@ class Coordinator:
             with self.state.tx():
                 with np.errstate(over="ignore", invalid="ignore"):  # check_model refuses what overflowed
                     new_shared = self.optimizer.step({k: self.weights[k] for k in self.layout.shared}, mean)
+                guard.clamp_rounding(new_shared)
                 guard.check_model(new_shared)  # never publish NaN/Inf or a negative variance
                 weights = {**self.weights, **new_shared}
                 metrics = weighted_metrics(self.state.updates(r.round_id))

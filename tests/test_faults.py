@@ -201,6 +201,18 @@ def test_a_delta_that_makes_a_running_variance_negative_is_refused(tmp_path: Pat
     assert c.version == 1 and (c.weights["bn.running_var"] >= 0).all()
 
 
+def test_rounding_sized_negative_variances_are_clamped_not_refused() -> None:
+    base = {"bn.running_var": np.array([1.0, 1e-9], np.float32)}
+    delta = {"bn.running_var": np.array([-1.0 - 1e-8, -2e-9], np.float32)}
+    guard.check_update(base, delta)
+    assert (base["bn.running_var"] + delta["bn.running_var"] >= 0).all()
+    from fedpers import codec
+
+    int2 = codec.parse_codec("int2+zstd")
+    assert codec.codec_for("bn1.running_var", int2).name == "fp32"  # statistics travel lossless
+    assert codec.codec_for("bn1.gamma", int2) is int2
+
+
 def test_check_model_refuses_negative_variance() -> None:
     with pytest.raises(guard.UnsafeModel, match="negative"):
         guard.check_model({"bn1.running_var": np.array([1.0, -1e-3], np.float32)})
