@@ -190,14 +190,14 @@ def _status(ns: argparse.Namespace) -> int:
     target = f"{status.rounds_target}" if status.rounds_target else "? (stopped server)"
     print(f"version {status.version}   rounds {status.rounds_completed}/{target}   "
           f"devices {status.devices_joined}   round {status.current_round} ({status.round_state or '-'})"
-          f"{'   finished' if status.finished else ''}")
+          f"   late updates {status.late_updates}{'   finished' if status.finished else ''}")
     if status.problem:
         print(f"problem: {status.problem}")
     if status.rounds:
-        print(f"{'round':>6} {'state':>10} {'version':>8} {'devices':>8}  metrics")
+        print(f"{'round':>6} {'state':>10} {'version':>8} {'devices':>8} {'late':>5}  metrics")
         for r in status.rounds:
             metrics = "  ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()))
-            print(f"{r.round_id:>6} {r.state:>10} {r.version:>8} {r.devices:>8}  {metrics}")
+            print(f"{r.round_id:>6} {r.state:>10} {r.version:>8} {r.devices:>8} {r.late_updates:>5}  {metrics}")
     return 0
 
 
