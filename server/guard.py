@@ -37,6 +37,12 @@ def default_norm_bound(shared: Mapping[str, np.ndarray]) -> float:
     return max(MIN_NORM_BOUND, NORM_BOUND_FACTOR * norm)
 
 
+def dp_norm_bound(clip_norm: float, noise_multiplier: float, params: int) -> float:
+    """A bound no honest DP update exceeds: its clipped norm plus twice the expected norm of its
+    noise (sigma x clip x sqrt(params)), which also covers a lossy codec's extra error."""
+    return clip_norm * (1.0 + 2.0 * noise_multiplier * math.sqrt(max(params, 1)))
+
+
 def check_update(base: Mapping[str, np.ndarray], delta: dict[str, np.ndarray]) -> None:
     """BadUpdate when a running variance would become negative; rounding-sized negatives are
     clamped in `delta` (so base + delta >= 0 exactly)."""

@@ -168,6 +168,9 @@ class Coordinator:
         # Bounded influence: without --norm-bound, a bound derived from the served model itself.
         self.norm_bound = policy.norm_bound or guard.default_norm_bound(
             {k: self.weights[k] for k in layout.shared})
+        if policy.norm_bound is None and self.training.dp_clip_norm > 0:  # noised updates are long by design
+            self.norm_bound = max(self.norm_bound, guard.dp_norm_bound(
+                self.training.dp_clip_norm, self.training.dp_noise_multiplier, layout.shared_params))
         log.info("update norm bound %.4g%s; num_examples ceiling %d", self.norm_bound,
                  "" if policy.norm_bound else " (derived from the model)", policy.max_examples)
         with self._lock:

@@ -90,3 +90,28 @@ def test_local_batch_norm_statistics_are_neither_served_nor_shared() -> None:
     assert shared.shared == ("bn.gamma", "bn.running_mean", "bn.running_var")
     local = layout_from_specs("", specs, local_stats=True)
     assert local.shared == ("bn.gamma",) and set(local.shapes) == {"bn.gamma"}
+
+
+def test_the_default_norm_bound_makes_room_for_dp_noise(tmp_path: Path) -> None:
+    from fedpers.server import guard
+
+    c = make_coordinator(tmp_path / "a", min_devices=1)
+    plain = c.norm_bound
+    from fedpers.server import aggregate as ag
+    from fedpers.server import state as st
+    from fedpers.server.rounds import Coordinator, RoundPolicy
+    from fedpers.store import ModelStore
+
+    from tests.server_helpers import LAYOUT, Clock, initial_weights
+
+    dp = Coordinator(state=st.MemoryState(), store=ModelStore(tmp_path / "b"), layout=LAYOUT,
+                     initial_weights=initial_weights(), aggregator=ag.WeightedMean(),
+                     optimizer=ag.make_optimizer("fedavg"), policy=RoundPolicy(min_devices=1),
+                     training=wire.TrainingConfig(dp_clip_norm=10.0, dp_noise_multiplier=4.0), clock=Clock())
+    assert dp.norm_bound == pytest.approx(guard.dp_norm_bound(10.0, 4.0, LAYOUT.shared_params))
+    assert dp.norm_bound > plain
+    rng = np.random.default_rng(0)
+    noised = clip_and_noise({k: rng.standard_normal(s).astype(np.float32) for k, s in LAYOUT.shared_shapes.items()},
+                            10.0, 4.0)
+    norm = float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in noised.values())))
+    assert norm < dp.norm_bound
