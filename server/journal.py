@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,24 +83,23 @@ class Journal:
             raise JournalError(f"cannot journal the update in {d}: {exc}") from None
         return path
 
-    def records(self, round_id: int) -> list[tuple[Path, JournalRecord]]:
-        """The round's records with their paths; JournalError if one fails its checksum."""
+    def records(self, round_id: int) -> Iterator[tuple[Path, JournalRecord]]:
+        """The round's records with their paths, one at a time (a restart never holds every blob of
+        a round at once), in file-name order; JournalError if one fails its checksum."""
         d = self._round_dir(round_id)
         if not d.is_dir():
-            return []
-        out = []
-        for p in d.iterdir():
+            return
+        for p in sorted(d.iterdir()):
             if not _RECORD_RE.match(p.name):
                 continue  # a temp file of an unfinished write: never acknowledged
             try:
                 arrays, meta = decode_arrays(p.read_bytes(), str(p))
             except CorruptFile as exc:
                 raise JournalError(str(exc)) from None
-            out.append((p, JournalRecord(
+            yield p, JournalRecord(
                 round_id=int(meta["round_id"]), device_id=int(meta["device_id"]),
                 num_examples=int(meta["num_examples"]), weight=float(meta["weight"]), sha256=str(meta["sha256"]),
-                accepted_at=float(meta["accepted_at"]), blob=arrays["blob"].tobytes())))
-        return sorted(out, key=lambda pr: (pr[1].accepted_at, pr[1].device_id))
+                accepted_at=float(meta["accepted_at"]), blob=arrays["blob"].tobytes())
 
     @staticmethod
     def remove(path: Path) -> None:

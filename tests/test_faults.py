@@ -60,7 +60,7 @@ def test_restart_rebuilds_the_open_round_from_the_journal(tmp_path: Path) -> Non
     _upload(c, devs[0], t, d1, n=10)
     _upload(c, devs[1], t, d2, n=30)
     sums = {k: v.copy() for k, v in c.aggregator._sums.items()}
-    assert len(c.journal.records(t.round_id)) == 2
+    assert len(list(c.journal.records(t.round_id))) == 2
     c.state.close()  # kill -9: nothing else happens
 
     c2 = make_coordinator(tmp_path, state=st.SqliteState(db), min_devices=3, rounds=2)
@@ -95,7 +95,7 @@ def test_unacknowledged_journal_records_are_dropped(tmp_path: Path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         _upload(c, b, t, random_delta(2))
     monkeypatch.undo()
-    assert len(c.journal.records(t.round_id)) == 1  # the failed attempt's record was removed
+    assert len(list(c.journal.records(t.round_id))) == 1  # the failed attempt's record was removed
     # a record left behind by a crash between the journal write and the commit:
     from fedpers.server.journal import JournalRecord
 
@@ -103,7 +103,7 @@ def test_unacknowledged_journal_records_are_dropped(tmp_path: Path, monkeypatch)
     c.journal.append(JournalRecord(t.round_id, b, 10, 10.0, wire.sha256(blob).hex(), 1.0, blob))
     c.state.close()
     c2 = make_coordinator(tmp_path, state=st.SqliteState(db), min_devices=2)
-    assert c2.aggregator.count == 1 and len(c2.journal.records(t.round_id)) == 1
+    assert c2.aggregator.count == 1 and len(list(c2.journal.records(t.round_id))) == 1
     assert c2.get_task(b).round_id == t.round_id  # b was never acknowledged: it may still report
 
 
