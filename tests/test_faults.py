@@ -317,3 +317,30 @@ def test_a_device_that_just_joined_is_awaited_before_the_first_round(tmp_path: P
     assert c.get_task(a).kind == WAIT and c.get_task(b).kind == WAIT  # `starting` joined: it is live
     t = c.get_task(starting)
     assert t.kind == TRAIN and len(c.state.round(t.round_id).selected) == 3
+
+
+def test_journal_records_are_checked_and_a_full_disk_is_retryable(tmp_path: Path, monkeypatch) -> None:
+    import grpc
+    from fedpers.server import journal as jn
+    from fedpers.server.service import status_for
+
+    j = jn.Journal(tmp_path / "journal")
+    blob = update_blob(random_delta(1))
+    path = j.append(jn.JournalRecord(3, 7, 10, 10.0, wire.sha256(blob).hex(), 1.0, blob))
+    [(p, rec)] = list(j.records(3))
+    assert p == path and rec.blob == blob and rec.weight == 10.0 and j.rounds() == [3]
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(jn.JournalError, match="SHA-256"):
+        list(j.records(3))
+    j.discard(3)
+    assert j.rounds() == []
+
+    def full(*args, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(jn, "atomic_write_bytes", full)
+    with pytest.raises(jn.JournalError, match="No space left"):
+        j.append(jn.JournalRecord(4, 7, 10, 10.0, "", 1.0, blob))
+    assert status_for(jn.JournalError("x")) == grpc.StatusCode.UNAVAILABLE  # the device retries later
