@@ -38,9 +38,9 @@ def default_norm_bound(shared: Mapping[str, np.ndarray]) -> float:
 
 
 def dp_norm_bound(clip_norm: float, noise_multiplier: float, params: int) -> float:
-    """A bound no honest DP update exceeds: its clipped norm plus twice the expected norm of its
-    noise (sigma x clip x sqrt(params)), which also covers a lossy codec's extra error."""
-    return clip_norm * (1.0 + 2.0 * noise_multiplier * math.sqrt(max(params, 1)))
+    """A bound no honest DP update exceeds: its clipped norm plus 4x the expected norm of its noise
+    (sigma x clip x sqrt(params)); int2 with error feedback was measured at ~2.4x on the demo."""
+    return clip_norm * (1.0 + 4.0 * noise_multiplier * math.sqrt(max(params, 1)))
 
 
 def check_update(base: Mapping[str, np.ndarray], delta: dict[str, np.ndarray]) -> None:
