@@ -40,6 +40,10 @@ def build_coordinator(cfg: ServerConfig) -> Coordinator:
     spec = load_ini(cfg.model)
     layout, weights = load_model(cfg.model, cfg.personal_layers, cfg.seed, local_stats=cfg.bn_stats == "local")
     dp = cfg.dp_config()
+    stats = [k for k in layout.shared if k.endswith(codec.STATISTICS_SUFFIXES)]
+    if dp.enabled and stats:
+        raise ConfigError(f"dp_clip: differential privacy needs --bn-stats local for this model ({stats[0]} would "
+                          f"be shared: noisy running variances are refused, noise-free ones leak the data)")
     training = wire.TrainingConfig(
         local_epochs=cfg.local_epochs or spec.epochs,
         batch_size=cfg.batch_size or spec.batch_size,

@@ -74,9 +74,6 @@ class ServerConfig:
             dp = self.dp_config()
         except PrivacyError as exc:
             raise ConfigError(str(exc)) from None
-        if dp.enabled and self.bn_stats != "local":
-            raise bad("dp_clip", "differential privacy needs bn_stats = local (--bn-stats local): noisy running "
-                                 "variances would be refused, and noise-free ones would leak the data")
         if self.workers < 1:
             raise bad("workers", f"must be >= 1, got {self.workers}")
         for key in ("server_lr", "clip_norm", "max_update_mb", "learning_rate"):

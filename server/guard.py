@@ -39,7 +39,7 @@ def default_norm_bound(shared: Mapping[str, np.ndarray]) -> float:
 
 def dp_norm_bound(clip_norm: float, noise_multiplier: float, params: int) -> float:
     """A bound no honest DP update exceeds: its clipped norm plus 4x the expected norm of its noise
-    (sigma x clip x sqrt(params)); int2 with error feedback was measured at ~2.4x on the demo."""
+    (sigma x clip x sqrt(params)); devices send DP updates without error feedback, and int2 adds ~1.5x."""
     return clip_norm * (1.0 + 4.0 * noise_multiplier * math.sqrt(max(params, 1)))
 
 

@@ -61,10 +61,15 @@ def test_dp_settings_are_checked(tmp_path: Path) -> None:
         privacy.DPConfig(clip_norm=0.0, noise_multiplier=1.0)
     with pytest.raises(privacy.PrivacyError, match="dp_delta"):
         privacy.DPConfig(clip_norm=1.0, delta=2.0)
-    with pytest.raises(ConfigError, match="bn_stats = local"):
-        ServerConfig(model=tmp_path / "m.ini", store=tmp_path, dp_clip=1.0, dp_noise=1.0)
-    cfg = ServerConfig(model=tmp_path / "m.ini", store=tmp_path, dp_clip=1.0, dp_noise=1.0, bn_stats="local")
-    assert cfg.dp_config().enabled
+    from fedpers import models
+    from fedpers.server.app import build_coordinator
+
+    cnn = models.path("digits_cnn_personal.ini")  # has batch norm
+    with pytest.raises(ConfigError, match="--bn-stats local"):
+        build_coordinator(ServerConfig(model=cnn, store=tmp_path / "a", dp_clip=1.0, dp_noise=1.0))
+    c = build_coordinator(ServerConfig(model=cnn, store=tmp_path / "b", dp_clip=1.0, dp_noise=1.0, bn_stats="local"))
+    assert c.training.dp_clip_norm == 1.0 and not any("running" in k for k in c.layout.shared)
+    c.state.close()
 
 
 def test_each_closed_round_reports_the_epsilon_spent(tmp_path: Path) -> None:

@@ -144,3 +144,21 @@ def _cmdline(p: Path) -> bytes:
         return (p / "cmdline").read_bytes()
     except OSError:
         return b""
+
+
+@pytest.mark.slow
+def test_dp_epsilon_is_reported_per_round_and_per_device(tmp_path):
+    from fedpers.privacy import epsilon
+
+    report = sim.simulate(sim.SimConfig(devices=3, rounds=2, local_epochs=1, model=MODEL, report_dir=tmp_path / "r",
+                                        quiet=True, min_devices=3, codec="int8", dp_clip=0.5, dp_noise=1.5, seed=4))
+    assert [r.dp_epsilon for r in report.rounds] == pytest.approx([epsilon(1.5, 1, 1e-5), epsilon(1.5, 2, 1e-5)])
+    assert report.summary.dp_epsilon == pytest.approx(epsilon(1.5, 2, 1e-5))
+    saved = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert saved["rounds"][-1]["dp_epsilon"] == pytest.approx(epsilon(1.5, 2, 1e-5))
+    from fedpers.client.report import read_report
+
+    for i in range(3):
+        dev = read_report(tmp_path / "r" / "work" / "devices" / str(i) / "report.json")
+        assert dev.dp_epsilon == pytest.approx(epsilon(1.5, dev.rounds_trained, 1e-5)) and dev.dp_delta == 1e-5
+        assert all(r.dp_noise_multiplier == 1.5 for r in dev.rounds)
