@@ -71,7 +71,7 @@ class ServerConfig:
         if self.bn_stats not in ("shared", "local"):
             raise bad("bn_stats", f"must be shared or local, got {self.bn_stats!r}")
         try:
-            dp = self.dp_config()
+            self.dp_config()  # the DP settings are checked where they are used, once
         except PrivacyError as exc:
             raise ConfigError(str(exc)) from None
         if self.workers < 1:
