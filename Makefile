@@ -10,7 +10,7 @@ help:
 	@echo "make demo         create .venv, install, run the federated simulation on the digits data"
 	@echo "make test         create .venv, install test extras, run the whole test suite"
 	@echo "make test-fast    the suite without the slow end-to-end and Docker tests (the inner loop)"
-	@echo "make bench        print the speed, memory, wire and server benchmark tables"
+	@echo "make bench        print the speed, memory, wire, server, journal, robust and load benchmark tables"
 	@echo "make proto        regenerate common/rpc from proto/federation.proto"
 	@echo "make lint         ruff over the code"
 	@echo "make docker-test  build the image and run the docker-compose fleet test"
@@ -39,6 +39,9 @@ bench: $(STAMP)
 	$(PY) bench/memory.py
 	$(PY) bench/wire.py
 	$(PY) bench/server.py
+	$(PY) bench/journal.py
+	$(PY) bench/robust.py
+	$(PY) bench/load.py
 
 proto: $(STAMP)
 	$(PY) -m fedpers.rpc.generate

@@ -35,6 +35,7 @@ from fedpers.client.personal import (
     personal_layer_names,
     split_weights,
 )
+from fedpers.client.privacy import privatize_weights
 from fedpers.client.report import DeviceReport, write_report
 from fedpers.locks import DirLock
 from fedpers.nn.modes import DEFAULT_MEMORY_MODE
@@ -340,9 +341,10 @@ class Agent:
         return base
 
     def _encode(self, plan: RoundPlan, trained: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray],
-                round_id: int) -> EncodedUpdate:
-        """Deltas of the shared tensors through the codec, carrying each tensor's residual (error feedback)."""
-        residuals = self.state.residuals if self.state.codec == plan.codec.name else {}
+                round_id: int, feedback: bool = True) -> EncodedUpdate:
+        """Deltas of the shared tensors through the codec, carrying each tensor's residual (error feedback).
+        Without `feedback` (DP: the residual would pile up quantized noise round after round) none is kept."""
+        residuals = self.state.residuals if self.state.codec == plan.codec.name and feedback else {}
         new_residuals: dict[str, np.ndarray] = {}
         tensors = []
         for name in plan.shared:
@@ -350,11 +352,11 @@ class Agent:
             res = residuals.get(name)
             if res is not None and res.shape != delta.shape:
                 res = None
-            payload, new_res = codecs.encode(plan.codec, delta, res,
-                                             codecs.derive_seed(self.state.device_id, round_id, name))
-            if new_res is not None:
+            spec = codecs.codec_for(name, plan.codec)
+            payload, new_res = codecs.encode(spec, delta, res, codecs.derive_seed(self.state.device_id, round_id, name))
+            if new_res is not None and feedback:
                 new_residuals[name] = new_res
-            tensors.append(wire.encoded_to_wire(name, delta.shape, plan.codec.name, payload))
+            tensors.append(wire.encoded_to_wire(name, delta.shape, spec.name, payload))
         return EncodedUpdate(blob=wire.tensorset_to_blob(tensors), residuals=new_residuals)
 
     def _commit(self, record: RoundRecord, local: dict[str, np.ndarray], encoded: EncodedUpdate,
@@ -401,7 +403,11 @@ class Agent:
 
         # delta of the shared tensors only; local tensors are never serialized for the server
         up, local = split_weights(trainer.get_weights(), plan.shared)
-        encoded = self._encode(plan, up, base, r)
+        cfg = task.config
+        dp = cfg is not None and cfg.dp_clip_norm > 0
+        if dp:  # differential privacy: clip + noise before the codec, and no error feedback
+            up = privatize_weights(up, base, plan.shared, cfg.dp_clip_norm, cfg.dp_noise_multiplier)
+        encoded = self._encode(plan, up, base, r, feedback=not dp)
         record = RoundRecord(
             round_id=r, base_version=v, num_examples=self.data.num_examples,
             global_accuracy=float(glob.accuracy), global_loss=float(glob.loss),
@@ -409,6 +415,7 @@ class Agent:
             train_loss=float(fit.loss), train_accuracy=float(fit.accuracy), bytes_up=len(encoded.blob),
             bytes_down=self.state.bytes_down - down_before, train_seconds=train_seconds, codec=plan.codec.name,
             epochs=int(plan.epochs), test_examples=int(self.data.y_test.size),
+            dp_noise_multiplier=cfg.dp_noise_multiplier if dp else 0.0, dp_delta=cfg.dp_delta if dp else 0.0,
         )
         header = wire.UpdateHeader(round_id=r, base_version=v, num_examples=self.data.num_examples,
                                    total_size=len(encoded.blob), sha256=wire.sha256(encoded.blob),

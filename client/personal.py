@@ -59,6 +59,8 @@ class RoundRecord:
     codec: str
     epochs: int
     test_examples: int = 0
+    dp_noise_multiplier: float = 0.0  # > 0: the update was clipped and noised (differential privacy)
+    dp_delta: float = 0.0
 
     def metrics(self) -> dict[str, float]:
         """The numbers the update header carries to the server (example-weighted there)."""

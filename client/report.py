@@ -46,16 +46,23 @@ class DeviceReport:
     final_global_accuracy: float | None = None
     final_personalized_accuracy: float | None = None
     final_epochs: int = 0
+    dp_epsilon: float | None = None  # privacy spent over the rounds sent with DP (None: DP never on)
+    dp_delta: float | None = None
 
     @classmethod
     def from_state(cls, state: DeviceState, **extra: Any) -> DeviceReport:
         """The report of a device state, plus the run's own numbers in `extra`."""
+        from fedpers.privacy import epsilon_of
+
         last = state.history[-1] if state.history else None
+        dp = [r for r in state.history if r.dp_delta > 0]
+        eps = epsilon_of([r.dp_noise_multiplier for r in dp], dp[-1].dp_delta) if dp else None
         return cls(name=state.name, id=state.device_id, last_round=state.last_round,
                    rounds_trained=len(state.history), epochs_trained=state.epochs_trained,
                    global_accuracy=last.global_accuracy if last else None,
                    personalized_accuracy=last.personalized_accuracy if last else None,
-                   bytes_up=state.bytes_up, bytes_down=state.bytes_down, rounds=list(state.history), **extra)
+                   bytes_up=state.bytes_up, bytes_down=state.bytes_down, rounds=list(state.history),
+                   dp_epsilon=eps, dp_delta=dp[-1].dp_delta if dp else None, **extra)
 
     @property
     def end_global_accuracy(self) -> float | None:

@@ -32,7 +32,7 @@ from fedpers.client.processes import Child, ProcessError, wait_for_server
 from fedpers.client.sim_report import SimReport
 from fedpers.codec import codec_help
 from fedpers.nn.modes import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
-from fedpers.strategies import STRATEGIES
+from fedpers.strategies import AGGREGATORS, STRATEGIES
 
 log = logging.getLogger("fedpers.sim")
 
@@ -66,7 +66,7 @@ class SimConfig:
     model: Path = DEFAULT_MODEL
     strategy: str = "fedavg"
     server_lr: float | None = None
-    min_devices: int | None = None  # None: all devices
+    min_devices: int | None = None  # None: all devices but one (a lost device does not stall the run)
     fraction: float = 1.0
     round_timeout: float = 60.0
     memory: str = DEFAULT_MEMORY_MODE
@@ -75,6 +75,10 @@ class SimConfig:
     save_uploads: bool = False
     keep_work: bool = False
     quiet: bool = False
+    aggregation: str = "mean"
+    bn_stats: str = "shared"
+    dp_clip: float = 0.0
+    dp_noise: float = 0.0
 
     def __post_init__(self) -> None:
         from fedpers.codec import parse_codec
@@ -86,6 +90,8 @@ class SimConfig:
             raise ValueError(f"min_devices must be in [1, devices={self.devices}], got {self.min_devices}")
         if not 0 < self.fraction <= 1:
             raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.aggregation not in AGGREGATORS:
+            raise ValueError(f"unknown aggregation {self.aggregation!r}; known: {list(AGGREGATORS)}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"unknown strategy {self.strategy!r}; known: {list(STRATEGIES)}")
         if self.memory not in MEMORY_MODES:
@@ -93,6 +99,11 @@ class SimConfig:
         if not Path(self.model).is_file():
             raise ValueError(f"model file {self.model} does not exist")
         parse_codec(self.codec)
+
+    @property
+    def min_devices_or_default(self) -> int:
+        """--min-devices, else all devices but one (at least one): one lost device never stalls the run."""
+        return self.min_devices or max(1, self.devices - 1)
 
     def as_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -104,12 +115,15 @@ class SimConfig:
 def server_argv(cfg: SimConfig, port_file: Path, store: Path, token: str) -> list[str]:
     argv = [sys.executable, "-m", "fedpers.server", "serve", "--model", str(Path(cfg.model).resolve()),
             "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--store", str(store), "--seed", str(cfg.seed),
-            "--rounds", str(cfg.rounds), "--min-devices", str(cfg.min_devices or cfg.devices),
+            "--rounds", str(cfg.rounds), "--min-devices", str(cfg.min_devices_or_default),
             "--fraction", str(cfg.fraction), "--round-timeout", str(cfg.round_timeout),
             "--strategy", cfg.strategy, "--enroll-token", token, "--codec", cfg.codec,
             "--local-epochs", str(cfg.local_epochs)]
     if cfg.server_lr is not None:
         argv += ["--server-lr", str(cfg.server_lr)]
+    argv += ["--aggregation", cfg.aggregation, "--bn-stats", cfg.bn_stats]
+    if cfg.dp_clip > 0:
+        argv += ["--dp-clip", str(cfg.dp_clip), "--dp-noise", str(cfg.dp_noise)]
     return argv
 
 
@@ -145,6 +159,7 @@ class _Run:
     devices: list[Child] = field(default_factory=list)
     status: Any = None  # the last fedpers.wire.Status seen
     shown: int = 0
+    lost: set[str] = field(default_factory=set)  # devices whose process died
 
     def follow(self, address: str) -> None:
         """Poll GetStatus until the federation is finished and every device has exited."""
@@ -159,8 +174,14 @@ class _Run:
                 self.server.check_alive()
                 for d in self.devices:
                     code = d.poll()
-                    if code not in (None, 0):
-                        raise SimError(f"{d.name} exited with code {code}:\n{d.tail()}")
+                    if code not in (None, 0) and d.name not in self.lost:
+                        self.lost.add(d.name)  # a lost device: the federation goes on without it
+                        log.warning("%s exited with code %s; continuing without it:\n%s", d.name, code, d.tail())
+                        self.say(f"{d.name} was lost (exit code {code}); continuing without it", flush=True)
+                alive = sum(1 for d in self.devices if d.poll() in (None, 0))
+                if alive < self.cfg.min_devices_or_default:
+                    raise SimError(f"only {alive} devices are left, fewer than min-devices "
+                                   f"({self.cfg.min_devices_or_default}): {sorted(self.lost)} exited")
                 try:
                     self.status = client.status()
                     failures = 0
@@ -173,7 +194,8 @@ class _Run:
                     self._show_rounds()
                     if self.status.finished and all(d.poll() is not None for d in self.devices):
                         return
-                if all(d.poll() == 0 for d in self.devices) and (self.status is None or not self.status.finished):
+                if all(d.poll() is not None for d in self.devices) and (self.status is None
+                                                                        or not self.status.finished):
                     raise SimError("every device exited but the server is not finished")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the simulation did not finish within {self.cfg.timeout:.0f}s "
@@ -186,7 +208,8 @@ class _Run:
             self.say(f"round {row.round:>3}/{self.cfg.rounds}  v{row.version:<3} {row.devices} devices  "
                      f"global {sim_report.fmt_pct(row.global_accuracy)}%  "
                      f"personalized {sim_report.fmt_pct(row.personalized_accuracy)}%  "
-                     f"({time.monotonic() - self.t_start:5.1f}s)", flush=True)
+                     + (f"eps {row.dp_epsilon:.2f}  " if row.dp_epsilon is not None else "")
+                     + f"({time.monotonic() - self.t_start:5.1f}s)", flush=True)
         self.shown = max(self.shown, len(rows))
 
     def stop_all(self) -> None:
@@ -254,6 +277,9 @@ def simulate(cfg: SimConfig) -> SimReport:
     say("")
     say(sim_report.format_table(rows))
     say(f"\nreport: {report_dir / 'report.json'}" + (f"  plot: {report_dir / 'accuracy.png'}" if plotted else ""))
+    if report.summary.dp_epsilon is not None:
+        say(f"differential privacy: each device spent at most epsilon = {report.summary.dp_epsilon:.3f} at "
+            f"delta = 1e-5 (dp-accounting RDP; clip {cfg.dp_clip}, noise multiplier {cfg.dp_noise})")
     say(f"{ended} in {report.summary.elapsed_seconds:.1f}s")
     if not cfg.keep_work:
         shutil.rmtree(work / "data", ignore_errors=True)
@@ -287,7 +313,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     arg("--strategy", "server optimizer: " + "; ".join(f"{k}: {v}" for k, v in STRATEGIES.items()),
         choices=tuple(STRATEGIES))
     arg("--server-lr", "server learning rate; None: the strategy's", type=positive_float)
-    arg("--min-devices", "devices a round needs; None: all", type=positive_int)
+    arg("--min-devices", "devices a round needs to open and, at its deadline, to close; None: all but one",
+        type=positive_int)
     arg("--fraction", "fraction of waiting devices sampled per round", type=fraction)
     arg("--round-timeout", "seconds before a round closes or is abandoned", type=positive_float)
     arg("--memory", "device trainer memory mode: " + memory_modes_help(), choices=MEMORY_MODES)
@@ -297,6 +324,13 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     arg("--save-uploads", "devices keep a copy of each uploaded blob", action="store_true")
     arg("--keep-work", "keep the partitioned data under report-dir/work", action="store_true")
     arg("--quiet", "no progress output", action="store_true")
+    arg("--aggregation", "how the server combines deltas: " + "; ".join(f"{k}: {v}" for k, v in AGGREGATORS.items()),
+        choices=tuple(AGGREGATORS))
+    arg("--bn-stats", "batch-norm running statistics: shared (averaged) or local (kept on each device)",
+        choices=("shared", "local"))
+    arg("--dp-clip", "differential privacy: devices clip their delta to this L2 norm; 0: off", type=float)
+    arg("--dp-noise", "differential privacy: Gaussian noise std = DP_NOISE x DP_CLIP; epsilon per round in the "
+        "report", type=float)
 
 
 def config_from_args(ns: argparse.Namespace) -> SimConfig:

@@ -36,6 +36,8 @@ class RoundRow:
     global_accuracy: float | None
     personalized_accuracy: float | None
     train_loss: float | None
+    dp_epsilon: float | None = None  # privacy spent by a device in every round so far (None: no DP)
+    late_updates: int = 0
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class Summary:
     bytes_up_per_device_round: float
     version: int | None
     elapsed_seconds: float
+    dp_epsilon: float | None = None  # after the last round (None: no DP)
+    late_updates: int = 0
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,8 @@ def round_rows(status: wire.Status | None) -> list[RoundRow]:
         m = r.metrics
         rows.append(RoundRow(round=r.round_id, version=r.version, devices=r.devices,
                              global_accuracy=m.get("global_accuracy"),
-                             personalized_accuracy=m.get("personalized_accuracy"), train_loss=m.get("loss")))
+                             personalized_accuracy=m.get("personalized_accuracy"), train_loss=m.get("loss"),
+                             dp_epsilon=m.get("dp_epsilon"), late_updates=r.late_updates))
     return rows
 
 
@@ -132,6 +137,9 @@ def summarize(rows: Sequence[DeviceRow], status: wire.Status | None, elapsed: fl
         bytes_up=up, bytes_down=sum(r.bytes_down for r in rows),
         bytes_up_per_device_round=up / max(1, sum(r.rounds_trained for r in rows)),
         version=status.version if status is not None else None, elapsed_seconds=round(elapsed, 2),
+        dp_epsilon=next((r.metrics["dp_epsilon"] for r in reversed(status.rounds) if "dp_epsilon" in r.metrics),
+                        None) if status is not None else None,
+        late_updates=status.late_updates if status is not None else 0,
     )
 
 

@@ -298,6 +298,16 @@ COMPRESSORS: dict[str, Compressor] = {
 # public API
 
 
+# Batch-norm running statistics always travel lossless (fp32, a few floats per layer): a quantized
+# running variance can come out negative, and the server refuses updates that make one negative.
+STATISTICS_SUFFIXES = (".running_mean", ".running_var")
+
+
+def codec_for(tensor: str, spec: CodecSpec) -> CodecSpec:
+    """The codec a tensor is sent with: `spec`, except fp32 for batch-norm running statistics."""
+    return CodecSpec("fp32") if tensor.endswith(STATISTICS_SUFFIXES) else spec
+
+
 def parse_codec(name: str) -> CodecSpec:
     """'topk:0.05+zstd' -> CodecSpec('topk', 0.05, 'zstd'); CodecError names what is wrong."""
     text = name.strip().lower()

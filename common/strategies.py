@@ -16,3 +16,14 @@ STRATEGIES: dict[str, str] = {
 def help_text() -> str:
     """'name: what it does' for argparse help."""
     return "; ".join(f"{name}: {text}" for name, text in STRATEGIES.items())
+
+
+# How the round's deltas are combined (server/robust.py), by name, with the help text of every CLI.
+AGGREGATORS: dict[str, str] = {
+    "mean": "example-weighted mean (with --clip-norm: each delta clipped first); memory O(model)",
+    "normbounded": "norm-bounded mean: each delta clipped to --clip-norm, then the weighted mean; memory O(model)",
+    "trimmed": "coordinate-wise trimmed mean (drops the --trim fraction at each end; ignores example counts); "
+               "memory O(devices x model), bounded by --robust-memory-mb",
+    "median": "coordinate-wise median (ignores example counts); memory O(devices x model), bounded by "
+              "--robust-memory-mb",
+}

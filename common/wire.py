@@ -40,6 +40,7 @@ class Refusal(enum.StrEnum):
     NOT_SELECTED = "NotSelected"
     STALE_BASE = "StaleBase"
     ALREADY_REPORTED = "AlreadyReported"
+    LATE_UPDATE = "LateUpdate"
     BAD_UPDATE = "BadUpdate"
     UNKNOWN_VERSION = "UnknownVersion"
     MISSING_VERSION = "MissingVersion"
@@ -53,6 +54,7 @@ class Refusal(enum.StrEnum):
     OVERSIZE = "Oversize"
     CODEC_ERROR = "CodecError"
     AGGREGATION_ERROR = "AggregationError"
+    JOURNAL_ERROR = "JournalError"
 
 
 def refusal_metadata(kind: Refusal | str) -> tuple[tuple[str, str], ...]:
@@ -375,13 +377,17 @@ class TrainingConfig:
     personal_layers: tuple[str, ...] = ()
     codec: str = "fp32"
     deadline_unix: float = 0.0
+    dp_clip_norm: float = 0.0  # 0: no differential privacy
+    dp_noise_multiplier: float = 0.0
+    dp_delta: float = 0.0  # the delta at which epsilon is reported (0 when DP is off)
 
 
 def training_config_to_proto(c: TrainingConfig) -> pb.TrainingConfig:
     return pb.TrainingConfig(
         local_epochs=c.local_epochs, batch_size=c.batch_size, learning_rate=c.learning_rate,
         shared_tensors=list(c.shared_tensors), personal_layers=list(c.personal_layers), codec=c.codec,
-        deadline_unix=c.deadline_unix,
+        deadline_unix=c.deadline_unix, dp_clip_norm=c.dp_clip_norm, dp_noise_multiplier=c.dp_noise_multiplier,
+        dp_delta=c.dp_delta,
     )
 
 
@@ -389,7 +395,8 @@ def training_config_from_proto(m: pb.TrainingConfig) -> TrainingConfig:
     return TrainingConfig(
         local_epochs=m.local_epochs, batch_size=m.batch_size, learning_rate=float(m.learning_rate),
         shared_tensors=tuple(m.shared_tensors), personal_layers=tuple(m.personal_layers), codec=m.codec,
-        deadline_unix=m.deadline_unix,
+        deadline_unix=m.deadline_unix, dp_clip_norm=m.dp_clip_norm, dp_noise_multiplier=m.dp_noise_multiplier,
+        dp_delta=m.dp_delta,
     )
 
 
@@ -518,17 +525,19 @@ class RoundSummary:
     state: str = "open"
     devices: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    late_updates: int = 0  # refused because they came after the round closed
 
 
 def round_summary_to_proto(r: RoundSummary) -> pb.RoundSummary:
-    msg = pb.RoundSummary(round_id=r.round_id, version=r.version, state=r.state, devices=r.devices)
+    msg = pb.RoundSummary(round_id=r.round_id, version=r.version, state=r.state, devices=r.devices,
+                          late_updates=r.late_updates)
     metrics_to_proto(msg.metrics, r.metrics)
     return msg
 
 
 def round_summary_from_proto(m: pb.RoundSummary) -> RoundSummary:
     return RoundSummary(round_id=m.round_id, version=m.version, state=m.state, devices=m.devices,
-                        metrics=metrics_from_proto(m.metrics))
+                        metrics=metrics_from_proto(m.metrics), late_updates=m.late_updates)
 
 
 @dataclass(frozen=True)
@@ -544,6 +553,7 @@ class Status:
     finished: bool = False
     rounds: tuple[RoundSummary, ...] = ()
     problem: str = ""  # why the server cannot make progress right now; empty when all is well
+    late_updates: int = 0  # updates refused because their round had closed, over all rounds
 
 
 def status_to_proto(s: Status) -> pb.StatusReply:
@@ -551,6 +561,7 @@ def status_to_proto(s: Status) -> pb.StatusReply:
         version=s.version, current_round=s.current_round, round_state=s.round_state,
         rounds_completed=s.rounds_completed, rounds_target=s.rounds_target, devices_joined=s.devices_joined,
         finished=s.finished, rounds=[round_summary_to_proto(r) for r in s.rounds], problem=s.problem,
+        late_updates=s.late_updates,
     )
 
 
@@ -559,6 +570,7 @@ def status_from_proto(m: pb.StatusReply) -> Status:
         version=m.version, current_round=m.current_round, round_state=m.round_state,
         rounds_completed=m.rounds_completed, rounds_target=m.rounds_target, devices_joined=m.devices_joined,
         finished=m.finished, rounds=tuple(round_summary_from_proto(r) for r in m.rounds), problem=m.problem,
+        late_updates=m.late_updates,
     )
 
 

@@ -26,7 +26,7 @@ import grpc
 from fedpers.codec import codec_help
 from fedpers.logs import LOG_FORMATS, setup_logging
 from fedpers.server import export_cmd
-from fedpers.strategies import STRATEGIES
+from fedpers.strategies import AGGREGATORS, STRATEGIES
 
 _M_ARENA_MAX = -8  # glibc mallopt parameter
 
@@ -39,7 +39,9 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--listen", help="HOST:PORT to bind (port 0: a free port; default 127.0.0.1:50051)")
     a("--store", help="directory for model versions and the state database")
     a("--rounds", type=int, help="rounds to complete before tasks say DONE (default 10)")
-    a("--min-devices", type=int, help="devices needed to open and to close a round (default 2)")
+    a("--min-devices", type=int,
+      help="the minimum of live waiting devices to open a round, and of updates to close it at its deadline "
+           "(default 2); a round closes earlier at its quorum: every selected device, or --target-devices")
     a("--fraction", type=float, help="fraction of waiting devices sampled per round (default 1.0)")
     a("--round-timeout", type=float, help="seconds until a round's deadline (default 60)")
     a("--strategy", choices=tuple(STRATEGIES),
@@ -56,7 +58,34 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--log-file", metavar="FILE", help="append log lines to FILE instead of stderr")
     a("--log-format", choices=LOG_FORMATS, help="text (default) or json: one JSON object per line, for log shippers")
     a("--clip-norm", type=float, help="clip each delta to this L2 norm before averaging")
-    a("--norm-bound", type=float, help="refuse updates whose L2 norm exceeds this")
+    a("--aggregation", choices=tuple(AGGREGATORS),
+      help="how a round's deltas are combined (default mean): "
+           + "; ".join(f"{k}: {v}" for k, v in AGGREGATORS.items()))
+    a("--trim", type=float, help="trimmed: fraction of values dropped at each end, per coordinate (default 0.2)")
+    a("--robust-memory-mb", type=float,
+      help="trimmed / median keep every delta of a round (O(devices x model)): at most this many MiB; a round "
+           "closes once it holds as many updates as fit (default 1024)")
+    a("--bn-stats", choices=("shared", "local"),
+      help="batch-norm running statistics: shared (averaged; an update may not make a variance negative) or "
+           "local (kept on each device, never sent; needed for DP) (default shared)")
+    a("--dp-clip", type=float,
+      help="differential privacy: devices clip their whole delta to this L2 norm (default 0: off)")
+    a("--dp-noise", type=float,
+      help="differential privacy: devices add Gaussian noise of std DP_NOISE x DP_CLIP to every value")
+    a("--dp-delta", type=float,
+      help="the delta at which the epsilon spent is reported per round (dp-accounting RDP; default 1e-5)")
+    a("--norm-bound", type=float,
+      help="refuse updates whose L2 norm exceeds this (default: 4x the L2 norm of the shared weights at start, "
+           "at least 1)")
+    a("--max-examples", type=int,
+      help="ceiling on the num_examples one update counts for, i.e. its weight in the mean (default 10000)")
+    a("--target-devices", type=int,
+      help="over-selection: close a round as soon as this many updates are in, and select "
+           "ceil(K x (1 + --over-select)) live waiting devices for it (instead of --fraction)")
+    a("--over-select", type=float, help="extra fraction selected with --target-devices (default 0.3)")
+    a("--waiting-ttl", type=float,
+      help="liveness: a device counts as waiting (selectable) this many seconds after its last call "
+           "(default max(2, 6 x --retry-after))")
     a("--max-update-mb", type=float, help="largest accepted update (default: 2x fp32 shared size + 1 MiB)")
     a("--workers", type=int, help="gRPC handler threads; bounds concurrent uploads and memory (default 4)")
     a("--retry-after", type=float, help="seconds a waiting device is told to wait (default 0.5)")
@@ -193,7 +222,7 @@ def _status(ns: argparse.Namespace) -> int:
     target = f"{status.rounds_target}" if status.rounds_target else "? (stopped server)"
     print(f"version {status.version}   rounds {status.rounds_completed}/{target}   "
           f"devices {status.devices_joined}   round {status.current_round} ({status.round_state or '-'})"
-          f"{'   finished' if status.finished else ''}")
+          f"   late updates {status.late_updates}{'   finished' if status.finished else ''}")
     if status.problem:
         print(f"problem: {status.problem}")
     _print_rounds(status.rounds)
@@ -203,10 +232,11 @@ def _status(ns: argparse.Namespace) -> int:
 def _print_rounds(rounds: Any) -> None:
     if not rounds:
         return
-    print(f"{'round':>6} {'state':>10} {'version':>8} {'devices':>8}  metrics (example-weighted means of the devices')")
+    print(f"{'round':>6} {'state':>10} {'version':>8} {'devices':>8} {'late':>5}  "
+          f"metrics (example-weighted means of the devices')")
     for r in rounds:
         metrics = "  ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()))
-        print(f"{r.round_id:>6} {r.state:>10} {r.version:>8} {r.devices:>8}  {metrics}")
+        print(f"{r.round_id:>6} {r.state:>10} {r.version:>8} {r.devices:>8} {r.late_updates:>5}  {metrics}")
 
 
 def _report(ns: argparse.Namespace) -> int:

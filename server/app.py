@@ -2,7 +2,8 @@
 
 Order of a stop: health says NOT_SERVING, the gRPC server refuses new calls and gives
 in-flight ones a grace period (an upload that completes the round still closes it), then the
-coordinator abandons whatever round is still open, the ticker ends and the database closes.
+coordinator takes no more work (a round still open stays open: its updates are journaled and a
+restart continues it), the ticker ends and the database closes.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from dataclasses import dataclass, field
 import grpc
 from fedpers import codec, wire
 from fedpers.locks import DirLock
-from fedpers.server.aggregate import make_aggregator, make_optimizer
+from fedpers.server.aggregate import make_optimizer
 from fedpers.server.config import ConfigError, ServerConfig
 from fedpers.server.export_cmd import MODEL_COPY
 from fedpers.server.metrics import MetricsEndpoint, ServerMetrics
 from fedpers.server.model import load_model
+from fedpers.server.robust import make_aggregator
 from fedpers.server.rounds import Coordinator
 from fedpers.server.service import build_server
 from fedpers.server.state import SqliteState
@@ -41,21 +43,28 @@ def build_coordinator(cfg: ServerConfig) -> Coordinator:
     spec = load_ini(cfg.model)
     for note in spec.notes:  # NNTrainer keys the model gives that fedpers does not act on
         log.info("model: %s", note)
-    layout, weights = load_model(cfg.model, cfg.personal_layers, cfg.seed)
+    layout, weights = load_model(cfg.model, cfg.personal_layers, cfg.seed, local_stats=cfg.bn_stats == "local")
+    dp = cfg.dp_config()
+    stats = [k for k in layout.shared if k.endswith(codec.STATISTICS_SUFFIXES)]
+    if dp.enabled and stats:
+        raise ConfigError(f"dp_clip: differential privacy needs --bn-stats local for this model ({stats[0]} would "
+                          f"be shared: noisy running variances are refused, noise-free ones leak the data)")
     training = wire.TrainingConfig(
         local_epochs=cfg.local_epochs or spec.epochs,
         batch_size=cfg.batch_size or spec.batch_size,
         learning_rate=cfg.learning_rate or spec.optimizer.learning_rate,
-        codec=cfg.codec,
+        codec=cfg.codec, dp_clip_norm=dp.clip_norm, dp_noise_multiplier=dp.noise_multiplier,
     )
     policy = cfg.round_policy()
     cfg.store.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(cfg.store / MODEL_COPY, layout.ini_text.encode())  # for `fedpers-server export`
     return Coordinator(
         state=SqliteState(cfg.store / STATE_DB), store=ModelStore(cfg.store), layout=layout,
-        initial_weights=weights, aggregator=make_aggregator(cfg.clip_norm),
+        initial_weights=weights,
+        aggregator=make_aggregator(cfg.aggregation, clip_norm=cfg.clip_norm, trim=cfg.trim,
+                                   memory_mb=cfg.robust_memory_mb),
         optimizer=make_optimizer(cfg.strategy, cfg.server_lr), policy=policy, training=training,
-        enroll_token=cfg.enroll_token,
+        enroll_token=cfg.enroll_token, dp_delta=dp.delta,
     )
 
 

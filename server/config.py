@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from fedpers.logs import LOG_FORMATS
+from fedpers.privacy import DPConfig, PrivacyError
 from fedpers.server.rounds import PolicyError, RoundPolicy
-from fedpers.strategies import STRATEGIES
+from fedpers.strategies import AGGREGATORS, STRATEGIES
 
 
 class ConfigError(ValueError):
@@ -39,11 +40,21 @@ class ServerConfig:
     log_file: Path | None = None  # None: stderr
     log_format: str = "text"  # text | json (one object per line)
     clip_norm: float | None = None  # clip each delta to this global L2 norm before averaging
+    aggregation: str = "mean"  # fedpers.strategies.AGGREGATORS
+    trim: float = 0.2  # trimmed mean: fraction dropped at each end, per coordinate
+    robust_memory_mb: float = 1024.0  # trimmed / median keep every delta: at most this much
+    dp_clip: float = 0.0  # devices clip their delta to this L2 norm (0: no differential privacy)
+    dp_noise: float = 0.0  # ... and add Gaussian noise of std dp_noise x dp_clip
+    dp_delta: float = 1e-5  # the delta of the (epsilon, delta) reported per round
+    bn_stats: str = "shared"  # shared | local: batch-norm running statistics averaged, or kept on devices
     norm_bound: float | None = None  # refuse updates whose global L2 norm is larger
     max_update_mb: float | None = None  # None: 2x the fp32 size of the shared tensors + 1 MiB
     workers: int = 4  # gRPC handler threads: bounds concurrent uploads, hence server memory
     retry_after: float = 0.5  # seconds a waiting device is told to wait
-    waiting_ttl: float = 30.0
+    waiting_ttl: float | None = None  # liveness: None = max(2 s, 6 x retry_after)
+    target_devices: int | None = None  # close a round at this many updates (over-selection)
+    over_select: float = 0.3  # with target_devices: select ceil(target x (1 + over_select))
+    max_examples: int = 10_000  # ceiling on the num_examples one update may count for
     port_file: Path | None = None  # write the bound port here once serving (for --listen HOST:0)
     metrics_listen: str | None = None  # HOST:PORT for Prometheus /metrics; None: no metrics endpoint
 
@@ -55,6 +66,20 @@ class ServerConfig:
             raise bad("strategy", f"unknown {self.strategy!r}; known: {list(STRATEGIES)}")
         if self.log_format not in LOG_FORMATS:
             raise bad("log_format", f"must be one of {list(LOG_FORMATS)}, got {self.log_format!r}")
+        if self.aggregation not in AGGREGATORS:
+            raise bad("aggregation", f"unknown {self.aggregation!r}; known: {list(AGGREGATORS)}")
+        if self.aggregation == "normbounded" and self.clip_norm is None:
+            raise bad("aggregation", "normbounded needs clip_norm (--clip-norm)")
+        if not 0 <= self.trim < 0.5:
+            raise bad("trim", f"must be in [0, 0.5), got {self.trim}")
+        if not self.robust_memory_mb > 0:
+            raise bad("robust_memory_mb", f"must be > 0, got {self.robust_memory_mb}")
+        if self.bn_stats not in ("shared", "local"):
+            raise bad("bn_stats", f"must be shared or local, got {self.bn_stats!r}")
+        try:
+            self.dp_config()  # the DP settings are checked where they are used, once
+        except PrivacyError as exc:
+            raise ConfigError(str(exc)) from None
         if self.workers < 1:
             raise bad("workers", f"must be >= 1, got {self.workers}")
         for key in ("server_lr", "clip_norm", "max_update_mb", "learning_rate"):
@@ -74,13 +99,18 @@ class ServerConfig:
         except PolicyError as exc:
             raise ConfigError(str(exc)) from None
 
+    def dp_config(self) -> DPConfig:
+        """The devices' clipping and noise, and the delta the server reports epsilon at."""
+        return DPConfig(clip_norm=self.dp_clip, noise_multiplier=self.dp_noise, delta=self.dp_delta)
+
     def round_policy(self) -> RoundPolicy:
         """The coordinator's policy from these settings."""
         return RoundPolicy(
             rounds=self.rounds, min_devices=self.min_devices, fraction=self.fraction,
             round_timeout=self.round_timeout, retry_after=self.retry_after, waiting_ttl=self.waiting_ttl,
             max_update_bytes=int(self.max_update_mb * (1 << 20)) if self.max_update_mb else None,
-            norm_bound=self.norm_bound, seed=self.seed,
+            norm_bound=self.norm_bound, seed=self.seed, target_devices=self.target_devices,
+            over_select=self.over_select, max_examples=self.max_examples,
         )
 
 

@@ -27,6 +27,10 @@ class AlreadyReported(StaleRound):
     """The device already has an accepted update in this round."""
 
 
+class LateUpdate(StaleRound):
+    """The update names a round the device was selected for that has already closed (counted in status)."""
+
+
 class BadUpdate(FederationError, ValueError):
     """The update's content is wrong: tensor names, shapes, dtype, non-finite values, norm (INVALID_ARGUMENT)."""
 

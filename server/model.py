@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from fedpers.codec import STATISTICS_SUFFIXES
 
 
 class WeightInfo(Protocol):
@@ -59,12 +60,17 @@ class ModelLayout:
         return out
 
 
+STAT_SUFFIXES = STATISTICS_SUFFIXES  # batch-norm running statistics
+
+
 def layout_from_specs(
-    ini_text: str, specs: Mapping[str, WeightInfo], personal_layers: Iterable[str] = ()
+    ini_text: str, specs: Mapping[str, WeightInfo], personal_layers: Iterable[str] = (), local_stats: bool = False
 ) -> ModelLayout:
     """Split a model's weights into shared / frozen / personal.
 
-    Personal layers are those the model marks `personal = true` plus `personal_layers`."""
+    Personal layers are those the model marks `personal = true` plus `personal_layers`. With
+    `local_stats`, batch-norm running statistics stay on each device too (neither served nor sent;
+    SiloBN, Andreux et al. 2020), while gamma and beta are still shared."""
     layers = {s.layer for s in specs.values()}
     extra = tuple(personal_layers)
     unknown = sorted(set(extra) - layers)
@@ -72,19 +78,20 @@ def layout_from_specs(
         raise LayoutError(
             f"--personal-layers names {unknown}, which are not layers with weights; known: {sorted(layers)}")
     personal = set(extra) | {s.layer for s in specs.values() if s.personal}
-    shapes = {n: tuple(int(d) for d in s.shape) for n, s in specs.items() if s.layer not in personal}
-    shared = tuple(sorted(n for n, s in specs.items() if s.layer not in personal and s.trainable))
+    shapes = {n: tuple(int(d) for d in s.shape) for n, s in specs.items()
+              if s.layer not in personal and not (local_stats and n.endswith(STAT_SUFFIXES))}
+    shared = tuple(sorted(n for n, s in specs.items() if n in shapes and s.trainable))
     if not shared:
         raise LayoutError("the model has no shared trainable weights: nothing to federate")
     return ModelLayout(ini_text=ini_text, shapes=shapes, shared=shared, personal_layers=tuple(sorted(personal)))
 
 
-def load_model(path: str | os.PathLike, personal_layers: Iterable[str] = (), seed: int = 0
-               ) -> tuple[ModelLayout, dict[str, np.ndarray]]:
+def load_model(path: str | os.PathLike, personal_layers: Iterable[str] = (), seed: int = 0,
+               local_stats: bool = False) -> tuple[ModelLayout, dict[str, np.ndarray]]:
     """Read MODEL.ini -> (layout, served version-0 weights) with the trainer's own init."""
     from fedpers.nn import init_weights, load_ini, weight_specs
 
     text = Path(path).read_text()
     spec: Any = load_ini(path)
-    layout = layout_from_specs(text, weight_specs(spec), personal_layers)
+    layout = layout_from_specs(text, weight_specs(spec), personal_layers, local_stats)
     return layout, layout.served(init_weights(spec, seed))

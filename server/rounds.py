@@ -4,11 +4,18 @@ Pure policy over plain values, the state object, the model store and an aggregat
 no gRPC here (server/service.py is the transport). One lock orders every transition; decoding
 and validating an update happens outside it, so uploads are checked concurrently.
 
-Round life: devices that ask for a task wait; when >= min_devices wait, a round opens over a
-sample of them; it closes at quorum (all selected reported) or at the deadline with
->= min_devices updates (mean delta -> optimizer -> version v+1, stored atomically, then
-published), or else is abandoned (reason logged) and a new one opens. After `rounds` closed
+Round life: devices that ask for a task wait (and count as live for `waiting_ttl` seconds after
+their last call); when >= min_devices live devices wait, a round opens over a sample of them
+(with `target_devices`, ceil(target x (1 + over_select)) of them: over-selection); it closes at
+its quorum (every selected device, or `target_devices` updates) or at the deadline with
+>= min_devices updates (mean delta -> optimizer -> version v+1, checked finite, stored
+atomically, then published), or else is abandoned (reason logged) and a new one opens. Updates
+that arrive after their round closed are refused as late and counted. After `rounds` closed
 rounds the federation is finished and tasks say DONE.
+
+Durable before acknowledged: an accepted update is journaled (server/journal.py) and its row
+committed before the reply; a restarted (or stopped and started) server rebuilds the open round
+from the journal and continues it.
 """
 
 from __future__ import annotations
@@ -23,21 +30,26 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 from fedpers import wire
+from fedpers.privacy import epsilon
+from fedpers.server import guard
 from fedpers.server import state as st
 from fedpers.server.aggregate import Aggregator, ServerOptimizer
 from fedpers.server.errors import (
     AlreadyReported,
     BadToken,
     BadUpdate,
+    LateUpdate,
     NotSelected,
     ShuttingDown,
     StaleBase,
     StaleRound,
     UnknownVersion,
 )
+from fedpers.server.journal import Journal, JournalRecord
 from fedpers.server.model import LayoutError, ModelLayout
 from fedpers.server.status import build_status
 from fedpers.server.validate import decode_update
@@ -59,10 +71,19 @@ class RoundPolicy:
     fraction: float = 1.0
     round_timeout: float = 60.0
     retry_after: float = 0.5
-    waiting_ttl: float = 30.0  # a device counts as waiting this long after its last GetTask
+    waiting_ttl: float | None = None  # a device counts as waiting (live) this long after its last GetTask;
+    # None: max(2 s, 6 x retry_after)
     max_update_bytes: int | None = None
-    norm_bound: float | None = None  # refuse updates whose global L2 norm is larger
+    norm_bound: float | None = None  # refuse updates whose global L2 norm is larger; None: from the model
     seed: int = 0
+    target_devices: int | None = None  # close a round at this many updates (None: every selected device)
+    over_select: float = 0.3  # with target_devices: select ceil(target x (1 + over_select)) devices
+    gather_seconds: float = 2.0  # open with fewer than wanted (but >= min_devices) after this wait
+    max_examples: int = 10_000  # ceiling on the num_examples an update may claim (its weight)
+
+    @property
+    def liveness(self) -> float:
+        return self.waiting_ttl if self.waiting_ttl is not None else max(2.0, 6 * self.retry_after)
 
     def __post_init__(self) -> None:
         checks = (
@@ -71,7 +92,12 @@ class RoundPolicy:
             ("fraction", 0 < self.fraction <= 1, "in (0, 1]"),
             ("round_timeout", self.round_timeout > 0, "> 0"),
             ("retry_after", self.retry_after > 0, "> 0"),
-            ("waiting_ttl", self.waiting_ttl > 0, "> 0"),
+            ("waiting_ttl", self.waiting_ttl is None or self.waiting_ttl > 0, "> 0"),
+            ("target_devices", self.target_devices is None or self.target_devices >= self.min_devices,
+             f">= min_devices ({self.min_devices})"),
+            ("over_select", 0 <= self.over_select <= 10, "in [0, 10]"),
+            ("gather_seconds", self.gather_seconds >= 0, ">= 0"),
+            ("max_examples", self.max_examples >= 1, ">= 1"),
             ("max_update_bytes", self.max_update_bytes is None or self.max_update_bytes > 0, "> 0"),
             ("norm_bound", self.norm_bound is None or self.norm_bound > 0, "> 0"),
         )
@@ -112,26 +138,43 @@ class Coordinator:
         training: wire.TrainingConfig,
         enroll_token: str = "",
         clock: Callable[[], float] = time.time,
+        journal: Journal | None = None,
+        dp_delta: float = 1e-5,
     ) -> None:
         self.state, self.store, self.layout = state, store, layout
         self.aggregator, self.optimizer, self.policy = aggregator, optimizer, policy
         self.enroll_token = enroll_token
         self.clock = clock
         self.training = replace(training, shared_tensors=layout.shared, personal_layers=layout.personal_layers,
-                                deadline_unix=0.0)
+                                deadline_unix=0.0, dp_delta=dp_delta if training.dp_clip_norm > 0 else 0.0)
         shared_bytes = 4 * layout.shared_params
         self.max_update_bytes = policy.max_update_bytes or 2 * shared_bytes + (1 << 20)
+        self.journal = journal if journal is not None else Journal(Path(store.directory).parent / "journal")
+        self.dp_delta = dp_delta
         self._lock = threading.RLock()
         self._rng = np.random.default_rng(policy.seed)
         self._waiting: dict[int, float] = {}
+        self._gather_since: float | None = None  # when enough devices to open (but fewer than wanted) first waited
+        self._seen: dict[int, float] = {}  # device -> its last GetTask or upload: the live devices
         self._round: st.Round | None = None
         self._reported: set[int] = set()
         self._stopping = False
         self._blob: tuple[int, bytes] | None = None
         self._token_hashes: dict[int, str] = {}  # auth runs on gRPC's serving thread: avoid the database there
         self.close_error = ""  # why the last attempt to close a round failed (shown in GetStatus)
+        self._closed = 0
         self.version, self.weights = self._recover(initial_weights)
         self._closed = state.count_rounds(st.CLOSED)
+        # Bounded influence: without --norm-bound, a bound derived from the served model itself.
+        self.norm_bound = policy.norm_bound or guard.default_norm_bound(
+            {k: self.weights[k] for k in layout.shared})
+        if policy.norm_bound is None and self.training.dp_clip_norm > 0:  # noised updates are long by design
+            self.norm_bound = max(self.norm_bound, guard.dp_norm_bound(
+                self.training.dp_clip_norm, self.training.dp_noise_multiplier, layout.shared_params))
+        log.info("update norm bound %.4g%s; num_examples ceiling %d", self.norm_bound,
+                 "" if policy.norm_bound else " (derived from the model)", policy.max_examples)
+        with self._lock:
+            self._rebuild_open_round(self.clock())
 
     # ------------------------------------------------------------------ startup
 
@@ -153,16 +196,55 @@ class Coordinator:
             raise StoreError(f"{self.store.path(latest)} holds a different model than --model: {exc}") from None
         self.optimizer.load_state(mv.optimizer_state)
         made_by = int(mv.meta.get("round_id", 0))
-        for r in self.state.open_rounds():
+        open_rounds = self.state.open_rounds()
+        for r in open_rounds:
             if r.round_id == made_by and latest > 0:
                 # The version file was committed but the round's close was not: finish the bookkeeping.
                 self.state.close_round(r.round_id, latest, mv.meta.get("metrics", {}), now)
                 log.warning("round %d: version %d was stored before a crash; marked closed", r.round_id, latest)
+            elif r is open_rounds[-1] and r.base_version == latest:
+                self._round = r  # rebuilt from the journal once the coordinator is set up
             else:
-                self.state.abandon_round(r.round_id, "server restarted", now)
-                log.warning("round %d abandoned: server restarted", r.round_id)
+                self.state.abandon_round(r.round_id, f"server restarted; base version {r.base_version} "
+                                                     f"is not the latest ({latest})", now)
+                log.warning("round %d abandoned on restart: base version %d, latest %d", r.round_id,
+                            r.base_version, latest)
+        keep = {self._round.round_id} if self._round is not None else set()
+        for rid in self.journal.rounds():
+            if rid not in keep:
+                self.journal.discard(rid)  # a finished round's records (the crash came before their deletion)
         log.info("serving version %d from %s", latest, self.store.directory)
         return latest, weights
+
+    def _rebuild_open_round(self, now: float) -> None:
+        """Fold the journaled updates of the round left open back into the aggregate: the round keeps
+        its id, its selected devices and every acknowledged update. Records without a committed row
+        were never acknowledged and are dropped. The deadline gets at least half a timeout more."""
+        r = self._round
+        if r is None:
+            return
+        committed = {u.device_id: u for u in self.state.updates(r.round_id)}
+        self.aggregator.start(r.round_id, {k: self.weights[k] for k in self.layout.shared})
+        self._reported = set()
+        for path, rec in self.journal.records(r.round_id):
+            u = committed.get(rec.device_id)
+            if u is None or u.sha256 != rec.sha256 or rec.device_id in self._reported:
+                self.journal.remove(path)  # never acknowledged (or a duplicate attempt)
+                continue
+            delta = decode_update(rec.blob, self.layout.shared_shapes, None)
+            guard.check_update(self.weights, delta)  # the same clamping as when it was accepted
+            self.aggregator.add(delta, rec.weight)
+            self._reported.add(rec.device_id)
+        missing = sorted(set(committed) - self._reported)
+        if missing:  # impossible unless the journal directory was tampered with
+            log.error("round %d: updates of devices %s are recorded but not journaled; they are not in the "
+                      "aggregate", r.round_id, missing)
+            self._reported |= set(missing)
+        deadline = max(r.deadline, now + self.policy.round_timeout / 2)
+        self._round = replace(r, deadline=deadline)
+        log.warning("round %d continues after a restart: %d of %d selected devices already reported, "
+                    "deadline in %.1fs", r.round_id, len(self._reported), len(r.selected), deadline - now)
+        self._tick_locked(now)
 
     # ------------------------------------------------------------------ devices
 
@@ -174,6 +256,7 @@ class Coordinator:
         token = secrets.token_urlsafe(32)
         dev = self.state.add_device(device_name or None, hash_token(token), self.clock())
         self._token_hashes[dev.device_id] = dev.token_hash
+        self._seen[dev.device_id] = self.clock()  # live: it is about to ask for a task
         log.info("device %d joined%s", dev.device_id, f" as {device_name!r}" if device_name else "")
         return wire.JoinReply(device_id=dev.device_id, session_token=token)
 
@@ -209,6 +292,7 @@ class Coordinator:
             task = self._train_task(device_id)
             if task is not None:
                 return task
+            self._seen[device_id] = now
             if not self.finished:
                 self._waiting[device_id] = now
             self._tick_locked(now)
@@ -233,7 +317,19 @@ class Coordinator:
             if not self._stopping:
                 self._tick_locked(self.clock())
 
+    def quorum(self, r: st.Round) -> int:
+        """Updates that close round `r` before its deadline: every selected device, or target_devices
+        (over-selection), and never more than the aggregator can hold (robust aggregators keep each delta)."""
+        q = len(r.selected)
+        if self.policy.target_devices is not None:
+            q = min(q, self.policy.target_devices)
+        cap = getattr(self.aggregator, "capacity", None)
+        return max(1, min(q, cap)) if cap else q
+
     def _tick_locked(self, now: float) -> None:
+        r = self._round
+        if r is not None and self.aggregator.count >= self.quorum(r):
+            self._try_close(now, "quorum")
         r = self._round
         if r is not None and now >= r.deadline:
             n = self.aggregator.count
@@ -243,14 +339,37 @@ class Coordinator:
                 self._abandon_locked(
                     now, f"deadline passed with {n} of {len(r.selected)} updates (need {self.policy.min_devices})")
         if self._round is None and not self.finished:
-            for d in [d for d, t in self._waiting.items() if now - t > self.policy.waiting_ttl]:
-                del self._waiting[d]
+            for d in [d for d, t in self._waiting.items() if now - t > self.policy.liveness]:
+                del self._waiting[d]  # stopped calling: not live, never selected
+            for d in [d for d, t in self._seen.items() if now - t > self.policy.liveness]:
+                del self._seen[d]
             if len(self._waiting) >= self.policy.min_devices:
                 self._open_locked(now)
+            else:
+                self._gather_since = None
+
+    def _selection_size(self, live: int, now: float) -> int:
+        """How many of `live` waiting devices to select now (0: not yet)."""
+        p = self.policy
+        if p.target_devices is None:
+            # Every live device (called recently) is waiting, or the gather window has passed: a
+            # device still uploading the last round is not left out, a lost one is not awaited.
+            want = len(self._seen.keys() | self._waiting.keys())
+            size = min(live, max(p.min_devices, math.ceil(p.fraction * live)))
+        else:
+            want = math.ceil(p.target_devices * (1 + p.over_select))
+            size = min(live, want)
+        if live >= want:
+            return size
+        self._gather_since = self._gather_since if self._gather_since is not None else now
+        return size if now - self._gather_since >= p.gather_seconds else 0
 
     def _open_locked(self, now: float) -> None:
         candidates = sorted(self._waiting)
-        k = min(len(candidates), max(self.policy.min_devices, math.ceil(self.policy.fraction * len(candidates))))
+        k = self._selection_size(len(candidates), now)
+        if k == 0:
+            return
+        self._gather_since = None
         picked = self._rng.choice(len(candidates), size=k, replace=False)
         selected = tuple(sorted(candidates[i] for i in picked))
         r = self.state.open_round(self.version, selected, now, now + self.policy.round_timeout)
@@ -266,6 +385,7 @@ class Coordinator:
         assert r is not None
         self.state.abandon_round(r.round_id, reason, now)
         self._round, self._reported = None, set()
+        self.journal.discard(r.round_id)
         log.warning("round %d abandoned: %s", r.round_id, reason)
 
     def _try_close(self, now: float, why: str) -> None:
@@ -275,6 +395,13 @@ class Coordinator:
         try:
             self._close_locked(now, why)
             self.close_error = ""
+        except guard.UnsafeModel as exc:
+            r = self._round
+            assert r is not None
+            self.close_error = (f"round {r.round_id}: refused to publish version {self.version + 1} ({exc}); "
+                                f"version {self.version} is kept")
+            log.error("%s", self.close_error)
+            self._abandon_locked(now, f"refused to publish: {exc}")
         except (OSError, StoreError, st.StateError, sqlite3.Error) as exc:
             rid = self._round.round_id if self._round else 0
             self.close_error = f"round {rid}: closing failed ({type(exc).__name__}: {exc}); retrying"
@@ -292,9 +419,16 @@ class Coordinator:
         written = False
         try:
             with self.state.tx():
-                new_shared = self.optimizer.step({k: self.weights[k] for k in self.layout.shared}, mean)
+                with np.errstate(over="ignore", invalid="ignore"):  # check_model refuses what overflowed
+                    new_shared = self.optimizer.step({k: self.weights[k] for k in self.layout.shared}, mean)
+                guard.clamp_rounding(new_shared)
+                guard.check_model(new_shared)  # never publish NaN/Inf or a negative variance
                 weights = {**self.weights, **new_shared}
                 metrics = weighted_metrics(self.state.updates(r.round_id))
+                if self.training.dp_clip_norm > 0:  # what a device in every round so far has spent
+                    metrics["dp_epsilon"] = epsilon(self.training.dp_noise_multiplier, self._closed + 1,
+                                                    self.dp_delta)
+                    metrics["dp_delta"] = self.dp_delta
                 meta = {"round_id": r.round_id, "created": now, "strategy": self.optimizer.name,
                         "devices": self.aggregator.count, "examples": self.aggregator.total_weight, "metrics": metrics}
                 self.store.save_version(v, weights, meta, self.optimizer.state())
@@ -308,21 +442,42 @@ class Coordinator:
         self.version, self.weights, self._blob = v, weights, None
         self._round, self._reported = None, set()
         self._closed += 1
+        self.journal.discard(r.round_id)
         log.info("round %d closed (%s): %d updates, version %d written%s", r.round_id, why,
                  self.aggregator.count, v, "; federation finished" if self.finished else "")
 
     # ------------------------------------------------------------------ updates
+
+    def example_cap(self, device_id: int) -> int:
+        """The most examples an update from `device_id` may count for (its weight in the mean).
+
+        Today the configured ceiling; the hook for a per-device cap (e.g. the data set size a device
+        declared at enrollment)."""
+        return self.policy.max_examples
+
+    def _late_or_stale(self, device_id: int, header: wire.UpdateHeader, now: float) -> StaleRound:
+        """The refusal for an update that names a round other than the open one."""
+        r = self._round
+        rid = header.round_id
+        old = self.state.round(rid) if 1 <= rid <= wire.INT63_MAX else None
+        if old is not None and old.state != st.OPEN and device_id in old.selected:
+            if any(u.device_id == device_id for u in self.state.updates(rid)):
+                return AlreadyReported(f"device {device_id} already reported for round {rid}")
+            self.state.record_late(rid, device_id, now)
+            return LateUpdate(f"round {rid} was {old.state} before this update arrived; late updates are counted "
+                              f"but not aggregated")
+        if self.finished:
+            return StaleRound(f"round {rid} is not open: the federation has finished")
+        now_open = f"round {r.round_id} is open" if r else "no round is open"
+        return StaleRound(f"round {rid} is not open ({now_open})")
 
     def _check_upload(self, device_id: int, header: wire.UpdateHeader, now: float) -> st.Round:
         if self._stopping:
             raise ShuttingDown("the server is shutting down")
         self._tick_locked(now)
         r = self._round
-        if self.finished:
-            raise StaleRound(f"round {header.round_id} is not open: the federation has finished")
-        if r is None or header.round_id != r.round_id:
-            now_open = f"round {r.round_id} is open" if r else "no round is open"
-            raise StaleRound(f"round {header.round_id} is not open ({now_open})")
+        if r is None or header.round_id != r.round_id or self.finished:
+            raise self._late_or_stale(device_id, header, now)
         if device_id not in r.selected:
             raise NotSelected(f"device {device_id} is not selected for round {r.round_id}")
         if device_id in self._reported:
@@ -337,26 +492,46 @@ class Coordinator:
         return r
 
     def accept_update(self, device_id: int, header: wire.UpdateHeader, chunks: Iterable) -> wire.UploadReply:
-        """Check the header, receive and verify the blob, decode and validate the delta, then (under
-        the lock, inside one state transaction) record it and fold it into the aggregate."""
+        """Check the header; receive, verify, decode and validate the delta and journal it durably (all
+        outside the lock, so uploads overlap); then, under the lock and in one state transaction,
+        record it (the commit point) and fold it into the aggregate. Only then is it acknowledged."""
         with self._lock:
+            self._seen[device_id] = self.clock()
             self._check_upload(device_id, header, self.clock())
+            base = {k: self.weights[k] for k in self.layout.shared}
         blob = wire.join_chunks(chunks, header.total_size, self.max_update_bytes, header.sha256)
-        delta = decode_update(blob, self.layout.shared_shapes, self.policy.norm_bound)
-        with self._lock:
-            now = self.clock()
-            r = self._check_upload(device_id, header, now)
-            rec = st.UpdateRecord(r.round_id, device_id, header.num_examples, len(blob), header.sha256.hex(), now,
-                                  {k: v for k, v in header.metrics.items() if math.isfinite(v)})
-            with self.state.tx():
-                self.state.add_update(rec)
-                self.aggregator.add(delta, float(header.num_examples))
-            self._reported.add(device_id)
-            n = len(self._reported)
-            log.debug("round %d: update from device %d accepted (%d/%d)", r.round_id, device_id, n, len(r.selected))
-            if n == len(r.selected):
-                self._try_close(now, "quorum")
-            return wire.UploadReply(accepted=True, message=f"accepted for round {r.round_id}", updates_in_round=n)
+        delta = decode_update(blob, self.layout.shared_shapes, self.norm_bound)
+        guard.check_update(base, delta)
+        examples = min(header.num_examples, self.example_cap(device_id))
+        if examples < header.num_examples:
+            log.info("device %d claimed %d examples; counted as %d (the cap)", device_id, header.num_examples,
+                     examples)
+        now = self.clock()
+        path = self.journal.append(JournalRecord(header.round_id, device_id, examples, float(examples),
+                                                 header.sha256.hex(), now, blob))
+        committed = False
+        try:
+            with self._lock:
+                now = self.clock()
+                r = self._check_upload(device_id, header, now)
+                rec = st.UpdateRecord(r.round_id, device_id, examples, len(blob), header.sha256.hex(), now,
+                                      {k: v for k, v in header.metrics.items() if math.isfinite(v)})
+                with self.state.tx():
+                    self.state.add_update(rec)
+                    self.aggregator.add(delta, float(examples))
+                committed = True
+                self._reported.add(device_id)
+                n = len(self._reported)
+                log.debug("round %d: update from device %d accepted (%d/%d)", r.round_id, device_id, n,
+                          len(r.selected))
+                if n >= self.quorum(r):
+                    self._try_close(now, "quorum")
+                return wire.UploadReply(accepted=True, message=f"accepted for round {r.round_id}",
+                                        updates_in_round=n)
+        except BaseException:
+            if not committed:
+                self.journal.remove(path)  # refused after all: never acknowledged
+            raise
 
     # ------------------------------------------------------------------ models and status
 
@@ -376,9 +551,11 @@ class Coordinator:
         with self._lock:
             return build_status(self.state, self.version, self.policy.rounds, self.finished, problem=self.close_error)
 
-    def stop(self, reason: str = "server stopping") -> None:
-        """Take no more work; abandon the open round (its in-memory aggregate cannot survive a restart)."""
+    def stop(self) -> None:
+        """Take no more work. The open round stays open: its updates are journaled, and a server
+        started on the same store continues it."""
         with self._lock:
             self._stopping = True
             if self._round is not None:
-                self._abandon_locked(self.clock(), reason)
+                log.info("round %d left open with %d updates; a restart continues it", self._round.round_id,
+                         len(self._reported))

@@ -22,6 +22,7 @@ from fedpers.rpc import federation_pb2 as pb
 from fedpers.rpc import federation_pb2_grpc as pb_grpc
 from fedpers.server import errors
 from fedpers.server.aggregate import AggregationError
+from fedpers.server.journal import JournalError
 from fedpers.server.metrics import ServerMetrics
 from fedpers.server.rounds import Coordinator
 from fedpers.store import MissingVersion
@@ -47,6 +48,7 @@ ERROR_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (MissingVersion, grpc.StatusCode.NOT_FOUND),
     (errors.ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (errors.Busy, grpc.StatusCode.UNAVAILABLE),
+    (JournalError, grpc.StatusCode.UNAVAILABLE),  # the update could not be made durable: retry later
 )
 
 # Every message is at most one chunk (1 MiB) plus framing; refuse anything larger at the transport.

@@ -142,6 +142,15 @@ class State(abc.ABC):
     @abc.abstractmethod
     def count_updates(self, round_id: int) -> int: ...
 
+    # late updates: refused because their round had closed (counted, never aggregated)
+    @abc.abstractmethod
+    def record_late(self, round_id: int, device_id: int, now: float) -> None:
+        """Count one late update (a device's repeated tries for the same round count once)."""
+
+    @abc.abstractmethod
+    def count_late(self, round_id: int | None = None) -> int:
+        """Late updates of one round, or of all rounds when `round_id` is None."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (the SQLite connection)."""
 
@@ -155,6 +164,7 @@ class _Tables:
     names: dict[str, int] = field(default_factory=dict)
     rounds: dict[int, Round] = field(default_factory=dict)
     updates: dict[int, dict[int, UpdateRecord]] = field(default_factory=dict)
+    late: set[tuple[int, int]] = field(default_factory=set)
     next_device: int = 1
     next_round: int = 1
 
@@ -267,6 +277,16 @@ class MemoryState(State):
         with self._lock:
             return len(self._t.updates.get(round_id, {}))
 
+    def record_late(self, round_id: int, device_id: int, now: float) -> None:
+        with self.tx():
+            if round_id not in self._t.rounds:
+                raise UnknownId(f"round {round_id} does not exist")
+            self._t.late.add((round_id, device_id))
+
+    def count_late(self, round_id: int | None = None) -> int:
+        with self._lock:
+            return sum(1 for r, _ in self._t.late if round_id is None or r == round_id)
+
 
 # ---------------------------------------------------------------------------------- sqlite
 
@@ -301,6 +321,12 @@ CREATE TABLE IF NOT EXISTS updates (
     sha256       TEXT NOT NULL,
     accepted_at  REAL NOT NULL,
     metrics      TEXT NOT NULL DEFAULT '{}',
+    PRIMARY KEY (round_id, device_id)
+);
+CREATE TABLE IF NOT EXISTS late_updates (
+    round_id  INTEGER NOT NULL REFERENCES rounds(round_id),
+    device_id INTEGER NOT NULL,
+    at        REAL NOT NULL,
     PRIMARY KEY (round_id, device_id)
 );
 """
@@ -473,6 +499,21 @@ class SqliteState(State):
 
     def count_updates(self, round_id: int) -> int:
         return self._one("SELECT COUNT(*) FROM updates WHERE round_id = ?", (round_id,))[0]  # type: ignore[index]
+
+    def record_late(self, round_id: int, device_id: int, now: float) -> None:
+        with self.tx():
+            if self._one("SELECT 1 FROM rounds WHERE round_id = ?", (round_id,)) is None:
+                raise UnknownId(f"round {round_id} does not exist")
+            self._db.execute("INSERT OR IGNORE INTO late_updates (round_id, device_id, at) VALUES (?, ?, ?)",
+                             (round_id, device_id, now))
+
+    def count_late(self, round_id: int | None = None) -> int:
+        if self._one("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'late_updates'") is None:
+            return 0  # a store written before late updates were counted, opened read-only
+        if round_id is None:
+            return self._one("SELECT COUNT(*) FROM late_updates")[0]  # type: ignore[index]
+        return self._one("SELECT COUNT(*) FROM late_updates WHERE round_id = ?",  # type: ignore[index]
+                         (round_id,))[0]
 
     def close(self) -> None:
         with self._lock:

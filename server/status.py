@@ -16,7 +16,8 @@ def build_status(state: st.State, version: int, rounds_target: int, finished: bo
     recent = state.rounds(limit=RECENT_ROUNDS)
     summaries = tuple(
         wire.RoundSummary(round_id=r.round_id, version=r.version, state=r.state,
-                          devices=state.count_updates(r.round_id), metrics=dict(r.metrics))
+                          devices=state.count_updates(r.round_id), metrics=dict(r.metrics),
+                          late_updates=state.count_late(r.round_id))
         for r in reversed(recent)
     )
     latest = recent[0] if recent else None
@@ -25,7 +26,7 @@ def build_status(state: st.State, version: int, rounds_target: int, finished: bo
         version=version, current_round=latest.round_id if latest else 0,
         round_state=latest.state if latest else "", rounds_completed=closed, rounds_target=rounds_target,
         devices_joined=state.count_devices(), finished=finished,
-        rounds=summaries, problem=problem,
+        rounds=summaries, problem=problem, late_updates=state.count_late(),
     )
 
 

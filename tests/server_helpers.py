@@ -72,7 +72,8 @@ class Clock:
 def make_coordinator(store_dir, state=None, clock=None, strategy="fedavg", **policy) -> Coordinator:
     from fedpers.store import ModelStore
 
-    defaults = dict(rounds=3, min_devices=2, fraction=1.0, round_timeout=60.0)
+    # gather_seconds=0: a round opens as soon as min_devices wait (tests of the gather window set it)
+    defaults = dict(rounds=3, min_devices=2, fraction=1.0, round_timeout=60.0, gather_seconds=0.0)
     defaults.update(policy)
     return Coordinator(
         state=state if state is not None else st.MemoryState(),

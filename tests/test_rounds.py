@@ -34,7 +34,7 @@ def _sums(c: Coordinator) -> dict[str, np.ndarray]:
 
 def test_round_opens_only_when_enough_devices_wait(tmp_path: Path) -> None:
     c = make_coordinator(tmp_path, min_devices=3)
-    devs = _join(c, 4)
+    devs = _join(c, 3)
     assert c.get_task(devs[0]).kind == WAIT
     assert c.get_task(devs[1]).kind == WAIT
     t = c.get_task(devs[2])
@@ -43,6 +43,7 @@ def test_round_opens_only_when_enough_devices_wait(tmp_path: Path) -> None:
     assert t.config.shared_tensors == ("fc1.bias", "fc1.weight") and t.config.personal_layers == ("head",)
     assert t.config.deadline_unix == c.clock() + 60.0 and t.config.local_epochs == 2
     assert c.get_task(devs[0]).kind == TRAIN and c.get_task(devs[1]).round_id == t.round_id
+    devs += _join(c, 4)[3:]
     assert c.get_task(devs[3]).kind == WAIT  # arrived after the round opened
 
 
@@ -100,8 +101,14 @@ def test_deadline_closes_with_enough_updates(tmp_path: Path) -> None:
     clock.t += 61
     c.tick()
     assert c.version == 1 and c.state.round(t.round_id).state == st.CLOSED
-    with pytest.raises(errors.StaleRound, match=f"round {t.round_id} is not open"):
-        _upload(c, devs[2], t, random_delta(3))  # a straggler
+    with pytest.raises(errors.LateUpdate, match=f"round {t.round_id} was closed before this update arrived"):
+        _upload(c, devs[2], t, random_delta(3))  # a straggler: refused, counted, shown in status
+    with pytest.raises(errors.LateUpdate):
+        _upload(c, devs[2], t, random_delta(3))  # its retry counts once
+    s = c.status()
+    assert s.late_updates == 1 and [r.late_updates for r in s.rounds] == [1]
+    with pytest.raises(errors.AlreadyReported):  # a retry of an update the closed round did count
+        _upload(c, devs[0], t, random_delta(1))
 
 
 def test_deadline_abandons_without_enough_updates_and_reopens(tmp_path: Path, caplog) -> None:
@@ -189,8 +196,10 @@ def test_finished_after_target_rounds(tmp_path: Path) -> None:
         _upload(c, a, t, random_delta(v))
         assert c.version == v
     assert c.finished and c.get_task(a).kind == DONE
-    with pytest.raises(errors.StaleRound, match="finished"):
+    with pytest.raises(errors.AlreadyReported):  # a retry of the last round's counted update
         _upload(c, a, t, random_delta(9))
+    with pytest.raises(errors.StaleRound, match="finished"):
+        _upload(c, a, wire.Task(TRAIN, 99, 2), random_delta(9))
     s = c.status()
     assert (s.version, s.rounds_completed, s.rounds_target, s.finished, s.devices_joined) == (2, 2, 2, True, 1)
     assert [r.state for r in s.rounds] == ["closed", "closed"] and [r.version for r in s.rounds] == [1, 2]
@@ -216,11 +225,11 @@ def test_restart_continues_from_latest_version_and_optimizer_state(tmp_path: Pat
         np.testing.assert_array_equal(c2.weights[k], weights[k])
     for k in momentum:
         np.testing.assert_array_equal(c2.optimizer.m[k], momentum[k])
-    assert c2.state.round(t_open.round_id).reason == "server restarted"
+    assert c2.state.round(t_open.round_id).state == st.OPEN  # continued, not abandoned
     token = c2.join("enroll-me", "dev0")  # same device name -> same id
     assert token.device_id == a
     t3 = c2.get_task(a)
-    assert t3.base_version == 2 and t3.round_id > t_open.round_id
+    assert t3.base_version == 2 and t3.round_id == t_open.round_id
     d3 = random_delta(3)
     _upload(c2, a, t3, d3)
     for k in LAYOUT.shared:
@@ -303,12 +312,12 @@ def test_model_blob_versions(tmp_path: Path) -> None:
         c.model_blob(7)
 
 
-def test_stop_abandons_open_round(tmp_path: Path) -> None:
+def test_stop_keeps_the_open_round_for_a_restart(tmp_path: Path) -> None:
     c = make_coordinator(tmp_path, min_devices=1)
     (a,) = _join(c, 1)
     t = c.get_task(a)
     c.stop()
-    assert c.state.round(t.round_id).reason == "server stopping"
+    assert c.state.round(t.round_id).state == st.OPEN
     with pytest.raises(errors.ShuttingDown):
         c.get_task(a)
     with pytest.raises(errors.ShuttingDown):

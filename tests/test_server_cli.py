@@ -89,7 +89,7 @@ def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
         dev.close()
         code, out = server.terminate()
         assert code == 0, out
-        assert "round 2 abandoned: server stopping" in out and "stopped at version 1" in out
+        assert "round 2 left open" in out and "stopped at version 1" in out
     finally:
         server.kill()
     stored = sorted(os.listdir(tmp_path / "models"))
@@ -98,7 +98,7 @@ def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
     db_before = (tmp_path / "state.sqlite").read_bytes()
     offline = wire.status_from_json(_cli("status", "--store", str(tmp_path), "--json").stdout)
     assert offline.version == 1 and offline.rounds_completed == 1 and offline.devices_joined == 1
-    assert [(r.round_id, r.state) for r in offline.rounds] == [(1, "closed"), (2, "abandoned")]
+    assert [(r.round_id, r.state) for r in offline.rounds] == [(1, "closed"), (2, "open")]
     assert (tmp_path / "state.sqlite").read_bytes() == db_before
     missing = _cli("status", "--store", str(tmp_path / "nowhere"))
     assert missing.returncode == 2 and "not a fedpers-server store" in missing.stderr

@@ -16,7 +16,7 @@ MODEL = Path(__file__).parent / "data" / "digits_mlp_personal.ini"
 def test_simulation_writes_report_plot_and_table(tmp_path, capsys):
     out = tmp_path / "run"
     code = sim.main(["--devices", "3", "--rounds", "2", "--local-epochs", "1", "--model", str(MODEL),
-                     "--report-dir", str(out), "--codec", "int8+zstd", "--seed", "3"])
+                     "--report-dir", str(out), "--codec", "int8+zstd", "--seed", "3", "--min-devices", "3"])
     text = capsys.readouterr().out
     assert code == 0, text
     report = json.loads((out / "report.json").read_text())
@@ -67,3 +67,98 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert sim.main(["--model", str(tmp_path / "missing.ini"), "--report-dir", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
     assert "unknown codec" in err and "does not exist" in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_writes_the_report_of_what_finished(tmp_path):
+    """Ctrl-C reaches the simulator only (its children run in their own sessions): it stops them,
+    writes report.json with the rounds that finished, and exits 130."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "fedpers.client.sim", "--devices", "3", "--rounds", "40", "--local-epochs", "1",
+            "--model", str(MODEL), "--report-dir", str(out), "--seed", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    deadline = time.monotonic() + 180
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if line.startswith("round   2/40"):
+                break
+            assert time.monotonic() < deadline, "".join(seen)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = "".join(seen) + rest
+    assert proc.returncode == 130, text
+    assert "interrupted; writing the report of what finished" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["ended"] == "interrupted" and len(report["rounds"]) >= 2, report["rounds"]
+    assert len(report["devices"]) == 3 and all(d["rounds_trained"] >= 1 for d in report["devices"])
+
+
+@pytest.mark.slow
+def test_the_defaults_survive_a_lost_device(tmp_path):
+    """Default settings (min-devices = all but one): a device killed for good after the first round
+    does not stall the run; the simulator goes on without it and the federation finishes."""
+    import os
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "run"
+    cfg = sim.SimConfig(devices=3, rounds=4, local_epochs=1, model=MODEL, report_dir=out, round_timeout=15,
+                        quiet=True, seed=2)
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(report=sim.simulate(cfg)), daemon=True)
+    runner.start()
+    victim_report = out / "work" / "devices" / "2" / "report.json"
+    deadline = time.monotonic() + 120
+    while not (victim_report.exists() and json.loads(victim_report.read_text())["rounds_trained"] >= 1):
+        assert time.monotonic() < deadline and runner.is_alive()
+        time.sleep(0.1)
+    victims = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
+               and b"sim-device-2" in _cmdline(p)]
+    assert len(victims) == 1
+    os.kill(victims[0], signal.SIGKILL)
+    runner.join(240)
+    assert not runner.is_alive() and "report" in result, "the run did not finish without the lost device"
+    report = result["report"]
+    assert report.ended == "finished" and [r.round for r in report.rounds][-1] >= 4
+    assert report.rounds[-1].version == 4
+    lost = report.devices[2]
+    # (a survivor may have missed round 1 if it started after the others had opened it)
+    assert lost.rounds_trained < 4 and all(d.rounds_trained >= 3 for d in report.devices[:2])
+
+
+def _cmdline(p: Path) -> bytes:
+    try:
+        return (p / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.mark.slow
+def test_dp_epsilon_is_reported_per_round_and_per_device(tmp_path):
+    from fedpers.privacy import epsilon
+
+    report = sim.simulate(sim.SimConfig(devices=3, rounds=2, local_epochs=1, model=MODEL, report_dir=tmp_path / "r",
+                                        quiet=True, min_devices=3, codec="int8", dp_clip=0.5, dp_noise=1.5, seed=4))
+    assert [r.dp_epsilon for r in report.rounds] == pytest.approx([epsilon(1.5, 1, 1e-5), epsilon(1.5, 2, 1e-5)])
+    assert report.summary.dp_epsilon == pytest.approx(epsilon(1.5, 2, 1e-5))
+    saved = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert saved["rounds"][-1]["dp_epsilon"] == pytest.approx(epsilon(1.5, 2, 1e-5))
+    from fedpers.client.report import read_report
+
+    for i in range(3):
+        dev = read_report(tmp_path / "r" / "work" / "devices" / str(i) / "report.json")
+        assert dev.dp_epsilon == pytest.approx(epsilon(1.5, dev.rounds_trained, 1e-5)) and dev.dp_delta == 1e-5
+        assert all(r.dp_noise_multiplier == 1.5 for r in dev.rounds)

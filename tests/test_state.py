@@ -92,6 +92,20 @@ def test_duplicate_and_unknown_updates(state: st.State) -> None:
     assert state.count_updates(r.round_id) == 1 and len(state.open_rounds()) == 1
 
 
+def test_late_updates_are_counted_once_per_device_and_round(state: st.State) -> None:
+    d = _devices(state, 2)
+    r = state.open_round(0, tuple(d), 1.0, 2.0)
+    state.close_round(r.round_id, 1, {}, 3.0)
+    state.record_late(r.round_id, d[0], 4.0)
+    state.record_late(r.round_id, d[0], 5.0)  # a retry of the same late update
+    state.record_late(r.round_id, d[1], 5.0)
+    r2 = state.open_round(1, tuple(d), 6.0, 7.0)
+    state.record_late(r2.round_id, d[1], 8.0)
+    assert state.count_late(r.round_id) == 2 and state.count_late(r2.round_id) == 1 and state.count_late() == 3
+    with pytest.raises(st.UnknownId):
+        state.record_late(999, d[0], 9.0)
+
+
 def test_tx_rolls_back_everything_on_error(state: st.State) -> None:
     d = _devices(state, 2)
     r = state.open_round(0, tuple(d), 1.0, 2.0)

@@ -48,7 +48,8 @@ class Maker:
         return wire.TrainingConfig(
             local_epochs=self.py.randint(1, 9), batch_size=self.py.randint(1, 512), learning_rate=self.f32(),
             shared_tensors=self.names(), personal_layers=self.names(), codec=self.py.choice(["fp32", "topk:0.05"]),
-            deadline_unix=self.rng.uniform(0, 2e9),
+            deadline_unix=self.rng.uniform(0, 2e9), dp_clip_norm=self.rng.uniform(0, 5),
+            dp_noise_multiplier=self.rng.uniform(0, 3), dp_delta=self.rng.uniform(0, 1e-3),
         )
 
 
@@ -230,9 +231,11 @@ def test_record_round_trips(seed: int) -> None:
     ur = wire.UploadReply(accepted=bool(seed % 2), message=m.name(), updates_in_round=m.py.randint(0, 99))
     assert wire.upload_reply_from_proto(wire.upload_reply_to_proto(ur)) == ur
     rounds = tuple(wire.RoundSummary(round_id=m.int63(), version=m.int63(), state=m.py.choice(["open", "closed"]),
-                                     devices=m.py.randint(0, 50), metrics=m.metrics()) for _ in range(3))
+                                     devices=m.py.randint(0, 50), metrics=m.metrics(),
+                                     late_updates=m.py.randint(0, 9)) for _ in range(3))
     st = wire.Status(version=m.int63(), current_round=m.int63(), round_state="open", rounds_completed=3,
-                     rounds_target=10, devices_joined=7, finished=bool(seed % 2), rounds=rounds, problem=m.name())
+                     rounds_target=10, devices_joined=7, finished=bool(seed % 2), rounds=rounds, problem=m.name(),
+                     late_updates=m.py.randint(0, 99))
     assert wire.status_from_proto(wire.status_to_proto(st)) == st
     assert wire.status_from_json(wire.status_to_json(st)) == st
 

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66\x65\x64\x65ration.proto\x12\nfedpers.v1\"d\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.fedpers.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63odec\x18\x05 \x01(\t\"0\n\tTensorSet\x12#\n\x07tensors\x18\x01 \x03(\x0b\x32\x12.fedpers.v1.Tensor\"I\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\"8\n\x0bJoinRequest\x12\x14\n\x0c\x65nroll_token\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\"5\n\tJoinReply\x12\x11\n\tdevice_id\x18\x01 \x01(\x03\x12\x15\n\rsession_token\x18\x02 \x01(\t\"\r\n\x0bTaskRequest\"\xa8\x01\n\x0eTrainingConfig\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x02\x12\x16\n\x0eshared_tensors\x18\x04 \x03(\t\x12\x17\n\x0fpersonal_layers\x18\x05 \x03(\t\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\"\xe0\x01\n\tTaskReply\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.fedpers.v1.TaskReply.Kind\x12\x10\n\x08round_id\x18\x02 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12*\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x1a.fedpers.v1.TrainingConfig\x12\x1b\n\x13retry_after_seconds\x18\x05 \x01(\x02\x12\x11\n\tmodel_ini\x18\x06 \x01(\t\"%\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"2\n\x0f\x44ownloadRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\xe7\x01\n\x0cUpdateHeader\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x36\n\x07metrics\x18\x04 \x03(\x0b\x32%.fedpers.v1.UpdateHeader.MetricsEntry\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x12\n\ntotal_size\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"f\n\rUploadMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedpers.v1.UpdateHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedpers.v1.ChunkH\x00\x42\x05\n\x03msg\"J\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x18\n\x10updates_in_round\x18\x03 \x01(\x05\"\x0f\n\rStatusRequest\"\xb9\x01\n\x0cRoundSummary\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x04 \x01(\x05\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedpers.v1.RoundSummary.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xe0\x01\n\x0bStatusReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\rcurrent_round\x18\x02 \x01(\x03\x12\x13\n\x0bround_state\x18\x03 \x01(\t\x12\x18\n\x10rounds_completed\x18\x04 \x01(\x05\x12\x15\n\rrounds_target\x18\x05 \x01(\x05\x12\x16\n\x0e\x64\x65vices_joined\x18\x06 \x01(\x05\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12(\n\x06rounds\x18\x08 \x03(\x0b\x32\x18.fedpers.v1.RoundSummary\x12\x0f\n\x07problem\x18\t \x01(\t*c\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x08\n\x04INT8\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05UINT8\x10\x06\x32\xc9\x02\n\nFederation\x12\x36\n\x04Join\x12\x17.fedpers.v1.JoinRequest\x1a\x15.fedpers.v1.JoinReply\x12\x39\n\x07GetTask\x12\x17.fedpers.v1.TaskRequest\x1a\x15.fedpers.v1.TaskReply\x12\x41\n\rDownloadModel\x12\x1b.fedpers.v1.DownloadRequest\x1a\x11.fedpers.v1.Chunk0\x01\x12\x44\n\x0cUploadUpdate\x12\x19.fedpers.v1.UploadMessage\x1a\x17.fedpers.v1.UploadReply(\x01\x12?\n\tGetStatus\x12\x19.fedpers.v1.StatusRequest\x1a\x17.fedpers.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66\x65\x64\x65ration.proto\x12\nfedpers.v1\"d\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.fedpers.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63odec\x18\x05 \x01(\t\"0\n\tTensorSet\x12#\n\x07tensors\x18\x01 \x03(\x0b\x32\x12.fedpers.v1.Tensor\"I\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\"8\n\x0bJoinRequest\x12\x14\n\x0c\x65nroll_token\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\"5\n\tJoinReply\x12\x11\n\tdevice_id\x18\x01 \x01(\x03\x12\x15\n\rsession_token\x18\x02 \x01(\t\"\r\n\x0bTaskRequest\"\xed\x01\n\x0eTrainingConfig\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x02\x12\x16\n\x0eshared_tensors\x18\x04 \x03(\t\x12\x17\n\x0fpersonal_layers\x18\x05 \x03(\t\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x14\n\x0c\x64p_clip_norm\x18\x08 \x01(\x01\x12\x1b\n\x13\x64p_noise_multiplier\x18\t \x01(\x01\x12\x10\n\x08\x64p_delta\x18\n \x01(\x01\"\xe0\x01\n\tTaskReply\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.fedpers.v1.TaskReply.Kind\x12\x10\n\x08round_id\x18\x02 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12*\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x1a.fedpers.v1.TrainingConfig\x12\x1b\n\x13retry_after_seconds\x18\x05 \x01(\x02\x12\x11\n\tmodel_ini\x18\x06 \x01(\t\"%\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"2\n\x0f\x44ownloadRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\xe7\x01\n\x0cUpdateHeader\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x36\n\x07metrics\x18\x04 \x03(\x0b\x32%.fedpers.v1.UpdateHeader.MetricsEntry\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x12\n\ntotal_size\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"f\n\rUploadMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedpers.v1.UpdateHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedpers.v1.ChunkH\x00\x42\x05\n\x03msg\"J\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x18\n\x10updates_in_round\x18\x03 \x01(\x05\"\x0f\n\rStatusRequest\"\xcf\x01\n\x0cRoundSummary\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x04 \x01(\x05\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedpers.v1.RoundSummary.MetricsEntry\x12\x14\n\x0clate_updates\x18\x06 \x01(\x05\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf6\x01\n\x0bStatusReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\rcurrent_round\x18\x02 \x01(\x03\x12\x13\n\x0bround_state\x18\x03 \x01(\t\x12\x18\n\x10rounds_completed\x18\x04 \x01(\x05\x12\x15\n\rrounds_target\x18\x05 \x01(\x05\x12\x16\n\x0e\x64\x65vices_joined\x18\x06 \x01(\x05\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12(\n\x06rounds\x18\x08 \x03(\x0b\x32\x18.fedpers.v1.RoundSummary\x12\x0f\n\x07problem\x18\t \x01(\t\x12\x14\n\x0clate_updates\x18\n \x01(\x05*c\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x08\n\x04INT8\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05UINT8\x10\x06\x32\xc9\x02\n\nFederation\x12\x36\n\x04Join\x12\x17.fedpers.v1.JoinRequest\x1a\x15.fedpers.v1.JoinReply\x12\x39\n\x07GetTask\x12\x17.fedpers.v1.TaskRequest\x1a\x15.fedpers.v1.TaskReply\x12\x41\n\rDownloadModel\x12\x1b.fedpers.v1.DownloadRequest\x1a\x11.fedpers.v1.Chunk0\x01\x12\x44\n\x0cUploadUpdate\x12\x19.fedpers.v1.UploadMessage\x1a\x17.fedpers.v1.UploadReply(\x01\x12?\n\tGetStatus\x12\x19.fedpers.v1.StatusRequest\x1a\x17.fedpers.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_ROUNDSUMMARY_METRICSENTRY']._loaded_options = None
   _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1683
-  _globals['_DTYPE']._serialized_end=1782
+  _globals['_DTYPE']._serialized_start=1796
+  _globals['_DTYPE']._serialized_end=1895
   _globals['_TENSOR']._serialized_start=32
   _globals['_TENSOR']._serialized_end=132
   _globals['_TENSORSET']._serialized_start=134
@@ -50,29 +50,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKREQUEST']._serialized_start=372
   _globals['_TASKREQUEST']._serialized_end=385
   _globals['_TRAININGCONFIG']._serialized_start=388
-  _globals['_TRAININGCONFIG']._serialized_end=556
-  _globals['_TASKREPLY']._serialized_start=559
-  _globals['_TASKREPLY']._serialized_end=783
-  _globals['_TASKREPLY_KIND']._serialized_start=746
-  _globals['_TASKREPLY_KIND']._serialized_end=783
-  _globals['_DOWNLOADREQUEST']._serialized_start=785
-  _globals['_DOWNLOADREQUEST']._serialized_end=835
-  _globals['_UPDATEHEADER']._serialized_start=838
-  _globals['_UPDATEHEADER']._serialized_end=1069
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1023
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1069
-  _globals['_UPLOADMESSAGE']._serialized_start=1071
-  _globals['_UPLOADMESSAGE']._serialized_end=1173
-  _globals['_UPLOADREPLY']._serialized_start=1175
-  _globals['_UPLOADREPLY']._serialized_end=1249
-  _globals['_STATUSREQUEST']._serialized_start=1251
-  _globals['_STATUSREQUEST']._serialized_end=1266
-  _globals['_ROUNDSUMMARY']._serialized_start=1269
-  _globals['_ROUNDSUMMARY']._serialized_end=1454
-  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_start=1023
-  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_end=1069
-  _globals['_STATUSREPLY']._serialized_start=1457
-  _globals['_STATUSREPLY']._serialized_end=1681
-  _globals['_FEDERATION']._serialized_start=1785
-  _globals['_FEDERATION']._serialized_end=2114
+  _globals['_TRAININGCONFIG']._serialized_end=625
+  _globals['_TASKREPLY']._serialized_start=628
+  _globals['_TASKREPLY']._serialized_end=852
+  _globals['_TASKREPLY_KIND']._serialized_start=815
+  _globals['_TASKREPLY_KIND']._serialized_end=852
+  _globals['_DOWNLOADREQUEST']._serialized_start=854
+  _globals['_DOWNLOADREQUEST']._serialized_end=904
+  _globals['_UPDATEHEADER']._serialized_start=907
+  _globals['_UPDATEHEADER']._serialized_end=1138
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1092
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1138
+  _globals['_UPLOADMESSAGE']._serialized_start=1140
+  _globals['_UPLOADMESSAGE']._serialized_end=1242
+  _globals['_UPLOADREPLY']._serialized_start=1244
+  _globals['_UPLOADREPLY']._serialized_end=1318
+  _globals['_STATUSREQUEST']._serialized_start=1320
+  _globals['_STATUSREQUEST']._serialized_end=1335
+  _globals['_ROUNDSUMMARY']._serialized_start=1338
+  _globals['_ROUNDSUMMARY']._serialized_end=1545
+  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_start=1092
+  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_end=1138
+  _globals['_STATUSREPLY']._serialized_start=1548
+  _globals['_STATUSREPLY']._serialized_end=1794
+  _globals['_FEDERATION']._serialized_start=1898
+  _globals['_FEDERATION']._serialized_end=2227
 # @@protoc_insertion_point(module_scope)

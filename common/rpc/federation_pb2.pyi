@@ -77,7 +77,7 @@ class TaskRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("local_epochs", "batch_size", "learning_rate", "shared_tensors", "personal_layers", "codec", "deadline_unix")
+    __slots__ = ("local_epochs", "batch_size", "learning_rate", "shared_tensors", "personal_layers", "codec", "deadline_unix", "dp_clip_norm", "dp_noise_multiplier", "dp_delta")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,9 @@ class TrainingConfig(_message.Message):
     PERSONAL_LAYERS_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_FIELD_NUMBER: _ClassVar[int]
+    DP_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
+    DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
+    DP_DELTA_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     batch_size: int
     learning_rate: float
@@ -92,7 +95,10 @@ class TrainingConfig(_message.Message):
     personal_layers: _containers.RepeatedScalarFieldContainer[str]
     codec: str
     deadline_unix: float
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., shared_tensors: _Optional[_Iterable[str]] = ..., personal_layers: _Optional[_Iterable[str]] = ..., codec: _Optional[str] = ..., deadline_unix: _Optional[float] = ...) -> None: ...
+    dp_clip_norm: float
+    dp_noise_multiplier: float
+    dp_delta: float
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., shared_tensors: _Optional[_Iterable[str]] = ..., personal_layers: _Optional[_Iterable[str]] = ..., codec: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., dp_clip_norm: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_delta: _Optional[float] = ...) -> None: ...
 
 class TaskReply(_message.Message):
     __slots__ = ("kind", "round_id", "base_version", "config", "retry_after_seconds", "model_ini")
@@ -174,7 +180,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round_id", "version", "state", "devices", "metrics")
+    __slots__ = ("round_id", "version", "state", "devices", "metrics", "late_updates")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -187,15 +193,17 @@ class RoundSummary(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    LATE_UPDATES_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     version: int
     state: str
     devices: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, round_id: _Optional[int] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., devices: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    late_updates: int
+    def __init__(self, round_id: _Optional[int] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., devices: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., late_updates: _Optional[int] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("version", "current_round", "round_state", "rounds_completed", "rounds_target", "devices_joined", "finished", "rounds", "problem")
+    __slots__ = ("version", "current_round", "round_state", "rounds_completed", "rounds_target", "devices_joined", "finished", "rounds", "problem", "late_updates")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CURRENT_ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUND_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +213,7 @@ class StatusReply(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    LATE_UPDATES_FIELD_NUMBER: _ClassVar[int]
     version: int
     current_round: int
     round_state: str
@@ -214,4 +223,5 @@ class StatusReply(_message.Message):
     finished: bool
     rounds: _containers.RepeatedCompositeFieldContainer[RoundSummary]
     problem: str
-    def __init__(self, version: _Optional[int] = ..., current_round: _Optional[int] = ..., round_state: _Optional[str] = ..., rounds_completed: _Optional[int] = ..., rounds_target: _Optional[int] = ..., devices_joined: _Optional[int] = ..., finished: _Optional[bool] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., problem: _Optional[str] = ...) -> None: ...
+    late_updates: int
+    def __init__(self, version: _Optional[int] = ..., current_round: _Optional[int] = ..., round_state: _Optional[str] = ..., rounds_completed: _Optional[int] = ..., rounds_target: _Optional[int] = ..., devices_joined: _Optional[int] = ..., finished: _Optional[bool] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., problem: _Optional[str] = ..., late_updates: _Optional[int] = ...) -> None: ...
