@@ -38,6 +38,7 @@ from fedpers.client.personal import (
 from fedpers.client.report import DeviceReport, write_report
 from fedpers.store import atomic_write_bytes
 from fedpers.stub import FederationClient
+from fedpers.tls import TlsConfig, explain
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class AgentConfig:
     server: str
     data: Path
     state: Path
+    tls: TlsConfig = TlsConfig()  # how the channel is secured (default: TLS trusting the system's CAs)
     enroll_token: str = ""
     memory: str = "planned"
     memory_budget: str | None = None
@@ -139,7 +141,7 @@ class Agent:
         self.state: DeviceState = self.store.load_or_create(config.name)
         if config.codec:
             codecs.parse_codec(config.codec)  # refuse a bad name before touching the network
-        self.server = FederationClient(config.server, timeout=RPC_TIMEOUT)
+        self.server = FederationClient(config.server, tls=config.tls, timeout=RPC_TIMEOUT)
         self._models: dict[str, tuple[Any, Any]] = {}  # model INI digest -> (spec, trainer)
         self._memory_report: dict[str, Any] | None = None
         self._rng = random.Random(self.state.name)  # backoff jitter only
@@ -173,6 +175,9 @@ class Agent:
                 return call()
             except grpc.RpcError as exc:
                 code = exc.code()
+                problem = explain(exc)
+                if problem:  # a certificate or TLS mismatch does not go away by retrying
+                    raise AgentError(f"{what}: cannot reach {self.cfg.server}: {problem}") from None
                 if code == grpc.StatusCode.UNAUTHENTICATED and not rejoined and what != "Join":
                     log.warning("%s: session refused (%s); joining again", what, exc.details())
                     rejoined = True
@@ -186,7 +191,9 @@ class Agent:
                     raise AgentError(f"{what}: server {self.cfg.server} unreachable for {self.cfg.retry_seconds:.0f}s "
                                      f"({code.name}: {exc.details()})") from None
                 delay = backoff.next()
-                log.info("%s: %s (%s); retrying in %.2fs", what, code.name, exc.details(), delay)
+                hint = " (plaintext: if the server uses TLS, drop --insecure and give --tls-ca)" \
+                    if self.cfg.tls.insecure and "Socket closed" in (exc.details() or "") else ""
+                log.info("%s: %s (%s)%s; retrying in %.2fs", what, code.name, exc.details(), hint, delay)
                 self._wait(delay)
 
     # ------------------------------------------------------------------ protocol steps
@@ -510,5 +517,6 @@ def describe(cfg: AgentConfig) -> dict[str, Any]:
     """The config as plain JSON (for logs)."""
     out = asdict(cfg)
     out["data"], out["state"] = str(cfg.data), str(cfg.state)
+    out["tls"] = cfg.tls.describe()
     out.pop("enroll_token", None)
     return out

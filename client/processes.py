@@ -16,7 +16,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from fedpers.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +117,13 @@ class Child:
             return ""
 
 
-def wait_for_server(port_file: Path, server: Child, timeout: float) -> str:
-    """Wait until a server started with `--port-file` has written its port and answers GetStatus;
-    returns HOST:PORT. ProcessError when it exits first or does not answer in time."""
+def wait_for_server(port_file: Path, server: Child, timeout: float, tls: TlsConfig | None = None) -> str:
+    """Wait until a server started with `--port-file` has written its port and its health service
+    says SERVING over `tls` (a TLS mismatch fails at once); returns HOST:PORT. ProcessError when it
+    exits first or does not answer in time."""
     import grpc
-    from fedpers.stub import get_status
+    from fedpers.stub import FederationClient
+    from fedpers.tls import explain
 
     def probe() -> str | None:
         server.check_alive()
@@ -127,10 +132,14 @@ def wait_for_server(port_file: Path, server: Child, timeout: float) -> str:
         except (OSError, ValueError):
             return None
         try:
-            get_status(address, timeout=1.0)
-        except grpc.RpcError:
+            with FederationClient(address, tls=tls, timeout=1.0) as client:
+                serving = client.health() == "SERVING"
+        except grpc.RpcError as exc:
+            problem = explain(exc)
+            if problem:
+                raise ProcessError(f"{server.name} at {address}: {problem}") from None
             return None
-        return address
+        return address if serving else None
 
     try:
         return wait_until("the server to answer", probe, timeout, interval=0.1)

@@ -14,6 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
+from fedpers.tls import add_client_args
+
 from .train_cmd import add_memory_args
 
 log = logging.getLogger(__name__)
@@ -40,6 +42,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="how long to keep retrying an unreachable server")
     p.add_argument("--json", action="store_true", help="print the device's final report as JSON on stdout")
     p.add_argument("--log-level", default=argparse.SUPPRESS, help="logging level of the agent (default INFO)")
+    add_client_args(p)
     p.set_defaults(func=main)
     return p
 
@@ -60,6 +63,7 @@ def main(args: argparse.Namespace) -> int:
     from fedpers.client.personal import StateError, TaskMismatch
     from fedpers.codec import CodecError
     from fedpers.nn import BudgetError, ModelError, WeightError
+    from fedpers.tls import TlsError, client_from_args
 
     level_name = getattr(args, "log_level", None)
     if level_name in (None, "WARNING"):  # the agent logs its progress unless asked for something else
@@ -73,8 +77,15 @@ def main(args: argparse.Namespace) -> int:
     if args.max_rounds is not None and args.max_rounds < 0:
         print("fedpers-client run: --max-rounds must be >= 0", file=sys.stderr)
         return 2
+    try:
+        tls = client_from_args(args)
+    except TlsError as exc:
+        print(f"fedpers-client run: {exc}", file=sys.stderr)
+        return 2
+    if tls.insecure:
+        log.warning("--insecure: talking plaintext to %s; tokens and updates travel unencrypted", args.server)
     cfg = AgentConfig(
-        server=args.server, data=args.data, state=args.state, enroll_token=args.enroll_token,
+        server=args.server, data=args.data, state=args.state, tls=tls, enroll_token=args.enroll_token,
         memory=args.memory, memory_budget=args.memory_budget, lookahead=args.lookahead, micro_batch=args.micro_batch,
         swap_dir=args.swap_dir, codec=args.codec, local_epochs=args.local_epochs,
         name=args.name, max_rounds=args.max_rounds, save_uploads=args.save_uploads,
@@ -85,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
         _install_signal_handlers(stop)
     try:
         agent = Agent(cfg, stop)
-    except (DataError, StateError, CodecError) as exc:
+    except (DataError, StateError, CodecError, TlsError) as exc:
         print(f"fedpers-client run: {exc}", file=sys.stderr)
         return 2
     try:

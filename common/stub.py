@@ -2,7 +2,8 @@
 
 The device agent, the simulator, `fedpers-server status|health`, the Docker fleet check and the
 benchmarks all reach a server through `FederationClient`; with `wire.py` and the server's servicer
-this is the only code that touches the generated stubs.
+this is the only code that touches the generated stubs. Its `TlsConfig` says how the channel is
+secured (the CA to trust, an optional client certificate); plaintext only when it says `insecure`.
 """
 
 from __future__ import annotations
@@ -10,21 +11,24 @@ from __future__ import annotations
 from collections.abc import Iterator
 from types import TracebackType
 
-import grpc
 from fedpers import wire
 from fedpers.rpc import federation_pb2 as pb
 from fedpers.rpc import federation_pb2_grpc as pb_grpc
+from fedpers.tls import TlsConfig, open_channel
 
 DEFAULT_TIMEOUT = 60.0
 
 
 class FederationClient:
-    """A channel to one server. `join()` stores the session, later calls send it as metadata."""
+    """A channel to one server. `join()` stores the session, later calls send it as metadata.
 
-    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    `tls` None means TLS trusting the system's CAs; `TlsConfig.plaintext()` is the only way to plaintext."""
+
+    def __init__(self, address: str, *, tls: TlsConfig | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address)
+        self.tls = tls or TlsConfig()
+        self.channel = open_channel(address, self.tls)
         self._stub = pb_grpc.FederationStub(self.channel)
         self.device_id: int | None = None
         self._token = ""
@@ -84,7 +88,7 @@ class FederationClient:
         self.close()
 
 
-def get_status(address: str, timeout: float = 5.0) -> wire.Status:
+def get_status(address: str, tls: TlsConfig | None = None, timeout: float = 5.0) -> wire.Status:
     """One GetStatus call on a fresh channel (raises grpc.RpcError when the server does not answer)."""
-    with FederationClient(address, timeout=timeout) as client:
+    with FederationClient(address, tls=tls, timeout=timeout) as client:
         return client.status()

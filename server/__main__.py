@@ -1,9 +1,12 @@
 """fedpers-server: run the aggregation server, or ask a running one for its health or status.
 
     fedpers-server --model MODEL.ini --store DIR [options]      (same as `fedpers-server serve ...`)
-    fedpers-server health --address HOST:PORT                   exit 0 iff SERVING (docker HEALTHCHECK)
+    fedpers-server health --address HOST:PORT [--tls-ca CA]     exit 0 iff SERVING (docker HEALTHCHECK)
     fedpers-server status --address HOST:PORT [--json]          a running server's progress
     fedpers-server status --store DIR [--json]                  what a stopped server left in its store
+    fedpers-server dev-certs --out DIR [--name HOST ...]        a throwaway CA and server certificate
+
+The gRPC port speaks TLS (--tls-cert/--tls-key); plaintext only with --insecure (SECURITY.md).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import grpc
 from fedpers.strategies import STRATEGIES
+from fedpers.tls import add_client_args, client_from_args
 
 _M_ARENA_MAX = -8  # glibc mallopt parameter
 
@@ -55,18 +59,26 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--metrics-listen", metavar="HOST:PORT",
       help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free port; default: off)")
     a("--grace", type=float, default=5.0, help="seconds in-flight calls get on SIGTERM/SIGINT (default 5)")
+    t = p.add_argument_group("transport security (TLS)")
+    t.add_argument("--tls-cert", metavar="CERT.pem", help="the server's certificate chain (PEM)")
+    t.add_argument("--tls-key", metavar="KEY.pem", help="the key of --tls-cert (PEM, keep it 0600)")
+    t.add_argument("--tls-client-ca", metavar="CA.pem",
+                   help="mutual TLS: every caller must present a certificate signed by this CA")
+    t.add_argument("--insecure", action="store_true", default=None,
+                   help="serve plaintext without TLS (a warning is logged): trusted loopback or tests only")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpers-server", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     _serve_flags(parser)
-    sub = parser.add_subparsers(dest="command", metavar="{serve,health,status}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,health,status,dev-certs}")
     _serve_flags(sub.add_parser("serve", help="run the aggregation server (the default; same flags as above)",
                                 description="Run the aggregation server. Flags override --config."))
     health = sub.add_parser("health", help="exit 0 iff the server reports SERVING (grpc.health.v1)")
     health.add_argument("--address", required=True, help="HOST:PORT of the server")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    add_client_args(health)
     status = sub.add_parser("status", help="print the federation's progress: rounds, versions, devices",
                             description="Ask a running server (--address), or read a stopped server's --store.")
     where = status.add_mutually_exclusive_group(required=True)
@@ -74,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--store", help="the --store directory of a stopped server (read only)")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_client_args(status)
+    certs = sub.add_parser("dev-certs", help="write a throwaway CA and a server certificate (tests, demos, the fleet)",
+                           description="Make a fresh CA (its key is discarded), sign a server certificate for the "
+                                       "given names and write ca.pem, server.pem and server.key (0600) into --out. "
+                                       "For a real deployment use certificates from your own CA (SECURITY.md).")
+    certs.add_argument("--out", required=True, help="directory for the PEM files (created 0700)")
+    certs.add_argument("--name", action="append", default=None, metavar="HOST",
+                       help="a DNS name or IP address the server is dialled by (repeatable; "
+                            "default: localhost, 127.0.0.1, ::1)")
+    certs.add_argument("--client", action="append", default=None, metavar="NAME",
+                       help="also sign a client certificate client-NAME.pem/.key (mutual TLS; repeatable)")
+    certs.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
     return parser
 
 
@@ -125,14 +149,27 @@ def _serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _rpc_failure(address: str, exc: grpc.RpcError) -> str:
+    from fedpers.tls import explain
+
+    return f"{address}: {explain(exc) or f'{exc.code().name}: {exc.details()}'}"
+
+
 def _health(ns: argparse.Namespace) -> int:
     from fedpers.stub import FederationClient
+    from fedpers.tls import TlsError
 
-    with FederationClient(ns.address, timeout=ns.timeout) as client:
+    try:
+        tls = client_from_args(ns)
+        client = FederationClient(ns.address, tls=tls, timeout=ns.timeout)
+    except TlsError as exc:
+        print(f"fedpers-server health: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
             name = client.health()
         except grpc.RpcError as exc:
-            print(f"{ns.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(_rpc_failure(ns.address, exc), file=sys.stderr)
             return 1
     print(f"{ns.address}: {name}")
     return 0 if name == "SERVING" else 1
@@ -152,10 +189,15 @@ def _status(ns: argparse.Namespace) -> int:
             print(f"fedpers-server status: {exc}", file=sys.stderr)
             return 2
     else:
+        from fedpers.tls import TlsError
+
         try:
-            status = get_status(ns.address, timeout=ns.timeout)
+            status = get_status(ns.address, tls=client_from_args(ns), timeout=ns.timeout)
+        except TlsError as exc:
+            print(f"fedpers-server status: {exc}", file=sys.stderr)
+            return 2
         except grpc.RpcError as exc:
-            print(f"{ns.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(_rpc_failure(ns.address, exc), file=sys.stderr)
             return 1
     if ns.json:
         print(wire.status_to_json(status))
@@ -174,9 +216,23 @@ def _status(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _dev_certs(ns: argparse.Namespace) -> int:
+    from fedpers.pki import DEFAULT_SERVER_NAMES, PkiUnavailable, make_dev_pki
+
+    try:
+        pki = make_dev_pki(ns.out, tuple(ns.name or DEFAULT_SERVER_NAMES), tuple(ns.client or ()),
+                            days=ns.days)
+    except (PkiUnavailable, OSError, ValueError) as exc:
+        print(f"fedpers-server dev-certs: {exc}", file=sys.stderr)
+        return 1
+    for path in (pki.ca_cert, pki.server_cert, pki.server_key, *(p for pair in pki.clients.values() for p in pair)):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    handler = {"health": _health, "status": _status}.get(ns.command, _serve)
+    handler = {"health": _health, "status": _status, "dev-certs": _dev_certs}.get(ns.command, _serve)
     try:
         return handler(ns)
     except BrokenPipeError:  # e.g. `fedpers-server status | head -1`: the reader left, nothing is wrong

@@ -99,7 +99,13 @@ def start(cfg: ServerConfig, coordinator: Coordinator | None = None) -> RunningS
     """Build (unless given) the coordinator, bind, start serving and the deadline ticker."""
     coord = coordinator or build_coordinator(cfg)
     metrics = ServerMetrics.create(coord) if cfg.metrics_listen else None
-    server, port, health_servicer = build_server(coord, cfg.listen, cfg.workers, metrics=metrics)
+    tls = cfg.server_tls()
+    server, port, health_servicer = build_server(coord, cfg.listen, cfg.workers, metrics=metrics, tls=tls)
+    if tls is None:
+        log.warning("serving PLAINTEXT on %s (--insecure): enrollment tokens, session tokens and updates travel "
+                    "unencrypted; use this only on a trusted loopback", cfg.listen)
+    elif tls.client_ca is not None:
+        log.info("TLS with client certificates required (CA %s)", tls.client_ca)
     server.start()
     host = cfg.listen.rsplit(":", 1)[0]
     running = RunningServer(server=server, port=port, host=host, coordinator=coord, health=health_servicer)

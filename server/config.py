@@ -10,6 +10,7 @@ from typing import Any
 
 from fedpers.server.rounds import PolicyError, RoundPolicy
 from fedpers.strategies import STRATEGIES
+from fedpers.tls import ServerTls
 
 
 class ConfigError(ValueError):
@@ -43,6 +44,10 @@ class ServerConfig:
     waiting_ttl: float = 30.0
     port_file: Path | None = None  # write the bound port here once serving (for --listen HOST:0)
     metrics_listen: str | None = None  # HOST:PORT for Prometheus /metrics; None: no metrics endpoint
+    tls_cert: Path | None = None  # the server's certificate chain (PEM)
+    tls_key: Path | None = None  # its private key (PEM)
+    tls_client_ca: Path | None = None  # require client certificates signed by this CA (mutual TLS)
+    insecure: bool = False  # plaintext: the only way to run without --tls-cert/--tls-key
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -68,6 +73,18 @@ class ServerConfig:
             self.round_policy()  # the round settings are checked where they are used, once
         except PolicyError as exc:
             raise ConfigError(str(exc)) from None
+        if self.insecure and (self.tls_cert or self.tls_key or self.tls_client_ca):
+            raise bad("insecure", "plaintext cannot be combined with --tls-cert/--tls-key/--tls-client-ca")
+        if not self.insecure and not (self.tls_cert and self.tls_key):
+            raise bad("tls_cert", "the server needs --tls-cert and --tls-key (see SECURITY.md; "
+                                  "`fedpers-server dev-certs` makes throwaway ones), or --insecure for plaintext "
+                                  "on a trusted network")
+
+    def server_tls(self) -> ServerTls | None:
+        """The TLS side of the gRPC port, or None for plaintext (--insecure)."""
+        if self.insecure or self.tls_cert is None or self.tls_key is None:
+            return None
+        return ServerTls(cert=self.tls_cert, key=self.tls_key, client_ca=self.tls_client_ca)
 
     def round_policy(self) -> RoundPolicy:
         """The coordinator's policy from these settings."""
@@ -80,10 +97,11 @@ class ServerConfig:
 
 
 _FIELDS = {f.name: f for f in fields(ServerConfig)}
+_PATHS = ("model", "store", "port_file", "tls_cert", "tls_key", "tls_client_ca")
 
 
 def _coerce(key: str, value: Any) -> Any:
-    if key in ("model", "store", "port_file"):
+    if key in _PATHS:
         return Path(value) if value is not None else None
     if key == "personal_layers":
         if isinstance(value, str):
@@ -106,7 +124,7 @@ def load_config(flags: Mapping[str, Any], config_file: str | Path | None = None)
             key = raw_key.replace("-", "_")
             if key not in _FIELDS:
                 raise ConfigError(f"{path}: unknown key {raw_key!r}; known: {sorted(_FIELDS)}")
-            if key in ("model", "store", "port_file") and value is not None and not Path(value).is_absolute():
+            if key in _PATHS and value is not None and not Path(value).is_absolute():
                 value = path.parent / value  # relative to the config file
             merged[key] = value
     merged.update({k: v for k, v in flags.items() if v is not None and k in _FIELDS})

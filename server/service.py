@@ -25,6 +25,7 @@ from fedpers.server.aggregate import AggregationError
 from fedpers.server.metrics import ServerMetrics
 from fedpers.server.rounds import Coordinator
 from fedpers.store import MissingVersion
+from fedpers.tls import ServerTls
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -201,10 +202,11 @@ class FederationServicer(pb_grpc.FederationServicer):
         return wire.status_to_proto(self.coordinator.status())
 
 
-def build_server(coordinator: Coordinator, listen: str, workers: int = 4,
-                 metrics: ServerMetrics | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A gRPC server with the Federation and grpc.health.v1 services, bound to `listen`
-    (port 0 picks a free port); returns (server, bound port, health servicer). Not started."""
+def build_server(coordinator: Coordinator, listen: str, workers: int = 4, metrics: ServerMetrics | None = None,
+                 tls: ServerTls | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A gRPC server with the Federation and grpc.health.v1 services, bound to `listen` with TLS
+    (plaintext when `tls` is None: the caller decided so explicitly) (port 0 picks a free port);
+    returns (server, bound port, health servicer). Not started."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedpers-rpc"),
         interceptors=[AuthInterceptor(coordinator)],
@@ -221,7 +223,7 @@ def build_server(coordinator: Coordinator, listen: str, workers: int = 4,
     pb_grpc.add_FederationServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    port = server.add_insecure_port(listen)
+    port = server.add_secure_port(listen, tls.credentials()) if tls else server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"could not bind {listen}")
     for name in ("", SERVICE_NAME):

@@ -1,10 +1,18 @@
-"""Shared fakes for the server tests: a tiny model layout, update blobs and a fake clock."""
+"""Shared fakes for the server tests: a tiny model layout, update blobs, a fake clock and a test PKI.
+
+Servers in tests speak TLS with a throwaway CA made once per test session (`pki()`); a test that
+is about plaintext says `--insecure` / `TlsConfig.plaintext()` itself.
+"""
 
 from __future__ import annotations
 
+import atexit
+import functools
+import shutil
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
-import grpc
 import numpy as np
 from fedpers import codec, wire
 from fedpers.rpc import federation_pb2 as pb
@@ -13,8 +21,38 @@ from fedpers.server import aggregate as ag
 from fedpers.server import state as st
 from fedpers.server.model import layout_from_specs
 from fedpers.server.rounds import Coordinator, RoundPolicy
+from fedpers.tls import TlsConfig, open_channel
 
 INI = "[input]\ntype = input\ninput_shape = 1:1:4\n"
+
+
+@functools.cache
+def pki():
+    """The session's throwaway CA, server certificate (localhost, 127.0.0.1) and a client certificate."""
+    from fedpers.pki import make_dev_pki
+
+    directory = Path(tempfile.mkdtemp(prefix="fedpers-test-pki-"))
+    atexit.register(shutil.rmtree, directory, True)
+    return make_dev_pki(directory / "tls", clients=("device",))
+
+
+def client_tls() -> TlsConfig:
+    """What a test device trusts: the session's CA."""
+    return TlsConfig(ca=pki().ca_cert)
+
+
+def server_tls() -> dict[str, Path]:
+    """ServerConfig fields for TLS with the session's server certificate."""
+    return {"tls_cert": pki().server_cert, "tls_key": pki().server_key}
+
+
+def server_tls_args() -> list[str]:
+    """The same as fedpers-server flags."""
+    return ["--tls-cert", str(pki().server_cert), "--tls-key", str(pki().server_key)]
+
+
+def client_tls_args() -> list[str]:
+    return ["--tls-ca", str(pki().ca_cert)]
 
 
 @dataclass
@@ -91,11 +129,15 @@ def make_coordinator(store_dir, state=None, clock=None, strategy="fedavg", **pol
 class Device:
     """A minimal test device speaking the protocol directly."""
 
-    def __init__(self, address: str, name: str, enroll: str = "enroll-me") -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, name: str, enroll: str = "enroll-me", tls: TlsConfig | None = None) -> None:
+        self.channel = open_channel(address, tls or client_tls())
         self.stub = pb_grpc.FederationStub(self.channel)
         reply = wire.join_reply_from_proto(self.stub.Join(wire.join_request_to_proto(wire.JoinRequest(enroll, name))))
         self.id, self.token = reply.device_id, reply.session_token
+
+    def secrets(self) -> tuple[bytes, ...]:
+        """Every secret this device holds (none may ever be seen on the wire)."""
+        return (self.token.encode(),)
 
     @property
     def md(self):

@@ -15,7 +15,7 @@ import pytest
 from fedpers import codec, wire
 from fedpers.server.config import ConfigError, load_config
 
-from tests.server_helpers import Device
+from tests.server_helpers import Device, client_tls_args, server_tls_args
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "common" / "models" / "mlp.ini"
@@ -32,7 +32,8 @@ class ServerProcess:
         self.port_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fedpers.server", "--model", str(MODEL), "--store", str(store),
-             "--listen", "127.0.0.1:0", "--port-file", str(self.port_file), "--personal-layers", "output", *extra],
+             "--listen", "127.0.0.1:0", "--port-file", str(self.port_file), "--personal-layers", "output",
+             *server_tls_args(), *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         deadline = time.monotonic() + 60
@@ -69,7 +70,7 @@ def _fp32_update(task: wire.Task, shapes: dict[str, tuple[int, ...]], seed: int)
 def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
     server = ServerProcess(tmp_path, "--rounds", "2", "--min-devices", "1", "--enroll-token", "t0k")
     try:
-        health = _cli("health", "--address", server.address)
+        health = _cli("health", "--address", server.address, *client_tls_args())
         assert health.returncode == 0 and "SERVING" in health.stdout
         dev = Device(server.address, "d1", enroll="t0k")
         task = dev.task()
@@ -81,9 +82,9 @@ def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
         assert "output.weight" not in base  # personal: never served
         shapes = {k: v.shape for k, v in base.items()}
         assert dev.upload(_fp32_update(task, shapes, 1)).accepted
-        status = json.loads(_cli("status", "--address", server.address, "--json").stdout)
+        status = json.loads(_cli("status", "--address", server.address, "--json", *client_tls_args()).stdout)
         assert status["version"] == 1 and status["rounds_completed"] == 1 and status["rounds_target"] == 2
-        table = _cli("status", "--address", server.address)
+        table = _cli("status", "--address", server.address, *client_tls_args())
         assert table.returncode == 0 and "rounds 1/2" in table.stdout
         dev.task()  # round 2 opens; SIGTERM abandons it
         dev.close()
@@ -116,7 +117,8 @@ def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
         assert server.terminate()[0] == 0
     finally:
         server.kill()
-    assert _cli("health", "--address", server.address, timeout=30).returncode == 1  # nothing listens now
+    # nothing listens now
+    assert _cli("health", "--address", server.address, *client_tls_args(), timeout=30).returncode == 1
 
 
 def test_bad_settings_exit_with_a_message(tmp_path: Path) -> None:
@@ -124,15 +126,17 @@ def test_bad_settings_exit_with_a_message(tmp_path: Path) -> None:
     assert r.returncode == 2 and "model: required" in r.stderr
     r = _cli("--model", str(MODEL), "--store", str(tmp_path), "--fraction", "2")
     assert r.returncode == 2 and "fraction" in r.stderr
-    r = _cli("--model", str(MODEL), "--store", str(tmp_path), "--personal-layers", "nope", "--listen", "127.0.0.1:0")
+    r = _cli("--model", str(MODEL), "--store", str(tmp_path), "--personal-layers", "nope", "--listen", "127.0.0.1:0",
+             "--insecure")
     assert r.returncode == 1 and "not layers with weights" in r.stderr
 
 
 def test_toml_config_and_flag_override(tmp_path: Path) -> None:
     (tmp_path / "server.toml").write_text(
         '[server]\nmodel = "m.ini"\nstore = "/abs/store"\nrounds = 7\nmin-devices = 3\npersonal_layers = ["out"]\n'
-        'strategy = "fedadam"\n')
+        'strategy = "fedadam"\ntls-cert = "certs/server.pem"\ntls_key = "/etc/fedpers/server.key"\n')
     cfg = load_config({"rounds": 4, "fraction": None}, tmp_path / "server.toml")
+    assert cfg.tls_cert == tmp_path / "certs" / "server.pem" and cfg.tls_key == Path("/etc/fedpers/server.key")
     assert cfg.rounds == 4 and cfg.min_devices == 3 and cfg.strategy == "fedadam"
     assert cfg.model == tmp_path / "m.ini" and cfg.store == Path("/abs/store")
     assert cfg.personal_layers == ("out",) and cfg.fraction == 1.0

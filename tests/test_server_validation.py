@@ -15,13 +15,23 @@ from fedpers.server import state as st
 from fedpers.server.config import ServerConfig
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.server_helpers import LAYOUT, Device, header, initial_weights, make_coordinator, random_delta, update_blob
+from tests.server_helpers import (
+    LAYOUT,
+    Device,
+    header,
+    initial_weights,
+    make_coordinator,
+    random_delta,
+    server_tls,
+    update_blob,
+)
 
 Code = grpc.StatusCode
 
 
 def _cfg(tmp_path: Path, **kw) -> ServerConfig:
-    return ServerConfig(model=tmp_path / "unused.ini", store=tmp_path, listen="127.0.0.1:0", workers=4, **kw)
+    return ServerConfig(model=tmp_path / "unused.ini", store=tmp_path, listen="127.0.0.1:0", workers=4, **server_tls(),
+                        **kw)
 
 
 @pytest.fixture
@@ -244,7 +254,7 @@ def test_a_slow_upload_leaves_a_thread_for_everything_else(tmp_path: Path) -> No
     coord = make_coordinator(tmp_path, min_devices=2, rounds=2, max_update_bytes=64 << 10, round_timeout=600,
                              clock=time.time)
     cfg = ServerConfig(model=tmp_path / "unused.ini", store=tmp_path, listen="127.0.0.1:0", workers=2,
-                       round_timeout=600)
+                       round_timeout=600, **server_tls())
     running = app.start(cfg, coordinator=coord)
     a, b = Device(running.address, "a"), Device(running.address, "b")
     try:
