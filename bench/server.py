@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from fedpers.tls import TlsConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 MODEL = Path(__file__).resolve().parent / "mlp_1m.ini"
+BENCH_TOKEN = secrets.token_urlsafe(16)  # the run's enrollment token (in the server's environment, never argv)
 SHAPES = {"fc1.weight": (784, 1024), "fc1.bias": (1024,), "fc2.weight": (1024, 256), "fc2.bias": (256,)}
 
 
@@ -67,7 +69,8 @@ def run_device(address: str, tls: TlsConfig, name: str, blob: bytes, digest: byt
     """Join, wait for all devices to have joined, then poll/upload until DONE or the deadline."""
     with FederationClient(address, tls=tls, timeout=30) as client:
         try:
-            client.join(wire.JoinRequest(enroll_token="", device_name=name))
+            enrolled = client.enroll(wire.EnrollRequest(BENCH_TOKEN, name, request_id=secrets.token_urlsafe(16)))
+            client.join(wire.JoinRequest(enrolled.device_id, enrolled.device_secret))
             joined.wait(timeout=max(1.0, deadline - time.monotonic()))
             go.wait(timeout=max(1.0, deadline - time.monotonic()))
             done_round = 0
@@ -121,7 +124,8 @@ def run_one(n: int, rounds: int, workers: int, blob: bytes, timeout: float) -> R
                "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--personal-layers", "output",
                "--rounds", str(rounds), "--min-devices", str(n), "--fraction", "1", "--round-timeout", str(timeout),
                "--workers", str(workers), "--retry-after", "0.1", "--log-level", "WARNING"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, FEDPERS_ENROLL_TOKEN=BENCH_TOKEN))
         try:
             start_deadline = time.monotonic() + 60
             while not port_file.exists():

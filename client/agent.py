@@ -16,7 +16,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,7 +65,7 @@ class AgentConfig:
     data: Path
     state: Path
     tls: TlsConfig = TlsConfig()  # how the channel is secured (default: TLS trusting the system's CAs)
-    enroll_token: str = ""
+    enroll_token: str = field(default="", repr=False)  # needed only for the first enrollment; never logged
     memory: str = "planned"
     memory_budget: str | None = None
     lookahead: int = 2
@@ -178,7 +178,9 @@ class Agent:
                 problem = explain(exc)
                 if problem:  # a certificate or TLS mismatch does not go away by retrying
                     raise AgentError(f"{what}: cannot reach {self.cfg.server}: {problem}") from None
-                if code == grpc.StatusCode.UNAUTHENTICATED and not rejoined and what != "Join":
+                if wire.refusal_of(exc) is wire.Refusal.REVOKED:
+                    raise AgentError(f"{what}: {exc.details()}") from None
+                if code == grpc.StatusCode.UNAUTHENTICATED and not rejoined and what not in ("Join", "Enroll"):
                     log.warning("%s: session refused (%s); joining again", what, exc.details())
                     rejoined = True
                     self.join()
@@ -199,8 +201,12 @@ class Agent:
     # ------------------------------------------------------------------ protocol steps
 
     def join(self) -> int:
-        req = wire.JoinRequest(self.cfg.enroll_token, self.state.name)
-        reply = self._retry("Join", lambda: self.server.join(req))
+        """Prove this device's secret and get a session (enrolling first on the very first start)."""
+        creds = self.store.load_credentials()
+        if creds is None or not creds.enrolled:
+            creds = self.enroll(creds)
+        req = wire.JoinRequest(device_id=creds.device_id, device_secret=creds.secret)  # type: ignore[arg-type]
+        reply = self._refusal_is_final("Join", lambda: self._retry("Join", lambda: self.server.join(req)))
         if self.state.device_id not in (None, reply.device_id):
             log.warning("server gave id %d, this device had %d", reply.device_id, self.state.device_id)
         if self.state.device_id != reply.device_id:
@@ -208,6 +214,41 @@ class Agent:
             self.store.save(self.state)
         log.info("joined %s as device %d (%s)", self.cfg.server, reply.device_id, self.state.name)
         return reply.device_id
+
+    def enroll(self, pending: Any = None) -> Any:
+        """First contact: the enrollment token and this device's name buy an id and a long-term secret,
+        kept 0600 in --state. The request id is saved before it is sent, so an enrollment whose reply
+        was lost is repeated safely (the server recognizes it and issues the secret again)."""
+        from fedpers.client.personal import Credentials
+
+        creds = pending or self.store.begin_enrollment()
+        req = wire.EnrollRequest(enroll_token=self.cfg.enroll_token, device_name=self.state.name,
+                                 request_id=creds.request_id)
+        reply = self._refusal_is_final("Enroll", lambda: self._retry("Enroll", lambda: self.server.enroll(req)))
+        creds = Credentials(request_id=creds.request_id, device_id=reply.device_id, secret=reply.device_secret)
+        self.store.save_credentials(creds)
+        log.info("enrolled at %s as device %d (%s); its secret is in %s", self.cfg.server, reply.device_id,
+                 self.state.name, self.store.credentials_path)
+        return creds
+
+    def _refusal_is_final(self, what: str, call: Callable[[], T]) -> T:
+        """Enroll/Join refusals that retrying cannot fix become an AgentError that says what to do."""
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            kind = wire.refusal_of(exc)
+            remedy = {
+                wire.Refusal.BAD_TOKEN: (f"check the enrollment token; if the server's store was reset, move "
+                                         f"{self.store.credentials_path} away to enroll again"),
+                wire.Refusal.REVOKED: "this device was revoked by the server's operator",
+                wire.Refusal.ENROLLMENT_CLOSED: "the server takes no new devices (ask for an enrollment token)",
+                wire.Refusal.NAME_TAKEN: "another device has this name: start with another --name and --state",
+                wire.Refusal.TOO_MANY_DEVICES: "the server has as many devices as it accepts",
+                wire.Refusal.MALFORMED_MESSAGE: "the server refused the request as malformed",
+            }.get(kind)  # type: ignore[arg-type]
+            if remedy is None:
+                raise
+            raise AgentError(f"{what} refused by {self.cfg.server}: {exc.details()} ({remedy})") from None
 
     def get_task(self) -> wire.Task:
         return self._retry("GetTask", self.server.get_task)

@@ -45,9 +45,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def child_env() -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus CHILD_ENV and `extra` (how secrets reach a child: never argv)."""
     env = dict(os.environ)
     env.update(CHILD_ENV)
+    env.update(extra or {})
     return env
 
 
@@ -73,13 +75,15 @@ class Child:
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     @classmethod
-    def start(cls, name: str, argv: Sequence[str], log_path: Path, stdout_path: Path | None = None) -> Child:
+    def start(cls, name: str, argv: Sequence[str], log_path: Path, stdout_path: Path | None = None,
+              env: dict[str, str] | None = None) -> Child:
+        """Start `argv`; `env` adds environment variables (secrets go there, never into argv)."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         if stdout_path is not None:
             stdout_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(stdout_path, "wb") if stdout_path else fh  # noqa: SIM115
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=fh, env=child_env(), start_new_session=True)
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=fh, env=child_env(env), start_new_session=True)
         if out is not fh:
             out.close()
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))

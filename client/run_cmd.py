@@ -20,6 +20,8 @@ from .train_cmd import add_memory_args
 
 log = logging.getLogger(__name__)
 
+ENV_ENROLL_TOKEN = "FEDPERS_ENROLL_TOKEN"
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("run", help="run a device: join, train rounds, send compressed deltas",
@@ -29,12 +31,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="this device's private data: x, y[, x_test, y_test]")
     p.add_argument("--state", required=True, type=Path, metavar="DIR",
                    help="where the device keeps its name, personal layers and codec residual")
-    p.add_argument("--enroll-token", default="", metavar="T", help="token the server requires to join")
+    p.add_argument("--enroll-token", default=None, help=argparse.SUPPRESS)  # refused: argv is public
+    p.add_argument("--enroll-token-file", type=Path, default=None, metavar="FILE",
+                   help="file holding the enrollment token, needed only for the first start "
+                        "(or env FEDPERS_ENROLL_TOKEN); later starts prove the device secret kept in --state")
     add_memory_args(p, swap_dir_default="DIR/swap")
     p.add_argument("--codec", default=None, metavar="C",
                    help="delta codec, overriding the server's: fp32|fp16|int8|int4|int2|topk:F, optional +zstd")
     p.add_argument("--local-epochs", type=int, default=None, metavar="N", help="override the server's local epochs")
-    p.add_argument("--name", default=None, help="stable device name (same name -> same device id)")
+    p.add_argument("--name", default=None,
+                   help="device name, a label shown to the operator (1-64 of A-Z a-z 0-9 . _ -; default: random); "
+                        "the device's identity is the secret in --state, never its name")
     p.add_argument("--max-rounds", type=int, default=None, metavar="N", help="stop after N rounds in this run")
     p.add_argument("--save-uploads", action="store_true",
                    help="debug: keep a copy of every uploaded blob in DIR/uploads")
@@ -58,11 +65,13 @@ def _install_signal_handlers(stop: threading.Event) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the agent with parsed arguments; returns the exit code."""
+    from fedpers import wire
     from fedpers.client.agent import Agent, AgentConfig, AgentError
     from fedpers.client.data import DataError
     from fedpers.client.personal import StateError, TaskMismatch
     from fedpers.codec import CodecError
     from fedpers.nn import BudgetError, ModelError, WeightError
+    from fedpers.private import SecretError, secret_from
     from fedpers.tls import TlsError, client_from_args
 
     level_name = getattr(args, "log_level", None)
@@ -77,15 +86,23 @@ def main(args: argparse.Namespace) -> int:
     if args.max_rounds is not None and args.max_rounds < 0:
         print("fedpers-client run: --max-rounds must be >= 0", file=sys.stderr)
         return 2
+    if args.enroll_token is not None:
+        print("fedpers-client run: --enroll-token on the command line is readable by every local user "
+              "(/proc/PID/cmdline); use --enroll-token-file FILE or the FEDPERS_ENROLL_TOKEN environment variable",
+              file=sys.stderr)
+        return 2
     try:
+        if args.name:
+            wire.check_device_name(args.name)
         tls = client_from_args(args)
-    except TlsError as exc:
+        enroll_token = secret_from(args.enroll_token_file, ENV_ENROLL_TOKEN, "enrollment token")
+    except (TlsError, SecretError, wire.MalformedMessage) as exc:
         print(f"fedpers-client run: {exc}", file=sys.stderr)
         return 2
     if tls.insecure:
         log.warning("--insecure: talking plaintext to %s; tokens and updates travel unencrypted", args.server)
     cfg = AgentConfig(
-        server=args.server, data=args.data, state=args.state, tls=tls, enroll_token=args.enroll_token,
+        server=args.server, data=args.data, state=args.state, tls=tls, enroll_token=enroll_token,
         memory=args.memory, memory_budget=args.memory_budget, lookahead=args.lookahead, micro_batch=args.micro_batch,
         swap_dir=args.swap_dir, codec=args.codec, local_epochs=args.local_epochs,
         name=args.name, max_rounds=args.max_rounds, save_uploads=args.save_uploads,

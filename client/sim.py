@@ -102,6 +102,23 @@ class SimConfig:
 
 
 @dataclass(frozen=True)
+class SimSecrets:
+    """The run's enrollment and admin tokens, random per run, handed to children in their environment."""
+
+    enroll_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+
+    def __repr__(self) -> str:
+        return "SimSecrets(<hidden>)"
+
+    def server_env(self) -> dict[str, str]:
+        return {"FEDPERS_ENROLL_TOKEN": self.enroll_token, "FEDPERS_ADMIN_TOKEN": self.admin_token}
+
+    def device_env(self) -> dict[str, str]:
+        return {"FEDPERS_ENROLL_TOKEN": self.enroll_token}
+
+
+@dataclass(frozen=True)
 class SimTls:
     """How the run's processes secure their channels: the throwaway PKI's files, or plaintext."""
 
@@ -131,22 +148,23 @@ class SimTls:
         return ["--tls-ca", str(self.ca)] if self.ca else ["--insecure"]
 
 
-def server_argv(cfg: SimConfig, port_file: Path, store: Path, token: str, tls: SimTls = SimTls()) -> list[str]:
+def server_argv(cfg: SimConfig, port_file: Path, store: Path, tls: SimTls = SimTls()) -> list[str]:
+    """The server's command line (its enrollment and admin tokens go in its environment: SimSecrets)."""
     argv = [sys.executable, "-m", "fedpers.server", "serve", "--model", str(Path(cfg.model).resolve()),
             "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--store", str(store), "--seed", str(cfg.seed),
             "--rounds", str(cfg.rounds), "--min-devices", str(cfg.min_devices or cfg.devices),
             "--fraction", str(cfg.fraction), "--round-timeout", str(cfg.round_timeout),
-            "--strategy", cfg.strategy, "--enroll-token", token, "--codec", cfg.codec,
+            "--strategy", cfg.strategy, "--codec", cfg.codec,
             "--local-epochs", str(cfg.local_epochs), *tls.server_args()]
     if cfg.server_lr is not None:
         argv += ["--server-lr", str(cfg.server_lr)]
     return argv
 
 
-def device_argv(cfg: SimConfig, address: str, data: Path, state: Path, name: str, token: str,
-                tls: SimTls = SimTls()) -> list[str]:
+def device_argv(cfg: SimConfig, address: str, data: Path, state: Path, name: str, tls: SimTls = SimTls()) -> list[str]:
+    """A device's command line (its enrollment token goes in its environment)."""
     argv = [sys.executable, "-m", "fedpers.client", "run", "--server", address, "--data", str(data),
-            "--state", str(state), "--name", name, "--enroll-token", token, "--memory", cfg.memory, "--json",
+            "--state", str(state), "--name", name, "--memory", cfg.memory, "--json",
             *tls.device_args()]
     if cfg.memory_budget:
         argv += ["--memory-budget", cfg.memory_budget]
@@ -173,6 +191,7 @@ class _Run:
     work: Path
     say: Callable[..., None]
     tls: SimTls = SimTls()
+    secrets: SimSecrets = field(default_factory=SimSecrets)
     t_start: float = field(default_factory=time.monotonic)
     server: Child | None = None
     devices: list[Child] = field(default_factory=list)
@@ -186,7 +205,8 @@ class _Run:
 
         deadline = time.monotonic() + self.cfg.timeout
         failures = 0
-        with FederationClient(address, tls=self.tls.client(), timeout=5.0) as client:
+        with FederationClient(address, tls=self.tls.client(), timeout=5.0,
+                              admin_token=self.secrets.admin_token) as client:
             while True:
                 assert self.server is not None
                 self.server.check_alive()
@@ -248,20 +268,19 @@ def simulate(cfg: SimConfig) -> SimReport:
         f"{cfg.local_epochs} local epoch(s), model {Path(cfg.model).name} -> {report_dir}")
 
     data_paths = write_partition(work / "data", partition_digits(cfg.devices, seed=cfg.seed, alpha=cfg.alpha))
-    token = secrets.token_hex(8)
     port_file = work / "server.port"
     tls = SimTls.make(cfg, work / "tls")
     run = _Run(cfg, work, say, tls)
     ended = "finished"
     try:
-        run.server = Child.start("server", server_argv(cfg, port_file, work / "store", token, tls),
-                                 work / "logs" / "server.log")
+        run.server = Child.start("server", server_argv(cfg, port_file, work / "store", tls),
+                                 work / "logs" / "server.log", env=run.secrets.server_env())
         address = wait_for_server(port_file, run.server, timeout=60, tls=tls.client())
         for i, data in enumerate(data_paths):
             state = work / "devices" / str(i)
-            run.devices.append(Child.start(f"device-{i}", device_argv(cfg, address, data, state, f"sim-device-{i}",
-                                                                      token, tls),
-                                           work / "logs" / f"device-{i}.log", stdout_path=state.parent / f"{i}.json"))
+            argv = device_argv(cfg, address, data, state, f"sim-device-{i}", tls)
+            run.devices.append(Child.start(f"device-{i}", argv, work / "logs" / f"device-{i}.log",
+                                           stdout_path=state.parent / f"{i}.json", env=run.secrets.device_env()))
         run.follow(address)
     except KeyboardInterrupt:
         ended = "interrupted"

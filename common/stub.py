@@ -24,10 +24,13 @@ class FederationClient:
 
     `tls` None means TLS trusting the system's CAs; `TlsConfig.plaintext()` is the only way to plaintext."""
 
-    def __init__(self, address: str, *, tls: TlsConfig | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(self, address: str, *, tls: TlsConfig | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 admin_token: str = "") -> None:
+        """`admin_token`: the server's admin token, sent with GetStatus instead of a device session."""
         self.address = address
         self.timeout = timeout
         self.tls = tls or TlsConfig()
+        self._admin = admin_token
         self.channel = open_channel(address, self.tls)
         self._stub = pb_grpc.FederationStub(self.channel)
         self.device_id: int | None = None
@@ -45,7 +48,13 @@ class FederationClient:
 
     # -- calls
 
+    def enroll(self, request: wire.EnrollRequest, timeout: float | None = None) -> wire.EnrollReply:
+        """First contact: the device's id and long-term secret (keep it private; join() with it)."""
+        return wire.enroll_reply_from_proto(
+            self._stub.Enroll(wire.enroll_request_to_proto(request), timeout=timeout or self.timeout))
+
     def join(self, request: wire.JoinRequest, timeout: float | None = None) -> wire.JoinReply:
+        """Prove the device secret; the session token it returns goes with every later call."""
         reply = wire.join_reply_from_proto(
             self._stub.Join(wire.join_request_to_proto(request), timeout=timeout or self.timeout))
         self.set_session(reply.device_id, reply.session_token)
@@ -66,7 +75,10 @@ class FederationClient:
         return wire.upload_reply_from_proto(reply)
 
     def status(self, timeout: float | None = None) -> wire.Status:
-        return wire.status_from_proto(self._stub.GetStatus(pb.StatusRequest(), timeout=timeout or self.timeout))
+        """GetStatus as the operator (admin token) or as the joined device."""
+        md = wire.admin_metadata(self._admin) if self._admin else self._metadata()
+        return wire.status_from_proto(self._stub.GetStatus(pb.StatusRequest(), metadata=md,
+                                                           timeout=timeout or self.timeout))
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The grpc.health.v1 serving status name (SERVING, NOT_SERVING, ...)."""
@@ -88,7 +100,7 @@ class FederationClient:
         self.close()
 
 
-def get_status(address: str, tls: TlsConfig | None = None, timeout: float = 5.0) -> wire.Status:
-    """One GetStatus call on a fresh channel (raises grpc.RpcError when the server does not answer)."""
-    with FederationClient(address, tls=tls, timeout=timeout) as client:
+def get_status(address: str, tls: TlsConfig | None = None, admin_token: str = "", timeout: float = 5.0) -> wire.Status:
+    """One GetStatus call as the operator on a fresh channel (grpc.RpcError when the server does not answer)."""
+    with FederationClient(address, tls=tls, timeout=timeout, admin_token=admin_token) as client:
         return client.status()

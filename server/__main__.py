@@ -5,6 +5,7 @@
     fedpers-server status --address HOST:PORT [--json]          a running server's progress
     fedpers-server status --store DIR [--json]                  what a stopped server left in its store
     fedpers-server dev-certs --out DIR [--name HOST ...]        a throwaway CA and server certificate
+    fedpers-server devices list|show|revoke --store DIR         enrolled devices; revoke one
 
 The gRPC port speaks TLS (--tls-cert/--tls-key); plaintext only with --insecure (SECURITY.md).
 """
@@ -42,7 +43,16 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--strategy", choices=tuple(STRATEGIES),
       help="server optimizer (default fedavg): " + "; ".join(f"{k}: {v}" for k, v in STRATEGIES.items()))
     a("--server-lr", type=float, help="server learning rate (default: 1.0 fedavg/fedavgm, 0.01 fedadam)")
-    a("--enroll-token", help="token devices must present to Join (default: open enrollment)")
+    a("--enroll-token", help=argparse.SUPPRESS)  # refused: argv is readable by every local user
+    a("--enroll-token-file", metavar="FILE",
+      help="file holding the token a device must present to enroll (or env FEDPERS_ENROLL_TOKEN); without "
+           "one, enrollment is closed unless --open-enrollment")
+    a("--open-enrollment", action="store_true", default=None,
+      help="anyone who reaches the port may enroll a device (still capped by --max-devices)")
+    a("--max-devices", type=int, help="most enrolled (not revoked) devices (default 1000)")
+    a("--admin-token-file", metavar="FILE",
+      help="file holding the admin token for GetStatus (or env FEDPERS_ADMIN_TOKEN; default: "
+           "STORE/admin.token, made on first start)")
     a("--personal-layers", help="comma-separated layers that stay on the devices (besides personal = true)")
     a("--local-epochs", type=int, help="local epochs per round (default: the INI's Epochs)")
     a("--batch-size", type=int, help="device batch size (default: the INI's batch_size)")
@@ -72,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpers-server", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     _serve_flags(parser)
-    sub = parser.add_subparsers(dest="command", metavar="{serve,health,status,dev-certs}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,health,status,dev-certs,devices}")
     _serve_flags(sub.add_parser("serve", help="run the aggregation server (the default; same flags as above)",
                                 description="Run the aggregation server. Flags override --config."))
     health = sub.add_parser("health", help="exit 0 iff the server reports SERVING (grpc.health.v1)")
@@ -86,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--store", help="the --store directory of a stopped server (read only)")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--admin-token-file", metavar="FILE",
+                        help="the server's admin token (or env FEDPERS_ADMIN_TOKEN; a running server keeps it in "
+                             "STORE/admin.token unless given one)")
     add_client_args(status)
     certs = sub.add_parser("dev-certs", help="write a throwaway CA and a server certificate (tests, demos, the fleet)",
                            description="Make a fresh CA (its key is discarded), sign a server certificate for the "
@@ -98,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     certs.add_argument("--client", action="append", default=None, metavar="NAME",
                        help="also sign a client certificate client-NAME.pem/.key (mutual TLS; repeatable)")
     certs.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    from fedpers.server import devices_cmd
+
+    devices_cmd.add_parser(sub)
     return parser
 
 
@@ -120,7 +136,13 @@ def _serve(ns: argparse.Namespace) -> int:
     from fedpers.server import app
     from fedpers.server.config import ConfigError, load_config
 
-    flags: dict[str, Any] = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "grace")}
+    if ns.enroll_token is not None:
+        print("fedpers-server: --enroll-token on the command line is readable by every local user "
+              "(/proc/PID/cmdline); use --enroll-token-file FILE or the FEDPERS_ENROLL_TOKEN environment variable",
+              file=sys.stderr)
+        return 2
+    skip = ("command", "config", "grace", "enroll_token")
+    flags: dict[str, Any] = {k: v for k, v in vars(ns).items() if k not in skip}
     try:
         cfg = load_config(flags, ns.config)
     except ConfigError as exc:
@@ -189,11 +211,17 @@ def _status(ns: argparse.Namespace) -> int:
             print(f"fedpers-server status: {exc}", file=sys.stderr)
             return 2
     else:
+        from fedpers.private import SecretError, secret_from
+        from fedpers.server.identity import ENV_ADMIN_TOKEN
         from fedpers.tls import TlsError
 
         try:
-            status = get_status(ns.address, tls=client_from_args(ns), timeout=ns.timeout)
-        except TlsError as exc:
+            admin = secret_from(ns.admin_token_file, ENV_ADMIN_TOKEN, "admin token")
+            if not admin:
+                raise SecretError("GetStatus needs the server's admin token: --admin-token-file FILE "
+                                  "(a server keeps it in STORE/admin.token) or FEDPERS_ADMIN_TOKEN")
+            status = get_status(ns.address, tls=client_from_args(ns), admin_token=admin, timeout=ns.timeout)
+        except (TlsError, SecretError) as exc:
             print(f"fedpers-server status: {exc}", file=sys.stderr)
             return 2
         except grpc.RpcError as exc:
@@ -232,7 +260,10 @@ def _dev_certs(ns: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    handler = {"health": _health, "status": _status, "dev-certs": _dev_certs}.get(ns.command, _serve)
+    from fedpers.server import devices_cmd
+
+    handler = {"health": _health, "status": _status, "dev-certs": _dev_certs,
+               "devices": devices_cmd.main}.get(ns.command, _serve)
     try:
         return handler(ns)
     except BrokenPipeError:  # e.g. `fedpers-server status | head -1`: the reader left, nothing is wrong

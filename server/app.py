@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import grpc
 from fedpers import codec, wire
+from fedpers.private import ensure_private_dir
 from fedpers.server.aggregate import make_aggregator, make_optimizer
 from fedpers.server.config import ConfigError, ServerConfig
 from fedpers.server.metrics import MetricsEndpoint, ServerMetrics
@@ -45,12 +46,13 @@ def build_coordinator(cfg: ServerConfig) -> Coordinator:
         codec=cfg.codec,
     )
     policy = cfg.round_policy()
-    cfg.store.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(cfg.store)
+    identity = cfg.identity_policy()
+    log.info("enrollment %s", identity.enrollment)
     return Coordinator(
         state=SqliteState(cfg.store / STATE_DB), store=ModelStore(cfg.store), layout=layout,
         initial_weights=weights, aggregator=make_aggregator(cfg.clip_norm),
-        optimizer=make_optimizer(cfg.strategy, cfg.server_lr), policy=policy, training=training,
-        enroll_token=cfg.enroll_token,
+        optimizer=make_optimizer(cfg.strategy, cfg.server_lr), policy=policy, training=training, identity=identity,
     )
 
 
@@ -75,6 +77,7 @@ class RunningServer:
         while not self._stop.wait(interval):
             try:
                 self.coordinator.tick()
+                self.coordinator.identity.refresh()  # revocations written by `fedpers-server devices revoke`
             except Exception:  # keep ticking; the next tick retries
                 log.exception("round tick failed")
 

@@ -8,6 +8,14 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fedpers.private import SecretError, secret_from
+from fedpers.server.identity import (
+    ENV_ADMIN_TOKEN,
+    ENV_ENROLL_TOKEN,
+    IdentityConfigError,
+    IdentityPolicy,
+    admin_token_for,
+)
 from fedpers.server.rounds import PolicyError, RoundPolicy
 from fedpers.strategies import STRATEGIES
 from fedpers.tls import ServerTls
@@ -28,7 +36,12 @@ class ServerConfig:
     round_timeout: float = 60.0
     strategy: str = "fedavg"
     server_lr: float | None = None  # None: the strategy's default (fedavg/fedavgm 1.0, fedadam 0.01)
-    enroll_token: str = ""  # empty: anyone may join
+    enroll_token: str = ""  # from --enroll-token-file, FEDPERS_ENROLL_TOKEN or the TOML file; never argv
+    enroll_token_file: Path | None = None
+    open_enrollment: bool = False  # anyone may enroll (capped by max_devices); else a token is needed
+    max_devices: int = 1000  # enrolled devices that are not revoked
+    admin_token: str = ""  # GetStatus for operators; "" : FEDPERS_ADMIN_TOKEN, else <store>/admin.token
+    admin_token_file: Path | None = None
     personal_layers: tuple[str, ...] = ()
     local_epochs: int | None = None  # None: from the model INI ([Model] Epochs)
     batch_size: int | None = None  # None: from the model INI
@@ -57,6 +70,8 @@ class ServerConfig:
             raise bad("strategy", f"unknown {self.strategy!r}; known: {list(STRATEGIES)}")
         if self.workers < 1:
             raise bad("workers", f"must be >= 1, got {self.workers}")
+        if self.max_devices < 1:
+            raise bad("max_devices", f"must be >= 1, got {self.max_devices}")
         for key in ("server_lr", "clip_norm", "max_update_mb", "learning_rate"):
             v = getattr(self, key)
             if v is not None and not v > 0:
@@ -80,6 +95,17 @@ class ServerConfig:
                                   "`fedpers-server dev-certs` makes throwaway ones), or --insecure for plaintext "
                                   "on a trusted network")
 
+    def identity_policy(self) -> IdentityPolicy:
+        """Who may enroll and read the status, with the tokens read from their files or the environment
+        (the admin token falls back to <store>/admin.token, made on first start)."""
+        try:
+            enroll = self.enroll_token or secret_from(self.enroll_token_file, ENV_ENROLL_TOKEN, "enrollment token")
+            admin = self.admin_token or secret_from(self.admin_token_file, ENV_ADMIN_TOKEN, "admin token")
+            return IdentityPolicy(enroll_token=enroll, open_enrollment=self.open_enrollment,
+                                  max_devices=self.max_devices, admin_token=admin_token_for(self.store, admin))
+        except (SecretError, IdentityConfigError) as exc:
+            raise ConfigError(str(exc)) from None
+
     def server_tls(self) -> ServerTls | None:
         """The TLS side of the gRPC port, or None for plaintext (--insecure)."""
         if self.insecure or self.tls_cert is None or self.tls_key is None:
@@ -97,7 +123,8 @@ class ServerConfig:
 
 
 _FIELDS = {f.name: f for f in fields(ServerConfig)}
-_PATHS = ("model", "store", "port_file", "tls_cert", "tls_key", "tls_client_ca")
+_PATHS = ("model", "store", "port_file", "tls_cert", "tls_key", "tls_client_ca", "enroll_token_file",
+          "admin_token_file")
 
 
 def _coerce(key: str, value: Any) -> Any:

@@ -8,7 +8,8 @@ class FederationError(Exception):
 
 
 class BadToken(FederationError):
-    """Missing or wrong device id / session token, or wrong enrollment token (UNAUTHENTICATED)."""
+    """Missing or wrong device id / session token / device secret / admin token, or wrong enrollment
+    token (UNAUTHENTICATED)."""
 
 
 class StaleRound(FederationError):
@@ -41,3 +42,22 @@ class ShuttingDown(FederationError):
 
 class Busy(FederationError):
     """Every upload slot is taken; the device should retry shortly (UNAVAILABLE)."""
+
+
+# ---------------------------------------------------------------- identity (server/identity.py)
+
+
+class Revoked(FederationError):
+    """The device was revoked by an operator; it can never join again (PERMISSION_DENIED)."""
+
+
+class EnrollmentClosed(FederationError):
+    """The server takes no new devices: no enrollment token is configured (PERMISSION_DENIED)."""
+
+
+class NameTaken(FederationError):
+    """Another enrolled device has this name; names never yield an existing identity (ALREADY_EXISTS)."""
+
+
+class TooManyDevices(FederationError):
+    """The cap on enrolled devices (--max-devices) is reached (RESOURCE_EXHAUSTED)."""

@@ -32,12 +32,18 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "fedpers.v1.Federation"
 _PREFIX = f"/{SERVICE_NAME}/"
-# Calls that need no session token: enrolling, and the secret-free progress report.
-UNAUTHENTICATED_METHODS = frozenset({f"{_PREFIX}Join", f"{_PREFIX}GetStatus"})
+# Calls that need no session token: enrolling and joining (they prove a token or secret themselves).
+UNAUTHENTICATED_METHODS = frozenset({f"{_PREFIX}Enroll", f"{_PREFIX}Join"})
+# Calls an operator may make with the admin token instead of a device session.
+ADMIN_METHODS = frozenset({f"{_PREFIX}GetStatus"})
 
 # The one mapping from refusal kinds to gRPC status codes; first match wins (subclasses first).
 ERROR_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.BadToken, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.Revoked, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.EnrollmentClosed, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.NameTaken, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.TooManyDevices, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.StaleRound, grpc.StatusCode.FAILED_PRECONDITION),  # also NotSelected, StaleBase, AlreadyReported
     (wire.Oversize, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.BadUpdate, grpc.StatusCode.INVALID_ARGUMENT),  # names, shapes, dtype, NaN/Inf, norm
@@ -117,7 +123,8 @@ def _device_id(context: grpc.ServicerContext) -> int:
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
-    """Checks x-fedpers-device / x-fedpers-token on every Federation call except Join and GetStatus."""
+    """Checks x-fedpers-device / x-fedpers-token on every Federation call except Enroll and Join;
+    GetStatus also takes the admin token (x-fedpers-admin)."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
@@ -129,9 +136,14 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return handler
         md = dict(handler_call_details.invocation_metadata or ())
         try:
-            self.coordinator.authenticate(md.get(wire.DEVICE_KEY), md.get(wire.TOKEN_KEY))
-        except errors.BadToken as exc:
-            return _refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED, wire.Refusal.BAD_TOKEN, str(exc))
+            if method in ADMIN_METHODS and wire.ADMIN_KEY in md:
+                if not self.coordinator.identity.is_admin(md[wire.ADMIN_KEY]):
+                    raise errors.BadToken("wrong admin token")
+            else:
+                self.coordinator.authenticate(md.get(wire.DEVICE_KEY), md.get(wire.TOKEN_KEY))
+        except errors.FederationError as exc:
+            code = status_for(exc) or grpc.StatusCode.UNAUTHENTICATED
+            return _refusing_handler(handler, code, type(exc).__name__, str(exc))
         return handler
 
 
@@ -163,9 +175,12 @@ class FederationServicer(pb_grpc.FederationServicer):
         self._uploads = threading.BoundedSemaphore(upload_slots)
 
     @mapped_errors
+    def Enroll(self, request: pb.EnrollRequest, context: grpc.ServicerContext) -> pb.EnrollReply:
+        return wire.enroll_reply_to_proto(self.coordinator.enroll(wire.enroll_request_from_proto(request)))
+
+    @mapped_errors
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        req = wire.join_request_from_proto(request)
-        return wire.join_reply_to_proto(self.coordinator.join(req.enroll_token, req.device_name))
+        return wire.join_reply_to_proto(self.coordinator.join(wire.join_request_from_proto(request)))
 
     @mapped_errors
     def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.TaskReply:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -107,7 +108,8 @@ class Clock:
         return self.t
 
 
-def make_coordinator(store_dir, state=None, clock=None, strategy="fedavg", **policy) -> Coordinator:
+def make_coordinator(store_dir, state=None, clock=None, strategy="fedavg", identity=None, **policy) -> Coordinator:
+    """A coordinator over the fake layout; enrollment needs "enroll-me" unless `identity` says otherwise."""
     from fedpers.store import ModelStore
 
     defaults = dict(rounds=3, min_devices=2, fraction=1.0, round_timeout=60.0)
@@ -122,22 +124,38 @@ def make_coordinator(store_dir, state=None, clock=None, strategy="fedavg", **pol
         policy=RoundPolicy(**defaults),
         training=wire.TrainingConfig(local_epochs=2, batch_size=8, learning_rate=0.05, codec="fp32"),
         enroll_token="enroll-me",
+        identity=identity,
         clock=clock or Clock(),
     )
 
 
 class Device:
-    """A minimal test device speaking the protocol directly."""
+    """A minimal test device speaking the protocol directly: Enroll, then Join with the secret."""
 
-    def __init__(self, address: str, name: str, enroll: str = "enroll-me", tls: TlsConfig | None = None) -> None:
-        self.channel = open_channel(address, tls or client_tls())
+    def __init__(self, address: str, name: str, enroll: str = "enroll-me", tls: TlsConfig | None = None,
+                 credentials: tuple[int, str] | None = None) -> None:
+        """`credentials` (id, secret) of an enrolled device: join with them instead of enrolling."""
+        self.address, self.tls = address, tls or client_tls()
+        self.channel = open_channel(address, self.tls)
         self.stub = pb_grpc.FederationStub(self.channel)
-        reply = wire.join_reply_from_proto(self.stub.Join(wire.join_request_to_proto(wire.JoinRequest(enroll, name))))
-        self.id, self.token = reply.device_id, reply.session_token
+        if credentials is None:
+            request = wire.EnrollRequest(enroll, name, request_id=secrets.token_urlsafe(16))
+            reply = wire.enroll_reply_from_proto(self.stub.Enroll(wire.enroll_request_to_proto(request), timeout=10))
+            credentials = (reply.device_id, reply.device_secret)
+        self.id, self.secret = credentials
+        self.join()
+
+    def join(self) -> None:
+        req = wire.join_request_to_proto(wire.JoinRequest(self.id, self.secret))
+        self.token = wire.join_reply_from_proto(self.stub.Join(req, timeout=10)).session_token
+
+    @property
+    def credentials(self) -> tuple[int, str]:
+        return self.id, self.secret
 
     def secrets(self) -> tuple[bytes, ...]:
         """Every secret this device holds (none may ever be seen on the wire)."""
-        return (self.token.encode(),)
+        return self.token.encode(), self.secret.encode()
 
     @property
     def md(self):
@@ -145,6 +163,9 @@ class Device:
 
     def task(self) -> wire.Task:
         return wire.task_from_proto(self.stub.GetTask(pb.TaskRequest(), metadata=self.md, timeout=10))
+
+    def status(self) -> wire.Status:
+        return wire.status_from_proto(self.stub.GetStatus(pb.StatusRequest(), metadata=self.md, timeout=10))
 
     def download(self, version: int) -> dict[str, np.ndarray]:
         chunks = self.stub.DownloadModel(pb.DownloadRequest(version=version), metadata=self.md, timeout=10)

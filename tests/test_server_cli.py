@@ -27,7 +27,8 @@ def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
 
 
 class ServerProcess:
-    def __init__(self, store: Path, *extra: str) -> None:
+    def __init__(self, store: Path, *extra: str, enroll_token: str = "") -> None:
+        """fedpers-server on a free port with TLS; the enrollment token travels in its environment."""
         self.port_file = store / "port"
         self.port_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
@@ -35,6 +36,7 @@ class ServerProcess:
              "--listen", "127.0.0.1:0", "--port-file", str(self.port_file), "--personal-layers", "output",
              *server_tls_args(), *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, FEDPERS_ENROLL_TOKEN=enroll_token),
         )
         deadline = time.monotonic() + 60
         while not self.port_file.exists():
@@ -68,7 +70,8 @@ def _fp32_update(task: wire.Task, shapes: dict[str, tuple[int, ...]], seed: int)
 
 @pytest.mark.slow
 def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path, "--rounds", "2", "--min-devices", "1", "--enroll-token", "t0k")
+    server = ServerProcess(tmp_path, "--rounds", "2", "--min-devices", "1", enroll_token="t0k")
+    admin = ("--admin-token-file", str(tmp_path / "admin.token"))
     try:
         health = _cli("health", "--address", server.address, *client_tls_args())
         assert health.returncode == 0 and "SERVING" in health.stdout
@@ -82,12 +85,15 @@ def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
         assert "output.weight" not in base  # personal: never served
         shapes = {k: v.shape for k, v in base.items()}
         assert dev.upload(_fp32_update(task, shapes, 1)).accepted
-        status = json.loads(_cli("status", "--address", server.address, "--json", *client_tls_args()).stdout)
+        status = json.loads(_cli("status", "--address", server.address, "--json", *admin, *client_tls_args()).stdout)
         assert status["version"] == 1 and status["rounds_completed"] == 1 and status["rounds_target"] == 2
-        table = _cli("status", "--address", server.address, *client_tls_args())
+        table = _cli("status", "--address", server.address, *admin, *client_tls_args())
         assert table.returncode == 0 and "rounds 1/2" in table.stdout
+        no_admin = _cli("status", "--address", server.address, *client_tls_args())
+        assert no_admin.returncode == 2 and "admin token" in no_admin.stderr
         dev.task()  # round 2 opens; SIGTERM abandons it
         dev.close()
+        credentials = dev.credentials
         code, out = server.terminate()
         assert code == 0, out
         assert "round 2 abandoned: server stopping" in out and "stopped at version 1" in out
@@ -106,9 +112,9 @@ def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
     for name in stored:
         assert b"output" not in (tmp_path / "models" / name).read_bytes()
 
-    server = ServerProcess(tmp_path, "--rounds", "2", "--min-devices", "1", "--enroll-token", "t0k")
+    server = ServerProcess(tmp_path, "--rounds", "2", "--min-devices", "1")  # enrollment closed now
     try:
-        dev = Device(server.address, "d1", enroll="t0k")
+        dev = Device(server.address, "d1", credentials=credentials)  # an enrolled device needs no token
         task = dev.task()
         assert task.base_version == 1
         assert dev.upload(_fp32_update(task, shapes, 2)).accepted

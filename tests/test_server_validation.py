@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 from fedpers import codec, wire
 from fedpers.rpc import federation_pb2 as pb
-from fedpers.rpc import federation_pb2_grpc as pb_grpc
 from fedpers.server import app
 from fedpers.server import state as st
 from fedpers.server.config import ServerConfig
@@ -176,8 +175,11 @@ def test_wrong_token_is_unauthenticated_on_every_call(fed) -> None:
     ]
     for call in calls:
         _refused(call, Code.UNAUTHENTICATED, "BadToken", wire.Refusal.BAD_TOKEN)
-    _refused(lambda: a.stub.Join(pb.JoinRequest(enroll_token="wrong"), timeout=10), Code.UNAUTHENTICATED,
-             "enrollment")
+    _refused(lambda: a.stub.Enroll(pb.EnrollRequest(enroll_token="wrong", request_id="r" * 16), timeout=10),
+             Code.UNAUTHENTICATED, "enrollment")
+    _refused(lambda: a.stub.Join(pb.JoinRequest(device_id=a.id, device_secret="not-the-secret"), timeout=10),
+             Code.UNAUTHENTICATED, "wrong device secret")
+    _refused(lambda: a.stub.GetStatus(pb.StatusRequest(), timeout=10), Code.UNAUTHENTICATED, "BadToken")
     _assert_unchanged(running.coordinator, snap, task.round_id)
 
 
@@ -199,8 +201,7 @@ def test_download_status_health_and_a_full_round(fed) -> None:
     v1 = a.download(1)
     for k in LAYOUT.shared:
         np.testing.assert_allclose(v1[k], v0[k] + (5 * d1[k].astype(np.float64) + 15 * d2[k]) / 20, rtol=1e-5)
-    stub = pb_grpc.FederationStub(a.channel)
-    status = wire.status_from_proto(stub.GetStatus(pb.StatusRequest(), timeout=10))  # no token needed
+    status = a.status()  # a device session (or the admin token) is needed
     assert status.version == 1 and status.rounds_completed == 1 and status.devices_joined == 2
     assert status.rounds[0].state == "closed" and status.rounds[0].metrics["accuracy"] == pytest.approx(0.625)
     health = health_pb2_grpc.HealthStub(a.channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
@@ -229,8 +230,8 @@ def test_restart_continues_from_the_last_version(tmp_path: Path) -> None:
     running.stop(grace=1)
     running2 = start()
     try:
-        dev = Device(running2.address, "solo")
-        status = wire.status_from_proto(dev.stub.GetStatus(pb.StatusRequest(), timeout=10))
+        dev = Device(running2.address, "solo", credentials=dev.credentials)  # the same device, by its secret
+        status = dev.status()
         assert status.version == 2 and status.rounds_completed == 2
         assert running2.coordinator.optimizer.t == adam_t == 2
         t = dev.task()
@@ -285,7 +286,7 @@ def test_a_slow_upload_leaves_a_thread_for_everything_else(tmp_path: Path) -> No
                 break
         else:
             raise AssertionError("the second upload was not refused while the first held the only slot")
-        assert b.stub.GetStatus(pb.StatusRequest(), timeout=5).current_round == task.round_id
+        assert b.status().current_round == task.round_id
         assert b.task().round_id == task.round_id
         release.set()
         t.join(10)
