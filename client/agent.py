@@ -44,7 +44,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# CANCELLED: a stream the server cut for stalling (this agent never cancels its own calls).
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
+# Refusals that waiting cures: the server's rate and stream limits, which carry a retry hint.
+RETRYABLE_REFUSALS = frozenset({wire.Refusal.RATE_LIMITED, wire.Refusal.TOO_MANY_STREAMS})
 RPC_TIMEOUT = 60.0
 MODEL_FILE = "model.ini"
 
@@ -163,8 +166,9 @@ class Agent:
             raise Stopped
 
     def _retry(self, what: str, call: Callable[[], T]) -> T:
-        """Run an RPC; on UNAVAILABLE/DEADLINE_EXCEEDED back off (capped, with jitter) and try again for
-        up to retry_seconds; on UNAUTHENTICATED join again once."""
+        """Run an RPC; on UNAVAILABLE/DEADLINE_EXCEEDED, a stream the server cut (CANCELLED) or a rate or
+        stream limit (RESOURCE_EXHAUSTED with a retry hint) back off (capped, with jitter, at least the
+        server's hint) and try again for up to retry_seconds; on UNAUTHENTICATED join again once."""
         backoff = Backoff(self.cfg.backoff_initial, self.cfg.backoff_max, rng=self._rng)
         first_failure: float | None = None
         rejoined = False
@@ -185,14 +189,14 @@ class Agent:
                     rejoined = True
                     self.join()
                     continue
-                if code not in RETRYABLE:
+                if code not in RETRYABLE and wire.refusal_of(exc) not in RETRYABLE_REFUSALS:
                     raise
                 now = time.monotonic()
                 first_failure = first_failure or now
                 if now - first_failure > self.cfg.retry_seconds:
                     raise AgentError(f"{what}: server {self.cfg.server} unreachable for {self.cfg.retry_seconds:.0f}s "
                                      f"({code.name}: {exc.details()})") from None
-                delay = backoff.next()
+                delay = backoff.next(wire.retry_after_of(exc))
                 hint = " (plaintext: if the server uses TLS, drop --insecure and give --tls-ca)" \
                     if self.cfg.tls.insecure and "Socket closed" in (exc.details() or "") else ""
                 log.info("%s: %s (%s)%s; retrying in %.2fs", what, code.name, exc.details(), hint, delay)

@@ -566,10 +566,28 @@ def update_header_to_proto(h: UpdateHeader) -> pb.UpdateHeader:
     return msg
 
 
+def check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """A device's metrics within the limits: at most MAX_METRICS keys of METRIC_KEY_PATTERN, finite values
+    within +-MAX_METRIC_ABS (NaN/Inf values are left for the server to drop, as a diverged loss can be)."""
+    if len(metrics) > MAX_METRICS:
+        raise MalformedMessage(f"{len(metrics)} metrics; at most {MAX_METRICS} are accepted")
+    for key, value in metrics.items():
+        if not METRIC_KEY_PATTERN.fullmatch(key):
+            shown = key[:MAX_METRIC_KEY_CHARS].encode("unicode_escape").decode()
+            raise MalformedMessage(f"metric key {shown!r} ({len(key)} characters) must be 1-{MAX_METRIC_KEY_CHARS} "
+                                   "of A-Z a-z 0-9 _ . : / -")
+        if math.isfinite(value) and abs(value) > MAX_METRIC_ABS:
+            raise MalformedMessage(f"metric {key!r} = {value:g} is beyond +-{MAX_METRIC_ABS:g}")
+    return dict(metrics)
+
+
 def update_header_from_proto(m: pb.UpdateHeader) -> UpdateHeader:
+    """The header of an upload, refusing metrics or a codec name beyond the field limits."""
+    if len(m.codec) > MAX_CODEC_CHARS:
+        raise MalformedMessage(f"codec name of {len(m.codec)} characters; at most {MAX_CODEC_CHARS}")
     return UpdateHeader(round_id=m.round_id, base_version=m.base_version, num_examples=m.num_examples,
                         total_size=m.total_size, sha256=bytes(m.sha256), codec=m.codec,
-                        metrics=metrics_from_proto(m.metrics))
+                        metrics=check_metrics(metrics_from_proto(m.metrics)))
 
 
 def upload_messages(header: UpdateHeader, blob: bytes, chunk_size: int = CHUNK_SIZE) -> Iterator[pb.UploadMessage]:

@@ -66,6 +66,14 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--workers", type=int, help="gRPC handler threads; bounds concurrent uploads and memory (default 4)")
     a("--retry-after", type=float, help="seconds a waiting device is told to wait (default 0.5)")
     a("--port-file", help="write the bound port to this file once serving")
+    a("--stream-idle-timeout", type=float, metavar="S",
+      help="cut an upload/download that sends nothing for S seconds (default 20)")
+    a("--stream-min-rate", type=float, metavar="BYTES",
+      help="cut an upload/download averaging fewer bytes/s once --stream-idle-timeout has passed (default 4096)")
+    a("--streams-per-device", type=int, metavar="N", help="concurrent uploads/downloads per device (default 2)")
+    a("--rate-scale", type=float, metavar="X",
+      help="multiply every per-device call rate and burst (GetTask, GetStatus, DownloadModel, UploadUpdate, Join; "
+           "default 1; 0 turns the call-rate limits off)")
     a("--metrics-listen", metavar="HOST:PORT",
       help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free port; default: off)")
     a("--grace", type=float, default=5.0, help="seconds in-flight calls get on SIGTERM/SIGINT (default 5)")

@@ -103,7 +103,8 @@ def start(cfg: ServerConfig, coordinator: Coordinator | None = None) -> RunningS
     coord = coordinator or build_coordinator(cfg)
     metrics = ServerMetrics.create(coord) if cfg.metrics_listen else None
     tls = cfg.server_tls()
-    server, port, health_servicer = build_server(coord, cfg.listen, cfg.workers, metrics=metrics, tls=tls)
+    server, port, health_servicer = build_server(coord, cfg.listen, cfg.workers, metrics=metrics, tls=tls,
+                                                 limits=cfg.limits_policy())
     if tls is None:
         log.warning("serving PLAINTEXT on %s (--insecure): enrollment tokens, session tokens and updates travel "
                     "unencrypted; use this only on a trusted loopback", cfg.listen)

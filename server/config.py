@@ -16,6 +16,7 @@ from fedpers.server.identity import (
     IdentityPolicy,
     admin_token_for,
 )
+from fedpers.server.limits import LimitsPolicy
 from fedpers.server.rounds import PolicyError, RoundPolicy
 from fedpers.strategies import STRATEGIES
 from fedpers.tls import ServerTls
@@ -61,6 +62,10 @@ class ServerConfig:
     tls_key: Path | None = None  # its private key (PEM)
     tls_client_ca: Path | None = None  # require client certificates signed by this CA (mutual TLS)
     insecure: bool = False  # plaintext: the only way to run without --tls-cert/--tls-key
+    stream_idle_timeout: float = 20.0  # an upload/download that sends nothing this long is cut
+    stream_min_rate: float = 4096.0  # ... or that averages fewer bytes/s once stream_idle_timeout has passed
+    streams_per_device: int = 2  # concurrent uploads/downloads of one device
+    rate_scale: float = 1.0  # multiplies every per-caller call rate and burst (server/limits.py); 0: none
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -72,6 +77,13 @@ class ServerConfig:
             raise bad("workers", f"must be >= 1, got {self.workers}")
         if self.max_devices < 1:
             raise bad("max_devices", f"must be >= 1, got {self.max_devices}")
+        if self.rate_scale < 0:
+            raise bad("rate_scale", f"must be >= 0, got {self.rate_scale}")
+        if self.streams_per_device < 1:
+            raise bad("streams_per_device", f"must be >= 1, got {self.streams_per_device}")
+        if not self.stream_idle_timeout > 0 or self.stream_min_rate < 0:
+            raise bad("stream_idle_timeout", f"must be > 0 (and stream_min_rate >= 0), got {self.stream_idle_timeout} "
+                                             f"and {self.stream_min_rate}")
         for key in ("server_lr", "clip_norm", "max_update_mb", "learning_rate"):
             v = getattr(self, key)
             if v is not None and not v > 0:
@@ -105,6 +117,11 @@ class ServerConfig:
                                   max_devices=self.max_devices, admin_token=admin_token_for(self.store, admin))
         except (SecretError, IdentityConfigError) as exc:
             raise ConfigError(str(exc)) from None
+
+    def limits_policy(self) -> LimitsPolicy:
+        """Per-caller rates, streams and stall limits (server/limits.py)."""
+        return LimitsPolicy.for_server(self.retry_after, self.rate_scale, streams_per_device=self.streams_per_device,
+                                       idle_timeout=self.stream_idle_timeout, min_rate=self.stream_min_rate)
 
     def server_tls(self) -> ServerTls | None:
         """The TLS side of the gRPC port, or None for plaintext (--insecure)."""

@@ -40,7 +40,16 @@ class ShuttingDown(FederationError):
     """The server is stopping and takes no more work (UNAVAILABLE)."""
 
 
-class Busy(FederationError):
+class RetryLater(FederationError):
+    """A refusal that retrying after `retry_after` seconds can cure; the hint travels in the trailing
+    metadata (x-fedpers-retry-after) and the agent waits at least that long."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Busy(RetryLater):
     """Every upload slot is taken; the device should retry shortly (UNAVAILABLE)."""
 
 
@@ -61,3 +70,19 @@ class NameTaken(FederationError):
 
 class TooManyDevices(FederationError):
     """The cap on enrolled devices (--max-devices) is reached (RESOURCE_EXHAUSTED)."""
+
+
+# ---------------------------------------------------------------- limits (server/limits.py)
+
+
+class RateLimited(RetryLater):
+    """The caller exceeded its call rate for this method (RESOURCE_EXHAUSTED, with a retry hint)."""
+
+
+class TooManyStreams(RetryLater):
+    """The device already has its maximum of uploads/downloads open (RESOURCE_EXHAUSTED, with a retry hint)."""
+
+
+class StreamCut(FederationError):
+    """An upload stream ended early: cancelled by the device, the connection lost, or cut by the server
+    for sending nothing or too slowly (CANCELLED; logged at INFO, not an error of the server)."""

@@ -318,6 +318,12 @@ class Coordinator:
             raise wire.Oversize(f"update of {header.total_size} bytes exceeds the limit of {self.max_update_bytes}")
         return r
 
+    def check_upload(self, device_id: int, header: wire.UpdateHeader) -> None:
+        """Refuse an upload from its header alone (round, selection, base, sizes), before the
+        transport commits an upload slot to it; accept_update checks again."""
+        with self._lock:
+            self._check_upload(device_id, header, self.clock())
+
     def accept_update(self, device_id: int, header: wire.UpdateHeader, chunks: Iterable) -> wire.UploadReply:
         """Check the header, receive and verify the blob, decode and validate the delta, then (under
         the lock, inside one state transaction) record it and fold it into the aggregate."""

@@ -1,8 +1,10 @@
 """The gRPC transport: an auth interceptor, a thin servicer and ONE table from errors to status codes.
 
 Each RPC decodes its request through common.wire, calls the round coordinator and encodes the
-reply. Known refusals become a status code with a message naming the problem; anything else is
-logged and reported as INTERNAL.
+reply. Known refusals become a status code with a message naming the problem (and a retry hint
+when waiting helps); anything else is logged and reported as INTERNAL. The interceptor also
+applies the per-caller call rates, and the streaming calls the per-device stream limit and the
+watchdog of server/limits.py.
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from typing import Any
 
 import grpc
 from fedpers import codec, wire
+from fedpers.logsafe import clip
 from fedpers.rpc import federation_pb2 as pb
 from fedpers.rpc import federation_pb2_grpc as pb_grpc
 from fedpers.server import errors
 from fedpers.server.aggregate import AggregationError
+from fedpers.server.limits import Limits, LimitsPolicy
 from fedpers.server.metrics import ServerMetrics
 from fedpers.server.rounds import Coordinator
 from fedpers.store import MissingVersion
@@ -54,6 +58,9 @@ ERROR_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (MissingVersion, grpc.StatusCode.NOT_FOUND),
     (errors.ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (errors.Busy, grpc.StatusCode.UNAVAILABLE),
+    (errors.RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.TooManyStreams, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.StreamCut, grpc.StatusCode.CANCELLED),  # the caller went away or was cut: INFO, not an error
 )
 
 # Every message is at most one chunk (1 MiB) plus framing; refuse anything larger at the transport.
@@ -74,16 +81,20 @@ def _abort(context: grpc.ServicerContext, exc: Exception, metrics: ServerMetrics
         if metrics is not None:
             metrics.errors.labels(method).inc()
         context.abort(grpc.StatusCode.INTERNAL, f"internal server error ({type(exc).__name__})")
-    log.info("refused with %s: %s", code.name, exc)
+    log.info("%s refused with %s: %s", method, code.name, clip(exc))  # the message may quote the caller
     if metrics is not None:
         metrics.refusals.labels(method, type(exc).__name__).inc()
-    _refuse(context, code, type(exc).__name__, str(exc))
+    _refuse(context, code, type(exc).__name__, str(exc), getattr(exc, "retry_after", None))
 
 
-def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, kind: str, message: str) -> None:
-    """Abort with `code`, the message "Kind: message" and the kind as trailing metadata."""
-    context.set_trailing_metadata(wire.refusal_metadata(kind))
-    context.abort(code, f"{kind}: {message}")
+MAX_DETAILS_CHARS = 2000  # a refusal message quoting the caller's input stays short
+
+
+def _refuse(context: grpc.ServicerContext, code: grpc.StatusCode, kind: str, message: str,
+            retry_after: float | None = None) -> None:
+    """Abort with `code`, the message "Kind: message", the kind (and a retry hint) as trailing metadata."""
+    context.set_trailing_metadata(wire.refusal_metadata(kind, retry_after))
+    context.abort(code, f"{kind}: {message[:MAX_DETAILS_CHARS]}")
 
 
 def mapped_errors(fn: Callable) -> Callable:
@@ -124,10 +135,12 @@ def _device_id(context: grpc.ServicerContext) -> int:
 
 class AuthInterceptor(grpc.ServerInterceptor):
     """Checks x-fedpers-device / x-fedpers-token on every Federation call except Enroll and Join;
-    GetStatus also takes the admin token (x-fedpers-admin)."""
+    GetStatus also takes the admin token (x-fedpers-admin). Then spends one call of the caller's
+    rate for the method (RESOURCE_EXHAUSTED with a retry hint when none is left)."""
 
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, limits: Limits | None = None) -> None:
         self.coordinator = coordinator
+        self.limits = limits or Limits()
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -135,22 +148,25 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None or not method.startswith(_PREFIX) or method in UNAUTHENTICATED_METHODS:
             return handler
         md = dict(handler_call_details.invocation_metadata or ())
+        name = method[len(_PREFIX):]
         try:
             if method in ADMIN_METHODS and wire.ADMIN_KEY in md:
                 if not self.coordinator.identity.is_admin(md[wire.ADMIN_KEY]):
                     raise errors.BadToken("wrong admin token")
+                self.limits.rates.take("admin", f"admin:{name}")
             else:
-                self.coordinator.authenticate(md.get(wire.DEVICE_KEY), md.get(wire.TOKEN_KEY))
+                device_id = self.coordinator.authenticate(md.get(wire.DEVICE_KEY), md.get(wire.TOKEN_KEY))
+                self.limits.rates.take(device_id, name)
         except errors.FederationError as exc:
             code = status_for(exc) or grpc.StatusCode.UNAUTHENTICATED
-            return _refusing_handler(handler, code, type(exc).__name__, str(exc))
+            return _refusing_handler(handler, code, type(exc).__name__, str(exc), getattr(exc, "retry_after", None))
         return handler
 
 
-def _refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, kind: str,
-                      message: str) -> grpc.RpcMethodHandler:
+def _refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, kind: str, message: str,
+                      retry_after: float | None = None) -> grpc.RpcMethodHandler:
     def refuse(request: Any, context: grpc.ServicerContext) -> None:
-        _refuse(context, code, kind, message)
+        _refuse(context, code, kind, message, retry_after)
 
     kinds = {
         (False, False): grpc.unary_unary_rpc_method_handler,
@@ -166,9 +182,11 @@ def _refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, kin
 class FederationServicer(pb_grpc.FederationServicer):
     """fedpers.v1.Federation: decode, call the coordinator, encode."""
 
-    def __init__(self, coordinator: Coordinator, upload_slots: int = 3, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, coordinator: Coordinator, upload_slots: int = 3, metrics: ServerMetrics | None = None,
+                 limits: Limits | None = None) -> None:
         self.coordinator = coordinator
         self.metrics = metrics
+        self.limits = limits or Limits()
         # Uploads may take fewer handler threads than there are, so slow uploaders never leave
         # GetTask, GetStatus and downloads waiting; a device refused here retries with backoff.
         self.upload_slots = upload_slots
@@ -180,7 +198,9 @@ class FederationServicer(pb_grpc.FederationServicer):
 
     @mapped_errors
     def Join(self, request: pb.JoinRequest, context: grpc.ServicerContext) -> pb.JoinReply:
-        return wire.join_reply_to_proto(self.coordinator.join(wire.join_request_from_proto(request)))
+        req = wire.join_request_from_proto(request)
+        self.limits.rates.take(req.device_id, "Join")  # every Join writes the database
+        return wire.join_reply_to_proto(self.coordinator.join(req))
 
     @mapped_errors
     def GetTask(self, request: pb.TaskRequest, context: grpc.ServicerContext) -> pb.TaskReply:
@@ -189,28 +209,38 @@ class FederationServicer(pb_grpc.FederationServicer):
     @mapped_errors
     def DownloadModel(self, request: pb.DownloadRequest, context: grpc.ServicerContext):
         req = wire.download_request_from_proto(request)
-        blob = self.coordinator.model_blob(req.version)
-        if not 0 <= req.offset <= len(blob):
-            raise wire.MalformedMessage(f"offset {req.offset} is outside version {req.version} ({len(blob)} bytes)")
-        for chunk in wire.chunk_blob(blob, start=req.offset):
-            yield chunk
-            if self.metrics is not None:
-                self.metrics.download_bytes.inc(len(chunk.data))
+        device_id = _device_id(context)
+        what = f"download of v{req.version} by device {device_id}"
+        with self.limits.streams.enter(device_id, what), self.limits.watchdog.watch(context, what) as watched:
+            blob = self.coordinator.model_blob(req.version)
+            if not 0 <= req.offset <= len(blob):
+                raise wire.MalformedMessage(f"offset {req.offset} is outside version {req.version} "
+                                            f"({len(blob)} bytes)")
+            for chunk in wire.chunk_blob(blob, start=req.offset):
+                yield chunk  # returns once gRPC has sent it: a caller that stops reading stalls here
+                watched.progress(len(chunk.data), self.limits.watchdog.clock())
+                if self.metrics is not None:
+                    self.metrics.download_bytes.inc(len(chunk.data))
 
     @mapped_errors
     def UploadUpdate(self, request_iterator, context: grpc.ServicerContext) -> pb.UploadReply:
         device_id = _device_id(context)
-        if not self._uploads.acquire(blocking=False):
-            raise errors.Busy(f"all {self.upload_slots} upload slots are in use; retry shortly")
-        try:
-            header, chunks = wire.split_upload(request_iterator)
-            reply = self.coordinator.accept_update(device_id, header, chunks)
-            if self.metrics is not None:
-                self.metrics.updates_accepted.inc()
-                self.metrics.upload_bytes.inc(header.total_size)
-            return wire.upload_reply_to_proto(reply)
-        finally:
-            self._uploads.release()
+        what = f"upload from device {device_id}"
+        with self.limits.streams.enter(device_id, what), self.limits.watchdog.watch(context, what) as watched:
+            messages = self.limits.watchdog.iterate(watched, request_iterator, lambda m: m.ByteSize())
+            # an upload slot is taken only for a valid header of an authenticated, selected device
+            header, chunks = wire.split_upload(messages)
+            self.coordinator.check_upload(device_id, header)
+            if not self._uploads.acquire(blocking=False):
+                raise errors.Busy(f"all {self.upload_slots} upload slots are in use; retry shortly", retry_after=0.5)
+            try:
+                reply = self.coordinator.accept_update(device_id, header, chunks)
+                if self.metrics is not None:
+                    self.metrics.updates_accepted.inc()
+                    self.metrics.upload_bytes.inc(header.total_size)
+                return wire.upload_reply_to_proto(reply)
+            finally:
+                self._uploads.release()
 
     @mapped_errors
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
@@ -218,13 +248,15 @@ class FederationServicer(pb_grpc.FederationServicer):
 
 
 def build_server(coordinator: Coordinator, listen: str, workers: int = 4, metrics: ServerMetrics | None = None,
-                 tls: ServerTls | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
+                 tls: ServerTls | None = None,
+                 limits: LimitsPolicy | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A gRPC server with the Federation and grpc.health.v1 services, bound to `listen` with TLS
     (plaintext when `tls` is None: the caller decided so explicitly) (port 0 picks a free port);
     returns (server, bound port, health servicer). Not started."""
+    shared_limits = Limits(limits)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedpers-rpc"),
-        interceptors=[AuthInterceptor(coordinator)],
+        interceptors=[AuthInterceptor(coordinator, shared_limits)],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -234,7 +266,8 @@ def build_server(coordinator: Coordinator, listen: str, workers: int = 4, metric
             ("grpc.experimental.tcp_read_chunk_size", 64 << 10),
         ],
     )
-    servicer = FederationServicer(coordinator, upload_slots=max(1, workers - 1), metrics=metrics)
+    servicer = FederationServicer(coordinator, upload_slots=max(1, workers - 1), metrics=metrics,
+                                  limits=shared_limits)
     pb_grpc.add_FederationServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -38,7 +38,8 @@ def fed(tmp_path: Path):
     """A running server (fake 2-tensor model, min 2 devices) with two devices in an open round."""
     coord = make_coordinator(tmp_path, min_devices=2, rounds=2, max_update_bytes=64 << 10, round_timeout=600,
                              clock=__import__("time").time)
-    running = app.start(_cfg(tmp_path, round_timeout=600), coordinator=coord)
+    # the bad uploads below come faster than the per-device upload rate allows (tests/test_limits.py)
+    running = app.start(_cfg(tmp_path, round_timeout=600, rate_scale=10), coordinator=coord)
     a, b = Device(running.address, "a"), Device(running.address, "b")
     assert a.task().kind == wire.TaskKind.WAIT
     task = b.task()
