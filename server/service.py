@@ -145,7 +145,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.startswith(_PREFIX) or method in UNAUTHENTICATED_METHODS:
+        if handler is None or not method.startswith(_PREFIX):
+            return handler
+        handler = _tolerant(handler)
+        if method in UNAUTHENTICATED_METHODS:
             return handler
         md = dict(handler_call_details.invocation_metadata or ())
         name = method[len(_PREFIX):]
@@ -161,6 +164,54 @@ class AuthInterceptor(grpc.ServerInterceptor):
             code = status_for(exc) or grpc.StatusCode.UNAUTHENTICATED
             return _refusing_handler(handler, code, type(exc).__name__, str(exc), getattr(exc, "retry_after", None))
         return handler
+
+
+class Undecodable:
+    """A request whose bytes do not parse as the method's protobuf message."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """The handler with a deserializer that never raises: bytes that are not the expected message
+    become INVALID_ARGUMENT (MalformedMessage) in the servicer's table, instead of gRPC's own
+    INTERNAL "Exception deserializing request!" and an ERROR with a traceback in the log."""
+    deserialize = handler.request_deserializer
+    if deserialize is None:
+        return handler
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # noqa: BLE001 - DecodeError and friends: whatever the bytes were
+            return Undecodable(f"{len(data)} bytes that are not a valid request message ({type(exc).__name__})")
+
+    if handler.request_streaming:
+        behavior = handler.stream_unary or handler.stream_stream
+        field = "stream_unary" if handler.stream_unary else "stream_stream"
+
+        def decoded(requests: Any) -> Any:
+            for request in requests:
+                if isinstance(request, Undecodable):
+                    raise wire.MalformedMessage(f"a stream message: {request.reason}")
+                yield request
+
+        def stream_behavior(requests: Any, context: grpc.ServicerContext) -> Any:
+            return behavior(decoded(requests), context)
+
+        return handler._replace(request_deserializer=parse, **{field: stream_behavior})
+
+    behavior = handler.unary_unary or handler.unary_stream
+    field = "unary_unary" if handler.unary_unary else "unary_stream"
+
+    def unary_behavior(request: Any, context: grpc.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            log.info("refused with INVALID_ARGUMENT: %s", request.reason)
+            _refuse(context, grpc.StatusCode.INVALID_ARGUMENT, wire.Refusal.MALFORMED_MESSAGE, request.reason)
+        return behavior(request, context)
+
+    return handler._replace(request_deserializer=parse, **{field: unary_behavior})
 
 
 def _refusing_handler(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, kind: str, message: str,
