@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -70,6 +71,7 @@ def _fp32_update(task: wire.Task, shapes: dict[str, tuple[int, ...]], seed: int)
 
 @pytest.mark.slow
 def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)  # as `mkdir store` leaves it: the server makes it 0700
     server = ServerProcess(tmp_path, "--rounds", "2", "--min-devices", "1", enroll_token="t0k")
     admin = ("--admin-token-file", str(tmp_path / "admin.token"))
     try:
@@ -101,6 +103,11 @@ def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
         server.kill()
     stored = sorted(os.listdir(tmp_path / "models"))
     assert stored == ["v000000000000.fpst", "v000000000001.fpst"]
+    # the store is the server's alone: it names devices, holds credential hashes and the admin token
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path, tmp_path / "models")}
+    modes |= {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "state.sqlite", tmp_path / "admin.token",
+                                                               *(tmp_path / "models").iterdir()]}
+    assert set(modes.values()) <= {0o700, 0o600} and modes["state.sqlite"] == 0o600, modes
     # what the stopped server left, read offline (read only: the database file is not touched)
     db_before = (tmp_path / "state.sqlite").read_bytes()
     offline = wire.status_from_json(_cli("status", "--store", str(tmp_path), "--json").stdout)
