@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -208,19 +209,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def get_status(address: str, timeout: float = 3.0) -> Any | None:
-    """GetStatus over the published port -> common.wire.Status, or None while it does not answer."""
+def get_status(address: str, timeout: float = 3.0, tls: Any = None, admin_token: str = "") -> Any | None:
+    """GetStatus over the published port (TLS, admin token) -> common.wire.Status, or None while it does not answer."""
     import grpc
-    from fedpers import wire
-    from fedpers.rpc import federation_pb2 as pb
-    from fedpers.rpc import federation_pb2_grpc as pb_grpc
+    from fedpers.stub import get_status as status_of
 
     try:
-        with grpc.insecure_channel(address) as channel:
-            reply = pb_grpc.FederationStub(channel).GetStatus(pb.StatusRequest(), timeout=timeout)
+        return status_of(address, tls=tls, admin_token=admin_token, timeout=timeout)
     except grpc.RpcError:
         return None
-    return wire.status_from_proto(reply)
 
 
 def parse_size(text: str) -> int:
@@ -336,8 +333,11 @@ class Fleet:
         self.rounds = rounds
         self.keep_image = keep_image
         self.address = f"127.0.0.1:{self.port}"
+        self.admin_token = secrets.token_urlsafe(24)  # the server's, for GetStatus (compose passes it on)
+        self.tls: Any = None  # trusting the fleet's throwaway CA, once `up` made it
         self.env = dict(os.environ, FEDPERS_IMAGE=self.image, FEDPERS_PORT=str(self.port),
-                        FEDPERS_ROUNDS=str(rounds), COMPOSE_PROJECT_NAME=self.project)
+                        FEDPERS_ROUNDS=str(rounds), COMPOSE_PROJECT_NAME=self.project,
+                        FEDPERS_ADMIN_TOKEN=self.admin_token)
         self._built = False
         self._extra_containers: list[str] = []
 
@@ -477,6 +477,11 @@ class Fleet:
         if leftovers:
             raise FleetError(f"project {self.project} is not clean: {sorted(set(leftovers.values()))}")
         self.compose("up", "-d", "--no-build", timeout=600)
+        from fedpers.tls import TlsConfig  # the CA the one-shot certs step made, to reach the server over TLS
+
+        ca = Path(tempfile.mkdtemp(prefix="fedpers-fleet-ca-")) / "ca.pem"
+        run(["docker", "cp", f"{self.container_id('certs')}:/var/lib/fedpers/tls/ca.pem", str(ca)])
+        self.tls = TlsConfig(ca=ca)
 
     def server_health(self) -> str:
         data = self.inspect(self.container_id("server"))
@@ -485,7 +490,7 @@ class Fleet:
     def wait_status(self, predicate: Callable[[Any], bool], what: str, timeout: float,
                     seen: list[int] | None = None) -> Any:
         def probe() -> Any:
-            status = get_status(self.address)
+            status = get_status(self.address, tls=self.tls, admin_token=self.admin_token)
             if status is not None and seen is not None and (not seen or seen[-1] != status.version):
                 seen.append(status.version)
             return status if status is not None and predicate(status) else None
