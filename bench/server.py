@@ -83,15 +83,16 @@ def run_device(address: str, tls: TlsConfig, name: str, blob: bytes, digest: byt
                     continue
                 hdr = wire.UpdateHeader(task.round_id, task.base_version, 100, len(blob), digest, "fp32")
                 backoff = Backoff(initial=0.05, maximum=1.0)
-                while True:  # like the agent: UNAVAILABLE (all upload slots busy) means retry with backoff
+                while True:  # like the agent: busy slots (UNAVAILABLE) or a rate limit mean retry with backoff
                     try:
                         client.upload(hdr, blob, timeout=120)
                         break
                     except grpc.RpcError as exc:
-                        if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                        limited = wire.refusal_of(exc) is wire.Refusal.RATE_LIMITED
+                        if (exc.code() != grpc.StatusCode.UNAVAILABLE and not limited) or time.monotonic() > deadline:
                             raise
                         out.busy += 1
-                        time.sleep(backoff.next())
+                        time.sleep(backoff.next(wire.retry_after_of(exc)))
                 upload_times.append(time.monotonic())
                 out.uploads += 1
                 done_round = task.round_id
