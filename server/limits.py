@@ -117,6 +117,11 @@ class StreamGate:
                     del self._open[device_id]
 
 
+def _active(context: Any) -> bool:
+    is_active = getattr(context, "is_active", None)
+    return bool(is_active()) if callable(is_active) else True
+
+
 class Watched:
     """One watched stream: progress is reported as messages pass; `cut` says why it was ended."""
 
@@ -164,8 +169,9 @@ class Watchdog:
             try:
                 msg = next(it)
             except StopIteration:
-                if w.cut:
-                    raise StreamCut(f"{w.what} cut: {w.cut}") from None
+                if w.cut or not _active(w.context):  # (a cancel can also end the stream this way)
+                    raise StreamCut(f"{w.what} cut: {w.cut or 'cancelled by the caller or the connection was lost'}"
+                                    ) from None
                 return
             except Exception as exc:  # noqa: BLE001 - grpc.RpcError of a cancelled or broken stream
                 if type(exc).__module__.startswith("grpc") or w.cut:

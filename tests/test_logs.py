@@ -67,10 +67,12 @@ def test_a_cancelled_upload_is_info_not_error(fed) -> None:
     time.sleep(0.3)
     call.cancel()
     deadline = time.monotonic() + 5
-    while "cut" not in log.getvalue()[before:] and time.monotonic() < deadline:
+    while "UploadUpdate refused" not in log.getvalue()[before:] and time.monotonic() < deadline:
         time.sleep(0.05)
     text = log.getvalue()[before:]
-    assert "upload from device" in text and "cancelled by the caller" in text, text
+    # gRPC ends a cancelled stream either with an error or (racing the cancel) as a short stream
+    assert "INFO fedpers.server.service: UploadUpdate refused with" in text, text
+    assert "cancelled by the caller" in text or "the stream ended after" in text, text
     assert "ERROR" not in text and "Traceback" not in text, text
     assert running.coordinator.aggregator.count == 0
     blob = update_blob(random_delta(2))  # the same device then uploads normally
