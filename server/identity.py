@@ -188,9 +188,21 @@ class Identity:
             known = dev.session_hash
             with self._lock:
                 self._sessions[did] = known
-        if not verify_secret(token, known):
+        if not verify_secret(token, known) and not self._newer_session(did, known, token):
             raise BadToken(f"wrong or expired session token for device {did}; Join again")
         return did
+
+    def _newer_session(self, did: int, cached: str, token: str) -> bool:
+        """Does the state hold a newer session than the cache, matching `token`? (Another server
+        process on the same state may have let the device join; the cache must not refuse it.)"""
+        dev = self.state.device(did)
+        if dev is None or dev.session_hash == cached:
+            return False
+        with self._lock:
+            self._sessions[did] = dev.session_hash
+        if dev.revoked:
+            raise Revoked(self._revoked_message(dev))
+        return verify_secret(token, dev.session_hash)
 
     def is_admin(self, token: str | None) -> bool:
         """Is `token` the server's admin token (constant time)? False when none is configured."""

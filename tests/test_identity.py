@@ -278,3 +278,20 @@ def test_concurrent_enrollments_get_distinct_ids(tmp_path: Path) -> None:
         assert len(set(ids)) == 8
     finally:
         running.stop(0)
+
+
+def test_a_session_issued_by_another_server_on_the_same_state_is_accepted(tmp_path: Path) -> None:
+    """Two coordinators over one database (a later PostgreSQL backend runs several servers): the cache
+    of the first must not refuse a session the second issued."""
+    from fedpers.server.identity import Identity
+
+    state = st.SqliteState(tmp_path / "state.sqlite")
+    one, two = Identity(state, IdentityPolicy(enroll_token="t")), Identity(state, IdentityPolicy(enroll_token="t"))
+    enrolled = one.enroll(wire.EnrollRequest("t", "d", "r" * 16))
+    first = one.join(wire.JoinRequest(enrolled.device_id, enrolled.device_secret))
+    assert one.authenticate(enrolled.device_id, first.session_token) == enrolled.device_id
+    second = two.join(wire.JoinRequest(enrolled.device_id, enrolled.device_secret))
+    assert one.authenticate(enrolled.device_id, second.session_token) == enrolled.device_id
+    with pytest.raises(Exception, match="wrong or expired"):
+        one.authenticate(enrolled.device_id, first.session_token)
+    state.close()
