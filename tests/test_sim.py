@@ -67,3 +67,19 @@ def test_bad_arguments_are_refused(tmp_path, capsys):
     assert sim.main(["--model", str(tmp_path / "missing.ini"), "--report-dir", str(tmp_path / "r2")]) == 2
     err = capsys.readouterr().err
     assert "unknown codec" in err and "does not exist" in err
+
+
+def test_no_secret_in_any_command_line(tmp_path):
+    """Any local user reads /proc/PID/cmdline: the simulator hands tokens over in the environment."""
+    cfg = sim.SimConfig(devices=2, rounds=1, model=MODEL)
+    secrets = sim.SimSecrets()
+    tls = sim.SimTls.make(cfg, tmp_path / "tls")
+    argv = sim.server_argv(cfg, tmp_path / "port", tmp_path / "store", tls)
+    argv += sim.device_argv(cfg, "127.0.0.1:1", tmp_path / "d.npz", tmp_path / "s", "sim-device-0", tls)
+    text = " ".join(argv)
+    assert secrets.enroll_token not in text and secrets.admin_token not in text and "--enroll-token" not in text
+    assert "--tls-cert" in text and "--tls-ca" in text and "--insecure" not in text
+    assert secrets.server_env()["FEDPERS_ENROLL_TOKEN"] == secrets.device_env()["FEDPERS_ENROLL_TOKEN"]
+    assert secrets.enroll_token not in repr(secrets)
+    plain = sim.SimTls.make(sim.SimConfig(devices=2, rounds=1, model=MODEL, insecure=True), tmp_path / "none")
+    assert plain.server_args() == ["--insecure"] and plain.device_args() == ["--insecure"]
