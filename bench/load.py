@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,13 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
+from fedpers.pki import make_dev_pki  # noqa: E402
+from fedpers.tls import TlsConfig  # noqa: E402
+
 from server import MODEL, make_blob, read_kib  # noqa: E402  (bench/server.py: the same model and blob)
+
+BENCH_TOKEN = secrets.token_urlsafe(16)  # the run's enrollment token (the server's environment, never argv)
+ADMIN = secrets.token_urlsafe(16)  # the run's admin token, for GetStatus
 
 
 @dataclass
@@ -66,15 +73,16 @@ SCENARIOS = {
 }
 
 
-def device(address: str, name: str, blob: bytes, digest: bytes, deadline: float, out: DeviceStats,
+def device(address: str, tls: TlsConfig, name: str, blob: bytes, digest: bytes, deadline: float, out: DeviceStats,
            joined: threading.Barrier, go: threading.Event) -> None:
     from fedpers import wire
     from fedpers.backoff import Backoff
     from fedpers.stub import FederationClient
 
-    with FederationClient(address, timeout=120) as client:
+    with FederationClient(address, tls=tls, timeout=120) as client:
         try:
-            client.join(wire.JoinRequest(enroll_token="", device_name=name))
+            enrolled = client.enroll(wire.EnrollRequest(BENCH_TOKEN, name, request_id=secrets.token_urlsafe(16)))
+            client.join(wire.JoinRequest(enrolled.device_id, enrolled.device_secret))
             joined.wait(timeout=max(1.0, deadline - time.monotonic()))
             go.wait(timeout=max(1.0, deadline - time.monotonic()))
             done_round = 0
@@ -129,11 +137,16 @@ def run(sc: Scenario, rounds: int, workers: int, timeout: float, blob: bytes) ->
 
     with tempfile.TemporaryDirectory(prefix="fedpers-bench-load-") as tmp:
         port_file = Path(tmp) / "port"
+        pki = make_dev_pki(Path(tmp) / "tls")
+        tls = TlsConfig(ca=pki.ca_cert)
         cmd = [sys.executable, "-m", "fedpers.server", "--model", str(MODEL), "--store", str(Path(tmp) / "store"),
+               "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
                "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--personal-layers", "output",
                "--rounds", str(rounds), "--round-timeout", str(timeout), "--workers", str(workers),
-               "--retry-after", str(sc.retry_after), "--log-level", "WARNING", *sc.server_flags]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               "--max-devices", str(sc.devices), "--retry-after", str(sc.retry_after), "--log-level", "WARNING",
+               *sc.server_flags]
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, FEDPERS_ENROLL_TOKEN=BENCH_TOKEN, FEDPERS_ADMIN_TOKEN=ADMIN))
         stats = [DeviceStats() for _ in range(sc.devices)]
         try:
             limit = time.monotonic() + 60
@@ -145,8 +158,8 @@ def run(sc: Scenario, rounds: int, workers: int, timeout: float, blob: bytes) ->
             deadline = time.monotonic() + timeout
             joined, go = threading.Barrier(sc.devices + 1), threading.Event()
             digest = wire.sha256(blob)
-            threads = [threading.Thread(target=device, args=(address, f"load-{i}", blob, digest, deadline, stats[i],
-                                                             joined, go), daemon=True, name=f"dev-{i}")
+            threads = [threading.Thread(target=device, args=(address, tls, f"load-{i}", blob, digest, deadline,
+                                                             stats[i], joined, go), daemon=True, name=f"dev-{i}")
                        for i in range(sc.devices)]
             for t in threads:
                 t.start()
@@ -157,7 +170,7 @@ def run(sc: Scenario, rounds: int, workers: int, timeout: float, blob: bytes) ->
             status = None
             while time.monotonic() < deadline and any(t.is_alive() for t in threads):
                 try:
-                    status = get_status(address, timeout=10)
+                    status = get_status(address, tls=tls, admin_token=ADMIN, timeout=10)
                 except grpc.RpcError:
                     time.sleep(0.5)
                     continue
@@ -168,7 +181,7 @@ def run(sc: Scenario, rounds: int, workers: int, timeout: float, blob: bytes) ->
                 time.sleep(0.25)
             for t in threads:
                 t.join(max(1.0, deadline - time.monotonic() + 5))
-            status = get_status(address, timeout=10)
+            status = get_status(address, tls=tls, admin_token=ADMIN, timeout=10)
             rss_peak = read_kib(proc.pid, "VmHWM") / 1024
         finally:
             proc.terminate()

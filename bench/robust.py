@@ -127,8 +127,11 @@ def run(aggregation: str, attacked: bool, devices: int = 15, rounds: int = 8, se
             initial_weights=init_weights(spec, seed), aggregator=make_aggregator(aggregation, trim=0.2),
             optimizer=ag.make_optimizer("fedavg"),
             policy=RoundPolicy(rounds=rounds, min_devices=1, seed=seed), training=wire.TrainingConfig(),
-            enroll_token="", clock=lambda: 0.0)
-        ids = [coord.join("", f"dev{i}").device_id for i in range(devices)]
+            enroll_token="robust-bench", clock=lambda: 0.0)
+        ids = []
+        for i in range(devices):  # in process: enroll, then start a session, as a device's first start does
+            e = coord.enroll(wire.EnrollRequest("robust-bench", f"dev{i}", request_id=f"robust-bench-request-{i:04d}"))
+            ids.append(coord.join(wire.JoinRequest(e.device_id, e.device_secret)).device_id)
         trainers = [Trainer(spec, seed=seed * 1000 + i) for i in range(devices)]
         refused = 0
         try:

@@ -2,7 +2,8 @@
 
 Run with `make bench` or `python bench/server.py [--devices 10,50,200] [--updates 400] [--workers 4]`.
 For each N a fresh `fedpers-server` runs in a subprocess on 127.0.0.1 (free port, its own store,
-min-devices = N so every round takes all N updates); N device threads in this process join,
+TLS with a throwaway CA, min-devices = N so every round takes all N updates); N device threads in
+this process join,
 poll GetTask and upload the same precomputed fp32 delta of bench/mlp_1m.ini's shared layers
 (1,066,240 floats, ~4.3 MB per update, in 1 MiB chunks). The table shows updates/s over the
 upload phase and the server's peak RSS (VmHWM from /proc/<pid>/status). The goal is a peak RSS
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -27,11 +29,14 @@ import grpc
 import numpy as np
 from fedpers import codec, wire
 from fedpers.backoff import Backoff
+from fedpers.pki import make_dev_pki
 from fedpers.stub import FederationClient
+from fedpers.tls import TlsConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
 MODEL = Path(__file__).resolve().parent / "mlp_1m.ini"
+BENCH_TOKEN = secrets.token_urlsafe(16)  # the run's enrollment token (in the server's environment, never argv)
 SHAPES = {"fc1.weight": (784, 1024), "fc1.bias": (1024,), "fc2.weight": (1024, 256), "fc2.bias": (256,)}
 
 
@@ -59,12 +64,13 @@ class DeviceResult:
     busy: int = 0  # uploads refused as busy and retried
 
 
-def run_device(address: str, name: str, blob: bytes, digest: bytes, deadline: float, out: DeviceResult,
-               upload_times: list[float], joined: threading.Barrier, go: threading.Event) -> None:
+def run_device(address: str, tls: TlsConfig, name: str, blob: bytes, digest: bytes, deadline: float,
+               out: DeviceResult, upload_times: list[float], joined: threading.Barrier, go: threading.Event) -> None:
     """Join, wait for all devices to have joined, then poll/upload until DONE or the deadline."""
-    with FederationClient(address, timeout=30) as client:
+    with FederationClient(address, tls=tls, timeout=30) as client:
         try:
-            client.join(wire.JoinRequest(enroll_token="", device_name=name))
+            enrolled = client.enroll(wire.EnrollRequest(BENCH_TOKEN, name, request_id=secrets.token_urlsafe(16)))
+            client.join(wire.JoinRequest(enrolled.device_id, enrolled.device_secret))
             joined.wait(timeout=max(1.0, deadline - time.monotonic()))
             go.wait(timeout=max(1.0, deadline - time.monotonic()))
             done_round = 0
@@ -77,15 +83,16 @@ def run_device(address: str, name: str, blob: bytes, digest: bytes, deadline: fl
                     continue
                 hdr = wire.UpdateHeader(task.round_id, task.base_version, 100, len(blob), digest, "fp32")
                 backoff = Backoff(initial=0.05, maximum=1.0)
-                while True:  # like the agent: UNAVAILABLE (all upload slots busy) means retry with backoff
+                while True:  # like the agent: busy slots (UNAVAILABLE) or a rate limit mean retry with backoff
                     try:
                         client.upload(hdr, blob, timeout=120)
                         break
                     except grpc.RpcError as exc:
-                        if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                        limited = wire.refusal_of(exc) is wire.Refusal.RATE_LIMITED
+                        if (exc.code() != grpc.StatusCode.UNAVAILABLE and not limited) or time.monotonic() > deadline:
                             raise
                         out.busy += 1
-                        time.sleep(backoff.next())
+                        time.sleep(backoff.next(wire.retry_after_of(exc)))
                 upload_times.append(time.monotonic())
                 out.uploads += 1
                 done_round = task.round_id
@@ -111,11 +118,15 @@ def run_one(n: int, rounds: int, workers: int, blob: bytes, timeout: float) -> R
     """One server subprocess, n device threads, `rounds` rounds of n updates each."""
     with tempfile.TemporaryDirectory(prefix="fedpers-bench-server-") as tmp:
         port_file = Path(tmp) / "port"
+        pki = make_dev_pki(Path(tmp) / "tls")
+        tls = TlsConfig(ca=pki.ca_cert)
         cmd = [sys.executable, "-m", "fedpers.server", "--model", str(MODEL), "--store", str(Path(tmp) / "store"),
+               "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
                "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--personal-layers", "output",
                "--rounds", str(rounds), "--min-devices", str(n), "--fraction", "1", "--round-timeout", str(timeout),
                "--workers", str(workers), "--retry-after", "0.1", "--log-level", "WARNING"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, FEDPERS_ENROLL_TOKEN=BENCH_TOKEN))
         try:
             start_deadline = time.monotonic() + 60
             while not port_file.exists():
@@ -129,7 +140,7 @@ def run_one(n: int, rounds: int, workers: int, blob: bytes, timeout: float) -> R
             upload_times: list[float] = []
             deadline = time.monotonic() + timeout
             joined, go = threading.Barrier(n + 1), threading.Event()
-            threads = [threading.Thread(target=run_device, args=(address, f"bench-{i}", blob, digest, deadline,
+            threads = [threading.Thread(target=run_device, args=(address, tls, f"bench-{i}", blob, digest, deadline,
                                                                  results[i], upload_times, joined, go), daemon=True)
                        for i in range(n)]
             for t in threads:

@@ -16,7 +16,7 @@ import resource
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -41,12 +41,16 @@ from fedpers.locks import DirLock
 from fedpers.nn.modes import DEFAULT_MEMORY_MODE
 from fedpers.store import atomic_write_bytes
 from fedpers.stub import FederationClient
+from fedpers.tls import TlsConfig, explain
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# CANCELLED: a stream the server cut for stalling (this agent never cancels its own calls).
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
+# Refusals that waiting cures: the server's rate and stream limits, which carry a retry hint.
+RETRYABLE_REFUSALS = frozenset({wire.Refusal.RATE_LIMITED, wire.Refusal.TOO_MANY_STREAMS})
 RPC_TIMEOUT = 60.0
 MODEL_FILE = "model.ini"
 
@@ -66,7 +70,8 @@ class AgentConfig:
     server: str
     data: Path
     state: Path
-    enroll_token: str = ""
+    tls: TlsConfig = TlsConfig()  # how the channel is secured (default: TLS trusting the system's CAs)
+    enroll_token: str = field(default="", repr=False)  # needed only for the first enrollment; never logged
     memory: str = DEFAULT_MEMORY_MODE
     memory_budget: str | None = None
     lookahead: int = 2
@@ -147,7 +152,7 @@ class Agent:
         self.state: DeviceState = self.store.load_or_create(config.name)
         if config.codec:
             codecs.parse_codec(config.codec)  # refuse a bad name before touching the network
-        self.server = FederationClient(config.server, timeout=RPC_TIMEOUT)
+        self.server = FederationClient(config.server, tls=config.tls, timeout=RPC_TIMEOUT)
         self._models: dict[str, tuple[Any, Any]] = {}  # model INI digest -> (spec, trainer)
         self._memory_report: dict[str, Any] | None = None
         self._rng = random.Random(self.state.name)  # backoff jitter only
@@ -170,8 +175,9 @@ class Agent:
             raise Stopped
 
     def _retry(self, what: str, call: Callable[[], T]) -> T:
-        """Run an RPC; on UNAVAILABLE/DEADLINE_EXCEEDED back off (capped, with jitter) and try again for
-        up to retry_seconds; on UNAUTHENTICATED join again once."""
+        """Run an RPC; on UNAVAILABLE/DEADLINE_EXCEEDED, a stream the server cut (CANCELLED) or a rate or
+        stream limit (RESOURCE_EXHAUSTED with a retry hint) back off (capped, with jitter, at least the
+        server's hint) and try again for up to retry_seconds; on UNAUTHENTICATED join again once."""
         backoff = Backoff(self.cfg.backoff_initial, self.cfg.backoff_max, rng=self._rng)
         first_failure: float | None = None
         rejoined = False
@@ -182,27 +188,38 @@ class Agent:
                 return call()
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code == grpc.StatusCode.UNAUTHENTICATED and not rejoined and what != "Join":
+                problem = explain(exc)
+                if problem:  # a certificate or TLS mismatch does not go away by retrying
+                    raise AgentError(f"{what}: cannot reach {self.cfg.server}: {problem}") from None
+                if wire.refusal_of(exc) is wire.Refusal.REVOKED:
+                    raise AgentError(f"{what}: {exc.details()}") from None
+                if code == grpc.StatusCode.UNAUTHENTICATED and not rejoined and what not in ("Join", "Enroll"):
                     log.warning("%s: session refused (%s); joining again", what, exc.details())
                     rejoined = True
                     self.join()
                     continue
-                if code not in RETRYABLE:
+                if code not in RETRYABLE and wire.refusal_of(exc) not in RETRYABLE_REFUSALS:
                     raise
                 now = time.monotonic()
                 first_failure = first_failure or now
                 if now - first_failure > self.cfg.retry_seconds:
                     raise AgentError(f"{what}: server {self.cfg.server} unreachable for {self.cfg.retry_seconds:.0f}s "
                                      f"({code.name}: {exc.details()})") from None
-                delay = backoff.next()
-                log.info("%s: %s (%s); retrying in %.2fs", what, code.name, exc.details(), delay)
+                delay = backoff.next(wire.retry_after_of(exc))
+                hint = " (plaintext: if the server uses TLS, drop --insecure and give --tls-ca)" \
+                    if self.cfg.tls.insecure and "Socket closed" in (exc.details() or "") else ""
+                log.info("%s: %s (%s)%s; retrying in %.2fs", what, code.name, exc.details(), hint, delay)
                 self._wait(delay)
 
     # ------------------------------------------------------------------ protocol steps
 
     def join(self) -> int:
-        req = wire.JoinRequest(self.cfg.enroll_token, self.state.name)
-        reply = self._retry("Join", lambda: self.server.join(req))
+        """Prove this device's secret and get a session (enrolling first on the very first start)."""
+        creds = self.store.load_credentials()
+        if creds is None or not creds.enrolled:
+            creds = self.enroll(creds)
+        req = wire.JoinRequest(device_id=creds.device_id, device_secret=creds.secret)  # type: ignore[arg-type]
+        reply = self._refusal_is_final("Join", lambda: self._retry("Join", lambda: self.server.join(req)))
         if self.state.device_id not in (None, reply.device_id):
             log.warning("server gave id %d, this device had %d", reply.device_id, self.state.device_id)
         if self.state.device_id != reply.device_id:
@@ -210,6 +227,41 @@ class Agent:
             self.store.save(self.state)
         log.info("joined %s as device %d (%s)", self.cfg.server, reply.device_id, self.state.name)
         return reply.device_id
+
+    def enroll(self, pending: Any = None) -> Any:
+        """First contact: the enrollment token and this device's name buy an id and a long-term secret,
+        kept 0600 in --state. The request id is saved before it is sent, so an enrollment whose reply
+        was lost is repeated safely (the server recognizes it and issues the secret again)."""
+        from fedpers.client.personal import Credentials
+
+        creds = pending or self.store.begin_enrollment()
+        req = wire.EnrollRequest(enroll_token=self.cfg.enroll_token, device_name=self.state.name,
+                                 request_id=creds.request_id)
+        reply = self._refusal_is_final("Enroll", lambda: self._retry("Enroll", lambda: self.server.enroll(req)))
+        creds = Credentials(request_id=creds.request_id, device_id=reply.device_id, secret=reply.device_secret)
+        self.store.save_credentials(creds)
+        log.info("enrolled at %s as device %d (%s); its secret is in %s", self.cfg.server, reply.device_id,
+                 self.state.name, self.store.credentials_path)
+        return creds
+
+    def _refusal_is_final(self, what: str, call: Callable[[], T]) -> T:
+        """Enroll/Join refusals that retrying cannot fix become an AgentError that says what to do."""
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            kind = wire.refusal_of(exc)
+            remedy = {
+                wire.Refusal.BAD_TOKEN: (f"check the enrollment token; if the server's store was reset, move "
+                                         f"{self.store.credentials_path} away to enroll again"),
+                wire.Refusal.REVOKED: "this device was revoked by the server's operator",
+                wire.Refusal.ENROLLMENT_CLOSED: "the server takes no new devices (ask for an enrollment token)",
+                wire.Refusal.NAME_TAKEN: "another device has this name: start with another --name and --state",
+                wire.Refusal.TOO_MANY_DEVICES: "the server has as many devices as it accepts",
+                wire.Refusal.MALFORMED_MESSAGE: "the server refused the request as malformed",
+            }.get(kind)  # type: ignore[arg-type]
+            if remedy is None:
+                raise
+            raise AgentError(f"{what} refused by {self.cfg.server}: {exc.details()} ({remedy})") from None
 
     def get_task(self) -> wire.Task:
         return self._retry("GetTask", self.server.get_task)
@@ -530,5 +582,6 @@ def describe(cfg: AgentConfig) -> dict[str, Any]:
     """The config as plain JSON (for logs)."""
     out = asdict(cfg)
     out["data"], out["state"] = str(cfg.data), str(cfg.state)
+    out["tls"] = cfg.tls.describe()
     out.pop("enroll_token", None)
     return out

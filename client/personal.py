@@ -8,6 +8,7 @@ at any moment restarts from the last completed round, never from half of one.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -17,11 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fedpers.private import ensure_private_dir, new_secret, write_private
 from fedpers.store import CorruptFile, atomic_write_bytes, load_arrays_and_meta, save_arrays
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "device.fpst"
+CREDENTIALS_FILE = "device.secret"  # the device's id and long-term secret (0600), never sent to anyone else
 REPORT_FILE = "report.json"
 UPLOADS_DIR = "uploads"
 _LOCAL, _RESID, _BASE = "local/", "residual/", "base/"
@@ -75,6 +78,23 @@ class RoundRecord:
         }
 
 
+@dataclass(frozen=True)
+class Credentials:
+    """This device's identity at its server: the id and secret from Enroll, or, while an enrollment is
+    under way, only the random request id that makes a repeated Enroll safe."""
+
+    request_id: str
+    device_id: int | None = None
+    secret: str = ""
+
+    @property
+    def enrolled(self) -> bool:
+        return self.device_id is not None and bool(self.secret)
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"Credentials(device_id={self.device_id}, enrolled={self.enrolled})"
+
+
 @dataclass
 class DeviceState:
     """Everything a device carries from one round to the next."""
@@ -103,12 +123,42 @@ class PersonalStore:
     """The --state directory: one atomic state file, a report, optional copies of uploads."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
-        self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory = ensure_private_dir(directory)  # 0700: it holds the device secret and personal layers
 
     @property
     def state_path(self) -> Path:
         return self.directory / STATE_FILE
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.directory / CREDENTIALS_FILE
+
+    def load_credentials(self) -> Credentials | None:
+        """The saved credentials, or None before the first enrollment; StateError if unreadable."""
+        path = self.credentials_path
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            creds = Credentials(request_id=str(data["request_id"]), device_id=data.get("device_id"),
+                                secret=str(data.get("secret", "")))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise StateError(f"{path}: unreadable device credentials ({type(exc).__name__}); move it away to "
+                             "enroll this device again") from None
+        if creds.device_id is not None and not isinstance(creds.device_id, int):
+            raise StateError(f"{path}: device_id must be an integer")
+        return creds
+
+    def begin_enrollment(self) -> Credentials:
+        """Credentials for a first enrollment: a fresh random request id, saved before it is sent."""
+        creds = Credentials(request_id=new_secret())
+        self.save_credentials(creds)
+        return creds
+
+    def save_credentials(self, creds: Credentials) -> None:
+        """Write the credentials atomically, 0600 from the first byte."""
+        data = {"format": 1, "request_id": creds.request_id, "device_id": creds.device_id, "secret": creds.secret}
+        write_private(self.credentials_path, (json.dumps(data) + "\n").encode())
 
     @property
     def report_path(self) -> Path:

@@ -16,7 +16,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from fedpers.tls import TlsConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +45,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def child_env() -> dict[str, str]:
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus CHILD_ENV and `extra` (how secrets reach a child: never argv)."""
     env = dict(os.environ)
     env.update(CHILD_ENV)
+    env.update(extra or {})
     return env
 
 
@@ -70,13 +75,15 @@ class Child:
     _log: IO[bytes] | None = field(default=None, repr=False)
 
     @classmethod
-    def start(cls, name: str, argv: Sequence[str], log_path: Path, stdout_path: Path | None = None) -> Child:
+    def start(cls, name: str, argv: Sequence[str], log_path: Path, stdout_path: Path | None = None,
+              env: dict[str, str] | None = None) -> Child:
+        """Start `argv`; `env` adds environment variables (secrets go there, never into argv)."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         fh = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         if stdout_path is not None:
             stdout_path.parent.mkdir(parents=True, exist_ok=True)
         out = open(stdout_path, "wb") if stdout_path else fh  # noqa: SIM115
-        proc = subprocess.Popen(list(argv), stdout=out, stderr=fh, env=child_env(), start_new_session=True)
+        proc = subprocess.Popen(list(argv), stdout=out, stderr=fh, env=child_env(env), start_new_session=True)
         if out is not fh:
             out.close()
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
@@ -114,11 +121,13 @@ class Child:
             return ""
 
 
-def wait_for_server(port_file: Path, server: Child, timeout: float) -> str:
-    """Wait until a server started with `--port-file` has written its port and answers GetStatus;
-    returns HOST:PORT. ProcessError when it exits first or does not answer in time."""
+def wait_for_server(port_file: Path, server: Child, timeout: float, tls: TlsConfig | None = None) -> str:
+    """Wait until a server started with `--port-file` has written its port and its health service
+    says SERVING over `tls` (a TLS mismatch fails at once); returns HOST:PORT. ProcessError when it
+    exits first or does not answer in time."""
     import grpc
-    from fedpers.stub import get_status
+    from fedpers.stub import FederationClient
+    from fedpers.tls import explain
 
     def probe() -> str | None:
         server.check_alive()
@@ -127,10 +136,14 @@ def wait_for_server(port_file: Path, server: Child, timeout: float) -> str:
         except (OSError, ValueError):
             return None
         try:
-            get_status(address, timeout=1.0)
-        except grpc.RpcError:
+            with FederationClient(address, tls=tls, timeout=1.0) as client:
+                serving = client.health() == "SERVING"
+        except grpc.RpcError as exc:
+            problem = explain(exc)
+            if problem:
+                raise ProcessError(f"{server.name} at {address}: {problem}") from None
             return None
-        return address
+        return address if serving else None
 
     try:
         return wait_until("the server to answer", probe, timeout, interval=0.1)

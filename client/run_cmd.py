@@ -17,10 +17,13 @@ from pathlib import Path
 from fedpers.argtypes import host_port, nonnegative_int, positive_float, positive_int, share
 from fedpers.client.data import HOLDOUT_FRACTION
 from fedpers.codec import codec_help
+from fedpers.tls import add_client_args
 
 from .train_cmd import add_memory_args
 
 log = logging.getLogger(__name__)
+
+ENV_ENROLL_TOKEN = "FEDPERS_ENROLL_TOKEN"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -31,13 +34,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="this device's private data: x, y[, x_test, y_test]")
     p.add_argument("--state", required=True, type=Path, metavar="DIR",
                    help="where the device keeps its name, personal layers and codec residual")
-    p.add_argument("--enroll-token", default="", metavar="T", help="token the server requires to join")
+    p.add_argument("--enroll-token", default=None, help=argparse.SUPPRESS)  # refused: argv is public
+    p.add_argument("--enroll-token-file", type=Path, default=None, metavar="FILE",
+                   help="file holding the enrollment token, needed only for the first start "
+                        "(or env FEDPERS_ENROLL_TOKEN); later starts prove the device secret kept in --state")
     add_memory_args(p, swap_dir_default="DIR/swap")
     p.add_argument("--codec", default=None, metavar="C",
                    help="delta codec, overriding the server's: " + codec_help())
     p.add_argument("--local-epochs", type=positive_int, default=None, metavar="N",
                    help="override the server's local epochs")
-    p.add_argument("--name", default=None, help="stable device name (same name -> same device id)")
+    p.add_argument("--name", default=None,
+                   help="device name, a label shown to the operator (1-64 of A-Z a-z 0-9 . _ -; default: random); "
+                        "the device's identity is the secret in --state, never its name")
     p.add_argument("--max-rounds", type=nonnegative_int, default=None, metavar="N",
                    help="stop after N rounds in this run")
     p.add_argument("--save-uploads", action="store_true",
@@ -48,6 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--retry-seconds", type=positive_float, default=120.0, metavar="S",
                    help="how long to keep retrying an unreachable server")
     p.add_argument("--json", action="store_true", help="print the device's final report as JSON on stdout")
+    add_client_args(p)
     p.set_defaults(func=main)
     return p
 
@@ -63,15 +72,33 @@ def _install_signal_handlers(stop: threading.Event) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Run the agent with parsed arguments; returns the exit code."""
+    from fedpers import wire
     from fedpers.client.agent import Agent, AgentConfig, AgentError
     from fedpers.client.data import DataError
     from fedpers.client.personal import StateError, TaskMismatch
     from fedpers.codec import CodecError
     from fedpers.locks import DirectoryBusy
     from fedpers.nn import BudgetError, ModelError, WeightError
+    from fedpers.private import SecretError, secret_from
+    from fedpers.tls import TlsError, client_from_args
 
+    if args.enroll_token is not None:
+        print("fedpers-client run: --enroll-token on the command line is readable by every local user "
+              "(/proc/PID/cmdline); use --enroll-token-file FILE or the FEDPERS_ENROLL_TOKEN environment variable",
+              file=sys.stderr)
+        return 2
+    try:
+        if args.name:
+            wire.check_device_name(args.name)
+        tls = client_from_args(args)
+        enroll_token = secret_from(args.enroll_token_file, ENV_ENROLL_TOKEN, "enrollment token")
+    except (TlsError, SecretError, wire.MalformedMessage) as exc:
+        print(f"fedpers-client run: {exc}", file=sys.stderr)
+        return 2
+    if tls.insecure:
+        log.warning("--insecure: talking plaintext to %s; tokens and updates travel unencrypted", args.server)
     cfg = AgentConfig(
-        server=args.server, data=args.data, state=args.state, enroll_token=args.enroll_token,
+        server=args.server, data=args.data, state=args.state, tls=tls, enroll_token=enroll_token,
         memory=args.memory, memory_budget=args.memory_budget, lookahead=args.lookahead, micro_batch=args.micro_batch,
         swap_dir=args.swap_dir, codec=args.codec, local_epochs=args.local_epochs,
         name=args.name, max_rounds=args.max_rounds, save_uploads=args.save_uploads,
@@ -82,7 +109,7 @@ def main(args: argparse.Namespace) -> int:
         _install_signal_handlers(stop)
     try:
         agent = Agent(cfg, stop)
-    except (DataError, StateError, CodecError, DirectoryBusy) as exc:
+    except (DataError, StateError, CodecError, TlsError, DirectoryBusy) as exc:
         print(f"fedpers-client run: {exc}", file=sys.stderr)
         return 2
     try:

@@ -4,7 +4,8 @@
     fedpers-sim partition --devices N --out DIR [--seed S] [--alpha A]
     fedpers-sim local-only --data DATA.npz --model MODEL.ini --epochs E --out RESULT.json
 
-The simulator writes the non-IID digits partition, starts `fedpers-server` and one
+The simulator writes the non-IID digits partition, makes a throwaway CA and server certificate
+for the run (TLS like a real deployment; `--insecure` for plaintext), starts `fedpers-server` and one
 `fedpers-client run` process per device (each process reads only its own data file), follows
 the rounds through GetStatus, then trains a local-only baseline per device (again one process
 per device) and writes a table, `report.json` and `accuracy.png`. From Python:
@@ -79,6 +80,7 @@ class SimConfig:
     bn_stats: str = "shared"
     dp_clip: float = 0.0
     dp_noise: float = 0.0
+    insecure: bool = False  # plaintext instead of TLS with a throwaway CA made for the run
 
     def __post_init__(self) -> None:
         from fedpers.codec import parse_codec
@@ -112,13 +114,61 @@ class SimConfig:
         return out
 
 
-def server_argv(cfg: SimConfig, port_file: Path, store: Path, token: str) -> list[str]:
+@dataclass(frozen=True)
+class SimSecrets:
+    """The run's enrollment and admin tokens, random per run, handed to children in their environment."""
+
+    enroll_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    admin_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+
+    def __repr__(self) -> str:
+        return "SimSecrets(<hidden>)"
+
+    def server_env(self) -> dict[str, str]:
+        return {"FEDPERS_ENROLL_TOKEN": self.enroll_token, "FEDPERS_ADMIN_TOKEN": self.admin_token}
+
+    def device_env(self) -> dict[str, str]:
+        return {"FEDPERS_ENROLL_TOKEN": self.enroll_token}
+
+
+@dataclass(frozen=True)
+class SimTls:
+    """How the run's processes secure their channels: the throwaway PKI's files, or plaintext."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    @classmethod
+    def make(cls, cfg: SimConfig, directory: Path) -> SimTls:
+        if cfg.insecure:
+            return cls()
+        from fedpers.pki import make_dev_pki
+
+        pki = make_dev_pki(directory)
+        return cls(pki.ca_cert, pki.server_cert, pki.server_key)
+
+    def client(self) -> Any:
+        """The TlsConfig the simulator itself (and its devices) use."""
+        from fedpers.tls import TlsConfig
+
+        return TlsConfig(ca=self.ca) if self.ca else TlsConfig.plaintext()
+
+    def server_args(self) -> list[str]:
+        return ["--tls-cert", str(self.cert), "--tls-key", str(self.key)] if self.cert else ["--insecure"]
+
+    def device_args(self) -> list[str]:
+        return ["--tls-ca", str(self.ca)] if self.ca else ["--insecure"]
+
+
+def server_argv(cfg: SimConfig, port_file: Path, store: Path, tls: SimTls = SimTls()) -> list[str]:
+    """The server's command line (its enrollment and admin tokens go in its environment: SimSecrets)."""
     argv = [sys.executable, "-m", "fedpers.server", "serve", "--model", str(Path(cfg.model).resolve()),
             "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--store", str(store), "--seed", str(cfg.seed),
             "--rounds", str(cfg.rounds), "--min-devices", str(cfg.min_devices_or_default),
             "--fraction", str(cfg.fraction), "--round-timeout", str(cfg.round_timeout),
-            "--strategy", cfg.strategy, "--enroll-token", token, "--codec", cfg.codec,
-            "--local-epochs", str(cfg.local_epochs)]
+            "--strategy", cfg.strategy, "--codec", cfg.codec,
+            "--local-epochs", str(cfg.local_epochs), *tls.server_args()]
     if cfg.server_lr is not None:
         argv += ["--server-lr", str(cfg.server_lr)]
     argv += ["--aggregation", cfg.aggregation, "--bn-stats", cfg.bn_stats]
@@ -127,9 +177,11 @@ def server_argv(cfg: SimConfig, port_file: Path, store: Path, token: str) -> lis
     return argv
 
 
-def device_argv(cfg: SimConfig, address: str, data: Path, state: Path, name: str, token: str) -> list[str]:
+def device_argv(cfg: SimConfig, address: str, data: Path, state: Path, name: str, tls: SimTls = SimTls()) -> list[str]:
+    """A device's command line (its enrollment token goes in its environment)."""
     argv = [sys.executable, "-m", "fedpers.client", "run", "--server", address, "--data", str(data),
-            "--state", str(state), "--name", name, "--enroll-token", token, "--memory", cfg.memory, "--json"]
+            "--state", str(state), "--name", name, "--memory", cfg.memory, "--json",
+            *tls.device_args()]
     if cfg.memory_budget:
         argv += ["--memory-budget", cfg.memory_budget]
     if cfg.save_uploads:
@@ -154,6 +206,8 @@ class _Run:
     cfg: SimConfig
     work: Path
     say: Callable[..., None]
+    tls: SimTls = SimTls()
+    secrets: SimSecrets = field(default_factory=SimSecrets)
     t_start: float = field(default_factory=time.monotonic)
     server: Child | None = None
     devices: list[Child] = field(default_factory=list)
@@ -168,7 +222,8 @@ class _Run:
 
         deadline = time.monotonic() + self.cfg.timeout
         failures = 0
-        with FederationClient(address, timeout=5.0) as client:
+        with FederationClient(address, tls=self.tls.client(), timeout=5.0,
+                              admin_token=self.secrets.admin_token) as client:
             while True:
                 assert self.server is not None
                 self.server.check_alive()
@@ -238,19 +293,19 @@ def simulate(cfg: SimConfig) -> SimReport:
         f"{cfg.local_epochs} local epoch(s), model {Path(cfg.model).name} -> {report_dir}")
 
     data_paths = write_partition(work / "data", partition_digits(cfg.devices, seed=cfg.seed, alpha=cfg.alpha))
-    token = secrets.token_hex(8)
     port_file = work / "server.port"
-    run = _Run(cfg, work, say)
+    tls = SimTls.make(cfg, work / "tls")
+    run = _Run(cfg, work, say, tls)
     ended = "finished"
     try:
-        run.server = Child.start("server", server_argv(cfg, port_file, work / "store", token),
-                                 work / "logs" / "server.log")
-        address = wait_for_server(port_file, run.server, timeout=60)
+        run.server = Child.start("server", server_argv(cfg, port_file, work / "store", tls),
+                                 work / "logs" / "server.log", env=run.secrets.server_env())
+        address = wait_for_server(port_file, run.server, timeout=60, tls=tls.client())
         for i, data in enumerate(data_paths):
             state = work / "devices" / str(i)
-            run.devices.append(Child.start(f"device-{i}", device_argv(cfg, address, data, state, f"sim-device-{i}",
-                                                                      token),
-                                           work / "logs" / f"device-{i}.log", stdout_path=state.parent / f"{i}.json"))
+            argv = device_argv(cfg, address, data, state, f"sim-device-{i}", tls)
+            run.devices.append(Child.start(f"device-{i}", argv, work / "logs" / f"device-{i}.log",
+                                           stdout_path=state.parent / f"{i}.json", env=run.secrets.device_env()))
         run.follow(address)
     except KeyboardInterrupt:
         ended = "interrupted"
@@ -283,6 +338,7 @@ def simulate(cfg: SimConfig) -> SimReport:
     say(f"{ended} in {report.summary.elapsed_seconds:.1f}s")
     if not cfg.keep_work:
         shutil.rmtree(work / "data", ignore_errors=True)
+        shutil.rmtree(work / "tls", ignore_errors=True)  # the run's throwaway keys go with it
     if ended != "finished":
         raise SimInterrupted(f"the simulation was {'interrupted' if ended == 'interrupted' else 'timed out'} "
                              f"after {len(rounds)} of {cfg.rounds} rounds; report: {report_dir / 'report.json'}",
@@ -331,6 +387,7 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     arg("--dp-clip", "differential privacy: devices clip their delta to this L2 norm; 0: off", type=float)
     arg("--dp-noise", "differential privacy: Gaussian noise std = DP_NOISE x DP_CLIP; epsilon per round in the "
         "report", type=float)
+    arg("--insecure", "plaintext gRPC instead of TLS with a throwaway CA made for the run", action="store_true")
 
 
 def config_from_args(ns: argparse.Namespace) -> SimConfig:

@@ -184,7 +184,7 @@ class ModelStore:
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory) / "models"
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # files inside are 0600 (mkstemp)
         for stale in self.directory.glob(f"*{_TMP_MARK}*"):
             log.warning("removing unfinished write %s", stale)
             stale.unlink(missing_ok=True)

@@ -2,7 +2,8 @@
 
 The device agent, the simulator, `fedpers-server status|health`, the Docker fleet check and the
 benchmarks all reach a server through `FederationClient`; with `wire.py` and the server's servicer
-this is the only code that touches the generated stubs.
+this is the only code that touches the generated stubs. Its `TlsConfig` says how the channel is
+secured (the CA to trust, an optional client certificate); plaintext only when it says `insecure`.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from types import TracebackType
 
-import grpc
 from fedpers import wire
 from fedpers.rpc import federation_pb2 as pb
 from fedpers.rpc import federation_pb2_grpc as pb_grpc
+from fedpers.tls import TlsConfig, open_channel
 
 DEFAULT_TIMEOUT = 60.0
 # gRPC's own reconnect backoff grows to 120 s by default: a device would then sit idle for up to
@@ -27,12 +28,18 @@ CHANNEL_OPTIONS = (
 
 
 class FederationClient:
-    """A channel to one server. `join()` stores the session, later calls send it as metadata."""
+    """A channel to one server. `join()` stores the session, later calls send it as metadata.
 
-    def __init__(self, address: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    `tls` None means TLS trusting the system's CAs; `TlsConfig.plaintext()` is the only way to plaintext."""
+
+    def __init__(self, address: str, *, tls: TlsConfig | None = None, timeout: float = DEFAULT_TIMEOUT,
+                 admin_token: str = "") -> None:
+        """`admin_token`: the server's admin token, sent with GetStatus instead of a device session."""
         self.address = address
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.tls = tls or TlsConfig()
+        self._admin = admin_token
+        self.channel = open_channel(address, self.tls, CHANNEL_OPTIONS)
         self._stub = pb_grpc.FederationStub(self.channel)
         self.device_id: int | None = None
         self._token = ""
@@ -49,7 +56,13 @@ class FederationClient:
 
     # -- calls
 
+    def enroll(self, request: wire.EnrollRequest, timeout: float | None = None) -> wire.EnrollReply:
+        """First contact: the device's id and long-term secret (keep it private; join() with it)."""
+        return wire.enroll_reply_from_proto(
+            self._stub.Enroll(wire.enroll_request_to_proto(request), timeout=timeout or self.timeout))
+
     def join(self, request: wire.JoinRequest, timeout: float | None = None) -> wire.JoinReply:
+        """Prove the device secret; the session token it returns goes with every later call."""
         reply = wire.join_reply_from_proto(
             self._stub.Join(wire.join_request_to_proto(request), timeout=timeout or self.timeout))
         self.set_session(reply.device_id, reply.session_token)
@@ -70,7 +83,10 @@ class FederationClient:
         return wire.upload_reply_from_proto(reply)
 
     def status(self, timeout: float | None = None) -> wire.Status:
-        return wire.status_from_proto(self._stub.GetStatus(pb.StatusRequest(), timeout=timeout or self.timeout))
+        """GetStatus as the operator (admin token) or as the joined device."""
+        md = wire.admin_metadata(self._admin) if self._admin else self._metadata()
+        return wire.status_from_proto(self._stub.GetStatus(pb.StatusRequest(), metadata=md,
+                                                           timeout=timeout or self.timeout))
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The grpc.health.v1 serving status name (SERVING, NOT_SERVING, ...)."""
@@ -92,7 +108,7 @@ class FederationClient:
         self.close()
 
 
-def get_status(address: str, timeout: float = 5.0) -> wire.Status:
-    """One GetStatus call on a fresh channel (raises grpc.RpcError when the server does not answer)."""
-    with FederationClient(address, timeout=timeout) as client:
+def get_status(address: str, tls: TlsConfig | None = None, admin_token: str = "", timeout: float = 5.0) -> wire.Status:
+    """One GetStatus call as the operator on a fresh channel (grpc.RpcError when the server does not answer)."""
+    with FederationClient(address, tls=tls, timeout=timeout, admin_token=admin_token) as client:
         return client.status()

@@ -13,6 +13,7 @@ import enum
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -24,12 +25,27 @@ CHUNK_SIZE = 1 << 20  # bytes of blob per Chunk; keeps every message far below g
 MAX_CHUNK_SIZE = CHUNK_SIZE
 INT63_MAX = (1 << 63) - 1  # ids, versions and sizes are positive int63: they fit SQLite's signed INTEGER
 
-# Metadata keys every call except Join carries (see proto/federation.proto).
+# Metadata keys every call except Enroll and Join carries (see proto/federation.proto).
 DEVICE_KEY = "x-fedpers-device"
 TOKEN_KEY = "x-fedpers-token"
+ADMIN_KEY = "x-fedpers-admin"  # GetStatus from an operator: the server's admin token
 # Trailing metadata of a refused call: the refusal's kind (a `Refusal` value), so callers match on a
-# kind instead of the wording of a message.
+# kind instead of the wording of a message, and when retrying later helps, after how many seconds.
 REFUSAL_KEY = "x-fedpers-refusal"
+RETRY_AFTER_KEY = "x-fedpers-retry-after"
+
+# ---------------------------------------------------------------------------- field limits
+# Every bound on a field the other side fills in, in one place. The server refuses a request that
+# breaks one with MalformedMessage (INVALID_ARGUMENT) before anything is stored or logged.
+MAX_NAME_CHARS = 64
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # device names: hostnames fit
+MAX_SECRET_CHARS = 256  # enrollment token, device secret, session token, admin token, request id
+MIN_REQUEST_ID_CHARS = 16
+MAX_METRICS = 32  # metric keys per update (and per round in a status)
+MAX_METRIC_KEY_CHARS = 64
+METRIC_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
+MAX_METRIC_ABS = 1e15  # finite metric values beyond this are refused (NaN/Inf are dropped, as before)
+MAX_CODEC_CHARS = 64
 
 
 class Refusal(enum.StrEnum):
@@ -55,22 +71,49 @@ class Refusal(enum.StrEnum):
     CODEC_ERROR = "CodecError"
     AGGREGATION_ERROR = "AggregationError"
     JOURNAL_ERROR = "JournalError"
+    # identity and limits (issue 10)
+    REVOKED = "Revoked"
+    ENROLLMENT_CLOSED = "EnrollmentClosed"
+    NAME_TAKEN = "NameTaken"
+    TOO_MANY_DEVICES = "TooManyDevices"
+    RATE_LIMITED = "RateLimited"
+    TOO_MANY_STREAMS = "TooManyStreams"
+    STREAM_CUT = "StreamCut"
 
 
-def refusal_metadata(kind: Refusal | str) -> tuple[tuple[str, str], ...]:
+def refusal_metadata(kind: Refusal | str, retry_after: float | None = None) -> tuple[tuple[str, str], ...]:
     """The trailing metadata the server attaches to a refused call (a kind outside `Refusal` is still
-    sent; callers decode it as None, and a test keeps every server error kind in `Refusal`)."""
-    return ((REFUSAL_KEY, str(kind)),)
+    sent; callers decode it as None, and a test keeps every server error kind in `Refusal`), with a
+    retry hint in seconds when retrying later helps."""
+    pairs = ((REFUSAL_KEY, str(kind)),)
+    if retry_after is not None:
+        pairs += ((RETRY_AFTER_KEY, f"{max(0.0, retry_after):.3f}"),)
+    return pairs
+
+
+def _trailing(error: object) -> tuple[tuple[str, str], ...]:
+    trailing = getattr(error, "trailing_metadata", None)
+    try:
+        return tuple(trailing() or ()) if callable(trailing) else ()
+    except Exception:  # noqa: BLE001 - a failed call without trailing metadata is simply not a refusal
+        return ()
+
+
+def retry_after_of(error: object) -> float | None:
+    """The server's retry hint in seconds on a failed call (a grpc.RpcError), or None (capped at 60 s)."""
+    for key, value in _trailing(error):
+        if key == RETRY_AFTER_KEY:
+            try:
+                hint = float(value)
+            except ValueError:
+                return None
+            return min(hint, 60.0) if math.isfinite(hint) and hint >= 0 else None
+    return None
 
 
 def refusal_of(error: object) -> Refusal | None:
     """The refusal kind a failed call carried (a grpc.RpcError), or None (not a refusal, or unknown kind)."""
-    trailing = getattr(error, "trailing_metadata", None)
-    try:
-        pairs = trailing() if callable(trailing) else ()
-    except Exception:  # noqa: BLE001 - a failed call without trailing metadata is simply not a refusal
-        return None
-    for key, value in pairs or ():
+    for key, value in _trailing(error):
         if key == REFUSAL_KEY:
             try:
                 return Refusal(value)
@@ -338,24 +381,86 @@ def metrics_from_proto(source) -> dict[str, float]:
 # ---------------------------------------------------------------------------- records
 
 
+def check_device_name(name: str) -> str:
+    """A device name is empty (no label) or 1-64 of [A-Za-z0-9._-] starting with a letter or digit."""
+    if name and not NAME_PATTERN.fullmatch(name):
+        shown = name[:MAX_NAME_CHARS].encode("unicode_escape").decode()
+        raise MalformedMessage(f"device name must be 1-{MAX_NAME_CHARS} characters of A-Z a-z 0-9 . _ - "
+                               f"starting with a letter or digit; got {len(name)} characters {shown!r}")
+    return name
+
+
+def check_secret_field(value: str, what: str) -> str:
+    if len(value) > MAX_SECRET_CHARS or not value.isascii() or not value.isprintable():
+        raise MalformedMessage(f"{what} must be at most {MAX_SECRET_CHARS} printable ASCII characters")
+    return value
+
+
 @dataclass(frozen=True)
-class JoinRequest:
+class EnrollRequest:
+    """First contact: the enrollment token (if the server needs one), a name, a random request id."""
+
     enroll_token: str
     device_name: str = ""
+    request_id: str = ""
+
+
+def enroll_request_to_proto(r: EnrollRequest) -> pb.EnrollRequest:
+    return pb.EnrollRequest(enroll_token=r.enroll_token, device_name=r.device_name, request_id=r.request_id)
+
+
+def enroll_request_from_proto(m: pb.EnrollRequest) -> EnrollRequest:
+    """Refuses names outside NAME_PATTERN and oversized or short tokens/request ids (MalformedMessage)."""
+    request_id = check_secret_field(m.request_id, "request_id")
+    if len(request_id) < MIN_REQUEST_ID_CHARS:
+        raise MalformedMessage(f"request_id must be a random string of at least {MIN_REQUEST_ID_CHARS} characters")
+    return EnrollRequest(enroll_token=check_secret_field(m.enroll_token, "enroll_token"),
+                         device_name=check_device_name(m.device_name), request_id=request_id)
+
+
+@dataclass(frozen=True)
+class EnrollReply:
+    device_id: int
+    device_secret: str
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"EnrollReply(device_id={self.device_id}, device_secret=<hidden>)"
+
+
+def enroll_reply_to_proto(r: EnrollReply) -> pb.EnrollReply:
+    return pb.EnrollReply(device_id=r.device_id, device_secret=r.device_secret)
+
+
+def enroll_reply_from_proto(m: pb.EnrollReply) -> EnrollReply:
+    return EnrollReply(device_id=m.device_id, device_secret=m.device_secret)
+
+
+@dataclass(frozen=True)
+class JoinRequest:
+    """A start of an enrolled device: its id and its long-term secret."""
+
+    device_id: int
+    device_secret: str
+
+    def __repr__(self) -> str:
+        return f"JoinRequest(device_id={self.device_id}, device_secret=<hidden>)"
 
 
 def join_request_to_proto(r: JoinRequest) -> pb.JoinRequest:
-    return pb.JoinRequest(enroll_token=r.enroll_token, device_name=r.device_name)
+    return pb.JoinRequest(device_id=r.device_id, device_secret=r.device_secret)
 
 
 def join_request_from_proto(m: pb.JoinRequest) -> JoinRequest:
-    return JoinRequest(enroll_token=m.enroll_token, device_name=m.device_name)
+    return JoinRequest(device_id=m.device_id, device_secret=check_secret_field(m.device_secret, "device_secret"))
 
 
 @dataclass(frozen=True)
 class JoinReply:
     device_id: int
     session_token: str
+
+    def __repr__(self) -> str:
+        return f"JoinReply(device_id={self.device_id}, session_token=<hidden>)"
 
 
 def join_reply_to_proto(r: JoinReply) -> pb.JoinReply:
@@ -468,10 +573,28 @@ def update_header_to_proto(h: UpdateHeader) -> pb.UpdateHeader:
     return msg
 
 
+def check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    """A device's metrics within the limits: at most MAX_METRICS keys of METRIC_KEY_PATTERN, finite values
+    within +-MAX_METRIC_ABS (NaN/Inf values are left for the server to drop, as a diverged loss can be)."""
+    if len(metrics) > MAX_METRICS:
+        raise MalformedMessage(f"{len(metrics)} metrics; at most {MAX_METRICS} are accepted")
+    for key, value in metrics.items():
+        if not METRIC_KEY_PATTERN.fullmatch(key):
+            shown = key[:MAX_METRIC_KEY_CHARS].encode("unicode_escape").decode()
+            raise MalformedMessage(f"metric key {shown!r} ({len(key)} characters) must be 1-{MAX_METRIC_KEY_CHARS} "
+                                   "of A-Z a-z 0-9 _ . : / -")
+        if math.isfinite(value) and abs(value) > MAX_METRIC_ABS:
+            raise MalformedMessage(f"metric {key!r} = {value:g} is beyond +-{MAX_METRIC_ABS:g}")
+    return dict(metrics)
+
+
 def update_header_from_proto(m: pb.UpdateHeader) -> UpdateHeader:
+    """The header of an upload, refusing metrics or a codec name beyond the field limits."""
+    if len(m.codec) > MAX_CODEC_CHARS:
+        raise MalformedMessage(f"codec name of {len(m.codec)} characters; at most {MAX_CODEC_CHARS}")
     return UpdateHeader(round_id=m.round_id, base_version=m.base_version, num_examples=m.num_examples,
                         total_size=m.total_size, sha256=bytes(m.sha256), codec=m.codec,
-                        metrics=metrics_from_proto(m.metrics))
+                        metrics=check_metrics(metrics_from_proto(m.metrics)))
 
 
 def upload_messages(header: UpdateHeader, blob: bytes, chunk_size: int = CHUNK_SIZE) -> Iterator[pb.UploadMessage]:
@@ -590,5 +713,10 @@ def status_from_json(text: str) -> Status:
 
 
 def auth_metadata(device_id: int, token: str) -> tuple[tuple[str, str], ...]:
-    """The call metadata that authenticates a device (every RPC except Join)."""
+    """The call metadata that authenticates a device (every RPC except Enroll and Join)."""
     return ((DEVICE_KEY, str(int(device_id))), (TOKEN_KEY, token))
+
+
+def admin_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """The call metadata of an operator's GetStatus: the server's admin token."""
+    return ((ADMIN_KEY, token),)

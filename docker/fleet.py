@@ -173,7 +173,8 @@ class Scenario:
     def status(self) -> wire.Status | None:
         """GetStatus over the published port, or None while the server does not answer (starting, away)."""
         try:
-            status = get_status(self.project.address, timeout=3.0)
+            status = get_status(self.project.address, tls=self.project.tls, admin_token=self.project.admin_token,
+                                timeout=3.0)
         except grpc.RpcError:
             return None
         if not self.versions_seen or self.versions_seen[-1] != status.version:

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -146,8 +147,11 @@ class ComposeProject:
         self.rounds = rounds
         self.keep_image = keep_image
         self.address = f"127.0.0.1:{self.port}"
+        self.admin_token = secrets.token_urlsafe(24)  # the server's, for GetStatus (compose passes it on)
+        self.tls: Any = None  # trusting the fleet's throwaway CA, once `up` made it
         self.env = dict(os.environ, FEDPERS_IMAGE=self.image, FEDPERS_PORT=str(self.port),
-                        FEDPERS_ROUNDS=str(rounds), COMPOSE_PROJECT_NAME=self.project)
+                        FEDPERS_ROUNDS=str(rounds), COMPOSE_PROJECT_NAME=self.project,
+                        FEDPERS_ADMIN_TOKEN=self.admin_token)
         self._built = False
         self._extra_containers: list[str] = []
 
@@ -249,6 +253,11 @@ class ComposeProject:
         if leftovers:
             raise FleetError(f"project {self.project} is not clean: {sorted(set(leftovers.values()))}")
         self.compose("up", "-d", "--no-build", timeout=600)
+        from fedpers.tls import TlsConfig  # the CA the one-shot certs step made, to reach the server over TLS
+
+        ca = Path(tempfile.mkdtemp(prefix="fedpers-fleet-ca-")) / "ca.pem"
+        run(["docker", "cp", f"{self.container_id('certs')}:/var/lib/fedpers/tls/ca.pem", str(ca)])
+        self.tls = TlsConfig(ca=ca)
 
     def save_logs(self, folder: Path) -> None:
         """Every container's log into `folder/<service>.log` (kept for a failed run)."""

@@ -1,11 +1,15 @@
 """fedpers-server: run the aggregation server, or ask a running one for its health or status.
 
     fedpers-server --model MODEL.ini --store DIR [options]      (same as `fedpers-server serve ...`)
-    fedpers-server health --address HOST:PORT                   exit 0 iff SERVING (docker HEALTHCHECK)
+    fedpers-server health --address HOST:PORT [--tls-ca CA]     exit 0 iff SERVING (docker HEALTHCHECK)
     fedpers-server status --address HOST:PORT [--json]          a running server's progress
     fedpers-server status --store DIR [--json]                  what a stopped server left in its store
     fedpers-server report --store DIR|--address A [--json F] [--png F]   per-round report and accuracy plot
     fedpers-server export --store DIR [--version V] --out PATH     a model version as .npz or NNTrainer .bin+.ini
+    fedpers-server dev-certs --out DIR [--name HOST ...]        a throwaway CA and server certificate
+    fedpers-server devices list|show|revoke --store DIR         enrolled devices; revoke one
+
+The gRPC port speaks TLS (--tls-cert/--tls-key); plaintext only with --insecure (SECURITY.md).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from fedpers.codec import codec_help
 from fedpers.logs import LOG_FORMATS, setup_logging
 from fedpers.server import export_cmd
 from fedpers.strategies import AGGREGATORS, STRATEGIES
+from fedpers.tls import add_client_args, client_from_args
 
 _M_ARENA_MAX = -8  # glibc mallopt parameter
 
@@ -47,7 +52,16 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--strategy", choices=tuple(STRATEGIES),
       help="server optimizer (default fedavg): " + "; ".join(f"{k}: {v}" for k, v in STRATEGIES.items()))
     a("--server-lr", type=float, help="server learning rate (default: 1.0 fedavg/fedavgm, 0.01 fedadam)")
-    a("--enroll-token", help="token devices must present to Join (default: open enrollment)")
+    a("--enroll-token", help=argparse.SUPPRESS)  # refused: argv is readable by every local user
+    a("--enroll-token-file", metavar="FILE",
+      help="file holding the token a device must present to enroll (or env FEDPERS_ENROLL_TOKEN); without "
+           "one, enrollment is closed unless --open-enrollment")
+    a("--open-enrollment", action="store_true", default=None,
+      help="anyone who reaches the port may enroll a device (still capped by --max-devices)")
+    a("--max-devices", type=int, help="most enrolled (not revoked) devices (default 1000)")
+    a("--admin-token-file", metavar="FILE",
+      help="file holding the admin token for GetStatus (or env FEDPERS_ADMIN_TOKEN; default: "
+           "STORE/admin.token, made on first start)")
     a("--personal-layers", help="comma-separated layers that stay on the devices (besides personal = true)")
     a("--local-epochs", type=int, help="local epochs per round (default: the INI's Epochs)")
     a("--batch-size", type=int, help="device batch size (default: the INI's batch_size)")
@@ -90,21 +104,37 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--workers", type=int, help="gRPC handler threads; bounds concurrent uploads and memory (default 4)")
     a("--retry-after", type=float, help="seconds a waiting device is told to wait (default 0.5)")
     a("--port-file", help="write the bound port to this file once serving")
+    a("--stream-idle-timeout", type=float, metavar="S",
+      help="cut an upload/download that sends nothing for S seconds (default 20)")
+    a("--stream-min-rate", type=float, metavar="BYTES",
+      help="cut an upload/download averaging fewer bytes/s once --stream-idle-timeout has passed (default 4096)")
+    a("--streams-per-device", type=int, metavar="N", help="concurrent uploads/downloads per device (default 2)")
+    a("--rate-scale", type=float, metavar="X",
+      help="multiply every per-device call rate and burst (GetTask, GetStatus, DownloadModel, UploadUpdate, Join; "
+           "default 1; 0 turns the call-rate limits off)")
     a("--metrics-listen", metavar="HOST:PORT",
       help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free port; default: off)")
     a("--grace", type=float, default=5.0, help="seconds in-flight calls get on SIGTERM/SIGINT (default 5)")
+    t = p.add_argument_group("transport security (TLS)")
+    t.add_argument("--tls-cert", metavar="CERT.pem", help="the server's certificate chain (PEM)")
+    t.add_argument("--tls-key", metavar="KEY.pem", help="the key of --tls-cert (PEM, keep it 0600)")
+    t.add_argument("--tls-client-ca", metavar="CA.pem",
+                   help="mutual TLS: every caller must present a certificate signed by this CA")
+    t.add_argument("--insecure", action="store_true", default=None,
+                   help="serve plaintext without TLS (a warning is logged): trusted loopback or tests only")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedpers-server", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     _serve_flags(parser)
-    sub = parser.add_subparsers(dest="command", metavar="{serve,health,status,report,export}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,health,status,report,export,dev-certs,devices}")
     _serve_flags(sub.add_parser("serve", help="run the aggregation server (the default; same flags as above)",
                                 description="Run the aggregation server. Flags override --config."))
     health = sub.add_parser("health", help="exit 0 iff the server reports SERVING (grpc.health.v1)")
     health.add_argument("--address", required=True, help="HOST:PORT of the server")
     health.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
+    add_client_args(health)
     status = sub.add_parser("status", help="print the federation's progress: rounds, versions, devices",
                             description="Ask a running server (--address), or read a stopped server's --store.")
     where = status.add_mutually_exclusive_group(required=True)
@@ -112,6 +142,24 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--store", help="the --store directory of a stopped server (read only)")
     status.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    status.add_argument("--admin-token-file", metavar="FILE",
+                        help="the server's admin token (or env FEDPERS_ADMIN_TOKEN; a running server keeps it in "
+                             "STORE/admin.token unless given one)")
+    add_client_args(status)
+    certs = sub.add_parser("dev-certs", help="write a throwaway CA and a server certificate (tests, demos, the fleet)",
+                           description="Make a fresh CA (its key is discarded), sign a server certificate for the "
+                                       "given names and write ca.pem, server.pem and server.key (0600) into --out. "
+                                       "For a real deployment use certificates from your own CA (SECURITY.md).")
+    certs.add_argument("--out", required=True, help="directory for the PEM files (created 0700)")
+    certs.add_argument("--name", action="append", default=None, metavar="HOST",
+                       help="a DNS name or IP address the server is dialled by (repeatable; "
+                            "default: localhost, 127.0.0.1, ::1)")
+    certs.add_argument("--client", action="append", default=None, metavar="NAME",
+                       help="also sign a client certificate client-NAME.pem/.key (mutual TLS; repeatable)")
+    certs.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    from fedpers.server import devices_cmd
+
+    devices_cmd.add_parser(sub)
     report = sub.add_parser("report", help="per-round report (JSON) and accuracy plot of a federation",
                             description="The per-round numbers the devices reported (example-weighted), from a "
                                         "running server (--address) or a stopped server's --store.")
@@ -121,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer (default 3)")
     report.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON to FILE")
     report.add_argument("--png", type=Path, metavar="FILE", help="write the accuracy plot to FILE")
+    report.add_argument("--admin-token-file", metavar="FILE",
+                        help="with --address: the server's admin token (or env FEDPERS_ADMIN_TOKEN)")
+    add_client_args(report)
     export_cmd.add_parser(sub)
     return parser
 
@@ -144,7 +195,13 @@ def _serve(ns: argparse.Namespace) -> int:
     from fedpers.server import app
     from fedpers.server.config import ConfigError, load_config
 
-    flags: dict[str, Any] = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "grace")}
+    if ns.enroll_token is not None:
+        print("fedpers-server: --enroll-token on the command line is readable by every local user "
+              "(/proc/PID/cmdline); use --enroll-token-file FILE or the FEDPERS_ENROLL_TOKEN environment variable",
+              file=sys.stderr)
+        return 2
+    skip = ("command", "config", "grace", "enroll_token")
+    flags: dict[str, Any] = {k: v for k, v in vars(ns).items() if k not in skip}
     try:
         cfg = load_config(flags, ns.config)
     except ConfigError as exc:
@@ -177,14 +234,27 @@ def _serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _rpc_failure(address: str, exc: grpc.RpcError) -> str:
+    from fedpers.tls import explain
+
+    return f"{address}: {explain(exc) or f'{exc.code().name}: {exc.details()}'}"
+
+
 def _health(ns: argparse.Namespace) -> int:
     from fedpers.stub import FederationClient
+    from fedpers.tls import TlsError
 
-    with FederationClient(ns.address, timeout=ns.timeout) as client:
+    try:
+        tls = client_from_args(ns)
+        client = FederationClient(ns.address, tls=tls, timeout=ns.timeout)
+    except TlsError as exc:
+        print(f"fedpers-server health: {exc}", file=sys.stderr)
+        return 2
+    with client:
         try:
             name = client.health()
         except grpc.RpcError as exc:
-            print(f"{ns.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            print(_rpc_failure(ns.address, exc), file=sys.stderr)
             return 1
     print(f"{ns.address}: {name}")
     return 0 if name == "SERVING" else 1
@@ -203,10 +273,21 @@ def _read_status(ns: argparse.Namespace) -> tuple[object, int]:
         except (StoreError, sqlite3.Error) as exc:
             print(f"fedpers-server {ns.command}: {exc}", file=sys.stderr)
             return None, 2
+    from fedpers.private import SecretError, secret_from
+    from fedpers.server.identity import ENV_ADMIN_TOKEN
+    from fedpers.tls import TlsError
+
     try:
-        return get_status(ns.address, timeout=ns.timeout), 0
+        admin = secret_from(ns.admin_token_file, ENV_ADMIN_TOKEN, "admin token")
+        if not admin:
+            raise SecretError("GetStatus needs the server's admin token: --admin-token-file FILE "
+                              "(a server keeps it in STORE/admin.token) or FEDPERS_ADMIN_TOKEN")
+        return get_status(ns.address, tls=client_from_args(ns), admin_token=admin, timeout=ns.timeout), 0
+    except (TlsError, SecretError) as exc:
+        print(f"fedpers-server {ns.command}: {exc}", file=sys.stderr)
+        return None, 2
     except grpc.RpcError as exc:
-        print(f"{ns.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        print(_rpc_failure(ns.address, exc), file=sys.stderr)
         return None, 1
 
 
@@ -264,10 +345,26 @@ def _report(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _dev_certs(ns: argparse.Namespace) -> int:
+    from fedpers.pki import DEFAULT_SERVER_NAMES, PkiUnavailable, make_dev_pki
+
+    try:
+        pki = make_dev_pki(ns.out, tuple(ns.name or DEFAULT_SERVER_NAMES), tuple(ns.client or ()),
+                            days=ns.days)
+    except (PkiUnavailable, OSError, ValueError) as exc:
+        print(f"fedpers-server dev-certs: {exc}", file=sys.stderr)
+        return 1
+    for path in (pki.ca_cert, pki.server_cert, pki.server_key, *(p for pair in pki.clients.values() for p in pair)):
+        print(path)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
-    handler = {"health": _health, "status": _status, "report": _report, "export": export_cmd.main}.get(ns.command,
-                                                                                                       _serve)
+    from fedpers.server import devices_cmd
+
+    handler = {"health": _health, "status": _status, "report": _report, "export": export_cmd.main,
+               "dev-certs": _dev_certs, "devices": devices_cmd.main}.get(ns.command, _serve)
     try:
         return handler(ns)
     except BrokenPipeError:  # e.g. `fedpers-server status | head -1`: the reader left, nothing is wrong

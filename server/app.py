@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 from fedpers import codec, wire
 from fedpers.locks import DirLock
+from fedpers.private import ensure_private_dir
 from fedpers.server.aggregate import make_optimizer
 from fedpers.server.config import ConfigError, ServerConfig
 from fedpers.server.export_cmd import MODEL_COPY
@@ -56,15 +57,17 @@ def build_coordinator(cfg: ServerConfig) -> Coordinator:
         codec=cfg.codec, dp_clip_norm=dp.clip_norm, dp_noise_multiplier=dp.noise_multiplier,
     )
     policy = cfg.round_policy()
-    cfg.store.mkdir(parents=True, exist_ok=True)
+    ensure_private_dir(cfg.store)
     atomic_write_bytes(cfg.store / MODEL_COPY, layout.ini_text.encode())  # for `fedpers-server export`
+    identity = cfg.identity_policy()
+    log.info("enrollment %s", identity.enrollment)
     return Coordinator(
         state=SqliteState(cfg.store / STATE_DB), store=ModelStore(cfg.store), layout=layout,
         initial_weights=weights,
         aggregator=make_aggregator(cfg.aggregation, clip_norm=cfg.clip_norm, trim=cfg.trim,
                                    memory_mb=cfg.robust_memory_mb),
-        optimizer=make_optimizer(cfg.strategy, cfg.server_lr), policy=policy, training=training,
-        enroll_token=cfg.enroll_token, dp_delta=dp.delta,
+        optimizer=make_optimizer(cfg.strategy, cfg.server_lr), policy=policy, training=training, identity=identity,
+        dp_delta=dp.delta,
     )
 
 
@@ -90,6 +93,7 @@ class RunningServer:
         while not self._stop.wait(interval):
             try:
                 self.coordinator.tick()
+                self.coordinator.identity.refresh()  # revocations written by `fedpers-server devices revoke`
             except Exception:  # keep ticking; the next tick retries
                 log.exception("round tick failed")
 
@@ -117,16 +121,23 @@ def start(cfg: ServerConfig, coordinator: Coordinator | None = None) -> RunningS
     locked first: a second server on the same --store is refused (DirectoryBusy) before it writes anything."""
     lock = DirLock(cfg.store, "fedpers-server") if coordinator is None else None
     coord: Coordinator | None = coordinator
+    tls = cfg.server_tls()
     try:
         coord = coordinator or build_coordinator(cfg)
         metrics = ServerMetrics.create(coord) if cfg.metrics_listen else None
-        server, port, health_servicer = build_server(coord, cfg.listen, cfg.workers, metrics=metrics)
+        server, port, health_servicer = build_server(coord, cfg.listen, cfg.workers, metrics=metrics, tls=tls,
+                                                     limits=cfg.limits_policy())
     except BaseException:
         if coord is not None and coordinator is None:
             coord.state.close()
         if lock is not None:
             lock.release()
         raise
+    if tls is None:
+        log.warning("serving PLAINTEXT on %s (--insecure): enrollment tokens, session tokens and updates travel "
+                    "unencrypted; use this only on a trusted loopback", cfg.listen)
+    elif tls.client_ca is not None:
+        log.info("TLS with client certificates required (CA %s)", tls.client_ca)
     server.start()
     host = cfg.listen.rsplit(":", 1)[0]
     running = RunningServer(server=server, port=port, host=host, coordinator=coord, health=health_servicer, lock=lock)

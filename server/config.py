@@ -10,8 +10,18 @@ from typing import Any
 
 from fedpers.logs import LOG_FORMATS
 from fedpers.privacy import DPConfig, PrivacyError
+from fedpers.private import SecretError, secret_from
+from fedpers.server.identity import (
+    ENV_ADMIN_TOKEN,
+    ENV_ENROLL_TOKEN,
+    IdentityConfigError,
+    IdentityPolicy,
+    admin_token_for,
+)
+from fedpers.server.limits import LimitsPolicy
 from fedpers.server.rounds import PolicyError, RoundPolicy
 from fedpers.strategies import AGGREGATORS, STRATEGIES
+from fedpers.tls import ServerTls
 
 
 class ConfigError(ValueError):
@@ -29,7 +39,12 @@ class ServerConfig:
     round_timeout: float = 60.0
     strategy: str = "fedavg"
     server_lr: float | None = None  # None: the strategy's default (fedavg/fedavgm 1.0, fedadam 0.01)
-    enroll_token: str = ""  # empty: anyone may join
+    enroll_token: str = ""  # from --enroll-token-file, FEDPERS_ENROLL_TOKEN or the TOML file; never argv
+    enroll_token_file: Path | None = None
+    open_enrollment: bool = False  # anyone may enroll (capped by max_devices); else a token is needed
+    max_devices: int = 1000  # enrolled devices that are not revoked
+    admin_token: str = ""  # GetStatus for operators; "" : FEDPERS_ADMIN_TOKEN, else <store>/admin.token
+    admin_token_file: Path | None = None
     personal_layers: tuple[str, ...] = ()
     local_epochs: int | None = None  # None: from the model INI ([Model] Epochs)
     batch_size: int | None = None  # None: from the model INI
@@ -57,6 +72,14 @@ class ServerConfig:
     max_examples: int = 10_000  # ceiling on the num_examples one update may count for
     port_file: Path | None = None  # write the bound port here once serving (for --listen HOST:0)
     metrics_listen: str | None = None  # HOST:PORT for Prometheus /metrics; None: no metrics endpoint
+    tls_cert: Path | None = None  # the server's certificate chain (PEM)
+    tls_key: Path | None = None  # its private key (PEM)
+    tls_client_ca: Path | None = None  # require client certificates signed by this CA (mutual TLS)
+    insecure: bool = False  # plaintext: the only way to run without --tls-cert/--tls-key
+    stream_idle_timeout: float = 20.0  # an upload/download that sends nothing this long is cut
+    stream_min_rate: float = 4096.0  # ... or that averages fewer bytes/s once stream_idle_timeout has passed
+    streams_per_device: int = 2  # concurrent uploads/downloads of one device
+    rate_scale: float = 1.0  # multiplies every per-caller call rate and burst (server/limits.py); 0: none
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -82,6 +105,15 @@ class ServerConfig:
             raise ConfigError(str(exc)) from None
         if self.workers < 1:
             raise bad("workers", f"must be >= 1, got {self.workers}")
+        if self.max_devices < 1:
+            raise bad("max_devices", f"must be >= 1, got {self.max_devices}")
+        if self.rate_scale < 0:
+            raise bad("rate_scale", f"must be >= 0, got {self.rate_scale}")
+        if self.streams_per_device < 1:
+            raise bad("streams_per_device", f"must be >= 1, got {self.streams_per_device}")
+        if not self.stream_idle_timeout > 0 or self.stream_min_rate < 0:
+            raise bad("stream_idle_timeout", f"must be > 0 (and stream_min_rate >= 0), got {self.stream_idle_timeout} "
+                                             f"and {self.stream_min_rate}")
         for key in ("server_lr", "clip_norm", "max_update_mb", "learning_rate"):
             v = getattr(self, key)
             if v is not None and not v > 0:
@@ -98,6 +130,34 @@ class ServerConfig:
             self.round_policy()  # the round settings are checked where they are used, once
         except PolicyError as exc:
             raise ConfigError(str(exc)) from None
+        if self.insecure and (self.tls_cert or self.tls_key or self.tls_client_ca):
+            raise bad("insecure", "plaintext cannot be combined with --tls-cert/--tls-key/--tls-client-ca")
+        if not self.insecure and not (self.tls_cert and self.tls_key):
+            raise bad("tls_cert", "the server needs --tls-cert and --tls-key (see SECURITY.md; "
+                                  "`fedpers-server dev-certs` makes throwaway ones), or --insecure for plaintext "
+                                  "on a trusted network")
+
+    def identity_policy(self) -> IdentityPolicy:
+        """Who may enroll and read the status, with the tokens read from their files or the environment
+        (the admin token falls back to <store>/admin.token, made on first start)."""
+        try:
+            enroll = self.enroll_token or secret_from(self.enroll_token_file, ENV_ENROLL_TOKEN, "enrollment token")
+            admin = self.admin_token or secret_from(self.admin_token_file, ENV_ADMIN_TOKEN, "admin token")
+            return IdentityPolicy(enroll_token=enroll, open_enrollment=self.open_enrollment,
+                                  max_devices=self.max_devices, admin_token=admin_token_for(self.store, admin))
+        except (SecretError, IdentityConfigError) as exc:
+            raise ConfigError(str(exc)) from None
+
+    def limits_policy(self) -> LimitsPolicy:
+        """Per-caller rates, streams and stall limits (server/limits.py)."""
+        return LimitsPolicy.for_server(self.retry_after, self.rate_scale, streams_per_device=self.streams_per_device,
+                                       idle_timeout=self.stream_idle_timeout, min_rate=self.stream_min_rate)
+
+    def server_tls(self) -> ServerTls | None:
+        """The TLS side of the gRPC port, or None for plaintext (--insecure)."""
+        if self.insecure or self.tls_cert is None or self.tls_key is None:
+            return None
+        return ServerTls(cert=self.tls_cert, key=self.tls_key, client_ca=self.tls_client_ca)
 
     def dp_config(self) -> DPConfig:
         """The devices' clipping and noise, and the delta the server reports epsilon at."""
@@ -115,9 +175,9 @@ class ServerConfig:
 
 
 _FIELDS = {f.name: f for f in fields(ServerConfig)}
-
-
-PATH_KEYS = ("model", "store", "port_file", "log_file")  # relative paths in a config file are relative to it
+# Path settings: relative paths in a config file are relative to it.
+PATH_KEYS = ("model", "store", "port_file", "log_file", "tls_cert", "tls_key", "tls_client_ca", "enroll_token_file",
+             "admin_token_file")
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -135,6 +195,10 @@ def _coerce(key: str, value: Any) -> Any:
             raise ConfigError(f"{key}: expected a list of layer names or 'a,b', got {value!r}")
         return tuple(value)
     kind = _FIELDS[key].type
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
     if "int" in kind and "float" not in kind and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if "float" in kind:

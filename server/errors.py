@@ -8,7 +8,8 @@ class FederationError(Exception):
 
 
 class BadToken(FederationError):
-    """Missing or wrong device id / session token, or wrong enrollment token (UNAUTHENTICATED)."""
+    """Missing or wrong device id / session token / device secret / admin token, or wrong enrollment
+    token (UNAUTHENTICATED)."""
 
 
 class StaleRound(FederationError):
@@ -43,5 +44,49 @@ class ShuttingDown(FederationError):
     """The server is stopping and takes no more work (UNAVAILABLE)."""
 
 
-class Busy(FederationError):
+class RetryLater(FederationError):
+    """A refusal that retrying after `retry_after` seconds can cure; the hint travels in the trailing
+    metadata (x-fedpers-retry-after) and the agent waits at least that long."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Busy(RetryLater):
     """Every upload slot is taken; the device should retry shortly (UNAVAILABLE)."""
+
+
+# ---------------------------------------------------------------- identity (server/identity.py)
+
+
+class Revoked(FederationError):
+    """The device was revoked by an operator; it can never join again (PERMISSION_DENIED)."""
+
+
+class EnrollmentClosed(FederationError):
+    """The server takes no new devices: no enrollment token is configured (PERMISSION_DENIED)."""
+
+
+class NameTaken(FederationError):
+    """Another enrolled device has this name; names never yield an existing identity (ALREADY_EXISTS)."""
+
+
+class TooManyDevices(FederationError):
+    """The cap on enrolled devices (--max-devices) is reached (RESOURCE_EXHAUSTED)."""
+
+
+# ---------------------------------------------------------------- limits (server/limits.py)
+
+
+class RateLimited(RetryLater):
+    """The caller exceeded its call rate for this method (RESOURCE_EXHAUSTED, with a retry hint)."""
+
+
+class TooManyStreams(RetryLater):
+    """The device already has its maximum of uploads/downloads open (RESOURCE_EXHAUSTED, with a retry hint)."""
+
+
+class StreamCut(FederationError):
+    """An upload stream ended early: cancelled by the device, the connection lost, or cut by the server
+    for sending nothing or too slowly (CANCELLED; logged at INFO, not an error of the server)."""

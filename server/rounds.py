@@ -20,11 +20,8 @@ from the journal and continues it.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import math
-import secrets
 import sqlite3
 import threading
 import time
@@ -40,7 +37,6 @@ from fedpers.server import state as st
 from fedpers.server.aggregate import Aggregator, ServerOptimizer
 from fedpers.server.errors import (
     AlreadyReported,
-    BadToken,
     BadUpdate,
     LateUpdate,
     NotSelected,
@@ -49,6 +45,7 @@ from fedpers.server.errors import (
     StaleRound,
     UnknownVersion,
 )
+from fedpers.server.identity import Identity, IdentityPolicy
 from fedpers.server.journal import Journal, JournalRecord
 from fedpers.server.model import LayoutError, ModelLayout
 from fedpers.server.status import build_status
@@ -106,10 +103,6 @@ class RoundPolicy:
                 raise PolicyError(f"{key}: must be {rule}, got {getattr(self, key)}")
 
 
-def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
-
-
 def weighted_metrics(updates: Iterable[st.UpdateRecord]) -> dict[str, float]:
     """Example-weighted mean of each metric over the updates that report it."""
     sums: dict[str, float] = {}
@@ -137,14 +130,17 @@ class Coordinator:
         policy: RoundPolicy,
         training: wire.TrainingConfig,
         enroll_token: str = "",
+        identity: IdentityPolicy | None = None,
         clock: Callable[[], float] = time.time,
         journal: Journal | None = None,
         dp_delta: float = 1e-5,
     ) -> None:
+        """`identity` says who may enroll and read the status; without it, enrollment needs
+        `enroll_token` (and is closed when that is empty)."""
         self.state, self.store, self.layout = state, store, layout
         self.aggregator, self.optimizer, self.policy = aggregator, optimizer, policy
-        self.enroll_token = enroll_token
         self.clock = clock
+        self.identity = Identity(state, identity or IdentityPolicy(enroll_token=enroll_token), clock)
         self.training = replace(training, shared_tensors=layout.shared, personal_layers=layout.personal_layers,
                                 deadline_unix=0.0, dp_delta=dp_delta if training.dp_clip_norm > 0 else 0.0)
         shared_bytes = 4 * layout.shared_params
@@ -160,7 +156,6 @@ class Coordinator:
         self._reported: set[int] = set()
         self._stopping = False
         self._blob: tuple[int, bytes] | None = None
-        self._token_hashes: dict[int, str] = {}  # auth runs on gRPC's serving thread: avoid the database there
         self.close_error = ""  # why the last attempt to close a round failed (shown in GetStatus)
         self._closed = 0
         self.version, self.weights = self._recover(initial_weights)
@@ -248,35 +243,25 @@ class Coordinator:
 
     # ------------------------------------------------------------------ devices
 
-    def join(self, enroll_token: str, device_name: str = "") -> wire.JoinReply:
+    def enroll(self, request: wire.EnrollRequest) -> wire.EnrollReply:
+        """A new device gets its id and long-term secret (server/identity.py)."""
         if self._stopping:
             raise ShuttingDown("the server is shutting down")
-        if self.enroll_token and not hmac.compare_digest(enroll_token.encode(), self.enroll_token.encode()):
-            raise BadToken("wrong enrollment token")
-        token = secrets.token_urlsafe(32)
-        dev = self.state.add_device(device_name or None, hash_token(token), self.clock())
-        self._token_hashes[dev.device_id] = dev.token_hash
-        self._seen[dev.device_id] = self.clock()  # live: it is about to ask for a task
-        log.info("device %d joined%s", dev.device_id, f" as {device_name!r}" if device_name else "")
-        return wire.JoinReply(device_id=dev.device_id, session_token=token)
+        reply = self.identity.enroll(request)
+        self._seen[reply.device_id] = self.clock()  # live: it is about to join and ask for a task
+        return reply
+
+    def join(self, request: wire.JoinRequest) -> wire.JoinReply:
+        """An enrolled device proves its secret and gets a session token."""
+        if self._stopping:
+            raise ShuttingDown("the server is shutting down")
+        reply = self.identity.join(request)
+        self._seen[reply.device_id] = self.clock()  # live: it is about to ask for a task
+        return reply
 
     def authenticate(self, device_id: str | int | None, token: str | None) -> int:
-        """The device id if (id, session token) match an enrolled device, else BadToken."""
-        if device_id in (None, "") or not token:
-            raise BadToken(f"missing {wire.DEVICE_KEY} / {wire.TOKEN_KEY} metadata; call Join first")
-        try:
-            did = int(device_id)  # type: ignore[arg-type]
-        except ValueError:
-            raise BadToken(f"{wire.DEVICE_KEY} must be a decimal device id, got {device_id!r}") from None
-        known = self._token_hashes.get(did)
-        if known is None:
-            dev = self.state.device(did) if 1 <= did <= wire.INT63_MAX else None
-            if dev is None:
-                raise BadToken(f"device {did} is not enrolled")
-            known = self._token_hashes[did] = dev.token_hash
-        if not hmac.compare_digest(known, hash_token(token)):
-            raise BadToken(f"wrong session token for device {did}")
-        return did
+        """The device id if (id, session token) match an enrolled, unrevoked device, else BadToken / Revoked."""
+        return self.identity.authenticate(device_id, token)
 
     # ------------------------------------------------------------------ rounds
 
@@ -490,6 +475,12 @@ class Coordinator:
         if header.total_size > self.max_update_bytes:
             raise wire.Oversize(f"update of {header.total_size} bytes exceeds the limit of {self.max_update_bytes}")
         return r
+
+    def check_upload(self, device_id: int, header: wire.UpdateHeader) -> None:
+        """Refuse an upload from its header alone (round, selection, base, sizes), before the
+        transport commits an upload slot to it; accept_update checks again."""
+        with self._lock:
+            self._check_upload(device_id, header, self.clock())
 
     def accept_update(self, device_id: int, header: wire.UpdateHeader, chunks: Iterable) -> wire.UploadReply:
         """Check the header; receive, verify, decode and validate the delta and journal it durably (all

@@ -11,14 +11,20 @@ from __future__ import annotations
 import abc
 import copy
 import json
+import logging
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from fedpers.private import tighten_file
 from fedpers.wire import INT63_MAX
+
+log = logging.getLogger(__name__)
 
 # Listed once; applied to every SQLite connection.
 SQLITE_PRAGMAS: tuple[tuple[str, str], ...] = (
@@ -47,10 +53,19 @@ class Conflict(StateError):
 
 @dataclass(frozen=True)
 class Device:
+    """An enrolled device. Its credentials are kept only as salted hashes (server/identity.py)."""
+
     device_id: int
-    name: str | None
-    token_hash: str
-    joined_at: float
+    name: str | None  # a label, unique among devices that are not revoked
+    secret_hash: str  # the long-term device secret
+    joined_at: float  # when it enrolled
+    session_hash: str = ""  # the current session token ("" : none)
+    revoked_at: float = 0.0  # 0: not revoked
+    enroll_hash: str = ""  # the enrollment request id, until the device first joins with its secret
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at > 0
 
 
 @dataclass(frozen=True)
@@ -99,14 +114,35 @@ class State(abc.ABC):
 
     # devices
     @abc.abstractmethod
-    def add_device(self, name: str | None, token_hash: str, now: float) -> Device:
-        """Enroll a device; a known `name` keeps its id and gets the new token hash."""
+    def add_device(self, name: str | None, secret_hash: str, now: float, *, enroll_hash: str = "") -> Device:
+        """Enroll a new device; Conflict when a device that is not revoked already has `name`."""
 
     @abc.abstractmethod
     def device(self, device_id: int) -> Device | None: ...
 
     @abc.abstractmethod
-    def count_devices(self) -> int: ...
+    def device_by_name(self, name: str) -> Device | None:
+        """The device with `name` that is not revoked, or None."""
+
+    @abc.abstractmethod
+    def devices(self) -> list[Device]:
+        """Every device, revoked ones included, by id."""
+
+    @abc.abstractmethod
+    def count_devices(self, active_only: bool = False) -> int:
+        """Enrolled devices (only those not revoked when `active_only`)."""
+
+    @abc.abstractmethod
+    def set_credentials(self, device_id: int, *, secret_hash: str | None = None, session_hash: str | None = None,
+                        enroll_hash: str | None = None) -> Device:
+        """Replace the given credential hashes of a device (None: keep); UnknownId if not enrolled."""
+
+    @abc.abstractmethod
+    def revoke_device(self, device_id: int, now: float) -> Device:
+        """Revoke a device (its session is cleared, its name freed); revoking again keeps the first time."""
+
+    @abc.abstractmethod
+    def revoked_ids(self) -> frozenset[int]: ...
 
     # rounds
     @abc.abstractmethod
@@ -189,15 +225,14 @@ class MemoryState(State):
             else:
                 self._snapshots.pop()
 
-    def add_device(self, name: str | None, token_hash: str, now: float) -> Device:
+    def add_device(self, name: str | None, secret_hash: str, now: float, *, enroll_hash: str = "") -> Device:
         with self.tx():
             if name and name in self._t.names:
-                dev = replace(self._t.devices[self._t.names[name]], token_hash=token_hash)
-            else:
-                dev = Device(self._t.next_device, name or None, token_hash, now)
-                self._t.next_device += 1
-                if name:
-                    self._t.names[name] = dev.device_id
+                raise Conflict(f"a device named {name!r} is already enrolled")
+            dev = Device(self._t.next_device, name or None, secret_hash, now, enroll_hash=enroll_hash)
+            self._t.next_device += 1
+            if name:
+                self._t.names[name] = dev.device_id
             self._t.devices[dev.device_id] = dev
             return dev
 
@@ -205,9 +240,47 @@ class MemoryState(State):
         with self._lock:
             return self._t.devices.get(device_id)
 
-    def count_devices(self) -> int:
+    def device_by_name(self, name: str) -> Device | None:
         with self._lock:
-            return len(self._t.devices)
+            did = self._t.names.get(name)
+            return self._t.devices[did] if did is not None else None
+
+    def devices(self) -> list[Device]:
+        with self._lock:
+            return [self._t.devices[d] for d in sorted(self._t.devices)]
+
+    def count_devices(self, active_only: bool = False) -> int:
+        with self._lock:
+            return sum(1 for d in self._t.devices.values() if not (active_only and d.revoked))
+
+    def _known(self, device_id: int) -> Device:
+        dev = self._t.devices.get(device_id)
+        if dev is None:
+            raise UnknownId(f"device {device_id} is not enrolled")
+        return dev
+
+    def set_credentials(self, device_id: int, *, secret_hash: str | None = None, session_hash: str | None = None,
+                        enroll_hash: str | None = None) -> Device:
+        changes = {k: v for k, v in (("secret_hash", secret_hash), ("session_hash", session_hash),
+                                     ("enroll_hash", enroll_hash)) if v is not None}
+        with self.tx():
+            dev = replace(self._known(device_id), **changes)
+            self._t.devices[device_id] = dev
+            return dev
+
+    def revoke_device(self, device_id: int, now: float) -> Device:
+        with self.tx():
+            dev = self._known(device_id)
+            if not dev.revoked:
+                dev = replace(dev, revoked_at=now, session_hash="", enroll_hash="")
+                self._t.devices[device_id] = dev
+                if dev.name and self._t.names.get(dev.name) == device_id:
+                    del self._t.names[dev.name]
+            return dev
+
+    def revoked_ids(self) -> frozenset[int]:
+        with self._lock:
+            return frozenset(d for d, dev in self._t.devices.items() if dev.revoked)
 
     def open_round(self, base_version: int, selected: tuple[int, ...], now: float, deadline: float) -> Round:
         check_id(base_version, "base_version", allow_zero=True)
@@ -290,13 +363,20 @@ class MemoryState(State):
 
 # ---------------------------------------------------------------------------------- sqlite
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-    device_id  INTEGER PRIMARY KEY AUTOINCREMENT,
-    name       TEXT UNIQUE,
-    token_hash TEXT NOT NULL,
-    joined_at  REAL NOT NULL
-);
+_DEVICES_TABLE = """
+CREATE TABLE IF NOT EXISTS {name} (
+    device_id    INTEGER PRIMARY KEY AUTOINCREMENT,
+    name         TEXT,
+    secret_hash  TEXT NOT NULL,
+    joined_at    REAL NOT NULL,
+    session_hash TEXT NOT NULL DEFAULT '',
+    revoked_at   REAL NOT NULL DEFAULT 0,
+    enroll_hash  TEXT NOT NULL DEFAULT ''
+)"""
+_DEVICE_COLS = "device_id, name, secret_hash, joined_at, session_hash, revoked_at, enroll_hash"
+
+_SCHEMA = _DEVICES_TABLE.format(name="devices") + """;
+CREATE UNIQUE INDEX IF NOT EXISTS devices_active_name ON devices(name) WHERE revoked_at = 0;
 CREATE TABLE IF NOT EXISTS rounds (
     round_id     INTEGER PRIMARY KEY AUTOINCREMENT,
     base_version INTEGER NOT NULL CHECK (base_version >= 0),
@@ -348,13 +428,43 @@ class SqliteState(State):
             return
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            # owner only from the first byte: it names devices and holds credential hashes
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+            tighten_file(self.path)
         self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         for key, value in SQLITE_PRAGMAS:
             self._db.execute(f"PRAGMA {key} = {value}")
+        self._migrate_devices()
         with self.tx():  # (executescript would commit early; run the statements one by one)
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+        if self.path != ":memory:":
+            for suffix in ("-wal", "-shm"):
+                tighten_file(self.path + suffix)
+
+    def _migrate_devices(self) -> None:
+        """A database from before device secrets (a `token_hash` column, names unique forever): rebuild
+        the devices table; its devices cannot prove a secret, so they are revoked (freeing their
+        names) and enroll again. Rounds, updates and versions are kept."""
+        cols = [row[1] for row in self._db.execute("PRAGMA table_info(devices)")]
+        if not cols or "secret_hash" in cols:
+            return
+        self._db.execute("PRAGMA foreign_keys = OFF")  # (only outside a transaction)
+        try:
+            with self.tx():
+                self._db.execute(_DEVICES_TABLE.format(name="devices_v2"))
+                n = self._db.execute(
+                    "INSERT INTO devices_v2 (device_id, name, secret_hash, joined_at, revoked_at)"
+                    " SELECT device_id, name, '', joined_at, ? FROM devices", (time.time(),)).rowcount
+                self._db.execute("DROP TABLE devices")
+                self._db.execute("ALTER TABLE devices_v2 RENAME TO devices")
+                if self._db.execute("PRAGMA foreign_key_check").fetchall():
+                    raise StateError(f"{self.path}: foreign keys broken while migrating the devices table")
+        finally:
+            self._db.execute("PRAGMA foreign_keys = ON")
+        log.warning("%s: %d devices enrolled before device secrets existed are revoked; they enroll again",
+                    self.path, n)
 
     @contextmanager
     def tx(self) -> Iterator[None]:
@@ -384,26 +494,61 @@ class SqliteState(State):
         with self._lock:
             return self._db.execute(sql, args).fetchall()
 
-    def add_device(self, name: str | None, token_hash: str, now: float) -> Device:
+    def add_device(self, name: str | None, secret_hash: str, now: float, *, enroll_hash: str = "") -> Device:
         with self.tx():
-            if name:
-                row = self._one("SELECT device_id FROM devices WHERE name = ?", (name,))
-                if row is not None:
-                    self._db.execute("UPDATE devices SET token_hash = ? WHERE device_id = ?", (token_hash, row[0]))
-                    return self.device(row[0])  # type: ignore[return-value]
-            cur = self._db.execute(
-                "INSERT INTO devices (name, token_hash, joined_at) VALUES (?, ?, ?)", (name or None, token_hash, now)
-            )
-            return Device(check_id(cur.lastrowid, "device_id"), name or None, token_hash, now)
+            try:
+                cur = self._db.execute(
+                    "INSERT INTO devices (name, secret_hash, joined_at, enroll_hash) VALUES (?, ?, ?, ?)",
+                    (name or None, secret_hash, now, enroll_hash))
+            except sqlite3.IntegrityError:
+                raise Conflict(f"a device named {name!r} is already enrolled") from None
+            return Device(check_id(cur.lastrowid, "device_id"), name or None, secret_hash, now,
+                          enroll_hash=enroll_hash)
 
     def device(self, device_id: int) -> Device | None:
         if not 1 <= device_id <= INT63_MAX:
             return None
-        row = self._one("SELECT device_id, name, token_hash, joined_at FROM devices WHERE device_id = ?", (device_id,))
+        row = self._one(f"SELECT {_DEVICE_COLS} FROM devices WHERE device_id = ?", (device_id,))
         return Device(*row) if row else None
 
-    def count_devices(self) -> int:
-        return self._one("SELECT COUNT(*) FROM devices")[0]  # type: ignore[index]
+    def device_by_name(self, name: str) -> Device | None:
+        row = self._one(f"SELECT {_DEVICE_COLS} FROM devices WHERE name = ? AND revoked_at = 0", (name,))
+        return Device(*row) if row else None
+
+    def devices(self) -> list[Device]:
+        return [Device(*row) for row in self._all(f"SELECT {_DEVICE_COLS} FROM devices ORDER BY device_id")]
+
+    def count_devices(self, active_only: bool = False) -> int:
+        where = " WHERE revoked_at = 0" if active_only else ""
+        return self._one(f"SELECT COUNT(*) FROM devices{where}")[0]  # type: ignore[index]
+
+    def _known(self, device_id: int) -> Device:
+        dev = self.device(device_id)
+        if dev is None:
+            raise UnknownId(f"device {device_id} is not enrolled")
+        return dev
+
+    def set_credentials(self, device_id: int, *, secret_hash: str | None = None, session_hash: str | None = None,
+                        enroll_hash: str | None = None) -> Device:
+        changes = [(k, v) for k, v in (("secret_hash", secret_hash), ("session_hash", session_hash),
+                                       ("enroll_hash", enroll_hash)) if v is not None]
+        with self.tx():
+            self._known(device_id)
+            if changes:
+                sets = ", ".join(f"{k} = ?" for k, _ in changes)
+                values = (*(v for _, v in changes), device_id)
+                self._db.execute(f"UPDATE devices SET {sets} WHERE device_id = ?", values)
+            return self._known(device_id)
+
+    def revoke_device(self, device_id: int, now: float) -> Device:
+        with self.tx():
+            if not self._known(device_id).revoked:
+                self._db.execute("UPDATE devices SET revoked_at = ?, session_hash = '', enroll_hash = ''"
+                                 " WHERE device_id = ?", (now, device_id))
+            return self._known(device_id)
+
+    def revoked_ids(self) -> frozenset[int]:
+        return frozenset(d for (d,) in self._all("SELECT device_id FROM devices WHERE revoked_at > 0"))
 
     def open_round(self, base_version: int, selected: tuple[int, ...], now: float, deadline: float) -> Round:
         check_id(base_version, "base_version", allow_zero=True)

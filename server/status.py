@@ -8,6 +8,14 @@ from fedpers import wire
 from fedpers.server import state as st
 
 RECENT_ROUNDS = 100  # rounds a status lists, newest last
+MAX_PROBLEM_CHARS = 1000
+# With these, a status is at most ~RECENT_ROUNDS * MAX_METRICS * (MAX_METRIC_KEY_CHARS + 12) bytes, far
+# below the message limit, whatever the devices reported (tests/test_limits.py checks the bound).
+
+
+def _bounded(metrics: dict[str, float]) -> dict[str, float]:
+    """A round's metrics as a status shows them: at most MAX_METRICS keys (sorted, the first kept)."""
+    return dict(sorted(metrics.items())[:wire.MAX_METRICS])
 
 
 def build_status(state: st.State, version: int, rounds_target: int, finished: bool,
@@ -16,7 +24,7 @@ def build_status(state: st.State, version: int, rounds_target: int, finished: bo
     recent = state.rounds(limit=RECENT_ROUNDS)
     summaries = tuple(
         wire.RoundSummary(round_id=r.round_id, version=r.version, state=r.state,
-                          devices=state.count_updates(r.round_id), metrics=dict(r.metrics),
+                          devices=state.count_updates(r.round_id), metrics=_bounded(r.metrics),
                           late_updates=state.count_late(r.round_id))
         for r in reversed(recent)
     )
@@ -26,7 +34,7 @@ def build_status(state: st.State, version: int, rounds_target: int, finished: bo
         version=version, current_round=latest.round_id if latest else 0,
         round_state=latest.state if latest else "", rounds_completed=closed, rounds_target=rounds_target,
         devices_joined=state.count_devices(), finished=finished,
-        rounds=summaries, problem=problem, late_updates=state.count_late(),
+        rounds=summaries, problem=problem[:MAX_PROBLEM_CHARS], late_updates=state.count_late(),
     )
 
 

@@ -124,7 +124,9 @@ def test_no_restart_no_oom_clean_exits(run) -> None:
 def test_each_device_sees_only_its_own_data(run) -> None:
     for device in run.devices:
         mounts = {dest: (name, rw) for name, dest, rw in run.containers[device].mounts}
-        assert set(mounts) == {"/var/lib/fedpers/data", "/var/lib/fedpers/state"}, mounts
+        assert set(mounts) == {"/var/lib/fedpers/data", "/var/lib/fedpers/state", "/var/lib/fedpers/bootstrap"}, mounts
+        # the CA certificate and enrollment token every device shares, read-only; never the server's key
+        assert mounts["/var/lib/fedpers/bootstrap"] == (f"{run.project}_fleet-bootstrap", False)
         data_volume, data_rw = mounts["/var/lib/fedpers/data"]
         state_volume, state_rw = mounts["/var/lib/fedpers/state"]
         assert data_volume == f"{run.project}_{device}-data" and not data_rw
@@ -132,7 +134,8 @@ def test_each_device_sees_only_its_own_data(run) -> None:
         assert run.containers[device].user == "fedpers"
     server = run.containers["server"]
     assert server.ports and all(ip == "127.0.0.1" for ip, _ in server.ports), server.ports
-    assert [dest for _, dest, _ in server.mounts] == ["/var/lib/fedpers/store"]
+    assert {dest: rw for _, dest, rw in server.mounts} == {
+        "/var/lib/fedpers/store": True, "/var/lib/fedpers/tls": False, "/var/lib/fedpers/bootstrap": False}
 
 
 def test_server_restart_continues_from_its_last_version(run) -> None:
@@ -182,3 +185,12 @@ def test_device_small_naive_is_killed_while_training_not_at_start_up(run) -> Non
     assert m.naive.peak_bytes >= 0.95 * m.mem_limit, f"naive peak {m.naive.peak_bytes} of {m.mem_limit}"
     assert m.naive.anon_bytes > start_up, f"naive anon {m.naive.anon_bytes}, start-up RSS {start_up}"
     assert start_up + m.plan["naive"] > m.mem_limit
+
+
+def test_fleet_runs_with_tls_and_an_enrollment_token(run) -> None:
+    log = run.server_log
+    assert "PLAINTEXT" not in log, "the fleet's server must not run --insecure"
+    assert "enrollment with the enrollment token" in log
+    assert "fleet-demo" not in log  # no default token any more
+    for device in run.devices:
+        assert (run.reports[device].id or 0) >= 1  # each enrolled, then joined with its own secret

@@ -28,6 +28,9 @@ from fedpers.rpc import federation_pb2 as pb
 from fedpers.rpc import federation_pb2_grpc as pb_grpc
 from fedpers.store import ModelStore
 from fedpers.stub import get_status
+from fedpers.tls import TlsConfig
+
+from tests.server_helpers import client_tls, client_tls_args, server_tls_args
 
 MODEL = Path(__file__).parent / "data" / "digits_mlp_personal.ini"
 PERSONAL = "privhead"
@@ -37,6 +40,8 @@ pytestmark = pytest.mark.slow  # server and device processes over real gRPC
 DEVICES = 3
 CODEC = "topk:0.3+zstd"
 TOKEN = "e2e-token"
+ADMIN = "e2e-admin-token"
+SERVER_ENV = {"FEDPERS_ENROLL_TOKEN": TOKEN, "FEDPERS_ADMIN_TOKEN": ADMIN}  # secrets never go in argv
 
 
 def _server(tmp: Path, *extra: str, min_devices: int = DEVICES, rounds: int = ROUNDS) -> tuple[Child, str]:
@@ -44,16 +49,17 @@ def _server(tmp: Path, *extra: str, min_devices: int = DEVICES, rounds: int = RO
     argv = [sys.executable, "-m", "fedpers.server", "serve", "--model", str(MODEL), "--listen", "127.0.0.1:0",
             "--port-file", str(port_file), "--store", str(tmp / "store"), "--rounds", str(rounds),
             "--min-devices", str(min_devices), "--round-timeout", "120", "--codec", CODEC, "--local-epochs", "1",
-            "--enroll-token", TOKEN, "--retry-after", "0.1", "--strategy", "fedavg", "--server-lr", "1.0", *extra]
-    server = Child.start("server", argv, tmp / "logs" / "server.log")
-    return server, wait_for_server(port_file, server, timeout=60)
+            "--retry-after", "0.1", "--strategy", "fedavg", "--server-lr", "1.0", *server_tls_args(), *extra]
+    server = Child.start("server", argv, tmp / "logs" / "server.log", env=SERVER_ENV)
+    return server, wait_for_server(port_file, server, timeout=60, tls=client_tls())
 
 
 def _device(tmp: Path, address: str, i: int, *extra: str) -> Child:
     argv = [sys.executable, "-m", "fedpers.client", "run", "--server", address, "--data",
             str(tmp / "data" / f"device-{i}.npz"), "--state", str(tmp / "dev" / str(i)), "--name", f"e2e-{i}",
-            "--enroll-token", TOKEN, "--save-uploads", "--retry-seconds", "30", *extra]
-    return Child.start(f"device-{i}", argv, tmp / "logs" / f"device-{i}-{time.monotonic_ns()}.log")
+            "--save-uploads", "--retry-seconds", "30", *client_tls_args(), *extra]
+    return Child.start(f"device-{i}", argv, tmp / "logs" / f"device-{i}-{time.monotonic_ns()}.log",
+                       env={"FEDPERS_ENROLL_TOKEN": TOKEN})
 
 
 def _wait(child: Child, timeout: float) -> int:
@@ -87,7 +93,7 @@ def fed(tmp_path_factory):
         restarted = _device(tmp, address, 0, "--json")
         children.append(restarted)
         codes = [_wait(c, 120) for c in children[1:]]
-        status = get_status(address)
+        status = get_status(address, tls=client_tls(), admin_token=ADMIN)
     finally:
         for c in children:
             c.stop()
@@ -222,7 +228,8 @@ def test_sigterm_while_waiting_exits_cleanly(tmp_path):
     try:
         dev = _device(tmp_path, address, 0)
         deadline = time.monotonic() + 60
-        while get_status(address).devices_joined < 1:  # joined, now waiting for a second device
+        # joined, now waiting for a second device
+        while get_status(address, tls=client_tls(), admin_token=ADMIN).devices_joined < 1:
             assert time.monotonic() < deadline and dev.poll() is None, dev.tail(30)
             time.sleep(0.05)
         dev.proc.send_signal(signal.SIGTERM)
@@ -242,6 +249,9 @@ class _FlakyServicer(pb_grpc.FederationServicer):
         self.blob = blob
         self.joins = 0
         self.offsets: list[int] = []
+
+    def Enroll(self, request, context):
+        return pb.EnrollReply(device_id=5, device_secret="secret")
 
     def Join(self, request, context):
         self.joins += 1
@@ -272,7 +282,7 @@ def test_join_retries_and_download_resumes_at_the_byte_it_reached(tmp_path):
     server.start()
     write_partition(tmp_path / "data", partition_digits(2, seed=0)[:1])
     agent = Agent(AgentConfig(server=f"127.0.0.1:{port}", data=tmp_path / "data" / "device-0.npz",
-                              state=tmp_path / "state", backoff_initial=0.01))
+                              state=tmp_path / "state", backoff_initial=0.01, tls=TlsConfig.plaintext()))
     try:
         assert agent.join() == 5 and servicer.joins == 2
         got = agent.download(3)

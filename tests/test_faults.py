@@ -23,6 +23,7 @@ from tests.server_helpers import (
     FakeSpec,
     header,
     initial_weights,
+    join_device,
     make_coordinator,
     random_delta,
     update_blob,
@@ -32,7 +33,7 @@ TRAIN, WAIT = wire.TaskKind.TRAIN, wire.TaskKind.WAIT
 
 
 def _join(c: Coordinator, n: int) -> list[int]:
-    return [c.join("enroll-me", f"dev{i}").device_id for i in range(n)]
+    return [join_device(c, "enroll-me", f"dev{i}").device_id for i in range(n)]
 
 
 def _upload(c: Coordinator, dev: int, task: wire.Task, delta, n: int = 10):

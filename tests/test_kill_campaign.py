@@ -25,11 +25,15 @@ from fedpers.client.processes import Child, free_port, wait_for_server
 from fedpers.store import ModelStore
 from fedpers.stub import get_status
 
+from tests.server_helpers import client_tls, client_tls_args, server_tls_args
+
 MODEL = Path(__file__).parent / "data" / "digits_mlp_personal.ini"
 DEVICES = 3
 CAMPAIGN_ROUNDS = 100_000  # the federation cannot finish while the campaign runs, however fast rounds are
 FINAL_ROUNDS = 3  # after the last kill: this many more rounds, then DONE
 KILLS = 21
+TOKEN, ADMIN = "kc-enroll", "kc-admin"
+SERVER_ENV = {"FEDPERS_ENROLL_TOKEN": TOKEN, "FEDPERS_ADMIN_TOKEN": ADMIN}  # secrets never go in argv
 ACCEPTED = b"accepted ("  # rounds.py: "round %d: update from device %d accepted (%d/%d)" (DEBUG)
 pytestmark = pytest.mark.slow
 
@@ -39,16 +43,16 @@ def _start_server(tmp: Path, port: int, life: int, rounds: int = CAMPAIGN_ROUNDS
     argv = [sys.executable, "-m", "fedpers.server", "serve", "--model", str(MODEL), "--store", str(tmp / "store"),
             "--listen", f"127.0.0.1:{port}", "--port-file", str(port_file), "--rounds", str(rounds),
             "--min-devices", str(DEVICES), "--round-timeout", "120", "--retry-after", "0.1", "--codec", "int8",
-            "--local-epochs", "1", "--enroll-token", "kc", "--log-level", "DEBUG"]
-    server = Child.start("server", argv, tmp / "logs" / f"server-{life:02d}.log")
-    return server, wait_for_server(port_file, server, timeout=90)
+            "--local-epochs", "1", "--log-level", "DEBUG", *server_tls_args()]
+    server = Child.start("server", argv, tmp / "logs" / f"server-{life:02d}.log", env=SERVER_ENV)
+    return server, wait_for_server(port_file, server, timeout=90, tls=client_tls())
 
 
 def _device(tmp: Path, address: str, i: int) -> Child:
     argv = [sys.executable, "-m", "fedpers.client", "run", "--server", address, "--data",
             str(tmp / "data" / f"device-{i}.npz"), "--state", str(tmp / "dev" / str(i)), "--name", f"kc-{i}",
-            "--enroll-token", "kc", "--retry-seconds", "300", "--log-level", "WARNING"]
-    return Child.start(f"device-{i}", argv, tmp / "logs" / f"device-{i}.log")
+            "--retry-seconds", "300", "--log-level", "WARNING", *client_tls_args()]
+    return Child.start(f"device-{i}", argv, tmp / "logs" / f"device-{i}.log", env={"FEDPERS_ENROLL_TOKEN": TOKEN})
 
 
 def _wait_for_ack(server: Child, since: int, timeout: float) -> bool:
@@ -82,7 +86,7 @@ def test_kill_9_campaign_loses_no_acknowledged_update(tmp_path: Path) -> None:
             else:
                 time.sleep(rng.uniform(0.2, 2.5))
             assert server.poll() is None, server.tail(30)
-            closed = get_status(address, timeout=5).rounds_completed
+            closed = get_status(address, tls=client_tls(), admin_token=ADMIN, timeout=5).rounds_completed
             server.proc.kill()  # SIGKILL: no handler, no grace, no cleanup
             server.proc.wait()
             server.stop()
@@ -99,7 +103,7 @@ def test_kill_9_campaign_loses_no_acknowledged_update(tmp_path: Path) -> None:
             assert server.poll() is None, server.tail(30)
             time.sleep(0.2)
         codes = [d.stop() for d in devices]
-        status = get_status(address)
+        status = get_status(address, tls=client_tls(), admin_token=ADMIN)
     finally:
         for d in devices:
             d.stop()

@@ -20,6 +20,7 @@ from fedpers.server import app
 from fedpers.server.config import ServerConfig
 
 from tests.netproxy import NetProxy
+from tests.server_helpers import client_tls, server_tls
 
 MODEL = Path(__file__).resolve().parent.parent / "bench" / "mlp_1m.ini"
 
@@ -40,13 +41,15 @@ def test_backoff_is_capped_exponential_with_jitter() -> None:
 @pytest.fixture
 def served(tmp_path: Path):
     cfg = ServerConfig(model=MODEL, store=tmp_path / "store", listen="127.0.0.1:0", rounds=1, min_devices=1,
-                       personal_layers=("output",), round_timeout=120, workers=4)
+                       personal_layers=("output",), round_timeout=120, workers=4, enroll_token="lf-token",
+                       **server_tls())
     running = app.start(cfg)
     proxy = NetProxy("127.0.0.1", running.port)
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "data.npz", x=rng.random((8, 1, 1, 784), dtype=np.float32), y=np.arange(8) % 10)
     agent = Agent(AgentConfig(server=proxy.address, data=tmp_path / "data.npz", state=tmp_path / "dev",
-                              backoff_initial=0.05, backoff_max=0.5, retry_seconds=60))
+                              tls=client_tls(), enroll_token="lf-token", backoff_initial=0.05, backoff_max=0.5,
+                              retry_seconds=60))
     yield running, proxy, agent
     agent.close()
     proxy.close()

@@ -11,6 +11,7 @@ import pytest
 from fedpers import models
 from fedpers.client.agent import Agent, AgentConfig
 from fedpers.locks import DirectoryBusy, DirLock
+from fedpers.tls import TlsConfig
 
 
 def test_second_lock_is_refused_until_the_first_is_released(tmp_path) -> None:
@@ -31,7 +32,7 @@ def test_a_dead_holder_leaves_no_stale_lock(tmp_path) -> None:
 def test_two_devices_on_one_state_dir(tmp_path) -> None:
     data = tmp_path / "d.npz"
     np.savez(data, x=np.zeros((4, 8), np.float32), y=np.zeros(4, np.int64))
-    cfg = AgentConfig(server="127.0.0.1:1", data=data, state=tmp_path / "state")
+    cfg = AgentConfig(server="127.0.0.1:1", data=data, state=tmp_path / "state", tls=TlsConfig(insecure=True))
     first = Agent(cfg)
     try:
         with pytest.raises(DirectoryBusy, match="state is in use by device"):
@@ -45,12 +46,13 @@ def test_second_server_on_one_store_exits_before_writing(tmp_path) -> None:
     from fedpers.server import app
     from fedpers.server.config import ServerConfig
 
-    cfg = ServerConfig(model=models.path("mlp.ini"), store=tmp_path, listen="127.0.0.1:0")
+    cfg = ServerConfig(model=models.path("mlp.ini"), store=tmp_path, listen="127.0.0.1:0", insecure=True)
     running = app.start(cfg)
     try:
         before = sorted(p.name for p in tmp_path.rglob("*"))
         proc = subprocess.run([sys.executable, "-m", "fedpers.server", "--model", str(models.path("mlp.ini")),
-                               "--store", str(tmp_path), "--listen", "127.0.0.1:0"], capture_output=True, text=True,
+                               "--store", str(tmp_path), "--listen", "127.0.0.1:0", "--insecure"], capture_output=True,
+                              text=True,
                               timeout=60)
         assert proc.returncode == 1 and "is in use by fedpers-server (pid" in proc.stderr, proc.stderr
         assert sorted(p.name for p in tmp_path.rglob("*")) == before

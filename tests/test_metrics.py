@@ -11,7 +11,7 @@ from fedpers.server import app
 from fedpers.server.config import ServerConfig
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server_helpers import Device
+from tests.server_helpers import Device, server_tls
 from tests.test_server_cli import _fp32_update
 
 
@@ -25,7 +25,7 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def test_metrics_endpoint_during_a_federation(tmp_path) -> None:
     cfg = ServerConfig(model=models.path("mlp.ini"), store=tmp_path, listen="127.0.0.1:0", rounds=2, min_devices=2,
-                       personal_layers=("output",), metrics_listen="127.0.0.1:0", enroll_token="t")
+                       personal_layers=("output",), metrics_listen="127.0.0.1:0", enroll_token="t", **server_tls())
     running = app.start(cfg)
     devices = []
     try:

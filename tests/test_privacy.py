@@ -13,7 +13,7 @@ from fedpers.server.config import ConfigError, ServerConfig
 from fedpers.server.model import layout_from_specs
 from fedpers.server.rounds import Coordinator
 
-from tests.server_helpers import FakeSpec, header, make_coordinator, random_delta, update_blob
+from tests.server_helpers import FakeSpec, header, join_device, make_coordinator, random_delta, update_blob
 
 
 def test_clip_scales_the_whole_delta_to_the_norm() -> None:
@@ -66,8 +66,9 @@ def test_dp_settings_are_checked(tmp_path: Path) -> None:
 
     cnn = models.path("digits_cnn_personal.ini")  # has batch norm
     with pytest.raises(ConfigError, match="--bn-stats local"):
-        build_coordinator(ServerConfig(model=cnn, store=tmp_path / "a", dp_clip=1.0, dp_noise=1.0))
-    c = build_coordinator(ServerConfig(model=cnn, store=tmp_path / "b", dp_clip=1.0, dp_noise=1.0, bn_stats="local"))
+        build_coordinator(ServerConfig(model=cnn, store=tmp_path / "a", dp_clip=1.0, dp_noise=1.0, insecure=True))
+    c = build_coordinator(ServerConfig(model=cnn, store=tmp_path / "b", dp_clip=1.0, dp_noise=1.0, bn_stats="local",
+                                       insecure=True))
     assert c.training.dp_clip_norm == 1.0 and not any("running" in k for k in c.layout.shared)
     c.state.close()
 
@@ -77,7 +78,7 @@ def test_each_closed_round_reports_the_epsilon_spent(tmp_path: Path) -> None:
     from dataclasses import replace
 
     c.training = replace(c.training, dp_clip_norm=1.0, dp_noise_multiplier=1.2, dp_delta=1e-5)
-    a = c.join("enroll-me", "d").device_id
+    a = join_device(c, "enroll-me", "d").device_id
     for seed in (1, 2):
         t = c.get_task(a)
         assert t.config.dp_clip_norm == 1.0 and t.config.dp_noise_multiplier == 1.2

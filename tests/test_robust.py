@@ -61,13 +61,13 @@ def test_a_robust_round_closes_at_its_memory_bound(tmp_path: Path) -> None:
     from fedpers.server.rounds import Coordinator, RoundPolicy
     from fedpers.store import ModelStore
 
-    from tests.server_helpers import LAYOUT, Clock, header, initial_weights, random_delta, update_blob
+    from tests.server_helpers import LAYOUT, Clock, header, initial_weights, join_device, random_delta, update_blob
 
     c = Coordinator(state=st.MemoryState(), store=ModelStore(tmp_path), layout=LAYOUT,
                     initial_weights=initial_weights(), aggregator=robust.Median(memory_bytes=2 * 4 * 15),
                     optimizer=ag.make_optimizer("fedavg"), policy=RoundPolicy(rounds=2, min_devices=2),
                     training=wire.TrainingConfig(), enroll_token="e", clock=Clock())
-    devs = [c.join("e", f"d{i}").device_id for i in range(3)]
+    devs = [join_device(c, "e", f"d{i}").device_id for i in range(3)]
     c._waiting = {d: c.clock() for d in devs}
     c.tick()
     t = c.get_task(devs[0])

@@ -15,8 +15,17 @@ from tests.server_helpers import LAYOUT, Clock, header, initial_weights, make_co
 TRAIN, WAIT, DONE = wire.TaskKind.TRAIN, wire.TaskKind.WAIT, wire.TaskKind.DONE
 
 
-def _join(c: Coordinator, n: int) -> list[int]:
-    return [c.join("enroll-me", f"dev{i}").device_id for i in range(n)]
+def _enroll(c: Coordinator, name: str) -> wire.EnrollReply:
+    return c.enroll(wire.EnrollRequest("enroll-me", name, request_id=f"request-of-{name}-0123456789"))
+
+
+def _join(c: Coordinator, n: int, start: int = 0) -> list[int]:
+    """Enroll n devices (dev<start>, ...) and start a session for each; their ids."""
+    out = []
+    for i in range(start, start + n):
+        e = _enroll(c, f"dev{i}")
+        out.append(c.join(wire.JoinRequest(e.device_id, e.device_secret)).device_id)
+    return out
 
 
 def _chunks(blob: bytes, size: int = 64):
@@ -43,7 +52,7 @@ def test_round_opens_only_when_enough_devices_wait(tmp_path: Path) -> None:
     assert t.config.shared_tensors == ("fc1.bias", "fc1.weight") and t.config.personal_layers == ("head",)
     assert t.config.deadline_unix == c.clock() + 60.0 and t.config.local_epochs == 2
     assert c.get_task(devs[0]).kind == TRAIN and c.get_task(devs[1]).round_id == t.round_id
-    devs += _join(c, 4)[3:]
+    devs += _join(c, 1, start=3)
     assert c.get_task(devs[3]).kind == WAIT  # arrived after the round opened
 
 
@@ -209,7 +218,8 @@ def test_finished_after_target_rounds(tmp_path: Path) -> None:
 def test_restart_continues_from_latest_version_and_optimizer_state(tmp_path: Path) -> None:
     db = tmp_path / "state.sqlite"
     c = make_coordinator(tmp_path, state=st.SqliteState(db), strategy="fedavgm", rounds=5, min_devices=1)
-    (a,) = _join(c, 1)
+    enrolled = _enroll(c, "dev0")
+    a = c.join(wire.JoinRequest(enrolled.device_id, enrolled.device_secret)).device_id
     for seed in (1, 2):
         t = c.get_task(a)
         _upload(c, a, t, random_delta(seed))
@@ -226,8 +236,10 @@ def test_restart_continues_from_latest_version_and_optimizer_state(tmp_path: Pat
     for k in momentum:
         np.testing.assert_array_equal(c2.optimizer.m[k], momentum[k])
     assert c2.state.round(t_open.round_id).state == st.OPEN  # continued, not abandoned
-    token = c2.join("enroll-me", "dev0")  # same device name -> same id
-    assert token.device_id == a
+    with pytest.raises(errors.NameTaken):  # its name buys nothing
+        c2.enroll(wire.EnrollRequest("enroll-me", "dev0", "x" * 16))
+    again = c2.join(wire.JoinRequest(a, enrolled.device_secret))  # its secret does, also after a restart
+    assert again.device_id == a
     t3 = c2.get_task(a)
     assert t3.base_version == 2 and t3.round_id == t_open.round_id
     d3 = random_delta(3)
@@ -278,16 +290,19 @@ def test_failed_close_keeps_round_open_and_optimizer_state(tmp_path: Path, monke
     assert c.version == 1 and c.optimizer.t == 1
 
 
-def test_join_and_authenticate(tmp_path: Path) -> None:
+def test_enroll_join_and_authenticate(tmp_path: Path) -> None:
     c = make_coordinator(tmp_path)
     with pytest.raises(errors.BadToken, match="enrollment"):
-        c.join("nope", "x")
-    r1 = c.join("enroll-me", "phone")
+        c.enroll(wire.EnrollRequest("nope", "x", "r" * 16))
+    e = _enroll(c, "phone")
+    r1 = c.join(wire.JoinRequest(e.device_id, e.device_secret))
     assert c.authenticate(str(r1.device_id), r1.session_token) == r1.device_id
-    r2 = c.join("enroll-me", "phone")
+    r2 = c.join(wire.JoinRequest(e.device_id, e.device_secret))
     assert r2.device_id == r1.device_id
-    with pytest.raises(errors.BadToken, match="wrong session token"):
-        c.authenticate(r1.device_id, r1.session_token)  # replaced by the re-join
+    with pytest.raises(errors.BadToken, match="wrong or expired session token"):
+        c.authenticate(r1.device_id, r1.session_token)  # replaced by the new join
+    with pytest.raises(errors.BadToken, match="wrong device secret"):
+        c.join(wire.JoinRequest(e.device_id, "guessed"))
     with pytest.raises(errors.BadToken, match="missing"):
         c.authenticate(None, "t")
     with pytest.raises(errors.BadToken, match="decimal"):
@@ -296,8 +311,8 @@ def test_join_and_authenticate(tmp_path: Path) -> None:
         c.authenticate("99", "t")
     with pytest.raises(errors.BadToken, match="not enrolled"):
         c.authenticate(str(1 << 70), "t")
-    anon = c.join("enroll-me")
-    assert anon.device_id not in (r1.device_id,)
+    anon = c.enroll(wire.EnrollRequest("enroll-me", "", "a" * 16))
+    assert anon.device_id != r1.device_id
 
 
 def test_model_blob_versions(tmp_path: Path) -> None:

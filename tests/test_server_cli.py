@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -15,7 +16,7 @@ import pytest
 from fedpers import codec, wire
 from fedpers.server.config import ConfigError, load_config
 
-from tests.server_helpers import Device
+from tests.server_helpers import Device, client_tls_args, server_tls_args
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "common" / "models" / "mlp.ini"
@@ -27,13 +28,16 @@ def _cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
 
 
 class ServerProcess:
-    def __init__(self, store: Path, *extra: str) -> None:
+    def __init__(self, store: Path, *extra: str, enroll_token: str = "") -> None:
+        """fedpers-server on a free port with TLS; the enrollment token travels in its environment."""
         self.port_file = store / "port"
         self.port_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "fedpers.server", "--model", str(MODEL), "--store", str(store),
-             "--listen", "127.0.0.1:0", "--port-file", str(self.port_file), "--personal-layers", "output", *extra],
+             "--listen", "127.0.0.1:0", "--port-file", str(self.port_file), "--personal-layers", "output",
+             *server_tls_args(), *extra],
             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(os.environ, FEDPERS_ENROLL_TOKEN=enroll_token),
         )
         deadline = time.monotonic() + 60
         while not self.port_file.exists():
@@ -67,9 +71,11 @@ def _fp32_update(task: wire.Task, shapes: dict[str, tuple[int, ...]], seed: int)
 
 @pytest.mark.slow
 def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path, "--rounds", "2", "--min-devices", "1", "--enroll-token", "t0k")
+    os.chmod(tmp_path, 0o755)  # as `mkdir store` leaves it: the server makes it 0700
+    server = ServerProcess(tmp_path, "--rounds", "2", "--min-devices", "1", enroll_token="t0k")
+    admin = ("--admin-token-file", str(tmp_path / "admin.token"))
     try:
-        health = _cli("health", "--address", server.address)
+        health = _cli("health", "--address", server.address, *client_tls_args())
         assert health.returncode == 0 and "SERVING" in health.stdout
         dev = Device(server.address, "d1", enroll="t0k")
         task = dev.task()
@@ -81,12 +87,15 @@ def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
         assert "output.weight" not in base  # personal: never served
         shapes = {k: v.shape for k, v in base.items()}
         assert dev.upload(_fp32_update(task, shapes, 1)).accepted
-        status = json.loads(_cli("status", "--address", server.address, "--json").stdout)
+        status = json.loads(_cli("status", "--address", server.address, "--json", *admin, *client_tls_args()).stdout)
         assert status["version"] == 1 and status["rounds_completed"] == 1 and status["rounds_target"] == 2
-        table = _cli("status", "--address", server.address)
+        table = _cli("status", "--address", server.address, *admin, *client_tls_args())
         assert table.returncode == 0 and "rounds 1/2" in table.stdout
+        no_admin = _cli("status", "--address", server.address, *client_tls_args())
+        assert no_admin.returncode == 2 and "admin token" in no_admin.stderr
         dev.task()  # round 2 opens; SIGTERM abandons it
         dev.close()
+        credentials = dev.credentials
         code, out = server.terminate()
         assert code == 0, out
         assert "round 2 left open" in out and "stopped at version 1" in out
@@ -94,6 +103,11 @@ def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
         server.kill()
     stored = sorted(os.listdir(tmp_path / "models"))
     assert stored == ["v000000000000.fpst", "v000000000001.fpst"]
+    # the store is the server's alone: it names devices, holds credential hashes and the admin token
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path, tmp_path / "models")}
+    modes |= {p.name: stat.S_IMODE(p.stat().st_mode) for p in [tmp_path / "state.sqlite", tmp_path / "admin.token",
+                                                               *(tmp_path / "models").iterdir()]}
+    assert set(modes.values()) <= {0o700, 0o600} and modes["state.sqlite"] == 0o600, modes
     # what the stopped server left, read offline (read only: the database file is not touched)
     db_before = (tmp_path / "state.sqlite").read_bytes()
     offline = wire.status_from_json(_cli("status", "--store", str(tmp_path), "--json").stdout)
@@ -111,9 +125,9 @@ def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
     for name in stored:
         assert b"output" not in (tmp_path / "models" / name).read_bytes()
 
-    server = ServerProcess(tmp_path, "--rounds", "2", "--min-devices", "1", "--enroll-token", "t0k")
+    server = ServerProcess(tmp_path, "--rounds", "2", "--min-devices", "1")  # enrollment closed now
     try:
-        dev = Device(server.address, "d1", enroll="t0k")
+        dev = Device(server.address, "d1", credentials=credentials)  # an enrolled device needs no token
         task = dev.task()
         assert task.base_version == 1
         assert dev.upload(_fp32_update(task, shapes, 2)).accepted
@@ -122,7 +136,8 @@ def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
         assert server.terminate()[0] == 0
     finally:
         server.kill()
-    assert _cli("health", "--address", server.address, timeout=30).returncode == 1  # nothing listens now
+    # nothing listens now
+    assert _cli("health", "--address", server.address, *client_tls_args(), timeout=30).returncode == 1
 
 
 def test_bad_settings_exit_with_a_message(tmp_path: Path) -> None:
@@ -130,15 +145,17 @@ def test_bad_settings_exit_with_a_message(tmp_path: Path) -> None:
     assert r.returncode == 2 and "model: required" in r.stderr
     r = _cli("--model", str(MODEL), "--store", str(tmp_path), "--fraction", "2")
     assert r.returncode == 2 and "fraction" in r.stderr
-    r = _cli("--model", str(MODEL), "--store", str(tmp_path), "--personal-layers", "nope", "--listen", "127.0.0.1:0")
+    r = _cli("--model", str(MODEL), "--store", str(tmp_path), "--personal-layers", "nope", "--listen", "127.0.0.1:0",
+             "--insecure")
     assert r.returncode == 1 and "not layers with weights" in r.stderr
 
 
 def test_toml_config_and_flag_override(tmp_path: Path) -> None:
     (tmp_path / "server.toml").write_text(
         '[server]\nmodel = "m.ini"\nstore = "/abs/store"\nrounds = 7\nmin-devices = 3\npersonal_layers = ["out"]\n'
-        'strategy = "fedadam"\n')
+        'strategy = "fedadam"\ntls-cert = "certs/server.pem"\ntls_key = "/etc/fedpers/server.key"\n')
     cfg = load_config({"rounds": 4, "fraction": None}, tmp_path / "server.toml")
+    assert cfg.tls_cert == tmp_path / "certs" / "server.pem" and cfg.tls_key == Path("/etc/fedpers/server.key")
     assert cfg.rounds == 4 and cfg.min_devices == 3 and cfg.strategy == "fedadam"
     assert cfg.model == tmp_path / "m.ini" and cfg.store == Path("/abs/store")
     assert cfg.personal_layers == ("out",) and cfg.fraction == 1.0
@@ -151,10 +168,11 @@ def test_toml_config_and_flag_override(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="rounds: expected an integer, got 'three'"):
         load_config({}, tmp_path / "typed.toml")
     for key, value, kind in (("fraction", "half", "a number"), ("min_devices", True, "an integer"),
-                             ("personal_layers", 3, "a list"), ("codec", 8, "a string"), ("store", 1, "a path")):
+                             ("personal_layers", 3, "a list"), ("codec", 8, "a string"), ("store", 1, "a path"),
+                             ("insecure", "yes", "true or false")):
         with pytest.raises(ConfigError, match=f"{key}: expected {kind}"):
-            load_config({"model": "m", "store": "s", key: value})
-    assert load_config({"model": "m", "store": "s", "round_timeout": 5}).round_timeout == 5.0
+            load_config({"model": "m", "store": "s", "insecure": True, key: value})
+    assert load_config({"model": "m", "store": "s", "insecure": True, "round_timeout": 5}).round_timeout == 5.0
 
 
 def test_bad_toml_value_exits_2_without_a_traceback(tmp_path: Path) -> None:

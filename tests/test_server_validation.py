@@ -9,19 +9,28 @@ import numpy as np
 import pytest
 from fedpers import codec, wire
 from fedpers.rpc import federation_pb2 as pb
-from fedpers.rpc import federation_pb2_grpc as pb_grpc
 from fedpers.server import app
 from fedpers.server import state as st
 from fedpers.server.config import ServerConfig
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.server_helpers import LAYOUT, Device, header, initial_weights, make_coordinator, random_delta, update_blob
+from tests.server_helpers import (
+    LAYOUT,
+    Device,
+    header,
+    initial_weights,
+    make_coordinator,
+    random_delta,
+    server_tls,
+    update_blob,
+)
 
 Code = grpc.StatusCode
 
 
 def _cfg(tmp_path: Path, **kw) -> ServerConfig:
-    return ServerConfig(model=tmp_path / "unused.ini", store=tmp_path, listen="127.0.0.1:0", workers=4, **kw)
+    return ServerConfig(model=tmp_path / "unused.ini", store=tmp_path, listen="127.0.0.1:0", workers=4, **server_tls(),
+                        **kw)
 
 
 @pytest.fixture
@@ -29,7 +38,8 @@ def fed(tmp_path: Path):
     """A running server (fake 2-tensor model, min 2 devices) with two devices in an open round."""
     coord = make_coordinator(tmp_path, min_devices=2, rounds=2, max_update_bytes=64 << 10, round_timeout=600,
                              clock=__import__("time").time)
-    running = app.start(_cfg(tmp_path, round_timeout=600), coordinator=coord)
+    # the bad uploads below come faster than the per-device upload rate allows (tests/test_limits.py)
+    running = app.start(_cfg(tmp_path, round_timeout=600, rate_scale=10), coordinator=coord)
     a, b = Device(running.address, "a"), Device(running.address, "b")
     assert a.task().kind == wire.TaskKind.WAIT
     task = b.task()
@@ -166,8 +176,11 @@ def test_wrong_token_is_unauthenticated_on_every_call(fed) -> None:
     ]
     for call in calls:
         _refused(call, Code.UNAUTHENTICATED, "BadToken", wire.Refusal.BAD_TOKEN)
-    _refused(lambda: a.stub.Join(pb.JoinRequest(enroll_token="wrong"), timeout=10), Code.UNAUTHENTICATED,
-             "enrollment")
+    _refused(lambda: a.stub.Enroll(pb.EnrollRequest(enroll_token="wrong", request_id="r" * 16), timeout=10),
+             Code.UNAUTHENTICATED, "enrollment")
+    _refused(lambda: a.stub.Join(pb.JoinRequest(device_id=a.id, device_secret="not-the-secret"), timeout=10),
+             Code.UNAUTHENTICATED, "wrong device secret")
+    _refused(lambda: a.stub.GetStatus(pb.StatusRequest(), timeout=10), Code.UNAUTHENTICATED, "BadToken")
     _assert_unchanged(running.coordinator, snap, task.round_id)
 
 
@@ -189,8 +202,7 @@ def test_download_status_health_and_a_full_round(fed) -> None:
     v1 = a.download(1)
     for k in LAYOUT.shared:
         np.testing.assert_allclose(v1[k], v0[k] + (5 * d1[k].astype(np.float64) + 15 * d2[k]) / 20, rtol=1e-5)
-    stub = pb_grpc.FederationStub(a.channel)
-    status = wire.status_from_proto(stub.GetStatus(pb.StatusRequest(), timeout=10))  # no token needed
+    status = a.status()  # a device session (or the admin token) is needed
     assert status.version == 1 and status.rounds_completed == 1 and status.devices_joined == 2
     assert status.rounds[0].state == "closed" and status.rounds[0].metrics["accuracy"] == pytest.approx(0.625)
     health = health_pb2_grpc.HealthStub(a.channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
@@ -220,8 +232,8 @@ def test_restart_continues_from_the_last_version(tmp_path: Path) -> None:
     running.stop(grace=1)
     running2 = start()
     try:
-        dev = Device(running2.address, "solo")
-        status = wire.status_from_proto(dev.stub.GetStatus(pb.StatusRequest(), timeout=10))
+        dev = Device(running2.address, "solo", credentials=dev.credentials)  # the same device, by its secret
+        status = dev.status()
         assert status.version == 2 and status.rounds_completed == 2
         assert running2.coordinator.optimizer.t == adam_t == 2
         t = dev.task()
@@ -245,7 +257,7 @@ def test_a_slow_upload_leaves_a_thread_for_everything_else(tmp_path: Path) -> No
     coord = make_coordinator(tmp_path, min_devices=2, rounds=2, max_update_bytes=64 << 10, round_timeout=600,
                              clock=time.time)
     cfg = ServerConfig(model=tmp_path / "unused.ini", store=tmp_path, listen="127.0.0.1:0", workers=2,
-                       round_timeout=600)
+                       round_timeout=600, **server_tls())
     running = app.start(cfg, coordinator=coord)
     a, b = Device(running.address, "a"), Device(running.address, "b")
     try:
@@ -276,7 +288,7 @@ def test_a_slow_upload_leaves_a_thread_for_everything_else(tmp_path: Path) -> No
                 break
         else:
             raise AssertionError("the second upload was not refused while the first held the only slot")
-        assert b.stub.GetStatus(pb.StatusRequest(), timeout=5).current_round == task.round_id
+        assert b.status().current_round == task.round_id
         assert b.task().round_id == task.round_id
         release.set()
         t.join(10)

@@ -162,3 +162,19 @@ def test_dp_epsilon_is_reported_per_round_and_per_device(tmp_path):
         dev = read_report(tmp_path / "r" / "work" / "devices" / str(i) / "report.json")
         assert dev.dp_epsilon == pytest.approx(epsilon(1.5, dev.rounds_trained, 1e-5)) and dev.dp_delta == 1e-5
         assert all(r.dp_noise_multiplier == 1.5 for r in dev.rounds)
+
+
+def test_no_secret_in_any_command_line(tmp_path):
+    """Any local user reads /proc/PID/cmdline: the simulator hands tokens over in the environment."""
+    cfg = sim.SimConfig(devices=2, rounds=1, model=MODEL)
+    secrets = sim.SimSecrets()
+    tls = sim.SimTls.make(cfg, tmp_path / "tls")
+    argv = sim.server_argv(cfg, tmp_path / "port", tmp_path / "store", tls)
+    argv += sim.device_argv(cfg, "127.0.0.1:1", tmp_path / "d.npz", tmp_path / "s", "sim-device-0", tls)
+    text = " ".join(argv)
+    assert secrets.enroll_token not in text and secrets.admin_token not in text and "--enroll-token" not in text
+    assert "--tls-cert" in text and "--tls-ca" in text and "--insecure" not in text
+    assert secrets.server_env()["FEDPERS_ENROLL_TOKEN"] == secrets.device_env()["FEDPERS_ENROLL_TOKEN"]
+    assert secrets.enroll_token not in repr(secrets)
+    plain = sim.SimTls.make(sim.SimConfig(devices=2, rounds=1, model=MODEL, insecure=True), tmp_path / "none")
+    assert plain.server_args() == ["--insecure"] and plain.device_args() == ["--insecure"]

@@ -19,22 +19,43 @@ def state(request: pytest.FixtureRequest, tmp_path: Path):
 
 
 def _devices(state: st.State, n: int) -> list[int]:
-    return [state.add_device(f"dev{i}", f"hash{i}", 1.0).device_id for i in range(n)]
+    return [state.add_device(f"dev{i}", f"secret-hash{i}", 1.0).device_id for i in range(n)]
 
 
-def test_devices_enroll_and_reenroll_by_name(state: st.State) -> None:
-    a = state.add_device("alice", "h1", 10.0)
-    b = state.add_device("bob", "h2", 11.0)
-    anon = state.add_device(None, "h3", 12.0)
-    anon2 = state.add_device("", "h4", 12.0)
+def test_devices_enroll_with_unique_names_and_credentials(state: st.State) -> None:
+    a = state.add_device("alice", "s1", 10.0, enroll_hash="e1")
+    b = state.add_device("bob", "s2", 11.0)
+    anon = state.add_device(None, "s3", 12.0)
+    anon2 = state.add_device("", "s4", 12.0)
     ids = [a.device_id, b.device_id, anon.device_id, anon2.device_id]
     assert all(i >= 1 for i in ids) and len(set(ids)) == 4
-    again = state.add_device("alice", "h9", 20.0)
-    assert again.device_id == a.device_id and again.token_hash == "h9" and again.joined_at == 10.0
-    assert state.device(a.device_id) == again
-    assert state.device(anon.device_id).name is None
+    assert a == st.Device(a.device_id, "alice", "s1", 10.0, enroll_hash="e1") and not a.revoked
+    with pytest.raises(st.Conflict, match="'alice' is already enrolled"):  # a name never yields an identity
+        state.add_device("alice", "s9", 20.0)
+    assert state.device(a.device_id) == a and state.device_by_name("alice") == a
+    assert state.device(anon.device_id).name is None and state.device_by_name("carol") is None
     assert state.device(9999) is None and state.device(0) is None and state.device(-5) is None
-    assert state.count_devices() == 4
+    assert state.count_devices() == 4 and [d.device_id for d in state.devices()] == sorted(ids)
+    changed = state.set_credentials(a.device_id, session_hash="t1", enroll_hash="")
+    assert (changed.secret_hash, changed.session_hash, changed.enroll_hash) == ("s1", "t1", "")
+    assert state.set_credentials(a.device_id, secret_hash="s1b").session_hash == "t1"
+    with pytest.raises(st.UnknownId):
+        state.set_credentials(777, session_hash="x")
+
+
+def test_revocation_frees_the_name_and_survives(state: st.State) -> None:
+    a = state.add_device("alice", "s1", 10.0)
+    state.set_credentials(a.device_id, session_hash="t1")
+    gone = state.revoke_device(a.device_id, 30.0)
+    assert gone.revoked and gone.revoked_at == 30.0 and gone.session_hash == ""
+    assert state.revoke_device(a.device_id, 40.0).revoked_at == 30.0  # the first revocation stands
+    assert state.revoked_ids() == frozenset({a.device_id})
+    assert state.device_by_name("alice") is None
+    assert state.count_devices() == 1 and state.count_devices(active_only=True) == 0
+    new = state.add_device("alice", "s2", 50.0)  # the operator may enroll a replacement under the name
+    assert new.device_id != a.device_id and state.device_by_name("alice") == new
+    with pytest.raises(st.UnknownId):
+        state.revoke_device(777, 1.0)
 
 
 def test_round_lifecycle_close(state: st.State) -> None:
@@ -144,6 +165,49 @@ def test_ids_and_versions_are_int63(state: st.State) -> None:
     with pytest.raises(TypeError):
         st.check_id(True, "x")
     assert state.round(1 << 63) is None
+
+
+def test_sqlite_file_is_private_and_revocation_survives_reopen(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    path = tmp_path / "state.sqlite"
+    s = st.SqliteState(path)
+    d = s.add_device("dev", "s", 1.0).device_id
+    s.revoke_device(d, 2.0)
+    s.close()
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    s2 = st.SqliteState(path)
+    assert s2.revoked_ids() == frozenset({d}) and s2.device(d).revoked
+    s2.close()
+
+
+def test_sqlite_database_from_before_device_secrets_is_migrated(tmp_path: Path) -> None:
+    """The old devices table (token_hash, names unique forever): rebuilt, old devices revoked, history kept."""
+    import sqlite3
+
+    path = tmp_path / "state.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript("""
+        CREATE TABLE devices (device_id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE,
+                              token_hash TEXT NOT NULL, joined_at REAL NOT NULL);
+        CREATE TABLE rounds (round_id INTEGER PRIMARY KEY AUTOINCREMENT, base_version INTEGER NOT NULL,
+            state TEXT NOT NULL, opened_at REAL NOT NULL, deadline REAL NOT NULL, closed_at REAL NOT NULL DEFAULT 0,
+            version INTEGER NOT NULL DEFAULT 0, reason TEXT NOT NULL DEFAULT '', metrics TEXT NOT NULL DEFAULT '{}');
+        CREATE TABLE selections (round_id INTEGER NOT NULL REFERENCES rounds(round_id),
+            device_id INTEGER NOT NULL REFERENCES devices(device_id), PRIMARY KEY (round_id, device_id));
+        INSERT INTO devices (name, token_hash, joined_at) VALUES ('old-phone', 'abc', 5.0), (NULL, 'def', 6.0);
+        INSERT INTO rounds (base_version, state, opened_at, deadline) VALUES (0, 'closed', 1.0, 2.0);
+        INSERT INTO selections VALUES (1, 1), (1, 2);
+    """)
+    db.close()
+    s = st.SqliteState(path)
+    assert [(d.device_id, d.name, d.revoked, d.joined_at) for d in s.devices()] == [(1, "old-phone", True, 5.0),
+                                                                                    (2, None, True, 6.0)]
+    assert s.round(1).selected == (1, 2)
+    fresh = s.add_device("old-phone", "s", 7.0)  # its name is free again; ids continue
+    assert fresh.device_id == 3
+    s.close()
 
 
 def test_sqlite_file_survives_reopen(tmp_path: Path) -> None:

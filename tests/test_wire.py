@@ -212,7 +212,13 @@ def test_malformed_tensors_are_refused() -> None:
 @pytest.mark.parametrize("seed", SEEDS)
 def test_record_round_trips(seed: int) -> None:
     m = Maker(seed)
-    jr = wire.JoinRequest(enroll_token=m.name(), device_name=m.name())
+    er = wire.EnrollRequest(enroll_token=m.name(), device_name=m.name().replace(":", "-").lstrip("_-") or "d",
+                            request_id=m.name() + "r" * 16)
+    assert wire.enroll_request_from_proto(wire.enroll_request_to_proto(er)) == er
+    ep = wire.EnrollReply(device_id=m.int63(), device_secret=m.name())
+    assert wire.enroll_reply_from_proto(wire.enroll_reply_to_proto(ep)) == ep
+    assert m.name() not in repr(ep) or "<hidden>" in repr(ep)
+    jr = wire.JoinRequest(device_id=m.int63(), device_secret=m.name())
     assert wire.join_request_from_proto(wire.join_request_to_proto(jr)) == jr
     jp = wire.JoinReply(device_id=m.int63(), session_token=m.name())
     assert wire.join_reply_from_proto(wire.join_reply_to_proto(jp)) == jp

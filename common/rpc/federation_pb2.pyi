@@ -56,13 +56,31 @@ class Chunk(_message.Message):
     sha256: bytes
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
 
-class JoinRequest(_message.Message):
-    __slots__ = ("enroll_token", "device_name")
+class EnrollRequest(_message.Message):
+    __slots__ = ("enroll_token", "device_name", "request_id")
     ENROLL_TOKEN_FIELD_NUMBER: _ClassVar[int]
     DEVICE_NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     enroll_token: str
     device_name: str
-    def __init__(self, enroll_token: _Optional[str] = ..., device_name: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, enroll_token: _Optional[str] = ..., device_name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class EnrollReply(_message.Message):
+    __slots__ = ("device_id", "device_secret")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SECRET_FIELD_NUMBER: _ClassVar[int]
+    device_id: int
+    device_secret: str
+    def __init__(self, device_id: _Optional[int] = ..., device_secret: _Optional[str] = ...) -> None: ...
+
+class JoinRequest(_message.Message):
+    __slots__ = ("device_id", "device_secret")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_SECRET_FIELD_NUMBER: _ClassVar[int]
+    device_id: int
+    device_secret: str
+    def __init__(self, device_id: _Optional[int] = ..., device_secret: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
     __slots__ = ("device_id", "session_token")

@@ -34,6 +34,11 @@ class FederationStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Enroll = channel.unary_unary(
+                '/fedpers.v1.Federation/Enroll',
+                request_serializer=federation__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=federation__pb2.EnrollReply.FromString,
+                _registered_method=True)
         self.Join = channel.unary_unary(
                 '/fedpers.v1.Federation/Join',
                 request_serializer=federation__pb2.JoinRequest.SerializeToString,
@@ -64,8 +69,15 @@ class FederationStub:
 class FederationServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def Enroll(self, request, context):
+        """First contact of a device: enrollment token + name -> device id + long-term device secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Join(self, request, context):
-        """Enroll (or re-enroll) a device; a stable device_name gets the same device id back.
+        """Every later start: device id + device secret -> session token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -93,7 +105,7 @@ class FederationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetStatus(self, request, context):
-        """Progress of the federation (rounds, versions, devices); no secrets.
+        """Progress of the federation (rounds, versions, devices); a device session or the admin token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +114,11 @@ class FederationServicer:
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=federation__pb2.EnrollRequest.FromString,
+                    response_serializer=federation__pb2.EnrollReply.SerializeToString,
+            ),
             'Join': grpc.unary_unary_rpc_method_handler(
                     servicer.Join,
                     request_deserializer=federation__pb2.JoinRequest.FromString,
@@ -137,6 +154,33 @@ def add_FederationServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Federation:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpers.v1.Federation/Enroll',
+            federation__pb2.EnrollRequest.SerializeToString,
+            federation__pb2.EnrollReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Join(request,
