@@ -59,6 +59,14 @@ class AgentError(RuntimeError):
     """The agent cannot go on (server refused an update as malformed, bad model, ...)."""
 
 
+class EnrollmentRefused(AgentError):
+    """The server refused what this device was started with (enrollment token, name): fix the input."""
+
+
+# Refusals of Enroll/Join that the device's own input caused (exit 2), not the server's state (exit 1).
+BAD_CREDENTIALS = frozenset({wire.Refusal.BAD_TOKEN, wire.Refusal.ENROLLMENT_CLOSED, wire.Refusal.NAME_TAKEN})
+
+
 class Stopped(Exception):
     """A stop was requested (SIGTERM/SIGINT) while waiting; the state on disk is consistent."""
 
@@ -226,6 +234,10 @@ class Agent:
             self.state.device_id = reply.device_id
             self.store.save(self.state)
         log.info("joined %s as device %d (%s)", self.cfg.server, reply.device_id, self.state.name)
+        if reply.model_ini:  # refuse data that does not fit the model now, not when the device is first selected
+            from fedpers.nn import parse_ini
+
+            self._check_data(parse_ini(reply.model_ini))
         return reply.device_id
 
     def enroll(self, pending: Any = None) -> Any:
@@ -261,7 +273,8 @@ class Agent:
             }.get(kind)  # type: ignore[arg-type]
             if remedy is None:
                 raise
-            raise AgentError(f"{what} refused by {self.cfg.server}: {exc.details()} ({remedy})") from None
+            kind_of_error = EnrollmentRefused if kind in BAD_CREDENTIALS else AgentError
+            raise kind_of_error(f"{what} refused by {self.cfg.server}: {exc.details()} ({remedy})") from None
 
     def get_task(self) -> wire.Task:
         return self._retry("GetTask", self.server.get_task)
@@ -335,11 +348,7 @@ class Agent:
             spec = parse_ini(model_ini)
             for note in spec.notes:  # NNTrainer keys the model gives that fedpers does not act on
                 log.info("model: %s", note)
-            first = spec.layers[0]
-            last = spec.layers[-1]
-            num_classes = last.unit if last.type == "fully_connected" else None
-            if first.input_shape is not None:
-                check_against_model(self.data, first.input_shape, num_classes, str(self.cfg.data))
+            self._check_data(spec)
             swap_dir = None
             if self.cfg.memory == "swap" or self.cfg.memory_budget is not None:
                 swap_dir = Path(self.cfg.swap_dir) if self.cfg.swap_dir else self.cfg.state / "swap"
@@ -350,6 +359,13 @@ class Agent:
                               swap_dir=str(swap_dir) if swap_dir else None)
             self._models[key] = (spec, trainer)
         return self._models[key]
+
+    def _check_data(self, spec: Any) -> None:
+        """DataError when this device's examples or labels do not fit the model."""
+        first, last = spec.layers[0], spec.layers[-1]
+        num_classes = last.unit if last.type == "fully_connected" else None
+        if first.input_shape is not None:
+            check_against_model(self.data, first.input_shape, num_classes, str(self.cfg.data))
 
     def _remember_model(self, model_ini: str) -> None:
         """Keep the model text in --state, so a restarted device can still evaluate the final base."""

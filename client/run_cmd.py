@@ -70,10 +70,23 @@ def _install_signal_handlers(stop: threading.Event) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
+def unresolvable(address: str) -> str:
+    """Why HOST of HOST:PORT has no address ("" when it resolves): a typo fails at once, not after minutes of
+    retries. (A host that resolves but does not answer yet is retried, as a server that is starting.)"""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        return f"cannot resolve {host!r} ({exc.strerror})"
+    return ""
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the agent with parsed arguments; returns the exit code."""
     from fedpers import wire
-    from fedpers.client.agent import Agent, AgentConfig, AgentError
+    from fedpers.client.agent import Agent, AgentConfig, AgentError, EnrollmentRefused
     from fedpers.client.data import DataError
     from fedpers.client.personal import StateError, TaskMismatch
     from fedpers.codec import CodecError
@@ -97,6 +110,10 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if tls.insecure:
         log.warning("--insecure: talking plaintext to %s; tokens and updates travel unencrypted", args.server)
+    problem = unresolvable(args.server)
+    if problem:
+        print(f"fedpers-client run: --server {args.server}: {problem}", file=sys.stderr)
+        return 2
     cfg = AgentConfig(
         server=args.server, data=args.data, state=args.state, tls=tls, enroll_token=enroll_token,
         memory=args.memory, memory_budget=args.memory_budget, lookahead=args.lookahead, micro_batch=args.micro_batch,
@@ -114,6 +131,9 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         result = agent.run()
+    except EnrollmentRefused as exc:  # the token or name it was started with
+        print(f"fedpers-client run: {exc}", file=sys.stderr)
+        return 2
     except (AgentError, TaskMismatch, ModelError, WeightError) as exc:  # refused, or sent what it cannot train
         log.error("%s", exc)
         return 1

@@ -226,7 +226,9 @@ class _Run:
                               admin_token=self.secrets.admin_token) as client:
             while True:
                 assert self.server is not None
-                self.server.check_alive()
+                finished = self.status is not None and self.status.finished
+                if not (finished and self.server.poll() == 0):  # after the federation it may exit by itself
+                    self.server.check_alive()
                 for d in self.devices:
                     code = d.poll()
                     if code not in (None, 0) and d.name not in self.lost:
@@ -238,8 +240,9 @@ class _Run:
                     raise SimError(f"only {alive} devices are left, fewer than min-devices "
                                    f"({self.cfg.min_devices_or_default}): {sorted(self.lost)} exited")
                 try:
-                    self.status = client.status()
-                    failures = 0
+                    if not (finished and self.server.poll() is not None):
+                        self.status = client.status()
+                        failures = 0
                 except grpc.RpcError as exc:
                     failures += 1
                     if failures > STATUS_FAILURES_ALLOWED:

@@ -458,17 +458,18 @@ def join_request_from_proto(m: pb.JoinRequest) -> JoinRequest:
 class JoinReply:
     device_id: int
     session_token: str
+    model_ini: str = ""  # the federation's model: the device checks its data against it at once
 
     def __repr__(self) -> str:
         return f"JoinReply(device_id={self.device_id}, session_token=<hidden>)"
 
 
 def join_reply_to_proto(r: JoinReply) -> pb.JoinReply:
-    return pb.JoinReply(device_id=r.device_id, session_token=r.session_token)
+    return pb.JoinReply(device_id=r.device_id, session_token=r.session_token, model_ini=r.model_ini)
 
 
 def join_reply_from_proto(m: pb.JoinReply) -> JoinReply:
-    return JoinReply(device_id=m.device_id, session_token=m.session_token)
+    return JoinReply(device_id=m.device_id, session_token=m.session_token, model_ini=m.model_ini)
 
 
 @dataclass(frozen=True)

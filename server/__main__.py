@@ -115,6 +115,11 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--metrics-listen", metavar="HOST:PORT",
       help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free port; default: off)")
     a("--grace", type=float, default=5.0, help="seconds in-flight calls get on SIGTERM/SIGINT (default 5)")
+    a("--linger", type=float, metavar="S",
+      help="after the federation finished, exit 0 once no device has called for S seconds, so every device "
+           "hears DONE and fetches the final model first (default 10)")
+    a("--keep-serving", action="store_true", default=None,
+      help="do not exit when the federation has finished (status, downloads and exports stay available)")
     t = p.add_argument_group("transport security (TLS)")
     t.add_argument("--tls-cert", metavar="CERT.pem", help="the server's certificate chain (PEM)")
     t.add_argument("--tls-key", metavar="KEY.pem", help="the key of --tls-cert (PEM, keep it 0600)")
@@ -228,7 +233,11 @@ def _serve(ns: argparse.Namespace) -> int:
         return 1
     try:
         while not stop.wait(0.5):
-            pass
+            if not cfg.keep_serving and running.finished_and_idle(cfg.linger):
+                logging.getLogger("server").info(
+                    "federation finished and no device called for %.0fs: exiting (--keep-serving to stay up)",
+                    cfg.linger)
+                break
     finally:
         running.stop(ns.grace)
     return 0

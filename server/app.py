@@ -9,7 +9,9 @@ restart continues it), the ticker ends and the database closes.
 from __future__ import annotations
 
 import logging
+import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -89,6 +91,10 @@ class RunningServer:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def finished_and_idle(self, seconds: float) -> bool:
+        """The federation has finished and no device has called for `seconds`."""
+        return self.coordinator.finished and time.monotonic() - self.coordinator.last_call > seconds
+
     def _tick_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):
             try:
@@ -116,9 +122,31 @@ class RunningServer:
         log.info("stopped at version %d", self.coordinator.version)
 
 
+def check_port_free(listen: str) -> None:
+    """OSError naming the address when something already listens there, so a server on a busy port stops
+    before it writes version 0. (gRPC binds a moment later; this only catches the plain case.)"""
+    host, _, port = listen.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(f"--listen {listen}: cannot resolve {host!r} ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise OSError(f"--listen {listen}: {exc.strerror} (another server?)") from None
+
+
 def start(cfg: ServerConfig, coordinator: Coordinator | None = None) -> RunningServer:
     """Build (unless given) the coordinator, bind, start serving and the deadline ticker. The store is
-    locked first: a second server on the same --store is refused (DirectoryBusy) before it writes anything."""
+    locked and the port checked first: a second server on the same --store or port is refused before it
+    writes anything."""
+    check_port_free(cfg.listen)
     lock = DirLock(cfg.store, "fedpers-server") if coordinator is None else None
     coord: Coordinator | None = coordinator
     tls = cfg.server_tls()

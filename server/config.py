@@ -72,6 +72,8 @@ class ServerConfig:
     max_examples: int = 10_000  # ceiling on the num_examples one update may count for
     port_file: Path | None = None  # write the bound port here once serving (for --listen HOST:0)
     metrics_listen: str | None = None  # HOST:PORT for Prometheus /metrics; None: no metrics endpoint
+    linger: float = 10.0  # after the federation finished: exit once no device has called for this long
+    keep_serving: bool = False  # never exit by itself (status, downloads and exports stay available)
     tls_cert: Path | None = None  # the server's certificate chain (PEM)
     tls_key: Path | None = None  # its private key (PEM)
     tls_client_ca: Path | None = None  # require client certificates signed by this CA (mutual TLS)
@@ -114,7 +116,7 @@ class ServerConfig:
         if not self.stream_idle_timeout > 0 or self.stream_min_rate < 0:
             raise bad("stream_idle_timeout", f"must be > 0 (and stream_min_rate >= 0), got {self.stream_idle_timeout} "
                                              f"and {self.stream_min_rate}")
-        for key in ("server_lr", "clip_norm", "max_update_mb", "learning_rate"):
+        for key in ("server_lr", "clip_norm", "max_update_mb", "learning_rate", "linger"):
             v = getattr(self, key)
             if v is not None and not v > 0:
                 raise bad(key, f"must be > 0, got {v}")

@@ -157,6 +157,7 @@ class Coordinator:
         self._stopping = False
         self._blob: tuple[int, bytes] | None = None
         self.close_error = ""  # why the last attempt to close a round failed (shown in GetStatus)
+        self.last_call = time.monotonic()  # when a device last called (the servicer notes it): idle detection
         self._closed = 0
         self.version, self.weights = self._recover(initial_weights)
         self._closed = state.count_rounds(st.CLOSED)
@@ -257,7 +258,7 @@ class Coordinator:
             raise ShuttingDown("the server is shutting down")
         reply = self.identity.join(request)
         self._seen[reply.device_id] = self.clock()  # live: it is about to ask for a task
-        return reply
+        return replace(reply, model_ini=self.layout.ini_text)
 
     def authenticate(self, device_id: str | int | None, token: str | None) -> int:
         """The device id if (id, session token) match an enrolled, unrevoked device, else BadToken / Revoked."""

@@ -107,11 +107,13 @@ def mapped_errors(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def gen(self: Any, request: Any, context: grpc.ServicerContext):
             t0 = time.perf_counter()
+            self.coordinator.last_call = time.monotonic()
             try:
                 yield from fn(self, request, context)
             except Exception as exc:  # noqa: BLE001 - mapped or reported as INTERNAL
                 _abort(context, exc, self.metrics, method)
             finally:
+                self.coordinator.last_call = time.monotonic()
                 if self.metrics is not None:
                     self.metrics.calls.labels(method).observe(time.perf_counter() - t0)
         return gen
@@ -119,11 +121,13 @@ def mapped_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def call(self: Any, request: Any, context: grpc.ServicerContext):
         t0 = time.perf_counter()
+        self.coordinator.last_call = time.monotonic()
         try:
             return fn(self, request, context)
         except Exception as exc:  # noqa: BLE001 - mapped or reported as INTERNAL
             _abort(context, exc, self.metrics, method)
         finally:
+            self.coordinator.last_call = time.monotonic()
             if self.metrics is not None:
                 self.metrics.calls.labels(method).observe(time.perf_counter() - t0)
     return call

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from fedpers import wire
 from fedpers.client.agent import Agent, AgentConfig, AgentError
-from fedpers.client.partition import partition_digits, write_partition
 from fedpers.rpc import federation_pb2 as pb
 from fedpers.server import app
 from fedpers.server import state as st
@@ -230,9 +230,10 @@ def test_secrets_are_hashed_and_never_logged(tmp_path: Path, caplog) -> None:
 
 def test_agent_keeps_its_secret_private_and_rejoins_without_the_token(tmp_path: Path) -> None:
     running = _start(tmp_path, min_devices=5)
-    write_partition(tmp_path / "data", partition_digits(2, seed=0)[:1])
+    data = tmp_path / "data.npz"  # examples that fit the test layout's 1:1:4 input (checked at join)
+    np.savez(data, x=np.zeros((10, 4), np.float32), y=np.zeros(10, np.int64))
     state_dir = tmp_path / "device-state"
-    cfg = AgentConfig(server=running.address, data=tmp_path / "data" / "device-0.npz", state=state_dir,
+    cfg = AgentConfig(server=running.address, data=data, state=state_dir,
                       tls=client_tls(), enroll_token="enroll-me", name="agent-1")
     try:
         agent = Agent(cfg)

@@ -292,7 +292,7 @@ def test_server_export_of_a_stored_version(trained, tmp_path: Path, capsys) -> N
         (["evaluate", "{model}", "--weights", "{w}"], "names no [test_set]"),
         (["evaluate", "{model}", "--weights", "{w}", "--data", "{tmp}/bad.dat"], "whole number of examples"),
         (["evaluate", "{model}", "--weights", "{w}", "--data", "{tmp}/missing.npz"], "no such data file"),
-        (["evaluate", "{tmp}/nowhere.ini", "--weights", "{w}", "--data", "{data}"], "No such file"),
+        (["evaluate", "{tmp}/nowhere.ini", "--weights", "{w}", "--data", "{data}"], "nowhere.ini: no such model file"),
     ],
 )
 def test_cli_errors_exit_2_naming_the_problem(trained, tmp_path: Path, capsys, argv: list[str], words: str) -> None:

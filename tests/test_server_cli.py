@@ -193,3 +193,30 @@ def test_json_log_file(tmp_path: Path) -> None:
     assert {"time", "level", "logger", "message"} <= set(records[0])
     assert any(r["message"].startswith("fedpers-server listening on 127.0.0.1:") for r in records)
     assert any(r["message"] == "stopped at version 0" for r in records)
+
+
+@pytest.mark.slow
+def test_server_exits_once_the_federation_is_done_and_quiet(tmp_path: Path) -> None:
+    for keep in (False, True):
+        store = tmp_path / ("keep" if keep else "exit")
+        store.mkdir()
+        extra = ["--rounds", "1", "--min-devices", "1", "--linger", "1"] + (["--keep-serving"] if keep else [])
+        server = ServerProcess(store, *extra, enroll_token="t0k")
+        try:
+            dev = Device(server.address, "d1", enroll="t0k")
+            task = dev.task()
+            shapes = {k: v.shape for k, v in dev.download(0).items()}
+            assert dev.upload(_fp32_update(task, shapes, 1)).accepted
+            assert dev.task().kind == wire.TaskKind.DONE
+            dev.download(1)  # what a device does after DONE: fetch the final model
+            dev.close()
+            if keep:
+                time.sleep(3)
+                assert server.proc.poll() is None, "--keep-serving must stay up"
+                assert server.terminate()[0] == 0
+            else:
+                out, _ = server.proc.communicate(timeout=30)
+                assert server.proc.returncode == 0, out
+                assert "federation finished and no device called for 1s: exiting" in out
+        finally:
+            server.kill()

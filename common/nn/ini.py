@@ -856,9 +856,24 @@ def parse_ini(text: str, source: str | None = None) -> ModelSpec:
 
 
 def load_ini(path: str | os.PathLike[str]) -> ModelSpec:
-    """Read and parse an INI model file; errors name the file and line."""
-    with open(path, encoding="utf-8") as f:
-        return parse_ini(f.read(), source=os.fspath(path))
+    """Read and parse an INI model file; errors name the file and line (a missing file, a directory or a
+    binary file given as the model is an IniError too, naming what it is)."""
+    source = os.fspath(path)
+    if os.path.isdir(source):
+        raise IniError("", None, "is a directory, not a model file (expected MODEL.ini)", source=source)
+    try:
+        with open(source, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise IniError("", None, "no such model file", source=source) from None
+    except OSError as exc:
+        raise IniError("", None, f"cannot be read ({exc.strerror})", source=source) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        kind = "an .npz archive (data or weights?)" if raw.startswith(b"PK") else "binary, not UTF-8 text"
+        raise IniError("", None, f"is {kind}: a model file is NNTrainer-style INI text", source=source) from None
+    return parse_ini(text, source=source)
 
 
 # ---------------------------------------------------------------- writing: ModelSpec -> text

@@ -43,8 +43,8 @@ class ModelError(ValueError):
 
     def __init__(self, section: str, key: str | None, reason: str) -> None:
         self.section, self.key, self.reason = section, key, reason
-        where = f"[{section}]" + (f" {key}" if key else "")
-        super().__init__(f"{where}: {reason}")
+        where = (f"[{section}]" if section else "") + (f" {key}" if key else "")
+        super().__init__(f"{where}: {reason}" if where else reason)
 
 
 Padding = str | tuple[int, int]  # "same" | "valid" | (pad_h, pad_w)

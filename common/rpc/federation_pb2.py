@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66\x65\x64\x65ration.proto\x12\nfedpers.v1\"d\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.fedpers.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63odec\x18\x05 \x01(\t\"0\n\tTensorSet\x12#\n\x07tensors\x18\x01 \x03(\x0b\x32\x12.fedpers.v1.Tensor\"I\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\"N\n\rEnrollRequest\x12\x14\n\x0c\x65nroll_token\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"7\n\x0b\x45nrollReply\x12\x11\n\tdevice_id\x18\x01 \x01(\x03\x12\x15\n\rdevice_secret\x18\x02 \x01(\t\"C\n\x0bJoinRequest\x12\x11\n\tdevice_id\x18\x03 \x01(\x03\x12\x15\n\rdevice_secret\x18\x04 \x01(\tJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03\"5\n\tJoinReply\x12\x11\n\tdevice_id\x18\x01 \x01(\x03\x12\x15\n\rsession_token\x18\x02 \x01(\t\"\r\n\x0bTaskRequest\"\xed\x01\n\x0eTrainingConfig\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x02\x12\x16\n\x0eshared_tensors\x18\x04 \x03(\t\x12\x17\n\x0fpersonal_layers\x18\x05 \x03(\t\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x14\n\x0c\x64p_clip_norm\x18\x08 \x01(\x01\x12\x1b\n\x13\x64p_noise_multiplier\x18\t \x01(\x01\x12\x10\n\x08\x64p_delta\x18\n \x01(\x01\"\xe0\x01\n\tTaskReply\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.fedpers.v1.TaskReply.Kind\x12\x10\n\x08round_id\x18\x02 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12*\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x1a.fedpers.v1.TrainingConfig\x12\x1b\n\x13retry_after_seconds\x18\x05 \x01(\x02\x12\x11\n\tmodel_ini\x18\x06 \x01(\t\"%\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"2\n\x0f\x44ownloadRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\xe7\x01\n\x0cUpdateHeader\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x36\n\x07metrics\x18\x04 \x03(\x0b\x32%.fedpers.v1.UpdateHeader.MetricsEntry\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x12\n\ntotal_size\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"f\n\rUploadMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedpers.v1.UpdateHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedpers.v1.ChunkH\x00\x42\x05\n\x03msg\"J\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x18\n\x10updates_in_round\x18\x03 \x01(\x05\"\x0f\n\rStatusRequest\"\xcf\x01\n\x0cRoundSummary\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x04 \x01(\x05\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedpers.v1.RoundSummary.MetricsEntry\x12\x14\n\x0clate_updates\x18\x06 \x01(\x05\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf6\x01\n\x0bStatusReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\rcurrent_round\x18\x02 \x01(\x03\x12\x13\n\x0bround_state\x18\x03 \x01(\t\x12\x18\n\x10rounds_completed\x18\x04 \x01(\x05\x12\x15\n\rrounds_target\x18\x05 \x01(\x05\x12\x16\n\x0e\x64\x65vices_joined\x18\x06 \x01(\x05\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12(\n\x06rounds\x18\x08 \x03(\x0b\x32\x18.fedpers.v1.RoundSummary\x12\x0f\n\x07problem\x18\t \x01(\t\x12\x14\n\x0clate_updates\x18\n \x01(\x05*c\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x08\n\x04INT8\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05UINT8\x10\x06\x32\x87\x03\n\nFederation\x12<\n\x06\x45nroll\x12\x19.fedpers.v1.EnrollRequest\x1a\x17.fedpers.v1.EnrollReply\x12\x36\n\x04Join\x12\x17.fedpers.v1.JoinRequest\x1a\x15.fedpers.v1.JoinReply\x12\x39\n\x07GetTask\x12\x17.fedpers.v1.TaskRequest\x1a\x15.fedpers.v1.TaskReply\x12\x41\n\rDownloadModel\x12\x1b.fedpers.v1.DownloadRequest\x1a\x11.fedpers.v1.Chunk0\x01\x12\x44\n\x0cUploadUpdate\x12\x19.fedpers.v1.UploadMessage\x1a\x17.fedpers.v1.UploadReply(\x01\x12?\n\tGetStatus\x12\x19.fedpers.v1.StatusRequest\x1a\x17.fedpers.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x10\x66\x65\x64\x65ration.proto\x12\nfedpers.v1\"d\n\x06Tensor\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12 \n\x05\x64type\x18\x03 \x01(\x0e\x32\x11.fedpers.v1.DType\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05\x63odec\x18\x05 \x01(\t\"0\n\tTensorSet\x12#\n\x07tensors\x18\x01 \x03(\x0b\x32\x12.fedpers.v1.Tensor\"I\n\x05\x43hunk\x12\x0e\n\x06offset\x18\x01 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x12\n\ntotal_size\x18\x03 \x01(\x03\x12\x0e\n\x06sha256\x18\x04 \x01(\x0c\"N\n\rEnrollRequest\x12\x14\n\x0c\x65nroll_token\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65vice_name\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"7\n\x0b\x45nrollReply\x12\x11\n\tdevice_id\x18\x01 \x01(\x03\x12\x15\n\rdevice_secret\x18\x02 \x01(\t\"C\n\x0bJoinRequest\x12\x11\n\tdevice_id\x18\x03 \x01(\x03\x12\x15\n\rdevice_secret\x18\x04 \x01(\tJ\x04\x08\x01\x10\x02J\x04\x08\x02\x10\x03\"H\n\tJoinReply\x12\x11\n\tdevice_id\x18\x01 \x01(\x03\x12\x15\n\rsession_token\x18\x02 \x01(\t\x12\x11\n\tmodel_ini\x18\x03 \x01(\t\"\r\n\x0bTaskRequest\"\xed\x01\n\x0eTrainingConfig\x12\x14\n\x0clocal_epochs\x18\x01 \x01(\x05\x12\x12\n\nbatch_size\x18\x02 \x01(\x05\x12\x15\n\rlearning_rate\x18\x03 \x01(\x02\x12\x16\n\x0eshared_tensors\x18\x04 \x03(\t\x12\x17\n\x0fpersonal_layers\x18\x05 \x03(\t\x12\r\n\x05\x63odec\x18\x06 \x01(\t\x12\x15\n\rdeadline_unix\x18\x07 \x01(\x01\x12\x14\n\x0c\x64p_clip_norm\x18\x08 \x01(\x01\x12\x1b\n\x13\x64p_noise_multiplier\x18\t \x01(\x01\x12\x10\n\x08\x64p_delta\x18\n \x01(\x01\"\xe0\x01\n\tTaskReply\x12(\n\x04kind\x18\x01 \x01(\x0e\x32\x1a.fedpers.v1.TaskReply.Kind\x12\x10\n\x08round_id\x18\x02 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x03\x12*\n\x06\x63onfig\x18\x04 \x01(\x0b\x32\x1a.fedpers.v1.TrainingConfig\x12\x1b\n\x13retry_after_seconds\x18\x05 \x01(\x02\x12\x11\n\tmodel_ini\x18\x06 \x01(\t\"%\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04\x44ONE\x10\x02\"2\n\x0f\x44ownloadRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\xe7\x01\n\x0cUpdateHeader\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x14\n\x0c\x62\x61se_version\x18\x02 \x01(\x03\x12\x14\n\x0cnum_examples\x18\x03 \x01(\x03\x12\x36\n\x07metrics\x18\x04 \x03(\x0b\x32%.fedpers.v1.UpdateHeader.MetricsEntry\x12\r\n\x05\x63odec\x18\x05 \x01(\t\x12\x12\n\ntotal_size\x18\x06 \x01(\x03\x12\x0e\n\x06sha256\x18\x07 \x01(\x0c\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"f\n\rUploadMessage\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedpers.v1.UpdateHeaderH\x00\x12\"\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x11.fedpers.v1.ChunkH\x00\x42\x05\n\x03msg\"J\n\x0bUploadReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x18\n\x10updates_in_round\x18\x03 \x01(\x05\"\x0f\n\rStatusRequest\"\xcf\x01\n\x0cRoundSummary\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05state\x18\x03 \x01(\t\x12\x0f\n\x07\x64\x65vices\x18\x04 \x01(\x05\x12\x36\n\x07metrics\x18\x05 \x03(\x0b\x32%.fedpers.v1.RoundSummary.MetricsEntry\x12\x14\n\x0clate_updates\x18\x06 \x01(\x05\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf6\x01\n\x0bStatusReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x15\n\rcurrent_round\x18\x02 \x01(\x03\x12\x13\n\x0bround_state\x18\x03 \x01(\t\x12\x18\n\x10rounds_completed\x18\x04 \x01(\x05\x12\x15\n\rrounds_target\x18\x05 \x01(\x05\x12\x16\n\x0e\x64\x65vices_joined\x18\x06 \x01(\x05\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12(\n\x06rounds\x18\x08 \x03(\x0b\x32\x18.fedpers.v1.RoundSummary\x12\x0f\n\x07problem\x18\t \x01(\t\x12\x14\n\x0clate_updates\x18\n \x01(\x05*c\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x08\n\x04INT8\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05\x12\t\n\x05UINT8\x10\x06\x32\x87\x03\n\nFederation\x12<\n\x06\x45nroll\x12\x19.fedpers.v1.EnrollRequest\x1a\x17.fedpers.v1.EnrollReply\x12\x36\n\x04Join\x12\x17.fedpers.v1.JoinRequest\x1a\x15.fedpers.v1.JoinReply\x12\x39\n\x07GetTask\x12\x17.fedpers.v1.TaskRequest\x1a\x15.fedpers.v1.TaskReply\x12\x41\n\rDownloadModel\x12\x1b.fedpers.v1.DownloadRequest\x1a\x11.fedpers.v1.Chunk0\x01\x12\x44\n\x0cUploadUpdate\x12\x19.fedpers.v1.UploadMessage\x1a\x17.fedpers.v1.UploadReply(\x01\x12?\n\tGetStatus\x12\x19.fedpers.v1.StatusRequest\x1a\x17.fedpers.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPDATEHEADER_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_ROUNDSUMMARY_METRICSENTRY']._loaded_options = None
   _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=1944
-  _globals['_DTYPE']._serialized_end=2043
+  _globals['_DTYPE']._serialized_start=1963
+  _globals['_DTYPE']._serialized_end=2062
   _globals['_TENSOR']._serialized_start=32
   _globals['_TENSOR']._serialized_end=132
   _globals['_TENSORSET']._serialized_start=134
@@ -50,33 +50,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_JOINREQUEST']._serialized_start=396
   _globals['_JOINREQUEST']._serialized_end=463
   _globals['_JOINREPLY']._serialized_start=465
-  _globals['_JOINREPLY']._serialized_end=518
-  _globals['_TASKREQUEST']._serialized_start=520
-  _globals['_TASKREQUEST']._serialized_end=533
-  _globals['_TRAININGCONFIG']._serialized_start=536
-  _globals['_TRAININGCONFIG']._serialized_end=773
-  _globals['_TASKREPLY']._serialized_start=776
-  _globals['_TASKREPLY']._serialized_end=1000
-  _globals['_TASKREPLY_KIND']._serialized_start=963
-  _globals['_TASKREPLY_KIND']._serialized_end=1000
-  _globals['_DOWNLOADREQUEST']._serialized_start=1002
-  _globals['_DOWNLOADREQUEST']._serialized_end=1052
-  _globals['_UPDATEHEADER']._serialized_start=1055
-  _globals['_UPDATEHEADER']._serialized_end=1286
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1240
-  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1286
-  _globals['_UPLOADMESSAGE']._serialized_start=1288
-  _globals['_UPLOADMESSAGE']._serialized_end=1390
-  _globals['_UPLOADREPLY']._serialized_start=1392
-  _globals['_UPLOADREPLY']._serialized_end=1466
-  _globals['_STATUSREQUEST']._serialized_start=1468
-  _globals['_STATUSREQUEST']._serialized_end=1483
-  _globals['_ROUNDSUMMARY']._serialized_start=1486
-  _globals['_ROUNDSUMMARY']._serialized_end=1693
-  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_start=1240
-  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_end=1286
-  _globals['_STATUSREPLY']._serialized_start=1696
-  _globals['_STATUSREPLY']._serialized_end=1942
-  _globals['_FEDERATION']._serialized_start=2046
-  _globals['_FEDERATION']._serialized_end=2437
+  _globals['_JOINREPLY']._serialized_end=537
+  _globals['_TASKREQUEST']._serialized_start=539
+  _globals['_TASKREQUEST']._serialized_end=552
+  _globals['_TRAININGCONFIG']._serialized_start=555
+  _globals['_TRAININGCONFIG']._serialized_end=792
+  _globals['_TASKREPLY']._serialized_start=795
+  _globals['_TASKREPLY']._serialized_end=1019
+  _globals['_TASKREPLY_KIND']._serialized_start=982
+  _globals['_TASKREPLY_KIND']._serialized_end=1019
+  _globals['_DOWNLOADREQUEST']._serialized_start=1021
+  _globals['_DOWNLOADREQUEST']._serialized_end=1071
+  _globals['_UPDATEHEADER']._serialized_start=1074
+  _globals['_UPDATEHEADER']._serialized_end=1305
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_start=1259
+  _globals['_UPDATEHEADER_METRICSENTRY']._serialized_end=1305
+  _globals['_UPLOADMESSAGE']._serialized_start=1307
+  _globals['_UPLOADMESSAGE']._serialized_end=1409
+  _globals['_UPLOADREPLY']._serialized_start=1411
+  _globals['_UPLOADREPLY']._serialized_end=1485
+  _globals['_STATUSREQUEST']._serialized_start=1487
+  _globals['_STATUSREQUEST']._serialized_end=1502
+  _globals['_ROUNDSUMMARY']._serialized_start=1505
+  _globals['_ROUNDSUMMARY']._serialized_end=1712
+  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_start=1259
+  _globals['_ROUNDSUMMARY_METRICSENTRY']._serialized_end=1305
+  _globals['_STATUSREPLY']._serialized_start=1715
+  _globals['_STATUSREPLY']._serialized_end=1961
+  _globals['_FEDERATION']._serialized_start=2065
+  _globals['_FEDERATION']._serialized_end=2456
 # @@protoc_insertion_point(module_scope)

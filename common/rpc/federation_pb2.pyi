@@ -83,12 +83,14 @@ class JoinRequest(_message.Message):
     def __init__(self, device_id: _Optional[int] = ..., device_secret: _Optional[str] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("device_id", "session_token")
+    __slots__ = ("device_id", "session_token", "model_ini")
     DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_INI_FIELD_NUMBER: _ClassVar[int]
     device_id: int
     session_token: str
-    def __init__(self, device_id: _Optional[int] = ..., session_token: _Optional[str] = ...) -> None: ...
+    model_ini: str
+    def __init__(self, device_id: _Optional[int] = ..., session_token: _Optional[str] = ..., model_ini: _Optional[str] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
     __slots__ = ()
