@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/fedpers-sim --devices 8 --rounds 10 --codec int2+zstd
+	$(VENV)/bin/fedpers-sim --devices 8 --rounds 10 --codec int2+zstd --downlink-codec int4+zstd
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -38,6 +38,7 @@ from fedpers.client.personal import (
 from fedpers.client.privacy import privatize_weights
 from fedpers.client.report import DeviceReport, write_report
 from fedpers.locks import DirLock
+from fedpers.modelsteps import apply_steps, rebuilt_matches
 from fedpers.nn.modes import DEFAULT_MEMORY_MODE
 from fedpers.store import atomic_write_bytes
 from fedpers.stub import FederationClient
@@ -280,7 +281,33 @@ class Agent:
         return self._retry("GetTask", self.server.get_task)
 
     def download(self, version: int) -> dict[str, np.ndarray]:
-        """The shared weights of `version`; a broken stream resumes at the byte it reached."""
+        """The served weights of `version`. A device holding an earlier version asks for the compressed
+        steps since and rebuilds the server's weights, checked bit for bit (else it fetches the weights);
+        a broken stream resumes at the byte it reached."""
+        have, held = self.state.base_kept, self.state.base
+        if held and have == version:
+            return {k: v.copy() for k, v in held.items()}
+        if held and 0 <= have < version:
+            blob, content = self._fetch(version, have)
+            if content == wire.STEPS:
+                steps = wire.model_steps_from_blob(blob)
+                if (steps.from_version, steps.to_version) != (have, version):
+                    raise AgentError(f"asked for the steps v{have} -> v{version}, the server sent "
+                                     f"v{steps.from_version} -> v{steps.to_version}")
+                rebuilt = apply_steps(held, steps)
+                if rebuilt_matches(rebuilt, steps):
+                    log.info("version %d rebuilt from v%d and %d compressed step(s) (%d bytes)", version, have,
+                             len(steps.steps), len(blob))
+                    return rebuilt
+                log.warning("version %d rebuilt from v%d does not match the server's; fetching it whole",
+                            version, have)
+            else:
+                return wire.arrays_from_blob(blob)
+        blob, _ = self._fetch(version, None)
+        return wire.arrays_from_blob(blob)
+
+    def _fetch(self, version: int, have: int | None) -> tuple[bytes, str]:
+        """(blob, content) of one download, resumed at the byte it reached when the stream breaks."""
         got = bytearray()
         announced: dict[str, Any] = {}
 
@@ -288,10 +315,10 @@ class Agent:
             def tap(stream: Iterator[Any]) -> Iterator[Any]:
                 for chunk in stream:
                     if "total" not in announced:
-                        announced.update(total=chunk.total_size, sha=bytes(chunk.sha256))
+                        announced.update(total=chunk.total_size, sha=bytes(chunk.sha256), content=chunk.content)
                     elif chunk.sha256 != announced["sha"]:  # a different blob: start over
                         got.clear()
-                        announced.update(total=chunk.total_size, sha=bytes(chunk.sha256))
+                        announced.update(total=chunk.total_size, sha=bytes(chunk.sha256), content=chunk.content)
                         raise wire.ChecksumMismatch("the model changed while resuming its download")
                     yield chunk
                     if chunk.offset == len(got):
@@ -299,7 +326,7 @@ class Agent:
                         self.state.bytes_down += len(chunk.data)
 
             prefix = bytes(got)
-            stream = self.server.download(wire.DownloadRequest(version, len(got)))
+            stream = self.server.download(wire.DownloadRequest(version, len(got), have_version=have))
             return wire.join_chunks(tap(stream), expected_total=announced.get("total"),
                                     expected_sha256=announced.get("sha"), received=prefix)
 
@@ -307,7 +334,7 @@ class Agent:
         while True:
             try:
                 blob = self._retry(f"DownloadModel(v{version})", attempt)
-                break
+                return blob, announced.get("content", "")  # the bytearray join_chunks filled, not a copy
             except wire.WireError as exc:
                 tries += 1
                 if tries >= 3:
@@ -315,7 +342,6 @@ class Agent:
                 log.warning("download of version %d failed its checks (%s); starting over", version, exc)
                 got.clear()
                 announced.clear()
-        return wire.arrays_from_blob(blob)
 
     def upload(self, header: wire.UpdateHeader, blob: bytes) -> wire.UploadReply:
         """Send header + chunks; retried on UNAVAILABLE. If a retry finds the update already

@@ -61,6 +61,7 @@ class SimConfig:
     rounds: int = 10
     report_dir: Path | None = None  # None: runs/sim-<timestamp>
     codec: str = "fp32"
+    downlink_codec: str = "none"
     seed: int = 0
     alpha: float = 0.5
     local_epochs: int = 5
@@ -85,6 +86,8 @@ class SimConfig:
     def __post_init__(self) -> None:
         from fedpers.codec import parse_codec
 
+        if self.downlink_codec != "none":
+            parse_codec(self.downlink_codec)
         for key in ("devices", "rounds", "local_epochs"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
@@ -167,7 +170,7 @@ def server_argv(cfg: SimConfig, port_file: Path, store: Path, tls: SimTls = SimT
             "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--store", str(store), "--seed", str(cfg.seed),
             "--rounds", str(cfg.rounds), "--min-devices", str(cfg.min_devices_or_default),
             "--fraction", str(cfg.fraction), "--round-timeout", str(cfg.round_timeout),
-            "--strategy", cfg.strategy, "--codec", cfg.codec,
+            "--strategy", cfg.strategy, "--codec", cfg.codec, "--downlink-codec", cfg.downlink_codec,
             "--local-epochs", str(cfg.local_epochs), *tls.server_args()]
     if cfg.server_lr is not None:
         argv += ["--server-lr", str(cfg.server_lr)]
@@ -365,6 +368,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     arg("--rounds", "federated rounds", type=positive_int)
     arg("--report-dir", "where report.json and accuracy.png go; None: runs/sim-<timestamp>", type=Path)
     arg("--codec", "delta codec: " + codec_help())
+    arg("--downlink-codec", "the codec of each published version's step (devices download only the steps since "
+        "the version they hold); none: whole models")
     arg("--seed", "seed of the partition, the server and the baselines", type=int)
     arg("--alpha", "Dirichlet label-skew concentration (smaller: more skew)", type=float)
     arg("--local-epochs", "local epochs per round", type=positive_int)

@@ -170,10 +170,11 @@ class ModelVersion:
     weights: dict[str, np.ndarray]
     meta: dict[str, Any] = field(default_factory=dict)
     optimizer_state: dict[str, np.ndarray] = field(default_factory=dict)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. the compressed step that made it
 
 
 _VERSION_RE = re.compile(r"^v(\d{12})\.fpst$")
-_W, _O = "weights/", "optimizer/"
+_W, _O, _X = "weights/", "optimizer/", "extra/"
 
 
 class ModelStore:
@@ -218,8 +219,9 @@ class ModelStore:
         weights: Mapping[str, np.ndarray],
         meta: Mapping[str, Any] | None = None,
         optimizer_state: Mapping[str, np.ndarray] | None = None,
+        extra: Mapping[str, np.ndarray] | None = None,
     ) -> Path:
-        """Atomically write `version`; refuses to overwrite an existing version."""
+        """Atomically write `version` (with whatever else belongs to it in `extra`); refuses to overwrite."""
         if not 0 <= version < 10**12:
             raise ValueError(f"version must be in [0, 1e12), got {version}")
         path = self.path(version)
@@ -227,6 +229,7 @@ class ModelStore:
             raise StoreError(f"{path}: version {version} already exists; versions are immutable")
         arrays = {_W + k: v for k, v in weights.items()}
         arrays.update({_O + k: v for k, v in (optimizer_state or {}).items()})
+        arrays.update({_X + k: v for k, v in (extra or {}).items()})
         save_arrays(path, arrays, {"version": version, "meta": dict(meta or {})})
         return path
 
@@ -239,4 +242,6 @@ class ModelStore:
             raise CorruptFile(f"{path}: holds version {meta.get('version')!r}, expected {version}")
         weights = {k[len(_W):]: v for k, v in arrays.items() if k.startswith(_W)}
         opt = {k[len(_O):]: v for k, v in arrays.items() if k.startswith(_O)}
-        return ModelVersion(version=version, weights=weights, meta=meta.get("meta", {}), optimizer_state=opt)
+        extra = {k[len(_X):]: v for k, v in arrays.items() if k.startswith(_X)}
+        return ModelVersion(version=version, weights=weights, meta=meta.get("meta", {}), optimizer_state=opt,
+                            extra=extra)

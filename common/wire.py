@@ -280,9 +280,10 @@ def sha256(blob: bytes) -> bytes:
     return hashlib.sha256(blob).digest()
 
 
-def chunk_blob(blob: bytes, chunk_size: int = CHUNK_SIZE, start: int = 0) -> Iterator[pb.Chunk]:
+def chunk_blob(blob: bytes, chunk_size: int = CHUNK_SIZE, start: int = 0, content: str = "") -> Iterator[pb.Chunk]:
     """Split `blob` into Chunks from byte `start` on (for resumed downloads); each carries the
-    total size and the digest of the whole blob. An empty blob is one empty chunk."""
+    total size, the digest of the whole blob and what the blob is (`content`). An empty blob is one
+    empty chunk."""
     if not 0 < chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size must be in (0, {MAX_CHUNK_SIZE}], got {chunk_size}")
     total = len(blob)
@@ -291,10 +292,11 @@ def chunk_blob(blob: bytes, chunk_size: int = CHUNK_SIZE, start: int = 0) -> Ite
     digest = sha256(blob)
     view = memoryview(blob)
     if total == 0 or start == total:
-        yield pb.Chunk(offset=start, data=b"", total_size=total, sha256=digest)
+        yield pb.Chunk(offset=start, data=b"", total_size=total, sha256=digest, content=content)
         return
     for off in range(start, total, chunk_size):
-        yield pb.Chunk(offset=off, data=bytes(view[off:off + chunk_size]), total_size=total, sha256=digest)
+        yield pb.Chunk(offset=off, data=bytes(view[off:off + chunk_size]), total_size=total, sha256=digest,
+                       content=content)
 
 
 def join_chunks(
@@ -544,14 +546,53 @@ def task_from_proto(m: pb.TaskReply) -> Task:
 class DownloadRequest:
     version: int
     offset: int = 0
+    have_version: int | None = None  # the version the device holds: it may get only the steps since
 
 
 def download_request_to_proto(r: DownloadRequest) -> pb.DownloadRequest:
-    return pb.DownloadRequest(version=r.version, offset=r.offset)
+    msg = pb.DownloadRequest(version=r.version, offset=r.offset)
+    if r.have_version is not None:
+        msg.have_version = r.have_version
+    return msg
 
 
 def download_request_from_proto(m: pb.DownloadRequest) -> DownloadRequest:
-    return DownloadRequest(version=m.version, offset=m.offset)
+    return DownloadRequest(version=m.version, offset=m.offset,
+                           have_version=m.have_version if m.HasField("have_version") else None)
+
+
+STEPS = "steps"  # Chunk.content of a download whose blob is a ModelSteps
+
+
+@dataclass(frozen=True)
+class ModelSteps:
+    """The compressed steps from `from_version` to `to_version` (oldest first) and the digest of the result."""
+
+    from_version: int
+    to_version: int
+    steps: tuple[tuple[WireTensor, ...], ...]
+    weights_sha256: bytes
+
+
+def model_steps_to_blob(s: ModelSteps) -> bytes:
+    msg = pb.ModelSteps(from_version=s.from_version, to_version=s.to_version, weights_sha256=s.weights_sha256,
+                        steps=[pb.TensorSet(tensors=[tensor_to_proto(t) for t in step]) for step in s.steps])
+    return msg.SerializeToString(deterministic=True)
+
+
+def model_steps_from_blob(blob: bytes) -> ModelSteps:
+    """Parse a ModelSteps blob; MalformedMessage when it is not one or its versions do not add up."""
+    msg = pb.ModelSteps()
+    try:
+        msg.ParseFromString(blob)
+    except DecodeError as exc:
+        raise MalformedMessage(f"blob is not a valid ModelSteps ({len(blob)} bytes): {exc}") from None
+    if not 0 <= msg.from_version < msg.to_version or len(msg.steps) != msg.to_version - msg.from_version:
+        raise MalformedMessage(f"steps from version {msg.from_version} to {msg.to_version} with "
+                               f"{len(msg.steps)} steps do not add up")
+    return ModelSteps(from_version=msg.from_version, to_version=msg.to_version,
+                      weights_sha256=bytes(msg.weights_sha256),
+                      steps=tuple(tuple(tensor_from_proto(t) for t in step.tensors) for step in msg.steps))
 
 
 @dataclass(frozen=True)

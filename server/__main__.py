@@ -67,6 +67,12 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--batch-size", type=int, help="device batch size (default: the INI's batch_size)")
     a("--learning-rate", type=float, help="device learning rate (default: the INI's Learning_rate)")
     a("--codec", help="delta codec devices use: " + codec_help("fp32"))
+    a("--downlink-codec", metavar="C",
+      help="publish each version as the previous one plus a step in this codec, so devices download only the "
+           "compressed steps since the version they hold (checked bit for bit) instead of the weights; 'none' "
+           "publishes the optimizer's exact output and devices download whole models (default none)")
+    a("--downlink-steps", type=int, metavar="N",
+      help="a device at most N versions behind gets the steps, else the whole model (default 8)")
     a("--seed", type=int, help="seed for version 0 and device sampling (default 0)")
     a("--log-level", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     a("--log-file", metavar="FILE", help="append log lines to FILE instead of stderr")

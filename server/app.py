@@ -20,6 +20,7 @@ from fedpers.locks import DirLock
 from fedpers.private import ensure_private_dir
 from fedpers.server.aggregate import make_optimizer
 from fedpers.server.config import ConfigError, ServerConfig
+from fedpers.server.downlink import Downlink
 from fedpers.server.export_cmd import MODEL_COPY
 from fedpers.server.metrics import MetricsEndpoint, ServerMetrics
 from fedpers.server.model import load_model
@@ -70,6 +71,8 @@ def build_coordinator(cfg: ServerConfig) -> Coordinator:
                                    memory_mb=cfg.robust_memory_mb),
         optimizer=make_optimizer(cfg.strategy, cfg.server_lr), policy=policy, training=training, identity=identity,
         dp_delta=dp.delta,
+        downlink=Downlink(None if cfg.downlink_codec == "none" else codec.parse_codec(cfg.downlink_codec),
+                          max_steps=cfg.downlink_steps),
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fedpers.codec import CodecError, parse_codec
 from fedpers.logs import LOG_FORMATS
 from fedpers.privacy import DPConfig, PrivacyError
 from fedpers.private import SecretError, secret_from
@@ -50,6 +51,8 @@ class ServerConfig:
     batch_size: int | None = None  # None: from the model INI
     learning_rate: float | None = None  # None: from the model INI ([Optimizer] Learning_rate)
     codec: str = "fp32"
+    downlink_codec: str = "none"  # each version = previous + this codec's step; "none": exact versions, full downloads
+    downlink_steps: int = 8  # a device at most this many versions behind downloads steps, else the weights
     seed: int = 0
     log_level: str = "INFO"
     log_file: Path | None = None  # None: stderr
@@ -120,7 +123,12 @@ class ServerConfig:
             v = getattr(self, key)
             if v is not None and not v > 0:
                 raise bad(key, f"must be > 0, got {v}")
-        for key in ("local_epochs", "batch_size"):
+        if self.downlink_codec != "none":
+            try:
+                parse_codec(self.downlink_codec)
+            except CodecError as exc:
+                raise bad("downlink_codec", str(exc)) from None
+        for key in ("local_epochs", "batch_size", "downlink_steps"):
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise bad(key, f"must be >= 1, got {v}")

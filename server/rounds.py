@@ -35,6 +35,7 @@ from fedpers.privacy import epsilon
 from fedpers.server import guard
 from fedpers.server import state as st
 from fedpers.server.aggregate import Aggregator, ServerOptimizer
+from fedpers.server.downlink import Downlink
 from fedpers.server.errors import (
     AlreadyReported,
     BadUpdate,
@@ -134,6 +135,7 @@ class Coordinator:
         clock: Callable[[], float] = time.time,
         journal: Journal | None = None,
         dp_delta: float = 1e-5,
+        downlink: Downlink | None = None,
     ) -> None:
         """`identity` says who may enroll and read the status; without it, enrollment needs
         `enroll_token` (and is closed when that is empty)."""
@@ -147,6 +149,8 @@ class Coordinator:
         self.max_update_bytes = policy.max_update_bytes or 2 * shared_bytes + (1 << 20)
         self.journal = journal if journal is not None else Journal(Path(store.directory).parent / "journal")
         self.dp_delta = dp_delta
+        self.downlink = downlink or Downlink()
+        self._steps: dict[tuple[int, int], bytes] = {}  # (have, version) -> ModelSteps blob, recent ones
         self._lock = threading.RLock()
         self._rng = np.random.default_rng(policy.seed)
         self._waiting: dict[int, float] = {}
@@ -191,6 +195,7 @@ class Coordinator:
         except LayoutError as exc:
             raise StoreError(f"{self.store.path(latest)} holds a different model than --model: {exc}") from None
         self.optimizer.load_state(mv.optimizer_state)
+        self.downlink.load(mv.extra)
         made_by = int(mv.meta.get("round_id", 0))
         open_rounds = self.state.open_rounds()
         for r in open_rounds:
@@ -401,6 +406,7 @@ class Coordinator:
         if mean is None:
             raise StaleRound(f"round {r.round_id} has no updates to aggregate")
         saved = self.optimizer.state()
+        saved_rest = dict(self.downlink.residual)
         v = self.version + 1
         written = False
         try:
@@ -409,6 +415,10 @@ class Coordinator:
                     new_shared = self.optimizer.step({k: self.weights[k] for k in self.layout.shared}, mean)
                 guard.clamp_rounding(new_shared)
                 guard.check_model(new_shared)  # never publish NaN/Inf or a negative variance
+                # what is published: the old weights plus the compressed step, as devices rebuild it
+                new_shared, extra = self.downlink.publish(v, {k: self.weights[k] for k in self.layout.shared},
+                                                          new_shared)
+                guard.check_model(new_shared)
                 weights = {**self.weights, **new_shared}
                 metrics = weighted_metrics(self.state.updates(r.round_id))
                 if self.training.dp_clip_norm > 0:  # what a device in every round so far has spent
@@ -417,11 +427,12 @@ class Coordinator:
                     metrics["dp_delta"] = self.dp_delta
                 meta = {"round_id": r.round_id, "created": now, "strategy": self.optimizer.name,
                         "devices": self.aggregator.count, "examples": self.aggregator.total_weight, "metrics": metrics}
-                self.store.save_version(v, weights, meta, self.optimizer.state())
+                self.store.save_version(v, weights, meta, self.optimizer.state(), extra)
                 written = True
                 self.state.close_round(r.round_id, v, metrics, now)
         except BaseException:
             self.optimizer.load_state(saved)
+            self.downlink.residual = saved_rest
             if written:
                 self.store.path(v).unlink(missing_ok=True)
             raise
@@ -526,6 +537,24 @@ class Coordinator:
             raise
 
     # ------------------------------------------------------------------ models and status
+
+    def download_blob(self, version: int, have: int | None = None) -> tuple[bytes, str]:
+        """(blob, content) to send for `version`: the compressed steps since `have` when the device holds
+        an earlier version and steps can serve it (content wire.STEPS), else the weights (content "")."""
+        weights = self.model_blob(version)
+        if have is None:
+            return weights, ""
+        key = (have, version)
+        blob = self._steps.get(key)
+        if blob is None:
+            blob = self.downlink.steps_blob(self.store, have, version, weights)
+            if blob is None:
+                return weights, ""
+            with self._lock:
+                if len(self._steps) >= 16:
+                    self._steps.pop(next(iter(self._steps)))
+                self._steps[key] = blob
+        return blob, wire.STEPS
 
     def model_blob(self, version: int) -> bytes:
         """The served tensors of `version` as a TensorSet blob (the current one is cached)."""

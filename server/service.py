@@ -269,11 +269,11 @@ class FederationServicer(pb_grpc.FederationServicer):
         device_id = _device_id(context)
         what = f"download of v{req.version} by device {device_id}"
         with self.limits.streams.enter(device_id, what), self.limits.watchdog.watch(context, what) as watched:
-            blob = self.coordinator.model_blob(req.version)
+            blob, content = self.coordinator.download_blob(req.version, req.have_version)
             if not 0 <= req.offset <= len(blob):
                 raise wire.MalformedMessage(f"offset {req.offset} is outside version {req.version} "
                                             f"({len(blob)} bytes)")
-            for chunk in wire.chunk_blob(blob, start=req.offset):
+            for chunk in wire.chunk_blob(blob, start=req.offset, content=content):
                 yield chunk  # returns once gRPC has sent it: a caller that stops reading stalls here
                 watched.progress(len(chunk.data), self.limits.watchdog.clock())
                 if self.metrics is not None:

@@ -45,16 +45,18 @@ class TensorSet(_message.Message):
     def __init__(self, tensors: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ...) -> None: ...
 
 class Chunk(_message.Message):
-    __slots__ = ("offset", "data", "total_size", "sha256")
+    __slots__ = ("offset", "data", "total_size", "sha256", "content")
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    CONTENT_FIELD_NUMBER: _ClassVar[int]
     offset: int
     data: bytes
     total_size: int
     sha256: bytes
-    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
+    content: str
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ..., sha256: _Optional[bytes] = ..., content: _Optional[str] = ...) -> None: ...
 
 class EnrollRequest(_message.Message):
     __slots__ = ("enroll_token", "device_name", "request_id")
@@ -145,12 +147,26 @@ class TaskReply(_message.Message):
     def __init__(self, kind: _Optional[_Union[TaskReply.Kind, str]] = ..., round_id: _Optional[int] = ..., base_version: _Optional[int] = ..., config: _Optional[_Union[TrainingConfig, _Mapping]] = ..., retry_after_seconds: _Optional[float] = ..., model_ini: _Optional[str] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("version", "offset")
+    __slots__ = ("version", "offset", "have_version")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    HAVE_VERSION_FIELD_NUMBER: _ClassVar[int]
     version: int
     offset: int
-    def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    have_version: int
+    def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ..., have_version: _Optional[int] = ...) -> None: ...
+
+class ModelSteps(_message.Message):
+    __slots__ = ("from_version", "to_version", "steps", "weights_sha256")
+    FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
+    from_version: int
+    to_version: int
+    steps: _containers.RepeatedCompositeFieldContainer[TensorSet]
+    weights_sha256: bytes
+    def __init__(self, from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., steps: _Optional[_Iterable[_Union[TensorSet, _Mapping]]] = ..., weights_sha256: _Optional[bytes] = ...) -> None: ...
 
 class UpdateHeader(_message.Message):
     __slots__ = ("round_id", "base_version", "num_examples", "metrics", "codec", "total_size", "sha256")
