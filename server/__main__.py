@@ -325,14 +325,32 @@ def _status(ns: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_METRICS = (("loss", "loss"), ("accuracy", "acc"))  # on the devices' training data, after local training
+HELD_OUT_METRICS = (("global_accuracy", "global"), ("personalized_accuracy", "personal"))  # their test splits
+
+
 def _print_rounds(rounds: Any) -> None:
+    """One line per round: train metrics and held-out accuracies apart, then whatever else devices sent."""
     if not rounds:
         return
-    print(f"{'round':>6} {'state':>10} {'version':>8} {'devices':>8} {'late':>5}  "
-          f"metrics (example-weighted means of the devices')")
+    print("round R made version V from version V-1 (an abandoned round makes none). Metrics are example-weighted "
+          "means over the round's devices: train = on their own training data after local training; held-out = "
+          "on their test splits, of the base model (global) and after local training (personal).")
+    shown = {k for k, _ in TRAIN_METRICS + HELD_OUT_METRICS}
+    print(f"{'round':>6} {'state':>10} {'version':>8} {'devices':>8} {'late':>5} | {'train loss':>10} {'acc':>6} "
+          f"| {'held-out global':>15} {'personal':>8} | other")
+
+    def fmt(m: dict[str, float], key: str, width: int, pct: bool) -> str:
+        if key not in m:
+            return f"{'-':>{width}}"
+        return f"{100 * m[key]:>{width}.1f}" if pct else f"{m[key]:>{width}.4g}"
+
     for r in rounds:
-        metrics = "  ".join(f"{k}={v:.4g}" for k, v in sorted(r.metrics.items()))
-        print(f"{r.round_id:>6} {r.state:>10} {r.version:>8} {r.devices:>8} {r.late_updates:>5}  {metrics}")
+        m = r.metrics
+        other = "  ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()) if k not in shown)
+        print(f"{r.round_id:>6} {r.state:>10} {r.version:>8} {r.devices:>8} {r.late_updates:>5} | "
+              f"{fmt(m, 'loss', 10, False)} {fmt(m, 'accuracy', 6, True)} | {fmt(m, 'global_accuracy', 15, True)} "
+              f"{fmt(m, 'personalized_accuracy', 8, True)} | {other}")
 
 
 def _report(ns: argparse.Namespace) -> int:

@@ -91,6 +91,9 @@ def test_serve_health_status_sigterm_and_restart(tmp_path: Path) -> None:
         assert status["version"] == 1 and status["rounds_completed"] == 1 and status["rounds_target"] == 2
         table = _cli("status", "--address", server.address, *admin, *client_tls_args())
         assert table.returncode == 0 and "rounds 1/2" in table.stdout
+        assert "train = on their own training data" in table.stdout and "held-out global" in table.stdout
+        row = next(line for line in table.stdout.splitlines() if line.split()[:2] == ["1", "closed"])
+        assert row.split("|")[1].split() == ["1", "-"]  # the update reported loss 1.0 and no train accuracy
         no_admin = _cli("status", "--address", server.address, *client_tls_args())
         assert no_admin.returncode == 2 and "admin token" in no_admin.stderr
         dev.task()  # round 2 opens; SIGTERM abandons it
