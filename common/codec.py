@@ -247,6 +247,19 @@ CODECS: dict[str, _Base] = {
 }
 
 
+Codec = _Base  # the public name of a codec entry, for register_codec
+
+
+def register_codec(name: str, codec: Codec) -> None:
+    """Add a codec under `name` (then usable as `--codec name[+zstd]` by devices and the server that run this
+    registration). Its payload kind byte must be new: decoders refuse a payload of another codec's kind."""
+    if not name.isidentifier() or name in CODECS:
+        raise CodecError(f"codec name {name!r} is taken or not an identifier")
+    if not 0 < codec.kind < 256 or any(c.kind == codec.kind for c in CODECS.values()):
+        raise CodecError(f"codec {name!r}: payload kind {codec.kind} is out of 1..255 or already used")
+    CODECS[name] = codec
+
+
 # ---------------------------------------------------------------------------------------------
 # compressors on top of a payload
 

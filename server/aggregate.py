@@ -194,6 +194,17 @@ class FedAdam(ServerOptimizer):
 OPTIMIZERS: dict[str, type[ServerOptimizer]] = {"fedavg": FedAvg, "fedavgm": FedAvgM, "fedadam": FedAdam}
 
 
+def register_strategy(name: str, optimizer: type[ServerOptimizer], help: str) -> None:
+    """Add a server strategy by name: the optimizer class (constructed with `lr` or with no argument) and a
+    line of help, so `ServerConfig(strategy=name)` and the CLIs of this process accept it."""
+    from fedpers.strategies import STRATEGIES
+
+    if name in OPTIMIZERS:
+        raise ValueError(f"strategy {name!r} already exists")
+    OPTIMIZERS[name] = optimizer
+    STRATEGIES[name] = help
+
+
 def make_optimizer(strategy: str, lr: float | None = None) -> ServerOptimizer:
     """By name; `lr` None takes the strategy's default (1.0, 1.0, 0.01)."""
     try:

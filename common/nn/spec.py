@@ -6,6 +6,7 @@ Layers see typed fields, never string property bags; `ini.py` is the only place 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -34,7 +35,20 @@ RESERVED_SECTIONS = (
 
 # Which LayerSpec fields each layer type accepts (besides name, type, input_layers, trainable, personal):
 # read from the one table of layer kinds, which also names each kind's module (imported only when used).
-LAYER_KEYS: dict[str, frozenset[str]] = {kind: k.keys for kind, k in KINDS.items()}
+class _LayerKeys(Mapping[str, frozenset[str]]):
+    """A live view of KINDS' keys, so a kind added later (layers.add_kind) is known to the parser."""
+
+    def __getitem__(self, kind: str) -> frozenset[str]:
+        return KINDS[kind].keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(KINDS)
+
+    def __len__(self) -> int:
+        return len(KINDS)
+
+
+LAYER_KEYS: Mapping[str, frozenset[str]] = _LayerKeys()
 COMMON_KEYS = frozenset({"input_layers", "trainable", "personal"})
 
 

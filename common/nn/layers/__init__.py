@@ -21,8 +21,11 @@ if TYPE_CHECKING:
 class LayerKind:
     """One INI layer type: the module that registers its class, and the keys it accepts."""
 
-    module: str  # a module of this package
+    module: str  # a module of this package, or an absolute module path (a layer added with add_kind)
     keys: frozenset[str]  # LayerSpec fields besides name, type and spec.COMMON_KEYS
+
+    def module_path(self, package: str) -> str:
+        return self.module if "." in self.module else f"{package}.{self.module}"
 
 
 _WEIGHTED = frozenset({"weight_initializer", "bias_initializer", "weight_regularizer", "weight_regularizer_constant",
@@ -49,15 +52,32 @@ KINDS: dict[str, LayerKind] = {
 _FROM_BASE = frozenset({"LAYERS", "Feed", "InitContext", "Layer", "LayerState", "RunContext", "register"})
 
 __all__ = [
-    "KINDS", "LAYERS", "Feed", "InitContext", "Layer", "LayerKind", "LayerState", "RunContext", "import_all",
-    "register",
+    "KINDS", "LAYERS", "Feed", "InitContext", "Layer", "LayerKind", "LayerState", "RunContext", "add_kind",
+    "import_all", "register",
 ]
+
+
+def add_kind(name: str, keys: frozenset[str] | set[str] = frozenset(), module: str | None = None) -> None:
+    """Make a new INI layer type known: the LayerSpec keys it accepts and the (absolute) module whose
+    `@register` class implements it (default: the caller registers the class itself, right away).
+    ValueError when the name is taken or a key is not a LayerSpec field."""
+    from dataclasses import fields
+
+    from ..spec import COMMON_KEYS, LayerSpec
+
+    if name in KINDS:
+        raise ValueError(f"layer kind {name!r} already exists")
+    known = {f.name for f in fields(LayerSpec)} - {"name", "type"} - COMMON_KEYS
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        raise ValueError(f"layer kind {name!r}: {unknown} are not LayerSpec keys (known: {sorted(known)})")
+    KINDS[name] = LayerKind(module or "", frozenset(keys))  # "": the caller @registers its class itself
 
 
 def import_all() -> list[str]:
     """Import every kind's module (compiling its kernels into numba's cache); returns the module names.
     For warming a cache ahead of time (an image build); models load only the kinds they use."""
-    return [importlib.import_module(f"{__name__}.{kind.module}").__name__ for kind in KINDS.values()]
+    return [importlib.import_module(kind.module_path(__name__)).__name__ for kind in KINDS.values() if kind.module]
 
 
 def __getattr__(name: str) -> Any:

@@ -186,7 +186,9 @@ class _Registry(Mapping[str, "type[Layer]"]):
         if cls is None:
             if kind not in KINDS:
                 raise KeyError(kind)
-            module = importlib.import_module(f"{__package__}.{KINDS[kind].module}")
+            if not KINDS[kind].module:
+                raise LookupError(f"layer kind {kind!r} was added, but no class of that kind is @registered")
+            module = importlib.import_module(KINDS[kind].module_path(__package__))
             cls = _CLASSES.get(kind)
             if cls is None:
                 raise LookupError(f"{module.__name__} registers no layer of kind {kind!r}")
