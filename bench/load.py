@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -40,6 +40,7 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
+from fakedevice import DeviceStats, run_fake_device  # noqa: E402
 from fedpers.pki import make_dev_pki  # noqa: E402
 from fedpers.tls import TlsConfig  # noqa: E402
 
@@ -47,15 +48,6 @@ from server import MODEL, make_blob, read_kib  # noqa: E402  (bench/server.py: t
 
 BENCH_TOKEN = secrets.token_urlsafe(16)  # the run's enrollment token (the server's environment, never argv)
 ADMIN = secrets.token_urlsafe(16)  # the run's admin token, for GetStatus
-
-
-@dataclass
-class DeviceStats:
-    uploads: int = 0
-    late: int = 0
-    busy: int = 0
-    error: str = ""
-    latencies: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -73,50 +65,6 @@ SCENARIOS = {
 }
 
 
-def device(address: str, tls: TlsConfig, name: str, blob: bytes, digest: bytes, deadline: float, out: DeviceStats,
-           joined: threading.Barrier, go: threading.Event) -> None:
-    from fedpers import wire
-    from fedpers.backoff import Backoff
-    from fedpers.stub import FederationClient
-
-    with FederationClient(address, tls=tls, timeout=120) as client:
-        try:
-            enrolled = client.enroll(wire.EnrollRequest(BENCH_TOKEN, name, request_id=secrets.token_urlsafe(16)))
-            client.join(wire.JoinRequest(enrolled.device_id, enrolled.device_secret))
-            joined.wait(timeout=max(1.0, deadline - time.monotonic()))
-            go.wait(timeout=max(1.0, deadline - time.monotonic()))
-            done_round = 0
-            while time.monotonic() < deadline:
-                task = client.get_task()
-                if task.kind == wire.TaskKind.DONE:
-                    return
-                if task.kind == wire.TaskKind.WAIT or task.round_id == done_round:
-                    time.sleep(max(0.05, task.retry_after_seconds))
-                    continue
-                hdr = wire.UpdateHeader(task.round_id, task.base_version, 100, len(blob), digest, "fp32")
-                backoff = Backoff(initial=0.05, maximum=2.0)
-                t0 = time.monotonic()
-                while True:
-                    try:
-                        client.upload(hdr, blob)
-                        out.uploads += 1
-                        out.latencies.append(time.monotonic() - t0)
-                        break
-                    except grpc.RpcError as exc:
-                        kind = wire.refusal_of(exc)
-                        if kind in (wire.Refusal.LATE_UPDATE, wire.Refusal.STALE_ROUND):
-                            out.late += 1  # the round closed at its target before this update arrived
-                            break
-                        if exc.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
-                            raise
-                        out.busy += 1
-                        time.sleep(backoff.next())
-                done_round = task.round_id
-            out.error = "deadline"
-        except (grpc.RpcError, threading.BrokenBarrierError) as exc:
-            out.error = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else "barrier"
-
-
 @dataclass
 class Row:
     scenario: Scenario
@@ -132,7 +80,6 @@ class Row:
 
 
 def run(sc: Scenario, rounds: int, workers: int, timeout: float, blob: bytes) -> Row:
-    from fedpers import wire
     from fedpers.stub import get_status
 
     with tempfile.TemporaryDirectory(prefix="fedpers-bench-load-") as tmp:
@@ -157,9 +104,9 @@ def run(sc: Scenario, rounds: int, workers: int, timeout: float, blob: bytes) ->
             address = f"127.0.0.1:{int(port_file.read_text())}"
             deadline = time.monotonic() + timeout
             joined, go = threading.Barrier(sc.devices + 1), threading.Event()
-            digest = wire.sha256(blob)
-            threads = [threading.Thread(target=device, args=(address, tls, f"load-{i}", blob, digest, deadline,
-                                                             stats[i], joined, go), daemon=True, name=f"dev-{i}")
+            threads = [threading.Thread(target=run_fake_device, args=(address, tls, BENCH_TOKEN, f"load-{i}", blob,
+                                                                      deadline, stats[i], joined, go, 2.0),
+                                        daemon=True, name=f"dev-{i}")
                        for i in range(sc.devices)]
             for t in threads:
                 t.start()

@@ -25,13 +25,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import numpy as np
 from fedpers import codec, wire
-from fedpers.backoff import Backoff
 from fedpers.pki import make_dev_pki
-from fedpers.stub import FederationClient
 from fedpers.tls import TlsConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself: the shared fake device
+from fakedevice import DeviceStats, run_fake_device  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,50 +55,6 @@ def make_blob(seed: int = 0) -> bytes:
         payload, _ = codec.encode("fp32", (1e-3 * rng.standard_normal(shape)).astype(np.float32))
         tensors.append(wire.encoded_to_wire(name, shape, "fp32", payload))
     return wire.tensorset_to_blob(tensors)
-
-
-@dataclass
-class DeviceResult:
-    uploads: int = 0
-    error: str = ""
-    busy: int = 0  # uploads refused as busy and retried
-
-
-def run_device(address: str, tls: TlsConfig, name: str, blob: bytes, digest: bytes, deadline: float,
-               out: DeviceResult, upload_times: list[float], joined: threading.Barrier, go: threading.Event) -> None:
-    """Join, wait for all devices to have joined, then poll/upload until DONE or the deadline."""
-    with FederationClient(address, tls=tls, timeout=30) as client:
-        try:
-            enrolled = client.enroll(wire.EnrollRequest(BENCH_TOKEN, name, request_id=secrets.token_urlsafe(16)))
-            client.join(wire.JoinRequest(enrolled.device_id, enrolled.device_secret))
-            joined.wait(timeout=max(1.0, deadline - time.monotonic()))
-            go.wait(timeout=max(1.0, deadline - time.monotonic()))
-            done_round = 0
-            while time.monotonic() < deadline:
-                task = client.get_task()
-                if task.kind == wire.TaskKind.DONE:
-                    return
-                if task.kind == wire.TaskKind.WAIT or task.round_id == done_round:
-                    time.sleep(max(0.05, task.retry_after_seconds))
-                    continue
-                hdr = wire.UpdateHeader(task.round_id, task.base_version, 100, len(blob), digest, "fp32")
-                backoff = Backoff(initial=0.05, maximum=1.0)
-                while True:  # like the agent: busy slots (UNAVAILABLE) or a rate limit mean retry with backoff
-                    try:
-                        client.upload(hdr, blob, timeout=120)
-                        break
-                    except grpc.RpcError as exc:
-                        limited = wire.refusal_of(exc) is wire.Refusal.RATE_LIMITED
-                        if (exc.code() != grpc.StatusCode.UNAVAILABLE and not limited) or time.monotonic() > deadline:
-                            raise
-                        out.busy += 1
-                        time.sleep(backoff.next(wire.retry_after_of(exc)))
-                upload_times.append(time.monotonic())
-                out.uploads += 1
-                done_round = task.round_id
-            out.error = "deadline"
-        except grpc.RpcError as exc:
-            out.error = f"{exc.code().name}: {exc.details()}"
 
 
 @dataclass
@@ -135,13 +91,11 @@ def run_one(n: int, rounds: int, workers: int, blob: bytes, timeout: float) -> R
                 time.sleep(0.05)
             address = f"127.0.0.1:{int(port_file.read_text())}"
             rss_start = read_kib(proc.pid, "VmRSS")
-            digest = wire.sha256(blob)
-            results = [DeviceResult() for _ in range(n)]
-            upload_times: list[float] = []
+            results = [DeviceStats() for _ in range(n)]
             deadline = time.monotonic() + timeout
             joined, go = threading.Barrier(n + 1), threading.Event()
-            threads = [threading.Thread(target=run_device, args=(address, tls, f"bench-{i}", blob, digest, deadline,
-                                                                 results[i], upload_times, joined, go), daemon=True)
+            threads = [threading.Thread(target=run_fake_device, args=(address, tls, BENCH_TOKEN, f"bench-{i}", blob,
+                                                                      deadline, results[i], joined, go), daemon=True)
                        for i in range(n)]
             for t in threads:
                 t.start()
@@ -153,6 +107,7 @@ def run_one(n: int, rounds: int, workers: int, blob: bytes, timeout: float) -> R
                 t.join(max(1.0, deadline - time.monotonic() + 5))
             rss_peak = read_kib(proc.pid, "VmHWM")
             updates = sum(r.uploads for r in results)
+            upload_times = [t for r in results for t in r.accepted_at]
             seconds = (max(upload_times) - t0) if upload_times else float("nan")
             errors = sum(1 for r in results if r.error)
             for r in results:

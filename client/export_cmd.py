@@ -4,12 +4,11 @@ against plus its own personal tensors, both kept in --state -- as .npz or in NNT
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
-from fedpers.export import FORMATS, ExportError, complete, write_model
+from fedpers.export import FORMATS, ExportError, complete, print_written, write_model
 from fedpers.nn import ModelError, ModelSpec, WeightError, load_ini
 from fedpers.store import StoreError
 
@@ -62,12 +61,5 @@ def main(args: argparse.Namespace) -> int:
     except (ModelError, WeightError, StateError, StoreError, ExportError, OSError) as e:
         print(f"fedpers-client export: {e}", file=sys.stderr)
         return 2
-    notes += list(written.notes)
-    if args.json:
-        print(json.dumps({"paths": [str(p) for p in written.paths], "notes": notes}))
-    else:
-        for p in written.paths:
-            print(f"wrote {p}")
-        for n in notes:
-            print(f"note: {n}")
+    print_written(written, notes, args.json)
     return 0

@@ -76,6 +76,20 @@ def complete(spec: ModelSpec, have: Mapping[str, np.ndarray], seed: int = 0) -> 
     return out, filled
 
 
+def print_written(written: Written, notes: list[str], as_json: bool, **extra: object) -> None:
+    """What an export command prints: the paths and notes, as lines or one JSON object (with `extra`)."""
+    import json
+
+    notes = notes + list(written.notes)
+    if as_json:
+        print(json.dumps({"paths": [str(p) for p in written.paths], **extra, "notes": notes}))
+        return
+    for p in written.paths:
+        print(f"wrote {p}")
+    for n in notes:
+        print(f"note: {n}")
+
+
 def write_model(path: str | os.PathLike, spec: ModelSpec, weights: Mapping[str, np.ndarray],
                 fmt: str | None = None) -> Written:
     """Write `weights` (every weight of `spec`) as `fmt`, atomically. nntrainer: PATH.bin plus

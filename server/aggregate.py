@@ -17,6 +17,21 @@ import numpy as np
 Arrays = dict[str, np.ndarray]
 
 
+def check_delta(round_id: int | None, delta: Mapping[str, np.ndarray], weight: float,
+                shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """AggregationError unless a round is started, the weight is positive and finite, and the delta has
+    exactly the base's tensors and shapes: every aggregator checks before it changes anything."""
+    if round_id is None:
+        raise AggregationError("add() before start()")
+    if not (math.isfinite(weight) and weight > 0):
+        raise AggregationError(f"weight must be positive and finite, got {weight}")
+    if set(delta) != set(shapes):
+        raise AggregationError(f"delta tensors {sorted(delta)} differ from the base's {sorted(shapes)}")
+    for k, shape in shapes.items():
+        if tuple(np.shape(delta[k])) != tuple(shape):
+            raise AggregationError(f"delta {k!r} has shape {np.shape(delta[k])}, base has {tuple(shape)}")
+
+
 class AggregationError(ValueError):
     """A delta does not fit the round's base (names, shapes) or its weight is not positive."""
 
@@ -41,15 +56,7 @@ class Aggregator:
 
     def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
         """Fold one delta in. Checks names, shapes and weight before changing any sum."""
-        if self.round_id is None:
-            raise AggregationError("add() before start()")
-        if not (math.isfinite(weight) and weight > 0):
-            raise AggregationError(f"weight must be positive and finite, got {weight}")
-        if set(delta) != set(self._sums):
-            raise AggregationError(f"delta tensors {sorted(delta)} differ from the base's {sorted(self._sums)}")
-        for k, s in self._sums.items():
-            if np.shape(delta[k]) != s.shape:
-                raise AggregationError(f"delta {k!r} has shape {np.shape(delta[k])}, base has {s.shape}")
+        check_delta(self.round_id, delta, weight, {k: s.shape for k, s in self._sums.items()})
         scale = weight * self._scale(delta)
         for k, s in self._sums.items():  # s += scale * delta, without temporaries
             np.multiply(delta[k], np.float64(scale), out=self._scratch[k])

@@ -8,7 +8,6 @@ note. The model file is --model, else the copy the server keeps in the store (`m
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def version_model(store_dir: Path, version: int | None, model: Path | None) -> t
 
 
 def main(ns: argparse.Namespace) -> int:
-    from fedpers.export import ExportError, write_model
+    from fedpers.export import ExportError, print_written, write_model
     from fedpers.nn import ModelError, WeightError
     from fedpers.store import StoreError
 
@@ -69,12 +68,5 @@ def main(ns: argparse.Namespace) -> int:
     except (StoreError, ModelError, WeightError, ExportError, OSError) as e:
         print(f"fedpers-server export: {e}", file=sys.stderr)
         return 2
-    notes += list(written.notes)
-    if ns.json:
-        print(json.dumps({"paths": [str(p) for p in written.paths], "version": version, "notes": notes}))
-    else:
-        for p in written.paths:
-            print(f"wrote {p}")
-        for n in notes:
-            print(f"note: {n}")
+    print_written(written, notes, ns.json, version=version)
     return 0

@@ -15,7 +15,7 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from fedpers.server.aggregate import AggregationError, Aggregator, ClippedMean, WeightedMean
+from fedpers.server.aggregate import AggregationError, Aggregator, ClippedMean, WeightedMean, check_delta
 
 Arrays = dict[str, np.ndarray]
 
@@ -51,15 +51,7 @@ class StackedAggregator(Aggregator):
         self.count = 0
 
     def add(self, delta: Mapping[str, np.ndarray], weight: float) -> None:
-        if self.round_id is None:
-            raise AggregationError("add() before start()")
-        if not (math.isfinite(weight) and weight > 0):
-            raise AggregationError(f"weight must be positive and finite, got {weight}")
-        if set(delta) != set(self._slices):
-            raise AggregationError(f"delta tensors {sorted(delta)} differ from the base's {sorted(self._slices)}")
-        for k, (_, _, shape) in self._slices.items():
-            if tuple(np.shape(delta[k])) != shape:
-                raise AggregationError(f"delta {k!r} has shape {np.shape(delta[k])}, base has {shape}")
+        check_delta(self.round_id, delta, weight, {k: shape for k, (_, _, shape) in self._slices.items()})
         assert self.capacity is not None
         if self.count >= self.capacity:
             raise AggregationError(f"the round already holds {self.capacity} updates, the most its memory bound "
