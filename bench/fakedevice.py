@@ -1,16 +1,21 @@
-"""A protocol-level device for the server benchmarks: enroll, join, then take every round with a fixed
-update blob, retrying as the agent does; what it saw is counted in a DeviceStats."""
+"""The server benchmarks' harness: a server process (TLS, tokens in its environment) and protocol-level
+devices that enroll, join, then take every round with a fixed update blob, retrying as the agent does."""
 
 from __future__ import annotations
 
+import os
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from fedpers import wire
 from fedpers.backoff import Backoff
+from fedpers.pki import make_dev_pki
 from fedpers.stub import FederationClient
 from fedpers.tls import TlsConfig
 
@@ -50,6 +55,7 @@ def run_fake_device(address: str, tls: TlsConfig, enroll_token: str, name: str, 
             out.error = "deadline"
         except grpc.RpcError as exc:
             out.error = f"{exc.code().name}: {exc.details()}"
+            joined.abort()  # the others (and the bench) must not wait for a device that is gone
         except threading.BrokenBarrierError:
             out.error = "barrier"
 
@@ -77,3 +83,67 @@ def _upload(client: FederationClient, header: wire.UpdateHeader, blob: bytes, de
         out.latencies.append(now - t0)
         out.accepted_at.append(now)
         return
+
+
+@dataclass
+class BenchServer:
+    """A fedpers-server process for a benchmark: TLS with a throwaway CA, the enrollment and admin tokens in
+    its environment; `address` once it serves. Use as a context manager (terminated at exit)."""
+
+    proc: subprocess.Popen
+    address: str
+    tls: TlsConfig
+    enroll_token: str
+    admin_token: str
+
+    @classmethod
+    def start(cls, workdir: Path, model: Path, *flags: str) -> BenchServer:
+        port_file = workdir / "port"
+        pki = make_dev_pki(workdir / "tls")
+        enroll, admin = secrets.token_urlsafe(16), secrets.token_urlsafe(16)
+        cmd = [sys.executable, "-m", "fedpers.server", "--model", str(model), "--store", str(workdir / "store"),
+               "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key), "--listen", "127.0.0.1:0",
+               "--port-file", str(port_file), "--personal-layers", "output", "--log-level", "WARNING", *flags]
+        log = workdir / "server.log"  # a file, not a pipe: a pipe nobody drains stalls a server that logs
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=out,
+                                    env=dict(os.environ, FEDPERS_ENROLL_TOKEN=enroll, FEDPERS_ADMIN_TOKEN=admin))
+        limit = time.monotonic() + 60
+        while not port_file.exists():
+            if proc.poll() is not None or time.monotonic() > limit:
+                proc.kill()
+                raise RuntimeError(f"server did not start:\n{log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.05)
+        return cls(proc, f"127.0.0.1:{int(port_file.read_text())}", TlsConfig(ca=pki.ca_cert), enroll, admin)
+
+    def start_devices(self, n: int, prefix: str, blob: bytes, deadline: float, stats: list[DeviceStats],
+                      backoff_max: float = 1.0) -> tuple[list[threading.Thread], threading.Barrier, threading.Event]:
+        """n fake device threads; they enroll, then wait on the returned barrier (with this thread as the
+        n+1st party) and start taking rounds when the event is set."""
+        joined, go = threading.Barrier(n + 1), threading.Event()
+        threads = [threading.Thread(target=run_fake_device, args=(self.address, self.tls, self.enroll_token,
+                                                                  f"{prefix}-{i}", blob, deadline, stats[i], joined,
+                                                                  go, backoff_max), daemon=True, name=f"dev-{i}")
+                   for i in range(n)]
+        for t in threads:
+            t.start()
+        return threads, joined, go
+
+    @staticmethod
+    def wait_joined(joined: threading.Barrier, timeout: float) -> None:
+        """Wait until every device joined; a device that failed breaks the barrier (its error is in its stats)."""
+        try:
+            joined.wait(timeout=timeout)
+        except threading.BrokenBarrierError:
+            pass
+
+    def __enter__(self) -> BenchServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()

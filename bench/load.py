@@ -24,11 +24,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,14 +37,9 @@ BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(BENCH))
 
-from fakedevice import DeviceStats, run_fake_device  # noqa: E402
-from fedpers.pki import make_dev_pki  # noqa: E402
-from fedpers.tls import TlsConfig  # noqa: E402
+from fakedevice import BenchServer, DeviceStats  # noqa: E402
 
 from server import MODEL, make_blob, read_kib  # noqa: E402  (bench/server.py: the same model and blob)
-
-BENCH_TOKEN = secrets.token_urlsafe(16)  # the run's enrollment token (the server's environment, never argv)
-ADMIN = secrets.token_urlsafe(16)  # the run's admin token, for GetStatus
 
 
 @dataclass(frozen=True)
@@ -82,61 +74,32 @@ class Row:
 def run(sc: Scenario, rounds: int, workers: int, timeout: float, blob: bytes) -> Row:
     from fedpers.stub import get_status
 
-    with tempfile.TemporaryDirectory(prefix="fedpers-bench-load-") as tmp:
-        port_file = Path(tmp) / "port"
-        pki = make_dev_pki(Path(tmp) / "tls")
-        tls = TlsConfig(ca=pki.ca_cert)
-        cmd = [sys.executable, "-m", "fedpers.server", "--model", str(MODEL), "--store", str(Path(tmp) / "store"),
-               "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-               "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--personal-layers", "output",
-               "--rounds", str(rounds), "--round-timeout", str(timeout), "--workers", str(workers),
-               "--max-devices", str(sc.devices), "--retry-after", str(sc.retry_after), "--log-level", "WARNING",
-               *sc.server_flags]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env=dict(os.environ, FEDPERS_ENROLL_TOKEN=BENCH_TOKEN, FEDPERS_ADMIN_TOKEN=ADMIN))
-        stats = [DeviceStats() for _ in range(sc.devices)]
-        try:
-            limit = time.monotonic() + 60
-            while not port_file.exists():
-                if proc.poll() is not None or time.monotonic() > limit:
-                    raise RuntimeError(f"server did not start: {proc.stderr.read() if proc.stderr else ''}")
-                time.sleep(0.05)
-            address = f"127.0.0.1:{int(port_file.read_text())}"
-            deadline = time.monotonic() + timeout
-            joined, go = threading.Barrier(sc.devices + 1), threading.Event()
-            threads = [threading.Thread(target=run_fake_device, args=(address, tls, BENCH_TOKEN, f"load-{i}", blob,
-                                                                      deadline, stats[i], joined, go, 2.0),
-                                        daemon=True, name=f"dev-{i}")
-                       for i in range(sc.devices)]
-            for t in threads:
-                t.start()
-            joined.wait(timeout=timeout)
-            t_go = time.monotonic()
-            go.set()
-            first_open = last_close = None
-            status = None
-            while time.monotonic() < deadline and any(t.is_alive() for t in threads):
-                try:
-                    status = get_status(address, tls=tls, admin_token=ADMIN, timeout=10)
-                except grpc.RpcError:
-                    time.sleep(0.5)
-                    continue
-                if first_open is None and status.current_round:
-                    first_open = time.monotonic()
-                if status.rounds_completed >= rounds and last_close is None:
-                    last_close = time.monotonic()
-                time.sleep(0.25)
-            for t in threads:
-                t.join(max(1.0, deadline - time.monotonic() + 5))
-            status = get_status(address, tls=tls, admin_token=ADMIN, timeout=10)
-            rss_peak = read_kib(proc.pid, "VmHWM") / 1024
-        finally:
-            proc.terminate()
+    stats = [DeviceStats() for _ in range(sc.devices)]
+    with tempfile.TemporaryDirectory(prefix="fedpers-bench-load-") as tmp, BenchServer.start(
+            Path(tmp), MODEL, "--rounds", str(rounds), "--round-timeout", str(timeout), "--workers", str(workers),
+            "--max-devices", str(sc.devices), "--retry-after", str(sc.retry_after), *sc.server_flags) as server:
+        deadline = time.monotonic() + timeout
+        threads, joined, go = server.start_devices(sc.devices, "load", blob, deadline, stats, backoff_max=2.0)
+        server.wait_joined(joined, timeout)
+        t_go = time.monotonic()
+        go.set()
+        first_open = last_close = None
+        status = None
+        while time.monotonic() < deadline and any(t.is_alive() for t in threads):
             try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                status = get_status(server.address, tls=server.tls, admin_token=server.admin_token, timeout=10)
+            except grpc.RpcError:
+                time.sleep(0.5)
+                continue
+            if first_open is None and status.current_round:
+                first_open = time.monotonic()
+            if status.rounds_completed >= rounds and last_close is None:
+                last_close = time.monotonic()
+            time.sleep(0.25)
+        for t in threads:
+            t.join(max(1.0, deadline - time.monotonic() + 5))
+        status = get_status(server.address, tls=server.tls, admin_token=server.admin_token, timeout=10)
+        rss_peak = read_kib(server.proc.pid, "VmHWM") / 1024
     lat = np.array([x for s in stats for x in s.latencies] or [float("nan")])
     errors = [s.error for s in stats if s.error]
     if errors:

@@ -16,27 +16,21 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import secrets
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from fedpers import codec, wire
-from fedpers.pki import make_dev_pki
-from fedpers.tls import TlsConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself: the shared fake device
-from fakedevice import DeviceStats, run_fake_device  # noqa: E402
+from fakedevice import BenchServer, DeviceStats  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
 MODEL = Path(__file__).resolve().parent / "mlp_1m.ini"
-BENCH_TOKEN = secrets.token_urlsafe(16)  # the run's enrollment token (in the server's environment, never argv)
 SHAPES = {"fc1.weight": (784, 1024), "fc1.bias": (1024,), "fc2.weight": (1024, 256), "fc2.bias": (256,)}
 
 
@@ -72,56 +66,27 @@ class Row:
 
 def run_one(n: int, rounds: int, workers: int, blob: bytes, timeout: float) -> Row:
     """One server subprocess, n device threads, `rounds` rounds of n updates each."""
-    with tempfile.TemporaryDirectory(prefix="fedpers-bench-server-") as tmp:
-        port_file = Path(tmp) / "port"
-        pki = make_dev_pki(Path(tmp) / "tls")
-        tls = TlsConfig(ca=pki.ca_cert)
-        cmd = [sys.executable, "-m", "fedpers.server", "--model", str(MODEL), "--store", str(Path(tmp) / "store"),
-               "--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key),
-               "--listen", "127.0.0.1:0", "--port-file", str(port_file), "--personal-layers", "output",
-               "--rounds", str(rounds), "--min-devices", str(n), "--fraction", "1", "--round-timeout", str(timeout),
-               "--workers", str(workers), "--retry-after", "0.1", "--log-level", "WARNING"]
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env=dict(os.environ, FEDPERS_ENROLL_TOKEN=BENCH_TOKEN))
-        try:
-            start_deadline = time.monotonic() + 60
-            while not port_file.exists():
-                if proc.poll() is not None or time.monotonic() > start_deadline:
-                    raise RuntimeError(f"server did not start: {proc.stderr.read() if proc.stderr else ''}")
-                time.sleep(0.05)
-            address = f"127.0.0.1:{int(port_file.read_text())}"
-            rss_start = read_kib(proc.pid, "VmRSS")
-            results = [DeviceStats() for _ in range(n)]
-            deadline = time.monotonic() + timeout
-            joined, go = threading.Barrier(n + 1), threading.Event()
-            threads = [threading.Thread(target=run_fake_device, args=(address, tls, BENCH_TOKEN, f"bench-{i}", blob,
-                                                                      deadline, results[i], joined, go), daemon=True)
-                       for i in range(n)]
-            for t in threads:
-                t.start()
-            joined.wait(timeout=timeout)
-            rss_connected = read_kib(proc.pid, "VmRSS")
-            t0 = time.monotonic()
-            go.set()
-            for t in threads:
-                t.join(max(1.0, deadline - time.monotonic() + 5))
-            rss_peak = read_kib(proc.pid, "VmHWM")
-            updates = sum(r.uploads for r in results)
-            upload_times = [t for r in results for t in r.accepted_at]
-            seconds = (max(upload_times) - t0) if upload_times else float("nan")
-            errors = sum(1 for r in results if r.error)
-            for r in results:
-                if r.error:
-                    print(f"  device error (N={n}): {r.error}", file=sys.stderr)
-                    break
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    return Row(n, rounds, updates, seconds, rss_start / 1024, rss_connected / 1024, rss_peak / 1024, errors,
+    with tempfile.TemporaryDirectory(prefix="fedpers-bench-server-") as tmp, BenchServer.start(
+            Path(tmp), MODEL, "--rounds", str(rounds), "--min-devices", str(n), "--fraction", "1",
+            "--round-timeout", str(timeout), "--workers", str(workers), "--retry-after", "0.1") as server:
+        rss_start = read_kib(server.proc.pid, "VmRSS")
+        results = [DeviceStats() for _ in range(n)]
+        deadline = time.monotonic() + timeout
+        threads, joined, go = server.start_devices(n, "bench", blob, deadline, results)
+        server.wait_joined(joined, timeout)
+        rss_connected = read_kib(server.proc.pid, "VmRSS")
+        t0 = time.monotonic()
+        go.set()
+        for t in threads:
+            t.join(max(1.0, deadline - time.monotonic() + 5))
+        rss_peak = read_kib(server.proc.pid, "VmHWM")
+    updates = sum(r.uploads for r in results)
+    upload_times = [t for r in results for t in r.accepted_at]
+    seconds = (max(upload_times) - t0) if upload_times else float("nan")
+    errors = [r.error for r in results if r.error]
+    if errors:
+        print(f"  device error (N={n}): {errors[0]}", file=sys.stderr)
+    return Row(n, rounds, updates, seconds, rss_start / 1024, rss_connected / 1024, rss_peak / 1024, len(errors),
                sum(r.busy for r in results))
 
 
