@@ -70,9 +70,9 @@ class ClusterPolicy:
     """How replicas coordinate. Seconds throughout."""
 
     sync_interval: float = 0.2  # between a replica's looks at the database (and lease renewals)
-    lease_ttl: float = 3.0  # the coordinator lease runs out this long after its last renewal
+    lease_ttl: float = 5.0  # the coordinator lease runs out this long after its last renewal
     heartbeat_ttl: float = 3.0  # a replica whose heartbeat is older is taken for dead
-    partial_wait: float = 3.0  # at close: the longest the coordinator waits for a live replica's partial sum
+    partial_wait: float = 2.0  # at close: the longest the coordinator waits for a live replica's partial sum
 
     def __post_init__(self) -> None:
         for key in ("sync_interval", "lease_ttl", "heartbeat_ttl", "partial_wait"):
@@ -81,6 +81,8 @@ class ClusterPolicy:
         if self.lease_ttl <= 3 * self.sync_interval:
             raise PolicyError(f"lease_ttl: must exceed 3 x sync_interval ({3 * self.sync_interval}), "
                               f"got {self.lease_ttl}")
+        if self.partial_wait >= self.lease_ttl:
+            raise PolicyError(f"partial_wait: must be below lease_ttl ({self.lease_ttl}), got {self.partial_wait}")
 
 
 def replica_name() -> str:
@@ -246,10 +248,15 @@ class ClusterCoordinator(Coordinator):
         self.version, self._blob = version, None
         log.info("serving version %d (was %d): published in the database", version, old)
 
+    def _own_partial_matches(self, mine: set[int]) -> bool:
+        """Does this replica's aggregator hold exactly the updates the database credits to it? (Not
+        after a commit that failed once its delta was added: then the journal is the source.)"""
+        return mine == self._reported and self.aggregator.count == len(mine)
+
     def _publish_partial(self, round_id: int, committed: dict[int, str]) -> None:
         """Hand this replica's partial sum of a closing round to the coordinator (shared store)."""
         mine = {d for d, x in committed.items() if x == self.replica}
-        if mine != self._reported:
+        if not self._own_partial_matches(mine):
             log.warning("round %d: this replica's partial sum holds %s but the database has %s from it; the "
                         "coordinator takes them from the journal", round_id, sorted(self._reported), sorted(mine))
         else:
@@ -283,6 +290,13 @@ class ClusterCoordinator(Coordinator):
                                               f"(need {self.policy.min_devices})")
         if self._round is None and not self.finished:
             self._open_from_presence(now)
+
+    def _renew_lease(self) -> None:
+        """Renew the lease while the coordinator is busy (waiting for partial sums); LeaseLost if it went."""
+        lease = self.state.acquire_lease(LEASE, self.replica, self.cluster.lease_ttl)
+        if lease is None or lease != self._lease:
+            self._lease = None
+            raise LeaseLost(f"replica {self.replica} lost the coordinator lease while closing a round")
 
     def _fence(self) -> None:
         if self._lease is None:
@@ -355,7 +369,7 @@ class ClusterCoordinator(Coordinator):
         from_journal: set[int] = set()
         merged: list[str] = []
         mine = owners.pop(self.replica, set())
-        if mine == self._reported:
+        if self._own_partial_matches(mine):
             if mine:
                 combined.merge(self.aggregator.partial(tuple(sorted(mine))))
                 merged.append(self.replica)
@@ -380,6 +394,7 @@ class ClusterCoordinator(Coordinator):
                     del owners[x]
             if owners:
                 time.sleep(0.05)
+                self._renew_lease()
         added = self._from_journal(r, from_journal, updates, combined)
         missing = sorted(from_journal - added)
         if missing:  # acknowledged, yet no journal record in the shared store: never publish without them

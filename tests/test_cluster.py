@@ -26,7 +26,7 @@ from fedpers.store import ModelStore
 from tests.server_helpers import LAYOUT, header, initial_weights, random_delta, update_blob
 
 _dbs = itertools.count()
-FAST = ClusterPolicy(sync_interval=0.05, lease_ttl=0.6, heartbeat_ttl=0.4, partial_wait=1.0)
+FAST = ClusterPolicy(sync_interval=0.05, lease_ttl=1.5, heartbeat_ttl=0.4, partial_wait=1.0)
 
 
 @pytest.fixture
