@@ -88,3 +88,20 @@ def test_urls_with_a_password_are_refused_on_argv_and_redacted_in_logs() -> None
                            "--state-url", "postgresql://fedpers:hunter2@db/fedpers", "--insecure"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--state-password-file" in proc.stderr and "hunter2" not in proc.stderr
+
+
+def test_a_name_enrolled_through_another_replica_a_moment_ago_is_taken(pg: PostgresState, monkeypatch) -> None:
+    from fedpers import wire
+    from fedpers.server.errors import NameTaken
+    from fedpers.server.identity import Identity, IdentityPolicy
+
+    other = PostgresState(pg.url, replica="r2")
+    try:
+        a, b = (Identity(s, IdentityPolicy(open_enrollment=True)) for s in (pg, other))
+        a.enroll(wire.EnrollRequest("", "kitchen", request_id="req-a-0123456789abcdef"))
+        monkeypatch.setattr(other, "device_by_name", lambda name: None)  # b looked before a's row committed
+        with pytest.raises(NameTaken, match="kitchen"):
+            b.enroll(wire.EnrollRequest("", "kitchen", request_id="req-b-0123456789abcdef"))
+        assert pg.count_devices() == 1
+    finally:
+        other.close()
