@@ -197,7 +197,10 @@ class ClusterCoordinator(Coordinator):
             if self.sync_problem:
                 log.info("database reachable again")
             self.sync_problem = ""
-        except (st.StateUnavailable, StoreError, OSError) as exc:
+        except LeaseLost as exc:  # taken over between renewal and a fenced write: no longer the coordinator
+            log.warning("%s", exc)
+            self._lease = None
+        except (st.StateError, StoreError, OSError) as exc:  # unreachable, or a race another replica won
             if not self.sync_problem:
                 log.warning("replica %s cannot sync (%s: %s); serving what it knows", self.replica,
                             type(exc).__name__, exc)
@@ -271,6 +274,7 @@ class ClusterCoordinator(Coordinator):
         if lease is None:
             if self._lease is not None:
                 log.warning("replica %s lost the coordinator lease (epoch %d)", self.replica, self._lease.epoch)
+                self.close_error = ""  # closing is the new coordinator's business now
             self._lease = None
             return
         if self._lease != lease:

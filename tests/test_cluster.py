@@ -34,11 +34,11 @@ def url(pg_cluster) -> str:
     return pg_cluster.create_database(f"cluster{next(_dbs)}")
 
 
-def _replica(url: str, store: Path, name: str, **policy) -> ClusterCoordinator:
+def _replica(url: str, store: Path, name: str, cluster: ClusterPolicy = FAST, **policy) -> ClusterCoordinator:
     defaults = dict(rounds=3, min_devices=2, fraction=1.0, round_timeout=60.0, gather_seconds=0.0)
     defaults.update(policy)
     return ClusterCoordinator(
-        replica=name, cluster=FAST, state=PostgresState(url, replica=name), store=ModelStore(store, shared=True),
+        replica=name, cluster=cluster, state=PostgresState(url, replica=name), store=ModelStore(store, shared=True),
         layout=LAYOUT, initial_weights=initial_weights(), aggregator=ag.WeightedMean(),
         optimizer=ag.make_optimizer("fedavg"), policy=RoundPolicy(**defaults),
         training=wire.TrainingConfig(local_epochs=1, batch_size=8, learning_rate=0.05, codec="fp32"),
@@ -164,16 +164,20 @@ def test_a_dead_replicas_updates_come_from_the_journal_and_the_lease_moves(url: 
 
 
 def test_an_update_into_a_closing_round_is_late(url: str, tmp_path: Path) -> None:
-    a = _replica(url, tmp_path / "store", "a", min_devices=2)
+    slow = ClusterPolicy(sync_interval=0.05, lease_ttl=60, heartbeat_ttl=60, partial_wait=1.0)  # a keeps the lease
+    a = _replica(url, tmp_path / "store", "a", cluster=slow, min_devices=3)
+    sync(a)
+    b = _replica(url, tmp_path / "store", "b", cluster=slow, min_devices=3)
     try:
         devices = [_enroll(a, f"dev{i}") for i in range(3)]
         tasks = _open_round([a], devices)
         r = a._round
-        _upload(a, devices[0], tasks[devices[0]], 1)
+        _upload(b, devices[0], tasks[devices[0]], 1)
         assert a.state.mark_closing(r.round_id, time.time())  # as the coordinator does before combining
-        with pytest.raises(LateUpdate, match="closing"):
-            _upload(a, devices[1], tasks[devices[1]], 2)
+        with pytest.raises(LateUpdate, match="closing"):  # b has not seen the mark yet: the database refuses
+            _upload(b, devices[1], tasks[devices[1]], 2)
         assert a.state.count_late(r.round_id) == 1 and a.state.count_updates(r.round_id) == 1
     finally:
-        a.stop()
-        a.state.close()
+        for c in (a, b):
+            c.stop()
+            c.state.close()
