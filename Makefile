@@ -8,9 +8,9 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 help:
 	@echo "make demo         create .venv, install, run the federated simulation on the digits data"
-	@echo "make test         create .venv, install test extras, run the whole test suite"
+	@echo "make test         create .venv, install the test and postgres extras, run the whole test suite"
 	@echo "make test-fast    the suite without the slow end-to-end and Docker tests (the inner loop)"
-	@echo "make bench        print the speed, memory, wire, server, journal, robust and load benchmark tables"
+	@echo "make bench        print the speed, memory, wire, server, journal, robust, load and replicas benchmark tables"
 	@echo "make proto        regenerate common/rpc from proto/federation.proto"
 	@echo "make lint         ruff over the code"
 	@echo "make docker-test  build the image and run the docker-compose fleet test"
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || \
 	  { echo "could not create $(VENV): on Debian/Ubuntu run 'apt-get install python3-venv'"; exit 1; }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,postgres]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 
@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) bench/journal.py
 	$(PY) bench/robust.py
 	$(PY) bench/load.py
+	$(PY) bench/replicas.py
 
 proto: $(STAMP)
 	$(PY) -m fedpers.rpc.generate

@@ -21,18 +21,25 @@ class DirectoryBusy(RuntimeError):
 class DirLock:
     """Holds `<directory>/.lock` exclusively until `release()` (or process exit)."""
 
-    def __init__(self, directory: str | os.PathLike, owner: str) -> None:
+    def __init__(self, directory: str | os.PathLike, owner: str, *, shared: bool = False) -> None:
+        """`shared`: several cooperating processes may hold it together (server replicas on one store),
+        while a process that wants the directory alone is still refused, and they are refused while it
+        holds it."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / LOCK_FILE
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(self._fd)
             raise DirectoryBusy(f"{self.directory} is in use by {holder}; "
                                 f"give each {owner} its own directory") from None
+        if shared:  # the first sharer's line stays: it names the kind of holder
+            if not os.pread(self._fd, 1, 0):
+                os.pwrite(self._fd, f"{owner} (shared)\n".encode(), 0)
+            return
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{owner} (pid {os.getpid()})\n".encode(), 0)
 

@@ -183,9 +183,16 @@ class ModelStore:
     Weights and optimizer state share the file, so a version and the state needed to make the
     next one are committed together."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
+    def __init__(self, directory: str | os.PathLike, *, shared: bool = False) -> None:
+        """`shared`: other processes (server replicas) write this store too, so a temp file may be their
+        write in progress; it is left alone here (the replica that coordinates calls remove_unfinished)."""
         self.directory = Path(directory) / "models"
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)  # files inside are 0600 (mkstemp)
+        if not shared:
+            self.remove_unfinished()
+
+    def remove_unfinished(self) -> None:
+        """Delete temp files of writes a crash interrupted (never a version: those are renamed whole)."""
         for stale in self.directory.glob(f"*{_TMP_MARK}*"):
             log.warning("removing unfinished write %s", stale)
             stale.unlink(missing_ok=True)

@@ -71,6 +71,7 @@ class Refusal(enum.StrEnum):
     CODEC_ERROR = "CodecError"
     AGGREGATION_ERROR = "AggregationError"
     JOURNAL_ERROR = "JournalError"
+    STATE_UNAVAILABLE = "StateUnavailable"  # the server's database is unreachable (PostgreSQL): retry later
     # identity and limits (issue 10)
     REVOKED = "Revoked"
     ENROLLMENT_CLOSED = "EnrollmentClosed"

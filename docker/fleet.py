@@ -36,6 +36,7 @@ from fedpers.stub import get_status
 from fleet_docker import (
     DATA_IN_CONTAINER,
     MODEL_IN_IMAGE,
+    REPLICAS,
     REPO,
     SMALL,
     STATE_IN_CONTAINER,
@@ -51,7 +52,7 @@ from fleet_docker import (
 from fleet_image import ImageChecks, check_image, rebuild_after_code_change
 from fleet_limits import LimitRow, limits_enforced, probe_limits
 from fleet_memory import PeakSampler
-from fleet_report import mib, summary
+from fleet_report import mib, replica_summary, summary
 
 RESTARTED_DEVICE = "device-0"
 MEMORY_RUN_SAMPLE_SECONDS = 0.02  # a naive run climbs from start-up to its limit in well under a second
@@ -345,6 +346,88 @@ def run_fleet(rounds: int = 3, timeout: float = 600.0, keep_image: bool = False,
                     log.exception("clean-up step failed")
 
 
+# ------------------------------------------------------------------------------------------ the replicas profile
+
+
+@dataclass
+class ReplicaRun:
+    """What the replicas profile's run observed (tests/test_docker.py asserts on it)."""
+
+    project: str
+    rounds_target: int
+    coordinator: str = ""  # the replica holding the lease when one was killed
+    killed: str = ""  # the replica killed with SIGKILL mid-round
+    killed_exit: int | None = None
+    killed_at_version: int = 0
+    killed_with_updates: int = 0  # updates already in the open round when it was killed
+    status: wire.Status | None = None  # GetStatus through the balancer at the end
+    versions_seen: list[int] = field(default_factory=list)
+    containers: dict[str, ContainerInfo] = field(default_factory=dict)
+    reports: dict[str, DeviceReport | None] = field(default_factory=dict)
+    survivor_log: str = ""
+    seconds: float = 0.0
+
+
+def _coordinator(project: ComposeProject) -> str:
+    """The replica that logged last that it coordinates the federation."""
+    marks = {s: project.logs(s).rfind("coordinates the federation") for s in REPLICAS}
+    holder = max(marks, key=lambda s: marks[s])
+    if marks[holder] < 0:
+        raise FleetError("no replica says it coordinates the federation")
+    return holder
+
+
+def run_replica_fleet(rounds: int = 3, timeout: float = 600.0, logs_dir: Path | None = None) -> ReplicaRun:
+    """The replicas profile: PostgreSQL, two replicas behind the balancer, the five devices. Once a round
+    has closed and the next one holds an update, the coordinating replica is killed with SIGKILL; the
+    other must finish every round, every device must finish."""
+    t0 = time.monotonic()
+    project = ComposeProject(rounds=rounds, replicas=True)
+    scenario = Scenario(project, timeout)
+    result = ReplicaRun(project=project.project, rounds_target=rounds)
+    logs_dir = logs_dir or REPO / "runs" / f"docker-{project.project}"
+    ok = False
+    with signals_as_interrupt():
+        try:
+            project.build()
+            project.up()
+            log.info("replicas fleet %s is up; balancer on %s", project.project, project.address)
+            scenario.wait_status(lambda s: s.version >= 1 or s.finished, "the first round to close")
+            status = scenario.wait_status(
+                lambda s: s.finished or (s.round_state == "open" and bool(s.rounds) and s.rounds[-1].devices >= 1),
+                "an open round holding an update")
+            if status.finished:
+                raise FleetError("the federation finished before a replica could be killed; raise --rounds")
+            result.coordinator = result.killed = _coordinator(project)
+            result.killed_at_version, result.killed_with_updates = status.version, status.rounds[-1].devices
+            run(["docker", "kill", "-s", "KILL", project.container_id(result.killed)], timeout=60)
+            log.info("killed %s (the coordinator) at version %d with %d update(s) in the open round",
+                     result.killed, result.killed_at_version, result.killed_with_updates)
+            result.status = scenario.wait_status(lambda s: s.finished and s.rounds_completed >= rounds,
+                                                 f"{rounds} rounds after the kill")
+            devices = project.device_services()
+            wait_until("every device to exit", lambda: not any(project.info(s).running for s in devices), 180,
+                       interval=0.5)
+            result.versions_seen = scenario.versions_seen
+            survivor = next(s for s in REPLICAS if s != result.killed)
+            result.survivor_log = project.logs(survivor)
+            project.compose("stop", "-t", "30", timeout=120)
+            result.containers = {s: project.info(s) for s in project.services()}
+            result.killed_exit = result.containers[result.killed].exit_code
+            result.reports = {s: scenario.device_report(s) for s in devices}
+            result.seconds = time.monotonic() - t0
+            ok = True
+            return result
+        finally:
+            if not ok:
+                log.error("replicas fleet run failed; container logs in %s", logs_dir)
+            for step in (lambda: ok or project.save_logs(logs_dir), project.teardown):
+                try:
+                    step()
+                except Exception:  # noqa: BLE001 - the remaining clean-up steps must still run
+                    log.exception("clean-up step failed")
+
+
 # ------------------------------------------------------------------------------------------ the CLI
 
 
@@ -362,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--logs", type=Path, default=None, help="where container logs go (default runs/docker-<project>)")
     p.add_argument("--limits", default=None, metavar="L1,L2,...",
                    help="instead of the fleet: train device-small's model naive and swap under each limit")
+    p.add_argument("--replicas", action="store_true",
+                   help="instead: the replicas profile (PostgreSQL, two replicas behind a balancer, one killed)")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -375,6 +460,14 @@ def main(argv: list[str] | None = None) -> int:
         except (FleetError, KeyboardInterrupt) as exc:
             print(f"fleet: {exc or 'interrupted'}", file=sys.stderr)
             return 1
+        return 0
+    if args.replicas:
+        try:
+            replica_run = run_replica_fleet(args.rounds, args.timeout, args.logs)
+        except (FleetError, ProcessError) as exc:
+            print(f"fleet: {exc}", file=sys.stderr)
+            return 1
+        print(replica_summary(replica_run))
         return 0
     try:
         result = run_fleet(args.rounds, args.timeout, args.keep_image, args.logs, not args.no_memory_proof)

@@ -27,6 +27,9 @@ from fedpers.client.processes import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO / "docker" / "docker-compose.yml"
+REPLICAS_FILE = REPO / "docker" / "docker-compose.replicas.yml"  # the replicas profile, on top of COMPOSE_FILE
+PG_DOCKERFILE = REPO / "docker" / "postgres.Dockerfile"
+REPLICAS = ("server", "server-b")  # the replicas profile's fedpers-server services
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 MODEL_IN_IMAGE = "/opt/fedpers/share/fleet/fleet_model.ini"
 DATA_IN_CONTAINER = "/var/lib/fedpers/data/data.npz"
@@ -140,7 +143,9 @@ class ComposeProject:
     all it made (containers, volumes, network, the image tag, one-off containers it named)."""
 
     def __init__(self, rounds: int = 3, project: str | None = None, image: str | None = None,
-                 port: int | None = None, keep_image: bool = False) -> None:
+                 port: int | None = None, keep_image: bool = False, replicas: bool = False) -> None:
+        """`replicas`: the replicas profile (docker-compose.replicas.yml on top): PostgreSQL, two server
+        replicas, the load balancer; `address` is then the balancer's published port."""
         self.project = project or f"fedpers-test-{secrets.token_hex(4)}"
         self.image = image or f"fedpers-fleet:{self.project}"
         self.port = port or free_port()
@@ -152,6 +157,14 @@ class ComposeProject:
         self.env = dict(os.environ, FEDPERS_IMAGE=self.image, FEDPERS_PORT=str(self.port),
                         FEDPERS_ROUNDS=str(rounds), COMPOSE_PROJECT_NAME=self.project,
                         FEDPERS_ADMIN_TOKEN=self.admin_token)
+        self.replicas = replicas
+        self.files = [COMPOSE_FILE, REPLICAS_FILE] if replicas else [COMPOSE_FILE]
+        self.pg_image = f"fedpers-fleet-pg:{self.project}"
+        if replicas:
+            lb_port = free_port()
+            self.address = f"127.0.0.1:{lb_port}"
+            self.env.update(FEDPERS_SERVER_ADDRESS="lb:50051", FEDPERS_LB_PORT=str(lb_port),
+                            FEDPERS_PG_IMAGE=self.pg_image, FEDPERS_MIN_DEVICES="4")
         self._built = False
         self._extra_containers: list[str] = []
 
@@ -160,7 +173,8 @@ class ComposeProject:
     def compose(self, *args: str, timeout: float = 300.0, check: bool = True,
                 merge_stderr: bool = True) -> subprocess.CompletedProcess:
         """`docker-compose -f docker/docker-compose.yml -p PROJECT ARGS...` with this project's settings."""
-        return run(["docker-compose", "-f", str(COMPOSE_FILE), "-p", self.project, *args], env=self.env,
+        files = [x for f in self.files for x in ("-f", str(f))]
+        return run(["docker-compose", *files, "-p", self.project, *args], env=self.env,
                    timeout=timeout, check=check, merge_stderr=merge_stderr)
 
     def track(self, name: str) -> str:
@@ -245,6 +259,9 @@ class ComposeProject:
         t0 = time.monotonic()
         run(["docker", "build", "-f", str(DOCKERFILE), "-t", self.image, str(REPO)], env=self.env, timeout=1800)
         self._built = True
+        if self.replicas:
+            run(["docker", "build", "-f", str(PG_DOCKERFILE), "-t", self.pg_image, str(PG_DOCKERFILE.parent)],
+                env=self.env, timeout=1800)
         return time.monotonic() - t0
 
     def up(self) -> None:
@@ -271,14 +288,16 @@ class ComposeProject:
 
     def teardown(self) -> None:
         """Remove everything this project made; every step is tried even when one fails."""
+        files = [x for f in self.files for x in ("-f", str(f))]
         steps: list[list[str]] = [
-            ["docker-compose", "-f", str(COMPOSE_FILE), "-p", self.project, "down", "-v", "--remove-orphans",
-             "-t", "30"],
+            ["docker-compose", *files, "-p", self.project, "down", "-v", "--remove-orphans", "-t", "30"],
         ]
         steps += [["docker", "rm", "-f", "-v", name] for name in self._extra_containers]
         if self._built and not self.keep_image:
             # --no-prune keeps the untagged parent layers: the next build reuses the dependency layer.
             steps.append(["docker", "rmi", "--no-prune", self.image])
+            if self.replicas:
+                steps.append(["docker", "rmi", "--no-prune", self.pg_image])
         for argv in steps:
             try:
                 run(argv, env=self.env, timeout=300, check=False)

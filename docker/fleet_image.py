@@ -15,7 +15,7 @@ from fleet_docker import REPO, ComposeProject, run
 # What the Dockerfile copies from the repository (the rebuild check copies the same).
 CONTEXT_FILES = ("pyproject.toml", "README.md", ".dockerignore")
 CONTEXT_DIRS = ("common", "client", "server")
-DOCKER_FILES = ("Dockerfile", "fleet_model.ini", "fleet_data.py")
+DOCKER_FILES = ("Dockerfile", "fleet_model.ini", "fleet_data.py", "fleet_lb.py")
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from fleet_docker import SMALL
 
 if TYPE_CHECKING:  # fleet.py imports this module; the records are only named in annotations here
-    from fleet import FleetResult
+    from fleet import FleetResult, ReplicaRun
 
 
 def mib(n: int | None) -> str:
@@ -67,4 +67,21 @@ def summary(result: FleetResult) -> str:
                     out.append(f"  {r.mode:<6} exit {r.exit_code}  OOMKilled {r.oom_killed}  peak {mib(r.peak_bytes)}  "
                                f"anon {mib(r.anon_bytes)}  start-up RSS {mib(r.startup_rss_bytes)}  {r.seconds:.0f}s"
                                f"  ({r.peak_source or 'not sampled'})")
+    return "\n".join(out)
+
+
+def replica_summary(result: ReplicaRun) -> str:
+    """The replicas profile's run: who was killed when, what the survivor finished, each device."""
+    status = result.status
+    out = [f"project {result.project} (replicas profile): whole run {result.seconds:.0f}s",
+           f"killed {result.killed} (the coordinator) with SIGKILL at version {result.killed_at_version}, "
+           f"{result.killed_with_updates} update(s) in the open round; exit {result.killed_exit}"]
+    if status is not None:
+        out.append(f"then: version {status.version}, {status.rounds_completed}/{status.rounds_target} rounds, "
+                   f"versions seen {result.versions_seen}, updates per round "
+                   f"{[r.devices for r in status.rounds]}")
+    for s in sorted(result.reports):
+        rep, info = result.reports[s], result.containers.get(s)
+        out.append(f"  {s:<14} rounds trained {rep.rounds_trained if rep else 0:>2}  "
+                   f"reason {rep.reason if rep else '-':<8} exit {info.exit_code if info else '-'}")
     return "\n".join(out)

@@ -118,6 +118,15 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--rate-scale", type=float, metavar="X",
       help="multiply every per-device call rate and burst (GetTask, GetStatus, DownloadModel, UploadUpdate, Join; "
            "default 1; 0 turns the call-rate limits off)")
+    a("--state-url", metavar="postgresql://USER@HOST:PORT/DB",
+      help="keep the federation's state on PostgreSQL (psycopg 3; pip install 'fedpers[postgres]'), so several "
+           "fedpers-server replicas on the same --store directory share one federation (default: SQLite in "
+           "--store, one server). No password here: argv is readable by every local user (--state-password-file, "
+           "FEDPERS_STATE_PASSWORD, PGPASSWORD/PGPASSFILE, or the whole URL in FEDPERS_STATE_URL)")
+    a("--state-password-file", metavar="FILE",
+      help="file holding the PostgreSQL password for --state-url (or env FEDPERS_STATE_PASSWORD)")
+    a("--replica-name", metavar="NAME",
+      help="this replica's name in the cluster's tables and logs (default: host-pid-random)")
     a("--metrics-listen", metavar="HOST:PORT",
       help="serve Prometheus metrics at http://HOST:PORT/metrics (port 0: a free port; default: off)")
     a("--grace", type=float, default=5.0, help="seconds in-flight calls get on SIGTERM/SIGINT (default 5)")
@@ -211,6 +220,14 @@ def _serve(ns: argparse.Namespace) -> int:
               "(/proc/PID/cmdline); use --enroll-token-file FILE or the FEDPERS_ENROLL_TOKEN environment variable",
               file=sys.stderr)
         return 2
+    if ns.state_url:
+        from fedpers.server.state_pg import url_has_password
+
+        if url_has_password(ns.state_url):
+            print("fedpers-server: --state-url carries a password, and the command line is readable by every local "
+                  "user (/proc/PID/cmdline); use --state-password-file FILE, FEDPERS_STATE_PASSWORD, PGPASSWORD or "
+                  "PGPASSFILE, or give the whole URL in the FEDPERS_STATE_URL environment variable", file=sys.stderr)
+            return 2
     skip = ("command", "config", "grace", "enroll_token")
     flags: dict[str, Any] = {k: v for k, v in vars(ns).items() if k not in skip}
     try:

@@ -4,6 +4,12 @@ An aggregator folds each accepted delta into a running weighted sum (memory O(mo
 O(devices x model)); its `result()` is the mean delta or None when nothing arrived. A server
 optimizer turns (base, mean delta) into the next base; its state is explicit so it is saved
 with every model version and a restarted server carries on.
+
+Hierarchical aggregation: `partial(devices)` is what an aggregator folded in so far as a
+`PartialSum` (a plain record that encodes to one checksummed array file), and `merge(partial)`
+folds one into another aggregator of the same kind as if its deltas had been added there. Server
+replicas combine their partial sums when a round closes (server/cluster.py); an edge aggregator
+could forward its one partial sum upstream the same way.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -34,6 +41,41 @@ def check_delta(round_id: int | None, delta: Mapping[str, np.ndarray], weight: f
 
 class AggregationError(ValueError):
     """A delta does not fit the round's base (names, shapes) or its weight is not positive."""
+
+
+@dataclass(frozen=True)
+class PartialSum:
+    """What one aggregator folded in for a round: the running sums (or, for the robust aggregators, the
+    stacked rows), their total weight and count, and the devices whose updates they hold (so a combiner
+    can check them against the committed updates)."""
+
+    round_id: int
+    kind: str  # "sums" (weighted running sums, float64) or "rows" (one float32 row per update)
+    arrays: dict[str, np.ndarray]
+    total_weight: float
+    count: int
+    devices: tuple[int, ...] = ()
+
+    def encode(self) -> bytes:
+        """One checksummed array file (fedpers.store's format)."""
+        from fedpers.store import encode_arrays
+
+        meta = {"round_id": self.round_id, "kind": self.kind, "total_weight": self.total_weight,
+                "count": self.count, "devices": list(self.devices)}
+        return bytes(encode_arrays(self.arrays, meta))
+
+    @classmethod
+    def decode(cls, data: bytes, source: str = "<partial sum>") -> PartialSum:
+        """The inverse of encode; CorruptFile (fedpers.store) when the bytes fail their checks."""
+        from fedpers.store import CorruptFile, decode_arrays
+
+        arrays, meta = decode_arrays(data, source)
+        try:
+            return cls(round_id=int(meta["round_id"]), kind=str(meta["kind"]), arrays=arrays,
+                       total_weight=float(meta["total_weight"]), count=int(meta["count"]),
+                       devices=tuple(int(d) for d in meta["devices"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptFile(f"{source}: not a partial sum ({exc})") from None
 
 
 class Aggregator:
@@ -73,6 +115,40 @@ class Aggregator:
             return None
         return {k: (s / self.total_weight).astype(np.float32) for k, s in self._sums.items()}
 
+    def fresh(self) -> Aggregator:
+        """An empty aggregator of the same kind and settings (to combine partial sums into)."""
+        return type(self)()
+
+    def partial(self, devices: tuple[int, ...] = ()) -> PartialSum:
+        """What this aggregator folded in so far (copies), naming the `devices` it came from."""
+        if self.round_id is None:
+            raise AggregationError("partial() before start()")
+        return PartialSum(self.round_id, "sums", {k: s.copy() for k, s in self._sums.items()}, self.total_weight,
+                          self.count, tuple(sorted(devices)))
+
+    def merge(self, part: PartialSum) -> None:
+        """Fold another aggregator's partial sum of the same round in, as if its deltas were added here.
+        Checks round, kind, names and shapes before changing anything."""
+        self._check_partial(part, "sums")
+        for k, s in self._sums.items():
+            if part.arrays[k].shape != s.shape:
+                raise AggregationError(f"partial sum {k!r} has shape {part.arrays[k].shape}, base has {s.shape}")
+        for k, s in self._sums.items():
+            s += part.arrays[k]
+        self.total_weight += part.total_weight
+        self.count += part.count
+
+    def _check_partial(self, part: PartialSum, kind: str) -> None:
+        if self.round_id is None:
+            raise AggregationError("merge() before start()")
+        if part.round_id != self.round_id:
+            raise AggregationError(f"a partial sum of round {part.round_id} cannot join round {self.round_id}")
+        if part.kind != kind:
+            raise AggregationError(f"a partial sum of kind {part.kind!r} cannot join a {kind!r} aggregator")
+        names = set(self._sums) if kind == "sums" else {"rows"}
+        if set(part.arrays) != names:
+            raise AggregationError(f"partial sum tensors {sorted(part.arrays)} differ from {sorted(names)}")
+
 
 class WeightedMean(Aggregator):
     """Mean of deltas weighted by example count."""
@@ -86,6 +162,9 @@ class ClippedMean(Aggregator):
         if not clip_norm > 0:
             raise ValueError(f"clip_norm must be > 0, got {clip_norm}")
         self.clip_norm = float(clip_norm)
+
+    def fresh(self) -> Aggregator:
+        return ClippedMean(self.clip_norm)
 
     def _scale(self, delta: Mapping[str, np.ndarray]) -> float:
         norm = global_norm(delta)

@@ -19,6 +19,7 @@ from fedpers import codec, wire
 from fedpers.locks import DirLock
 from fedpers.private import ensure_private_dir
 from fedpers.server.aggregate import make_optimizer
+from fedpers.server.cluster import ClusterCoordinator, replica_name
 from fedpers.server.config import ConfigError, ServerConfig
 from fedpers.server.downlink import Downlink
 from fedpers.server.export_cmd import MODEL_COPY
@@ -27,7 +28,7 @@ from fedpers.server.model import load_model
 from fedpers.server.robust import make_aggregator
 from fedpers.server.rounds import Coordinator
 from fedpers.server.service import build_server
-from fedpers.server.state import SqliteState
+from fedpers.server.state import SqliteState, State
 from fedpers.store import ModelStore, atomic_write_bytes
 from grpc_health.v1 import health
 
@@ -62,18 +63,42 @@ def build_coordinator(cfg: ServerConfig) -> Coordinator:
     policy = cfg.round_policy()
     ensure_private_dir(cfg.store)
     atomic_write_bytes(cfg.store / MODEL_COPY, layout.ini_text.encode())  # for `fedpers-server export`
-    identity = cfg.identity_policy()
-    log.info("enrollment %s", identity.enrollment)
-    return Coordinator(
-        state=SqliteState(cfg.store / STATE_DB), store=ModelStore(cfg.store), layout=layout,
-        initial_weights=weights,
-        aggregator=make_aggregator(cfg.aggregation, clip_norm=cfg.clip_norm, trim=cfg.trim,
-                                   memory_mb=cfg.robust_memory_mb),
-        optimizer=make_optimizer(cfg.strategy, cfg.server_lr), policy=policy, training=training, identity=identity,
-        dp_delta=dp.delta,
-        downlink=Downlink(None if cfg.downlink_codec == "none" else codec.parse_codec(cfg.downlink_codec),
-                          max_steps=cfg.downlink_steps),
-    )
+    replicated = cfg.state_url is not None
+    replica = cfg.replica_name or (replica_name() if replicated else "")
+    state = open_state(cfg, replica)
+    try:
+        if replicated:  # the first replica makes STORE/admin.token; the others must read that one
+            with state.bootstrap_lock():  # type: ignore[attr-defined]
+                identity = cfg.identity_policy()
+        else:
+            identity = cfg.identity_policy()
+        log.info("enrollment %s", identity.enrollment)
+        common = dict(
+            state=state, store=ModelStore(cfg.store, shared=replicated), layout=layout, initial_weights=weights,
+            aggregator=make_aggregator(cfg.aggregation, clip_norm=cfg.clip_norm, trim=cfg.trim,
+                                       memory_mb=cfg.robust_memory_mb),
+            optimizer=make_optimizer(cfg.strategy, cfg.server_lr), policy=policy, training=training,
+            identity=identity, dp_delta=dp.delta,
+            downlink=Downlink(None if cfg.downlink_codec == "none" else codec.parse_codec(cfg.downlink_codec),
+                              max_steps=cfg.downlink_steps),
+        )
+        if replicated:
+            return ClusterCoordinator(replica=replica, **common)
+        return Coordinator(**common)
+    except BaseException:
+        state.close()
+        raise
+
+
+def open_state(cfg: ServerConfig, replica: str = "") -> State:
+    """SQLite in --store (one server), or PostgreSQL at --state-url (shared by replicas)."""
+    if cfg.state_url is None:
+        return SqliteState(cfg.store / STATE_DB)
+    from fedpers.server.state_pg import PostgresState, redact
+
+    state = PostgresState(cfg.state_url, replica=replica, password=cfg.state_password())
+    log.info("state on PostgreSQL at %s; this replica is %s", redact(cfg.state_url), replica)
+    return state
 
 
 @dataclass
@@ -150,7 +175,8 @@ def start(cfg: ServerConfig, coordinator: Coordinator | None = None) -> RunningS
     locked and the port checked first: a second server on the same --store or port is refused before it
     writes anything."""
     check_port_free(cfg.listen)
-    lock = DirLock(cfg.store, "fedpers-server") if coordinator is None else None
+    # One server per --store, or any number of replicas of one federation (state on PostgreSQL).
+    lock = DirLock(cfg.store, "fedpers-server", shared=cfg.state_url is not None) if coordinator is None else None
     coord: Coordinator | None = coordinator
     tls = cfg.server_tls()
     try:
@@ -175,6 +201,8 @@ def start(cfg: ServerConfig, coordinator: Coordinator | None = None) -> RunningS
     if metrics is not None and cfg.metrics_listen:
         running.metrics = metrics.serve(cfg.metrics_listen)
     interval = min(1.0, max(0.05, cfg.round_timeout / 20))
+    if isinstance(coord, ClusterCoordinator):
+        interval = min(interval, coord.cluster.sync_interval)
     running._ticker = threading.Thread(target=running._tick_loop, args=(interval,), name="fedpers-ticker",
                                        daemon=True)
     running._ticker.start()

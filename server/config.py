@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -23,6 +24,9 @@ from fedpers.server.limits import LimitsPolicy
 from fedpers.server.rounds import PolicyError, RoundPolicy
 from fedpers.strategies import AGGREGATORS, STRATEGIES
 from fedpers.tls import ServerTls
+
+ENV_STATE_URL = "FEDPERS_STATE_URL"  # the state URL from the environment (it may carry a password there)
+ENV_STATE_PASSWORD = "FEDPERS_STATE_PASSWORD"
 
 
 class ConfigError(ValueError):
@@ -85,6 +89,9 @@ class ServerConfig:
     stream_min_rate: float = 4096.0  # ... or that averages fewer bytes/s once stream_idle_timeout has passed
     streams_per_device: int = 2  # concurrent uploads/downloads of one device
     rate_scale: float = 1.0  # multiplies every per-caller call rate and burst (server/limits.py); 0: none
+    state_url: str | None = None  # postgresql://...: state on PostgreSQL, shared by replicas; None: SQLite in store
+    state_password_file: Path | None = None  # the PostgreSQL password (or FEDPERS_STATE_PASSWORD / libpq's own)
+    replica_name: str | None = None  # this replica's name in the cluster tables (None: host-pid-random)
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -140,6 +147,12 @@ class ServerConfig:
             self.round_policy()  # the round settings are checked where they are used, once
         except PolicyError as exc:
             raise ConfigError(str(exc)) from None
+        if self.state_url is not None:
+            from fedpers.server.state_pg import is_postgres_url
+
+            if not is_postgres_url(self.state_url):
+                raise bad("state_url", f"must be a postgresql:// URL (the default state is SQLite in --store), "
+                                       f"got {self.state_url.split('://')[0]}://...")
         if self.insecure and (self.tls_cert or self.tls_key or self.tls_client_ca):
             raise bad("insecure", "plaintext cannot be combined with --tls-cert/--tls-key/--tls-client-ca")
         if not self.insecure and not (self.tls_cert and self.tls_key):
@@ -157,6 +170,14 @@ class ServerConfig:
                                   max_devices=self.max_devices, admin_token=admin_token_for(self.store, admin))
         except (SecretError, IdentityConfigError) as exc:
             raise ConfigError(str(exc)) from None
+
+    def state_password(self) -> str:
+        """The PostgreSQL password from --state-password-file or FEDPERS_STATE_PASSWORD ("" : libpq finds it
+        itself, from PGPASSWORD or PGPASSFILE, or none is needed)."""
+        try:
+            return secret_from(self.state_password_file, ENV_STATE_PASSWORD, "PostgreSQL password")
+        except SecretError as exc:
+            raise ConfigError(f"state_password_file: {exc}") from None
 
     def limits_policy(self) -> LimitsPolicy:
         """Per-caller rates, streams and stall limits (server/limits.py)."""
@@ -187,7 +208,7 @@ class ServerConfig:
 _FIELDS = {f.name: f for f in fields(ServerConfig)}
 # Path settings: relative paths in a config file are relative to it.
 PATH_KEYS = ("model", "store", "port_file", "log_file", "tls_cert", "tls_key", "tls_client_ca", "enroll_token_file",
-             "admin_token_file")
+             "admin_token_file", "state_password_file")
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -238,6 +259,8 @@ def load_config(flags: Mapping[str, Any], config_file: str | Path | None = None)
                 value = path.parent / value  # relative to the config file
             merged[key] = value
     merged.update({k: v for k, v in flags.items() if v is not None and k in _FIELDS})
+    if "state_url" not in merged and os.environ.get(ENV_STATE_URL, "").strip():
+        merged["state_url"] = os.environ[ENV_STATE_URL].strip()  # the environment is not argv: it may hold a password
     for key in ("model", "store"):
         if key not in merged:
             raise ConfigError(f"{key}: required (--{key} or in the --config file)")

@@ -143,8 +143,11 @@ class Identity:
             if active >= self.policy.max_devices:
                 raise TooManyDevices(f"this server already has {active} enrolled devices, its limit "
                                      f"(--max-devices {self.policy.max_devices})")
-            dev = self.state.add_device(name, hash_secret(secret), self.clock(),
-                                        enroll_hash=hash_secret(req.request_id))
+            try:
+                dev = self.state.add_device(name, hash_secret(secret), self.clock(),
+                                            enroll_hash=hash_secret(req.request_id))
+            except st.Conflict:  # another server process on the same state enrolled the name a moment ago
+                raise NameTaken(f"a device named {name!r} is already enrolled") from None
         log.info("device %d enrolled%s", dev.device_id, f" as {clip(name, 64)}" if name else "")
         return wire.EnrollReply(device_id=dev.device_id, device_secret=secret)
 

@@ -16,7 +16,9 @@ the blob's size plus ~400 bytes and two fsyncs. A round's records are deleted on
 or abandoned.
 
 The interface (`append`, `records`, `remove`, `discard`, `rounds`) is all the coordinator uses;
-another backend (rows in PostgreSQL, objects in a bucket) keeps the same records.
+another backend (rows in PostgreSQL, objects in a bucket) keeps the same records. Server replicas
+(server/cluster.py) share this directory through the shared --store: any replica appends, the
+coordinator reads the records of a dead or silent replica's updates when it closes the round.
 """
 
 from __future__ import annotations

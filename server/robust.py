@@ -15,7 +15,14 @@ import math
 from collections.abc import Mapping
 
 import numpy as np
-from fedpers.server.aggregate import AggregationError, Aggregator, ClippedMean, WeightedMean, check_delta
+from fedpers.server.aggregate import (
+    AggregationError,
+    Aggregator,
+    ClippedMean,
+    PartialSum,
+    WeightedMean,
+    check_delta,
+)
 
 Arrays = dict[str, np.ndarray]
 
@@ -65,6 +72,27 @@ class StackedAggregator(Aggregator):
     def _reduce(self, block: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
+    def partial(self, devices: tuple[int, ...] = ()) -> PartialSum:
+        """The rows held so far (a copy): robust reductions need every delta, so a partial is its rows."""
+        if self.round_id is None:
+            raise AggregationError("partial() before start()")
+        return PartialSum(self.round_id, "rows", {"rows": self._rows[:self.count].copy()}, self.total_weight,
+                          self.count, tuple(sorted(devices)))
+
+    def merge(self, part: PartialSum) -> None:
+        """Append another aggregator's rows (same round, same layout), within this one's capacity."""
+        self._check_partial(part, "rows")
+        rows = part.arrays["rows"]
+        assert self.capacity is not None
+        if rows.ndim != 2 or rows.shape[1] != self._rows.shape[1] or rows.shape[0] != part.count:
+            raise AggregationError(f"partial rows of shape {rows.shape} do not fit "
+                                   f"{part.count} x {self._rows.shape[1]}")
+        if self.count + part.count > self.capacity:
+            raise AggregationError(f"merging {part.count} rows would exceed the {self.capacity} this round can hold")
+        self._rows[self.count:self.count + part.count] = rows
+        self.total_weight += part.total_weight
+        self.count += part.count
+
     def result(self) -> Arrays | None:
         if self.count == 0:
             return None
@@ -84,6 +112,9 @@ class TrimmedMean(StackedAggregator):
             raise ValueError(f"trim must be in [0, 0.5), got {trim}")
         self.trim = float(trim)
 
+    def fresh(self) -> Aggregator:
+        return TrimmedMean(self.trim, self.memory_bytes)
+
     def _reduce(self, block: np.ndarray) -> np.ndarray:
         n = block.shape[0]
         k = min(int(math.floor(self.trim * n)), (n - 1) // 2)
@@ -95,6 +126,9 @@ class TrimmedMean(StackedAggregator):
 
 class Median(StackedAggregator):
     """Per coordinate: the median of the updates."""
+
+    def fresh(self) -> Aggregator:
+        return Median(self.memory_bytes)
 
     def _reduce(self, block: np.ndarray) -> np.ndarray:
         return np.median(block, axis=0).astype(np.float32)

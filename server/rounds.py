@@ -295,9 +295,13 @@ class Coordinator:
             return wire.Task(kind=wire.TaskKind.WAIT, base_version=self.version,
                              retry_after_seconds=self.policy.retry_after)
 
+    def _has_reported(self, device_id: int) -> bool:
+        """Has the device an accepted update in the open round? (Replicas also ask the database.)"""
+        return device_id in self._reported
+
     def _train_task(self, device_id: int) -> wire.Task | None:
         r = self._round
-        if r is None or device_id not in r.selected or device_id in self._reported:
+        if r is None or device_id not in r.selected or self._has_reported(device_id):
             return None
         return wire.Task(kind=wire.TaskKind.TRAIN, round_id=r.round_id, base_version=r.base_version,
                          config=replace(self.training, deadline_unix=r.deadline), model_ini=self.layout.ini_text)
@@ -339,13 +343,14 @@ class Coordinator:
             else:
                 self._gather_since = None
 
-    def _selection_size(self, live: int, now: float) -> int:
-        """How many of `live` waiting devices to select now (0: not yet)."""
+    def _selection_size(self, live: int, now: float, everyone: int | None = None) -> int:
+        """How many of `live` waiting devices to select now (0: not yet). `everyone`: the live devices,
+        waiting or not (None: this process's own view)."""
         p = self.policy
         if p.target_devices is None:
             # Every live device (called recently) is waiting, or the gather window has passed: a
             # device still uploading the last round is not left out, a lost one is not awaited.
-            want = len(self._seen.keys() | self._waiting.keys())
+            want = len(self._seen.keys() | self._waiting.keys()) if everyone is None else everyone
             size = min(live, max(p.min_devices, math.ceil(p.fraction * live)))
         else:
             want = math.ceil(p.target_devices * (1 + p.over_select))
@@ -356,25 +361,37 @@ class Coordinator:
         return size if now - self._gather_since >= p.gather_seconds else 0
 
     def _open_locked(self, now: float) -> None:
-        candidates = sorted(self._waiting)
-        k = self._selection_size(len(candidates), now)
+        self._open_from(sorted(self._waiting), now)
+
+    def _open_from(self, candidates: list[int], now: float, everyone: int | None = None) -> st.Round | None:
+        """Open a round over a sample of the waiting `candidates` if the policy says so now (else None)."""
+        k = self._selection_size(len(candidates), now, everyone)
         if k == 0:
-            return
+            return None
         self._gather_since = None
         picked = self._rng.choice(len(candidates), size=k, replace=False)
         selected = tuple(sorted(candidates[i] for i in picked))
-        r = self.state.open_round(self.version, selected, now, now + self.policy.round_timeout)
+        with self.state.tx():
+            self._fence()
+            r = self.state.open_round(self.version, selected, now, now + self.policy.round_timeout)
         self.aggregator.start(r.round_id, {k: self.weights[k] for k in self.layout.shared})
         self._round, self._reported = r, set()
         for d in selected:
-            del self._waiting[d]
+            self._waiting.pop(d, None)
         log.info("round %d opened: base version %d, %d of %d waiting devices selected, deadline in %.1fs",
                  r.round_id, r.base_version, len(selected), len(candidates), self.policy.round_timeout)
+        return r
+
+    def _fence(self) -> None:
+        """Inside the transaction that opens, closes or abandons a round: refuse (a StateError) when this
+        process may no longer change rounds. One server always may; a replica must hold the lease."""
 
     def _abandon_locked(self, now: float, reason: str) -> None:
         r = self._round
         assert r is not None
-        self.state.abandon_round(r.round_id, reason, now)
+        with self.state.tx():
+            self._fence()
+            self.state.abandon_round(r.round_id, reason, now)
         self._round, self._reported = None, set()
         self.journal.discard(r.round_id)
         log.warning("round %d abandoned: %s", r.round_id, reason)
@@ -398,11 +415,17 @@ class Coordinator:
             self.close_error = f"round {rid}: closing failed ({type(exc).__name__}: {exc}); retrying"
             log.error("%s", self.close_error)
 
+    def _combined(self, r: st.Round) -> Aggregator:
+        """The aggregate the round closes with: this process's own (a replica combines every replica's
+        partial sum into a fresh aggregator, server/cluster.py)."""
+        return self.aggregator
+
     def _close_locked(self, now: float, why: str) -> None:
         """Mean delta -> optimizer -> version v+1 stored atomically -> round closed -> published."""
         r = self._round
         assert r is not None
-        mean = self.aggregator.result()
+        combined = self._combined(r)
+        mean = combined.result()
         if mean is None:
             raise StaleRound(f"round {r.round_id} has no updates to aggregate")
         saved = self.optimizer.state()
@@ -411,6 +434,7 @@ class Coordinator:
         written = False
         try:
             with self.state.tx():
+                self._fence()
                 with np.errstate(over="ignore", invalid="ignore"):  # check_model refuses what overflowed
                     new_shared = self.optimizer.step({k: self.weights[k] for k in self.layout.shared}, mean)
                 guard.clamp_rounding(new_shared)
@@ -426,7 +450,7 @@ class Coordinator:
                                                     self.dp_delta)
                     metrics["dp_delta"] = self.dp_delta
                 meta = {"round_id": r.round_id, "created": now, "strategy": self.optimizer.name,
-                        "devices": self.aggregator.count, "examples": self.aggregator.total_weight, "metrics": metrics}
+                        "devices": combined.count, "examples": combined.total_weight, "metrics": metrics}
                 self.store.save_version(v, weights, meta, self.optimizer.state(), extra)
                 written = True
                 self.state.close_round(r.round_id, v, metrics, now)
@@ -441,7 +465,7 @@ class Coordinator:
         self._closed += 1
         self.journal.discard(r.round_id)
         log.info("round %d closed (%s): %d updates, version %d written%s", r.round_id, why,
-                 self.aggregator.count, v, "; federation finished" if self.finished else "")
+                 combined.count, v, "; federation finished" if self.finished else "")
 
     # ------------------------------------------------------------------ updates
 
@@ -477,7 +501,7 @@ class Coordinator:
             raise self._late_or_stale(device_id, header, now)
         if device_id not in r.selected:
             raise NotSelected(f"device {device_id} is not selected for round {r.round_id}")
-        if device_id in self._reported:
+        if self._has_reported(device_id):
             raise AlreadyReported(f"device {device_id} already reported for round {r.round_id}")
         if header.base_version != r.base_version:
             raise StaleBase(f"update was trained from version {header.base_version}; "
@@ -524,17 +548,21 @@ class Coordinator:
                     self.aggregator.add(delta, float(examples))
                 committed = True
                 self._reported.add(device_id)
-                n = len(self._reported)
-                log.debug("round %d: update from device %d accepted (%d/%d)", r.round_id, device_id, n,
-                          len(r.selected))
-                if n >= self.quorum(r):
-                    self._try_close(now, "quorum")
+                n = self._accepted(r, device_id, now)
                 return wire.UploadReply(accepted=True, message=f"accepted for round {r.round_id}",
                                         updates_in_round=n)
         except BaseException:
             if not committed:
                 self.journal.remove(path)  # refused after all: never acknowledged
             raise
+
+    def _accepted(self, r: st.Round, device_id: int, now: float) -> int:
+        """After an update committed: close the round at its quorum. Returns the updates in the round."""
+        n = len(self._reported)
+        log.debug("round %d: update from device %d accepted (%d/%d)", r.round_id, device_id, n, len(r.selected))
+        if n >= self.quorum(r):
+            self._try_close(now, "quorum")
+        return n
 
     # ------------------------------------------------------------------ models and status
 

@@ -29,6 +29,7 @@ from fedpers.server.journal import JournalError
 from fedpers.server.limits import Limits, LimitsPolicy
 from fedpers.server.metrics import ServerMetrics
 from fedpers.server.rounds import Coordinator
+from fedpers.server.state import StateUnavailable
 from fedpers.store import MissingVersion
 from fedpers.tls import ServerTls
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -60,6 +61,7 @@ ERROR_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.ShuttingDown, grpc.StatusCode.UNAVAILABLE),
     (errors.Busy, grpc.StatusCode.UNAVAILABLE),
     (JournalError, grpc.StatusCode.UNAVAILABLE),  # the update could not be made durable: retry later
+    (StateUnavailable, grpc.StatusCode.UNAVAILABLE),  # the database (PostgreSQL) is unreachable: retry later
     (errors.RateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.TooManyStreams, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.StreamCut, grpc.StatusCode.CANCELLED),  # the caller went away or was cut: INFO, not an error

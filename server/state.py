@@ -47,6 +47,10 @@ class UnknownId(StateError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class StateUnavailable(StateError):
+    """The database cannot be reached right now (a PostgreSQL connection lost): retrying later helps."""
+
+
 class Conflict(StateError):
     """The write conflicts with what is stored (duplicate update, round not open)."""
 

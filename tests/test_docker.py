@@ -23,7 +23,7 @@ import fleet  # noqa: E402
 import fleet_memory  # noqa: E402
 from fleet_docker import FleetError, docker_available  # noqa: E402
 from fleet_memory import CGROUP, PeakSampler, SizeError, parse_size  # noqa: E402
-from fleet_report import summary  # noqa: E402
+from fleet_report import replica_summary, summary  # noqa: E402
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -194,3 +194,43 @@ def test_fleet_runs_with_tls_and_an_enrollment_token(run) -> None:
     assert "fleet-demo" not in log  # no default token any more
     for device in run.devices:
         assert (run.reports[device].id or 0) >= 1  # each enrolled, then joined with its own secret
+
+
+# -- the replicas profile: PostgreSQL, two replicas behind the balancer, the coordinator killed
+
+
+@pytest.fixture(scope="module")
+def replicas_run(request: pytest.FixtureRequest):
+    reason = docker_available()
+    if reason:
+        pytest.skip(f"Docker fleet test needs a Docker daemon and docker-compose: {reason}")
+    result = fleet.run_replica_fleet(rounds=ROUNDS, timeout=600)
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        print("\n" + replica_summary(result), flush=True)
+    return result
+
+
+def test_replicas_finish_every_round_after_the_coordinator_is_killed(replicas_run) -> None:
+    r = replicas_run
+    assert r.killed_exit == 137, f"{r.killed} was not killed with SIGKILL: exit {r.killed_exit}"
+    assert r.status.finished and r.status.rounds_completed == ROUNDS
+    closed = [x for x in r.status.rounds if x.state == "closed"]
+    assert [x.version for x in closed] == list(range(1, ROUNDS + 1)), "one version per round, agreed by both"
+    assert "coordinates the federation" in r.survivor_log, "the survivor took the lease over"
+    assert "Traceback" not in r.survivor_log
+    for service, info in r.containers.items():  # PostgreSQL, the balancer, the survivor, devices: clean exits
+        if service != r.killed:
+            assert info.exit_code == 0 and not info.oom_killed and info.restart_count == 0, (service, info)
+
+
+def test_replicas_lose_no_acknowledged_update(replicas_run) -> None:
+    r = replicas_run
+    devices = sorted(s for s in r.containers if s.startswith("device"))
+    for device in devices:
+        info, report = r.containers[device], r.reports[device]
+        assert info.exit_code == 0 and report is not None and report.reason == "done", (device, report)
+        assert report.rounds_trained >= 1
+    # every acknowledged update was aggregated: the devices' acknowledgements add up to the closed rounds' rows
+    if all(x.state == "closed" for x in r.status.rounds):
+        assert sum(r.reports[d].rounds_trained for d in devices) == sum(x.devices for x in r.status.rounds)

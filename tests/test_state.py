@@ -1,19 +1,31 @@
-"""One suite over every state backend: memory, SQLite :memory:, SQLite on a file."""
+"""One suite over every state backend: memory, SQLite :memory:, SQLite on a file, PostgreSQL.
 
+PostgreSQL runs in a throwaway cluster started once for the session (tests/pg_cluster.py), one
+fresh database per test; skipped, with the reason, where the binaries or psycopg are missing.
+"""
+
+import itertools
 from pathlib import Path
 
 import pytest
 from fedpers.server import state as st
 
+_databases = itertools.count()
 
-@pytest.fixture(params=["memory", "sqlite-memory", "sqlite-file"])
+
+@pytest.fixture(params=["memory", "sqlite-memory", "sqlite-file", "postgres"])
 def state(request: pytest.FixtureRequest, tmp_path: Path):
     if request.param == "memory":
         s = st.MemoryState()
     elif request.param == "sqlite-memory":
         s = st.SqliteState(":memory:")
-    else:
+    elif request.param == "sqlite-file":
         s = st.SqliteState(tmp_path / "db" / "state.sqlite")
+    else:
+        from fedpers.server.state_pg import PostgresState
+
+        cluster = request.getfixturevalue("pg_cluster")
+        s = PostgresState(cluster.create_database(f"contract{next(_databases)}"), replica="test")
     yield s
     s.close()
 
