@@ -9,8 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from fedpers import wire
@@ -18,6 +20,8 @@ from fedpers.backoff import Backoff
 from fedpers.pki import make_dev_pki
 from fedpers.stub import FederationClient
 from fedpers.tls import TlsConfig
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -37,8 +41,9 @@ def run_fake_device(address: str, tls: TlsConfig, enroll_token: str, name: str, 
     digest = wire.sha256(blob)
     with FederationClient(address, tls=tls, timeout=120) as client:
         try:
-            enrolled = client.enroll(wire.EnrollRequest(enroll_token, name, request_id=secrets.token_urlsafe(16)))
-            client.join(wire.JoinRequest(enrolled.device_id, enrolled.device_secret))
+            request = wire.EnrollRequest(enroll_token, name, request_id=secrets.token_urlsafe(16))
+            enrolled = _retried(lambda: client.enroll(request), deadline)  # hundreds enroll at once: some wait
+            _retried(lambda: client.join(wire.JoinRequest(enrolled.device_id, enrolled.device_secret)), deadline)
             joined.wait(timeout=max(1.0, deadline - time.monotonic()))
             go.wait(timeout=max(1.0, deadline - time.monotonic()))
             done_round = 0
@@ -58,6 +63,20 @@ def run_fake_device(address: str, tls: TlsConfig, enroll_token: str, name: str, 
             joined.abort()  # the others (and the bench) must not wait for a device that is gone
         except threading.BrokenBarrierError:
             out.error = "barrier"
+
+
+def _retried(call: Callable[[], T], deadline: float) -> T:
+    """A call retried, as the agent does, while the server is busy or rate-limits (UNAVAILABLE,
+    RESOURCE_EXHAUSTED with a hint) and the deadline allows."""
+    backoff = Backoff(initial=0.05, maximum=2.0)
+    while True:
+        try:
+            return call()
+        except grpc.RpcError as exc:
+            retry = exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            if not retry or time.monotonic() > deadline:
+                raise
+            time.sleep(backoff.next(wire.retry_after_of(exc)))
 
 
 def _upload(client: FederationClient, header: wire.UpdateHeader, blob: bytes, deadline: float, out: DeviceStats,

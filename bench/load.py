@@ -101,7 +101,7 @@ def run(sc: Scenario, rounds: int, workers: int, timeout: float, blob: bytes) ->
         status = get_status(server.address, tls=server.tls, admin_token=server.admin_token, timeout=10)
         rss_peak = read_kib(server.proc.pid, "VmHWM") / 1024
     lat = np.array([x for s in stats for x in s.latencies] or [float("nan")])
-    errors = [s.error for s in stats if s.error]
+    errors = sorted((s.error for s in stats if s.error), key=lambda e: e == "barrier")  # the cause first
     if errors:
         print(f"  {len(errors)} device errors, e.g. {errors[0]}", file=sys.stderr)
     span = ((last_close or time.monotonic()) - (first_open or t_go)) / 60

@@ -83,7 +83,7 @@ def run_one(n: int, rounds: int, workers: int, blob: bytes, timeout: float) -> R
     updates = sum(r.uploads for r in results)
     upload_times = [t for r in results for t in r.accepted_at]
     seconds = (max(upload_times) - t0) if upload_times else float("nan")
-    errors = [r.error for r in results if r.error]
+    errors = sorted((r.error for r in results if r.error), key=lambda e: e == "barrier")  # the cause first
     if errors:
         print(f"  device error (N={n}): {errors[0]}", file=sys.stderr)
     return Row(n, rounds, updates, seconds, rss_start / 1024, rss_connected / 1024, rss_peak / 1024, len(errors),
