@@ -249,8 +249,13 @@ def _serve(ns: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    from fedpers.locks import DirectoryBusy
+
     try:
         running = app.start(cfg)
+    except (app.ListenError, DirectoryBusy) as exc:  # the flags name a port or store another server holds
+        logging.getLogger("server").error("cannot start: %s", exc)
+        return 2
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:
         logging.getLogger("server").error("cannot start: %s", exc)
         return 1

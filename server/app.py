@@ -150,6 +150,10 @@ class RunningServer:
         log.info("stopped at version %d", self.coordinator.version)
 
 
+class ListenError(OSError):
+    """--listen names an address this server cannot take (unresolvable, or already in use)."""
+
+
 def check_port_free(listen: str) -> None:
     """OSError naming the address when something already listens there, so a server on a busy port stops
     before it writes version 0. (gRPC binds a moment later; this only catches the plain case.)"""
@@ -160,14 +164,14 @@ def check_port_free(listen: str) -> None:
     try:
         infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        raise OSError(f"--listen {listen}: cannot resolve {host!r} ({exc.strerror})") from None
+        raise ListenError(f"--listen {listen}: cannot resolve {host!r} ({exc.strerror})") from None
     family, kind, proto, _, address = infos[0]
     with socket.socket(family, kind, proto) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(address)
         except OSError as exc:
-            raise OSError(f"--listen {listen}: {exc.strerror} (another server?)") from None
+            raise ListenError(f"--listen {listen}: {exc.strerror} (another server?)") from None
 
 
 def start(cfg: ServerConfig, coordinator: Coordinator | None = None) -> RunningServer:

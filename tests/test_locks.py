@@ -54,7 +54,7 @@ def test_second_server_on_one_store_exits_before_writing(tmp_path) -> None:
                                "--store", str(tmp_path), "--listen", "127.0.0.1:0", "--insecure"], capture_output=True,
                               text=True,
                               timeout=60)
-        assert proc.returncode == 1 and "is in use by fedpers-server (pid" in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and "is in use by fedpers-server (pid" in proc.stderr, proc.stderr
         assert sorted(p.name for p in tmp_path.rglob("*")) == before
     finally:
         running.stop(0)
@@ -70,5 +70,5 @@ def test_a_server_on_a_busy_port_writes_nothing(tmp_path) -> None:
         proc = subprocess.run([sys.executable, "-m", "fedpers.server", "--model", str(models.path("mlp.ini")),
                                "--store", str(tmp_path / "store"), "--listen", f"127.0.0.1:{port}", "--insecure"],
                               capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1 and f"--listen 127.0.0.1:{port}: Address already in use" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and f"--listen 127.0.0.1:{port}: Address already in use" in proc.stderr, proc.stderr
     assert not (tmp_path / "store" / "models").exists() and not (tmp_path / "store" / "state.sqlite").exists()
