@@ -212,8 +212,12 @@ class Trainer:
         seed: int | None = None,
         learning_rate: float | None = None,
         progress: Progress | None = None,
+        drop_last: bool = False,
     ) -> FitResult:
-        """Train; the last partial batch of each epoch is dropped (shuffling varies it)."""
+        """Train. A batch never exceeds the examples there are; the last partial batch of an epoch is
+        filled up with the epoch's first examples (they train twice), so every example trains every
+        epoch and the plan keeps one batch size. drop_last=True drops it instead (the old behaviour:
+        a device with fewer than two batches of data then takes one step per epoch)."""
         x, y = self._check_data(x, y)
         epochs = epochs or self.spec.epochs
         batch = min(batch_size or self.spec.batch_size, len(x))
@@ -221,7 +225,7 @@ class Trainer:
             raise DataError("no training examples")
         c = self.compile(batch)
         rng = np.random.default_rng(self.seed if seed is None else seed)
-        per_epoch = len(x) // batch
+        per_epoch = len(x) // batch if drop_last else -(-len(x) // batch)
         total = per_epoch * epochs
         times: list[float] = []
         history = []
@@ -234,6 +238,8 @@ class Trainer:
                 correct = 0
                 for b in range(per_epoch):
                     idx = order[b * batch : (b + 1) * batch]
+                    if len(idx) < batch:  # the last partial batch: fill it from the start of the epoch
+                        idx = np.concatenate((idx, order[: batch - len(idx)]))
                     t0 = time.perf_counter()
                     ls, cr = self._train_step(c, x, y, idx, swapper, learning_rate)
                     times.append(time.perf_counter() - t0)

@@ -1,0 +1,52 @@
+"""Trainer features the personalization methods need: the last partial batch, optimizer reset,
+freezing layers between phases, and the proximal term towards anchor weights."""
+
+import numpy as np
+from fedpers.nn import Trainer
+
+from tests import nets
+
+
+def data(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, 12)).astype(np.float32), rng.integers(0, 4, n).astype(np.int64)
+
+
+def record_batches(t: Trainer, monkeypatch) -> list[np.ndarray]:
+    seen: list[np.ndarray] = []
+    step = t._train_step
+
+    def spy(c, x, y, idx, swapper, lr):
+        seen.append(np.array(idx))
+        return step(c, x, y, idx, swapper, lr)
+
+    monkeypatch.setattr(t, "_train_step", spy)
+    return seen
+
+
+def test_last_partial_batch_is_filled_from_the_start_of_the_epoch(monkeypatch):
+    x, y = data(40)
+    t = Trainer(nets.mlp(), seed=0)
+    seen = record_batches(t, monkeypatch)
+    res = t.fit(x, y, epochs=3, batch_size=32, seed=1)
+    assert res.steps == 6 and len(seen) == 6
+    for first, last in zip(seen[0::2], seen[1::2], strict=True):
+        assert len(first) == len(last) == 32  # one batch size: one plan
+        assert set(first) | set(last) == set(range(40))  # every example trains every epoch
+        assert np.array_equal(last[8:], first[:24])  # the fill is the epoch's first examples
+
+
+def test_drop_last_keeps_the_old_behaviour(monkeypatch):
+    x, y = data(40)
+    t = Trainer(nets.mlp(), seed=0)
+    seen = record_batches(t, monkeypatch)
+    assert t.fit(x, y, epochs=3, batch_size=32, drop_last=True).steps == 3
+    assert all(len(s) == 32 for s in seen)
+
+
+def test_a_device_smaller_than_a_batch_trains_all_of_it_once_per_epoch(monkeypatch):
+    x, y = data(5)
+    t = Trainer(nets.mlp(), seed=0)
+    seen = record_batches(t, monkeypatch)
+    assert t.fit(x, y, epochs=2, batch_size=32).steps == 2
+    assert all(sorted(s) == list(range(5)) for s in seen)
