@@ -50,3 +50,31 @@ def test_a_device_smaller_than_a_batch_trains_all_of_it_once_per_epoch(monkeypat
     seen = record_batches(t, monkeypatch)
     assert t.fit(x, y, epochs=2, batch_size=32).steps == 2
     assert all(sorted(s) == list(range(5)) for s in seen)
+
+
+def test_reset_optimizer_makes_the_next_fit_match_a_fresh_trainer():
+    x, y = data(64)
+    spec = nets.mlp(opt="adam")
+    used = Trainer(spec, seed=0)
+    used.fit(x, y, epochs=2, batch_size=16, seed=3)  # moments and step count now non-zero
+    start = used.get_weights()
+    fresh = Trainer(spec, seed=0)
+    fresh.set_weights(start)
+    used.reset_optimizer()
+    used.fit(x, y, epochs=1, batch_size=16, seed=4)
+    fresh.fit(x, y, epochs=1, batch_size=16, seed=4)
+    a, b = used.get_weights(), fresh.get_weights()
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_without_reset_the_optimizer_state_carries_over():
+    x, y = data(64)
+    spec = nets.mlp(opt="adam")
+    used = Trainer(spec, seed=0)
+    used.fit(x, y, epochs=2, batch_size=16, seed=3)
+    fresh = Trainer(spec, seed=0)
+    fresh.set_weights(used.get_weights())
+    used.fit(x, y, epochs=1, batch_size=16, seed=4)
+    fresh.fit(x, y, epochs=1, batch_size=16, seed=4)
+    a, b = used.get_weights(), fresh.get_weights()
+    assert not all(np.array_equal(a[k], b[k]) for k in a)

@@ -169,6 +169,16 @@ class Trainer:
                  mode, batch, mb, c.plan.total, c.naive_bytes, c.lower_bound_bytes)
         return c
 
+    def reset_optimizer(self) -> None:
+        """Zero the optimizer state (momentum, Adam moments) and its step count (Adam's bias
+        correction, the learning-rate schedule), so the next fit starts like a fresh optimizer: used
+        when the weights are replaced (a new federated base, another training phase)."""
+        self._iteration = 0
+        if self._train is not None:
+            for names in self._train.opt_names.values():
+                for name in names:
+                    self._train.views[name][...] = 0.0
+
     def _inference(self, batch: int) -> Compiled:
         if batch not in self._infer:
             self._infer[batch] = compile_graph(self.spec, batch, training=False, mode="planned",
