@@ -2,7 +2,8 @@
 freezing layers between phases, and the proximal term towards anchor weights."""
 
 import numpy as np
-from fedpers.nn import Trainer
+import pytest
+from fedpers.nn import ModelError, Trainer
 
 from tests import nets
 
@@ -78,3 +79,48 @@ def test_without_reset_the_optimizer_state_carries_over():
     fresh.fit(x, y, epochs=1, batch_size=16, seed=4)
     a, b = used.get_weights(), fresh.get_weights()
     assert not all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def grad_names(t: Trainer) -> set[str]:
+    return {ti.name for ti in t._train.tensors if ti.role == "grad"}
+
+
+def test_frozen_layers_do_not_train_and_get_no_gradient_memory():
+    x, y = data(48)
+    t = Trainer(nets.mlp(), seed=0)
+    t.fit(x, y, epochs=1, batch_size=16)
+    full_arena = t.memory_report().arena_bytes
+    t.set_frozen(["fc1", "fc2"])  # FedRep's head phase: only `out` trains
+    assert t.frozen == {"fc1", "fc2"}
+    before = t.get_weights()
+    t.fit(x, y, epochs=2, batch_size=16)
+    after = t.get_weights()
+    for k in before:
+        assert np.array_equal(before[k], after[k]) == (not k.startswith("out.")), k
+    assert grad_names(t) == {"out.weight:grad", "out.bias:grad"}
+    assert t.memory_report().arena_bytes < full_arena
+    t.set_frozen(["out"])  # the body phase
+    t.fit(x, y, epochs=1, batch_size=16)
+    body = t.get_weights()
+    assert np.array_equal(body["out.weight"], after["out.weight"])
+    assert not np.array_equal(body["fc1.weight"], after["fc1.weight"])
+    t.set_frozen(())
+    t.fit(x, y, epochs=1, batch_size=16)
+    assert grad_names(t) == {f"{lay}.{p}:grad" for lay in ("fc1", "fc2", "out") for p in ("weight", "bias")}
+
+
+def test_freezing_an_unknown_layer_is_refused():
+    t = Trainer(nets.mlp())
+    with pytest.raises(ModelError, match="nope"):
+        t.set_frozen(["nope"])
+
+
+def test_freezing_keeps_the_optimizer_state_of_layers_that_train_in_both_plans():
+    x, y = data(48)
+    t = Trainer(nets.mlp(opt="adam"), seed=0)
+    t.fit(x, y, epochs=1, batch_size=16)
+    moment = t._train.views["out.weight:opt0"].copy()
+    assert np.any(moment)
+    t.set_frozen(["fc1"])
+    t.compile(16)
+    assert np.array_equal(t._train.views["out.weight:opt0"], moment)

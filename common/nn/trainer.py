@@ -10,8 +10,8 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from .budget import Choice, choose, parse_size
 from .graph import Compiled, init_weights, output_size
 from .graph import compile as compile_graph
 from .optim import Optimizer, learning_rate
-from .spec import ModelSpec
+from .spec import ModelError, ModelSpec
 from .swap import SwapItem, Swapper, swap_schedule
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,8 @@ class Trainer:
         self._weights: dict[str, np.ndarray] = init_weights(spec, seed)
         self.outputs = output_size(spec)  # values per example at the output (classes for Loss = cross)
         self._train: Compiled | None = None
+        self._train_spec = spec  # spec with the layers frozen by set_frozen() marked trainable = false
+        self._stale = False  # the training plan predates a set_frozen() change
         self._infer: dict[int, Compiled] = {}
         self._iteration = 0
         self._swap_totals = [0, 0, 0.0]
@@ -144,20 +146,42 @@ class Trainer:
     def weights_bytes(self) -> int:
         return sum(v.nbytes for v in self._weights.values())
 
+    # ---- phases ----------------------------------------------------------------------------
+    @property
+    def frozen(self) -> frozenset[str]:
+        """Layers set_frozen() keeps from training (besides those the model marks trainable = false)."""
+        return frozenset(ls.name for ls, orig in zip(self._train_spec.layers, self.spec.layers, strict=True)
+                         if orig.trainable and not ls.trainable)
+
+    def set_frozen(self, layers: Iterable[str]) -> None:
+        """Train every layer but these from the next fit on (replaces the previous set; () unfreezes).
+        A frozen layer behaves as `trainable = false`: no gradient, no update, batch norm uses its
+        running statistics; the plan is recompiled, so it also needs no gradient memory."""
+        names = frozenset(layers)
+        unknown = sorted(names - {ls.name for ls in self.spec.layers})
+        if unknown:
+            raise ModelError("Model", "frozen", f"no layers named {unknown} in this model")
+        if names == self.frozen:
+            return
+        self._train_spec = self.spec.with_changes(
+            layers=tuple(replace(ls, trainable=False) if ls.name in names else ls for ls in self.spec.layers))
+        self._stale = True  # the next fit compiles the new plan; weights and optimizer state carry over
+
     # ---- compile -------------------------------------------------------------------------
     def compile(self, batch: int) -> Compiled:
-        """Plan training at `batch` (re-planned only when the batch size changes)."""
-        if self._train is not None and self._train.batch == batch:
+        """Plan training at `batch` (re-planned only when the batch size or the frozen layers change)."""
+        if self._train is not None and self._train.batch == batch and not self._stale:
             return self._train
+        spec, self._stale = self._train_spec, False
         mode, la, mb = self.memory, self.lookahead, self.micro_batch
         if self.budget is not None:
-            self.choice = choose(self.spec, batch, self.budget, self.optimizer.slots)
+            self.choice = choose(spec, batch, self.budget, self.optimizer.slots)
             mode, la, mb = self.choice.mode, self.choice.lookahead, self.choice.micro_batch
             log.info("memory budget %d bytes: chose %s", self.budget, self.choice.describe())
         old = self._train
         self._train = None
         self._infer.clear()
-        c = compile_graph(self.spec, batch, mode=mode, lookahead=la, micro_batch=mb,
+        c = compile_graph(spec, batch, mode=mode, lookahead=la, micro_batch=mb,
                           optimizer_slots=self.optimizer.slots, weights=self._weights, seed=self.seed)
         if old is not None:
             for name in c.opt_names:
@@ -388,7 +412,8 @@ class Trainer:
     # ---- reports -----------------------------------------------------------------------------
     def memory_report(self, batch: int | None = None) -> MemoryReport:
         """Sizes of the training plan (compiled at `batch` if not yet) and what was measured."""
-        c = self._train if batch is None and self._train is not None else self.compile(batch or self.spec.batch_size)
+        last = self._train.batch if self._train is not None else self.spec.batch_size
+        c = self.compile(batch or last)
         base = rss.baseline()
         return MemoryReport(
             mode=c.mode, batch=c.batch, micro_batch=c.micro_batch, lookahead=c.lookahead,
