@@ -54,14 +54,16 @@ def candidates(batch: int, lookaheads: tuple[int, ...] = (4, 2, 1)) -> list[tupl
     return out
 
 
-def choose(spec: ModelSpec, batch: int, budget: int, optimizer_slots: int) -> Choice:
-    """The first candidate whose arena fits `budget`; BudgetError naming the smallest otherwise."""
+def choose(spec: ModelSpec, batch: int, budget: int, optimizer_slots: int,
+           anchored: frozenset[str] = frozenset()) -> Choice:
+    """The first candidate whose arena fits `budget` (proximal anchors included); BudgetError naming
+    the smallest otherwise."""
     from .graph import compile as compile_graph
 
     smallest: Choice | None = None
     for mode, la, m in candidates(batch):
         c = compile_graph(spec, batch, mode=mode, lookahead=la, micro_batch=m,
-                          optimizer_slots=optimizer_slots, allocate=False)
+                          optimizer_slots=optimizer_slots, anchored=anchored, allocate=False)
         choice = Choice(mode, la, m, c.plan.total)
         if choice.arena_bytes <= budget:
             return choice

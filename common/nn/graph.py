@@ -47,7 +47,7 @@ class TensorInfo:
     name: str
     shape: Shape
     dtype: np.dtype
-    role: str  # weight | stat | grad | gradacc | opt | act | deriv | scratch
+    role: str  # weight | stat | grad | gradacc | opt | anchor | act | deriv | scratch
     touches: set[int]
     pinned: bool = False  # lives the whole run (weights, optimizer state, accumulated gradients)
     external: bool = False  # provided by the caller (inference reads the trainer's weights)
@@ -310,9 +310,9 @@ def _runs(n: Node, life: Life) -> Life:
 
 
 def _tensor_table(nodes: list[Node], steps: int, micro_batch: int, optimizer_slots: int,
-                  external: Mapping[str, np.ndarray], dtype) -> _Table:
-    """Every tensor with the steps that touch it: weights, gradients, optimizer state, activations,
-    derivatives and layer scratch."""
+                  external: Mapping[str, np.ndarray], dtype, anchored: frozenset[str] = frozenset()) -> _Table:
+    """Every tensor with the steps that touch it: weights, gradients, optimizer state, proximal
+    anchors, activations, derivatives and layer scratch."""
     tab = _Table()
     all_steps = {0, steps - 1}
     for ni, n in enumerate(nodes):
@@ -325,6 +325,8 @@ def _tensor_table(nodes: list[Node], steps: int, micro_batch: int, optimizer_slo
                 w_ids.append(tab.add(name, w.shape, dtype, role, set(), pinned=True, external=True))
             else:
                 w_ids.append(tab.add(name, w.shape, dtype, role, all_steps, pinned=True))
+            if w.trainable and name in anchored:  # also while the layer is frozen: the value must survive
+                tab.add(f"{name}:anchor", w.shape, dtype, "anchor", all_steps, pinned=True)
             if not (n.trains and w.trainable):
                 g_ids.append(None)
                 continue
@@ -455,6 +457,7 @@ def compile(  # noqa: A001  (the graph's one verb)
     lookahead: int = 2,
     micro_batch: int = 1,
     optimizer_slots: int = 0,
+    anchored: frozenset[str] = frozenset(),
     external: Mapping[str, np.ndarray] | None = None,
     weights: Mapping[str, np.ndarray] | None = None,
     seed: int = 0,
@@ -464,7 +467,8 @@ def compile(  # noqa: A001  (the graph's one verb)
     """Order, size and plan the model for `batch` examples per (micro-)step.
 
     micro_batch > 1 compiles for batch // micro_batch examples and keeps gradients across the
-    micro-steps of one batch. `external` weights are used in place (not allocated in the arena);
+    micro-steps of one batch. `anchored` weights (those with a gradient) get a pinned `<name>:anchor`
+    tensor, zeroed, for a proximal term. `external` weights are used in place (not allocated in the arena);
     `weights` are copied into the arena (default: fresh ones from `seed`).
     With allocate=False only the sizes are computed (for budget search and `plan` reports).
     dtype=np.float64 exists for gradient checks; training runs in float32.
@@ -477,7 +481,7 @@ def compile(  # noqa: A001  (the graph's one verb)
         raise ValueError(f"lookahead must be >= 1, got {lookahead}")
     nodes = _finalized(spec, batch // micro_batch, split=True)
     steps = _schedule(nodes, spec, training)
-    tab = _tensor_table(nodes, steps, micro_batch, optimizer_slots, external or {}, dtype)
+    tab = _tensor_table(nodes, steps, micro_batch, optimizer_slots, external or {}, dtype, frozenset(anchored))
     groups, aliased = _groups(tab, nodes, share=mode != "naive")
     _lifespans(groups, mode, len(nodes), steps, lookahead)
 
@@ -527,7 +531,7 @@ def _bind(c: Compiled, tab: _Table, aliased: list[bool], external: Mapping[str, 
             if t.name not in init:
                 raise KeyError(f"no value for weight {t.name!r}")
             c.views[t.name][...] = init[t.name]
-        elif t.role in ("opt", "gradacc"):
+        elif t.role in ("opt", "gradacc", "anchor"):
             c.views[t.name][...] = 0.0
 
     nodes = c.nodes

@@ -1,7 +1,9 @@
 """Optimizers applied per layer as soon as its gradient exists, and learning-rate schedules.
 
 State lives in the arena as pinned tensors (`<weight>:opt<k>`), zeroed at compile time.
-Weight decay is L2 added to the gradient (as NNTrainer and torch.optim do).
+Weight decay is L2 added to the gradient (as NNTrainer and torch.optim do). A proximal term
+mu/2 * ||w - anchor||^2 (FedProx, Ditto) is added the same way, as mu * (w - anchor), from an
+anchor tensor (`<weight>:anchor`) that is pinned in the arena like the optimizer state.
 """
 
 from __future__ import annotations
@@ -12,6 +14,14 @@ import numpy as np
 from numba import njit
 
 from .spec import OptimizerSpec, SchedulerSpec
+
+
+@njit(["void(float32[::1], float32[::1], float32[::1], float32)",
+      "void(float64[::1], float64[::1], float64[::1], float64)"], cache=True, nogil=True)
+def proximal_grad(g, w, anchor, mu):
+    """g += mu * (w - anchor): the gradient of mu/2 * ||w - anchor||^2, added before the update."""
+    for i in range(g.size):
+        g[i] += mu * (w[i] - anchor[i])
 
 
 @njit(cache=True, nogil=True)
@@ -44,10 +54,14 @@ class Optimizer:
         self.spec = spec
         self.slots = {"sgd": 1 if spec.momentum > 0 else 0, "adam": 2}[spec.type]
 
-    def apply(self, w: np.ndarray, g: np.ndarray, state: list[np.ndarray], lr: float, iteration: int) -> None:
+    def apply(self, w: np.ndarray, g: np.ndarray, state: list[np.ndarray], lr: float, iteration: int,
+              anchor: np.ndarray | None = None, mu: float = 0.0) -> None:
+        """One step; with an anchor and mu > 0 the proximal gradient is added to g first (g is scratch)."""
         s = self.spec
         f32 = np.float32
         w, g = w.reshape(-1), g.reshape(-1)
+        if anchor is not None and mu > 0:
+            proximal_grad(g, w, anchor.reshape(-1), f32(mu))
         if s.type == "adam":
             t = iteration + 1
             adam_step(

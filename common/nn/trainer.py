@@ -65,6 +65,7 @@ class MemoryReport:
     lower_bound_bytes: int
     weights_bytes: int
     optimizer_bytes: int
+    anchor_bytes: int = 0  # proximal anchors (FedProx, Ditto): one more copy of the anchored weights
     swap_out_bytes: int = 0
     swap_in_bytes: int = 0
     swap_wait_seconds: float = 0.0
@@ -88,7 +89,10 @@ class Trainer:
         micro_batch: int = 1,
         swap_dir: str | None = None,
         seed: int = 0,
+        anchored: Iterable[str] = (),
     ) -> None:
+        """`anchored`: weights that may get a proximal term (set_anchor / set_proximal); their anchors
+        are pinned tensors of the plan, so the memory report and `memory_budget` count them."""
         self.spec = spec
         self.memory, self.lookahead, self.micro_batch = memory, lookahead, micro_batch
         self.budget = parse_size(memory_budget) if memory_budget is not None else None
@@ -103,6 +107,17 @@ class Trainer:
         self._infer: dict[int, Compiled] = {}
         self._iteration = 0
         self._swap_totals = [0, 0, 0.0]
+        self._anchored = frozenset(anchored)
+        self._anchors: dict[str, np.ndarray] = {}  # weight -> anchor (arena views once compiled)
+        self._mu: dict[str, float] = {}  # weight -> proximal coefficient (absent: none)
+        if self._anchored:
+            unknown = sorted(self._anchored - set(self._weights))
+            if unknown:
+                raise WeightError(f"cannot anchor unknown weights: {', '.join(unknown)}")
+            probe = compile_graph(spec, 1, anchored=self._anchored, allocate=False)
+            self._anchors = {t.name.removesuffix(":anchor"): np.zeros(t.shape, np.float32)
+                             for t in probe.tensors if t.role == "anchor"}  # statistics have no gradient: no anchor
+        self._anchor_set: set[str] = set()
 
     # ---- weights -------------------------------------------------------------------------
     def get_weights(self) -> dict[str, np.ndarray]:
@@ -146,6 +161,39 @@ class Trainer:
     def weights_bytes(self) -> int:
         return sum(v.nbytes for v in self._weights.values())
 
+    # ---- proximal term ---------------------------------------------------------------------
+    @property
+    def anchored(self) -> frozenset[str]:
+        """Weights with an anchor tensor: those asked for at construction that have a gradient."""
+        return frozenset(self._anchors)
+
+    def set_anchor(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Copy anchor values (e.g. the round's global weights) for anchored weights by name; names the
+        Trainer was not built to anchor are ignored, so a full weight dict can be passed."""
+        for k, v in weights.items():
+            if k not in self._anchors:
+                continue
+            arr = np.asarray(v, dtype=np.float32)
+            if arr.shape != self._anchors[k].shape:
+                raise WeightError(f"anchor {k} has shape {arr.shape}, the weight {self._anchors[k].shape}")
+            self._anchors[k][...] = arr
+            self._anchor_set.add(k)
+
+    def set_proximal(self, mu: float | Mapping[str, float]) -> None:
+        """Add mu/2 * ||w - anchor||^2 to the loss from the next step on: one mu for every anchored
+        weight, or per weight (the others get none); 0 turns it off. The term is applied at
+        apply-gradient, so it costs no memory beyond the anchors."""
+        per = dict.fromkeys(self._anchors, float(mu)) if not isinstance(mu, Mapping) else dict(mu)
+        bad = sorted(k for k, m in per.items() if m and k not in self._anchors)
+        if bad:
+            raise WeightError(f"no anchor for {', '.join(bad)} (anchored: {sorted(self._anchors) or 'none'})")
+        unset = sorted(k for k, m in per.items() if m and k not in self._anchor_set)
+        if unset:
+            raise WeightError(f"set_anchor() first: no anchor value for {', '.join(unset)}")
+        if any(not (m >= 0 and np.isfinite(m)) for m in per.values()):
+            raise ValueError(f"proximal coefficients must be finite and >= 0, got {per}")
+        self._mu = {k: m for k, m in per.items() if m > 0}
+
     # ---- phases ----------------------------------------------------------------------------
     @property
     def frozen(self) -> frozenset[str]:
@@ -175,19 +223,23 @@ class Trainer:
         spec, self._stale = self._train_spec, False
         mode, la, mb = self.memory, self.lookahead, self.micro_batch
         if self.budget is not None:
-            self.choice = choose(spec, batch, self.budget, self.optimizer.slots)
+            self.choice = choose(spec, batch, self.budget, self.optimizer.slots, self._anchored)
             mode, la, mb = self.choice.mode, self.choice.lookahead, self.choice.micro_batch
             log.info("memory budget %d bytes: chose %s", self.budget, self.choice.describe())
         old = self._train
         self._train = None
         self._infer.clear()
         c = compile_graph(spec, batch, mode=mode, lookahead=la, micro_batch=mb,
-                          optimizer_slots=self.optimizer.slots, weights=self._weights, seed=self.seed)
+                          optimizer_slots=self.optimizer.slots, anchored=self._anchored, weights=self._weights,
+                          seed=self.seed)
         if old is not None:
             for name in c.opt_names:
                 for o_new, o_old in zip(c.opt_names[name], old.opt_names.get(name, []), strict=False):
                     c.views[o_new][...] = old.views[o_old]
         self._weights = {k: c.views[k] for k in self._weights}
+        for k, a in self._anchors.items():
+            c.views[f"{k}:anchor"][...] = a
+        self._anchors = {k: c.views[f"{k}:anchor"] for k in self._anchors}
         self._train = c
         log.info("training plan: memory=%s batch %d micro-batch %d, arena %d bytes (naive %d, lower bound %d)",
                  mode, batch, mb, c.plan.total, c.naive_bytes, c.lower_bound_bytes)
@@ -373,7 +425,9 @@ class Trainer:
                 name = f"{node.spec_name}.{w.name}"
                 if c.micro_batch > 1:
                     g = c.views[c.grad_acc[f"{name}:grad"]]
-                self.optimizer.apply(wv, g, [c.views[s] for s in c.opt_names[name]], lr, self._iteration)
+                mu = self._mu.get(name, 0.0)
+                self.optimizer.apply(wv, g, [c.views[s] for s in c.opt_names[name]], lr, self._iteration,
+                                     anchor=c.views[f"{name}:anchor"] if mu else None, mu=mu)
 
     # ---- inference -----------------------------------------------------------------------------
     def _forward_batches(self, x: np.ndarray, y: np.ndarray | None, batch: int, collect: np.ndarray | None):
@@ -418,7 +472,7 @@ class Trainer:
         return MemoryReport(
             mode=c.mode, batch=c.batch, micro_batch=c.micro_batch, lookahead=c.lookahead,
             naive_bytes=c.naive_bytes, arena_bytes=c.plan.total, lower_bound_bytes=c.lower_bound_bytes,
-            weights_bytes=self.weights_bytes, optimizer_bytes=c.bytes_of("opt"),
+            weights_bytes=self.weights_bytes, optimizer_bytes=c.bytes_of("opt"), anchor_bytes=c.bytes_of("anchor"),
             swap_out_bytes=int(self._swap_totals[0]), swap_in_bytes=int(self._swap_totals[1]),
             swap_wait_seconds=float(self._swap_totals[2]),
             rss_baseline_bytes=base, rss_peak_bytes=rss.peak_rss_bytes() if base is not None else None,
