@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 help:
 	@echo "make demo         create .venv, install, run the federated simulation on the digits data"
 	@echo "make test         create .venv, install test extras, run the test suite"
-	@echo "make bench        print the speed, memory, wire and server benchmark tables"
+	@echo "make bench        print the speed, memory, wire, server and personalization benchmark tables"
 	@echo "make proto        regenerate common/rpc from proto/federation.proto"
 	@echo "make lint         ruff over the code"
 	@echo "make docker-test  build the image and run the docker-compose fleet test"
@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) bench/memory.py
 	$(PY) bench/wire.py
 	$(PY) bench/server.py
+	$(PY) bench/personalization.py
 
 proto: $(STAMP)
 	$(PY) -m fedpers.rpc.generate
