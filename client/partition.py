@@ -56,8 +56,10 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
 def dirichlet_split(
     y: np.ndarray, n_devices: int, alpha: float, rng: np.random.Generator, min_size: int, max_tries: int = 1000
 ) -> list[np.ndarray]:
-    """Indices per device: each class split in Dirichlet(alpha) proportions; redrawn until every
-    device has at least `min_size` examples."""
+    """Indices per device: each class split in Dirichlet(alpha) proportions, redrawn until every
+    device has at least `min_size` examples. When no draw manages that (small alpha, many devices),
+    the draw with the largest smallest device is topped up: each short device gets random examples of
+    the currently largest devices, so the skew of the draw stays and no device falls below `min_size`."""
     if n_devices <= 0:
         raise PartitionError(f"need at least one device, got {n_devices}")
     if alpha <= 0:
@@ -65,6 +67,7 @@ def dirichlet_split(
     if n_devices * min_size > y.shape[0]:
         raise PartitionError(f"{y.shape[0]} examples cannot give {n_devices} devices {min_size} each")
     classes = np.unique(y)
+    best: list[np.ndarray] | None = None
     for _ in range(max_tries):
         parts: list[list[np.ndarray]] = [[] for _ in range(n_devices)]
         for c in classes:
@@ -76,7 +79,24 @@ def dirichlet_split(
         out = [np.sort(np.concatenate(pieces)) for pieces in parts]
         if min(o.size for o in out) >= min_size:
             return out
-    raise PartitionError(f"no Dirichlet({alpha}) draw gave every one of {n_devices} devices {min_size} examples")
+        if best is None or min(o.size for o in out) > min(b.size for b in best):
+            best = out
+    assert best is not None
+    log.info("no Dirichlet(%s) draw gave all %d devices %d examples; topping up the short ones", alpha, n_devices,
+             min_size)
+    return _top_up(best, min_size, rng)
+
+
+def _top_up(parts: list[np.ndarray], min_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Move random examples from the largest devices to those below `min_size` (one loop per short device)."""
+    parts = [rng.permutation(p) for p in parts]
+    for d in np.argsort([p.size for p in parts], kind="stable"):
+        while parts[d].size < min_size:
+            donor = int(np.argmax([p.size for p in parts]))
+            give = min(min_size - parts[d].size, parts[donor].size - min_size)
+            parts[d] = np.concatenate((parts[d], parts[donor][:give]))
+            parts[donor] = parts[donor][give:]
+    return [np.sort(p) for p in parts]
 
 
 def distort(x: np.ndarray, d: Distortion) -> np.ndarray:

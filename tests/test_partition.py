@@ -99,3 +99,15 @@ def test_devices_get_different_distortions():
     splits = partition_digits(8, seed=0)
     assert len({s.distortion for s in splits}) == 8
     assert max(abs(s.distortion.angle_deg) for s in splits) > 5
+
+
+def test_small_alpha_with_many_devices_tops_up_the_short_devices(digits):
+    _, y = digits
+    parts = dirichlet_split(y, 60, 0.05, np.random.default_rng(0), min_size=12)
+    allidx = np.concatenate(parts)
+    assert allidx.size == y.size and np.unique(allidx).size == y.size
+    assert min(p.size for p in parts) >= 12
+    classes = [np.count_nonzero(np.bincount(y[p], minlength=10)) for p in parts]
+    assert np.median(classes) <= 4  # still skewed: most devices see a few classes
+    again = dirichlet_split(y, 60, 0.05, np.random.default_rng(0), min_size=12)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
