@@ -35,14 +35,6 @@ def add_decay(g, w, c):
         g[i] += c * w[i]
 
 
-@njit(["void(float32[::1], float32[::1], float32[::1], float32)",
-      "void(float64[::1], float64[::1], float64[::1], float64)"], cache=True, nogil=True)
-def proximal_grad(g, w, anchor, mu):
-    """g += mu * (w - anchor): the gradient of mu/2 * ||w - anchor||^2, added before the update."""
-    for i in range(g.size):
-        g[i] += mu * (w[i] - anchor[i])
-
-
 @njit(cache=True, nogil=True)
 def sgd_step(w, g, lr, wd):
     for i in range(w.size):
