@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-from fedpers import rng as counter_rng
+from fedpers.nn.jit import rng as counter_rng
 from fedpers.nn.layers import activation, batch_normalization, conv2d, dropout, kernels, pooling2d, window
 from fedpers.nn.layers.window import output_size, resolve_padding
 from numba.core.registry import CPUDispatcher

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, uint64
 
-from ...rng import GOLDEN, counter_hash
+from ...rng import GOLDEN
+from ..jit.rng import counter_hash
 from ..order import Life
 from .base import InitContext, Layer, LayerState, RunContext, Shape, register
 from .kernels import signatures
