@@ -11,7 +11,14 @@ from pathlib import Path
 from fedpers.argtypes import positive_float, positive_int
 from fedpers.nn import BudgetError, ModelError, Trainer, WeightError, load_ini, output_size, rss, warmup
 from fedpers.nn.budget import format_size
-from fedpers.nn.modes import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
+from fedpers.nn.modes import (
+    DEFAULT_KERNELS,
+    DEFAULT_MEMORY_MODE,
+    KERNEL_BACKENDS,
+    MEMORY_MODES,
+    kernel_backends_help,
+    memory_modes_help,
+)
 
 from .data import DataError, check_against_model, load_data
 from .progress import ProgressBar
@@ -49,6 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for init, shuffling, dropout")
     p.add_argument("--json", action="store_true", help="print one JSON object with the results at the end")
     add_memory_args(p)
+    p.add_argument("--kernels", choices=KERNEL_BACKENDS, default=None,
+                   help=kernel_backends_help(DEFAULT_KERNELS))
     return p
 
 
@@ -58,10 +67,10 @@ def main(args: argparse.Namespace) -> int:
         data = load_data(args.data)
         check_against_model(data, spec.layers[0].input_shape, output_size(spec) if spec.loss == "cross" else None,
                             str(args.data))
-        warmup(spec)
+        warmup(spec, kernels=args.kernels)
         rss.mark_baseline()
         trainer = Trainer(spec, memory=args.memory, memory_budget=args.memory_budget, lookahead=args.lookahead,
-                          micro_batch=args.micro_batch, swap_dir=args.swap_dir, seed=args.seed)
+                          micro_batch=args.micro_batch, swap_dir=args.swap_dir, seed=args.seed, kernels=args.kernels)
         if args.init_weights:
             trainer.load_weights(str(args.init_weights))
         batch = min(args.batch or spec.batch_size, data.num_examples)

@@ -69,15 +69,21 @@ class LayerRun:
         need_din: Sequence[bool] | bool = True,
         alias: bool = False,
         strict: bool = True,
+        kernels: str = "numpy",
     ) -> LayerRun:
         """Finalize `layer` for inputs of `input_shapes` (batch first) and allocate everything it requests.
 
         alias=True shares the output with input 0 (and din with dout) where the layer allows it
-        (ctx.view / ctx.inplace / ctx.deriv_inplace), as the planned graph does.
+        (ctx.view / ctx.inplace / ctx.deriv_inplace), as the planned graph does. `kernels` picks the
+        kernel backend.
         """
         dt = np.dtype(dtype)
         shapes = [tuple(s) for s in input_shapes]
-        ctx = InitContext(layer.name, shapes, shapes[0][0])
+        if kernels == "numba" and dt == np.float64:
+            from fedpers.nn import jit
+
+            jit.enable_float64()
+        ctx = InitContext(layer.name, shapes, shapes[0][0], kernels=kernels)
         out_shape = tuple(layer.finalize(ctx))
         if trains is None:
             trains = any(w.trainable for w in ctx.weights) and bool(getattr(layer.spec, "trainable", True))

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from fedpers.nn.layers import LAYERS
 from fedpers.nn.layers.base import InitContext, Layer, RunContext
+from fedpers.nn.layers.kernels import numba_available
 from fedpers.nn.layers.loss import CrossEntropyLoss, MSELoss
 from fedpers.nn.order import Life
 from fedpers.nn.spec import LayerSpec, ModelError
@@ -163,12 +164,14 @@ def _can_alias(case: Case) -> bool:
 
 
 RUNS = [(c, False) for c in CASES] + [(c, True) for c in CASES if _can_alias(c)]
+BACKENDS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(not numba_available(), reason="no numba"))]
 
 
+@pytest.mark.parametrize("kernels", BACKENDS)
 @pytest.mark.parametrize(("case", "alias"), RUNS, ids=[c.name + ("-aliased" if a else "") for c, a in RUNS])
-def test_gradients_match_finite_differences(case: Case, alias: bool) -> None:
+def test_gradients_match_finite_differences(case: Case, alias: bool, kernels: str) -> None:
     layer = case.make()
-    lr = LayerRun.build(layer, case.shapes, alias=alias, **case.kwargs)
+    lr = LayerRun.build(layer, case.shapes, alias=alias, kernels=kernels, **case.kwargs)
     assert lr.alias == alias
     lr.randomize_weights()
     if case.setup:

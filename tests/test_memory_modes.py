@@ -8,6 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 from fedpers.nn import BudgetError, Trainer, compile
+from fedpers.nn.layers.kernels import numba_available
 
 from tests import nets
 from tests.probes import modules_after, open_files_under
@@ -23,9 +24,9 @@ def data_for(spec, n=40, seed=0):
     return x, y
 
 
-def train(spec, mode, micro=1, steps=20, batch=8, lookahead=2):
+def train(spec, mode, micro=1, steps=20, batch=8, lookahead=2, kernels="numpy"):
     x, y = data_for(spec)
-    t = Trainer(spec, memory=mode, micro_batch=micro, lookahead=lookahead, seed=3)
+    t = Trainer(spec, memory=mode, micro_batch=micro, lookahead=lookahead, seed=3, kernels=kernels)
     per_epoch = len(x) // batch
     t.fit(x, y, epochs=steps // per_epoch, batch_size=batch, shuffle=False)
     return t
@@ -57,6 +58,20 @@ def test_planned_and_swap_equal_naive(net):
     assert any(not np.array_equal(changed[k], fresh[k]) for k in fresh), "training changed nothing"
     for mode in ("planned", "swap"):
         assert_same_weights(naive, train(spec, mode))
+
+
+BACKEND_NETS = {**NETS, "cnn_bn": lambda: nets.cnn(batch_norm=False, stride=2)}
+
+
+@pytest.mark.skipif(not numba_available(), reason="numba is not installed")
+@pytest.mark.parametrize("net", sorted(BACKEND_NETS))
+def test_numba_kernels_train_the_weights_the_numpy_ones_do(net):
+    """The two kernel backends differ only in rounding (summation order, fused vs separate ops).
+    (Without batch norm: a conv bias in front of it has a zero gradient plus rounding noise.)"""
+    spec = BACKEND_NETS[net]()
+    reference = train(spec, "planned")
+    assert_same_weights(reference, train(spec, "planned", kernels="numba"), rtol=2e-5)
+    assert_same_weights(reference, train(spec, "swap", micro=2, kernels="numba"), rtol=2e-5)
 
 
 @pytest.mark.parametrize("net", ["mlp", "residual", "partly_frozen"])

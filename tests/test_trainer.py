@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from fedpers.nn import DataError, LayerSpec, ModelSpec, Trainer, WeightError, load_ini
 from fedpers.nn.layers.dropout import DropoutState
+from fedpers.nn.layers.kernels import numba_available
 
 from tests import nets
 from tests.probes import modules_after, open_files_under
@@ -146,16 +147,21 @@ def test_run_records_are_typed_shared_and_reused():
     assert state.active  # the last training forward applied a mask
 
 
-def test_a_model_imports_only_the_layer_modules_it_uses():
-    """Training an all-fully_connected model loads no conv, pooling, batch-norm or dropout kernels."""
+@pytest.mark.parametrize("kernels", ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
+    not numba_available(), reason="numba is not installed"))])
+def test_a_model_imports_only_the_layer_modules_it_uses(kernels):
+    """Training an all-fully_connected model loads no conv, pooling, batch-norm or dropout kernels (of
+    either backend), and the numpy backend loads no numba at all."""
     mods = modules_after(
         "import numpy as np, fedpers.models as models\n"
         "from fedpers.nn import Trainer, load_ini\n"
-        "t = Trainer(load_ini(models.path('mlp.ini')))\n"
+        f"t = Trainer(load_ini(models.path('mlp.ini')), kernels={kernels!r})\n"
         "t.fit(np.zeros((4, 1, 1, 784), np.float32), np.zeros(4, np.int64), epochs=1, batch_size=2)"
     )
-    assert {"fedpers.nn.trainer", "fedpers.nn.layers.fully_connected", "numba"} <= mods
-    unused = {f"fedpers.nn.layers.{m}" for m in ("conv2d", "pooling2d", "batch_normalization", "dropout", "addition")}
+    assert {"fedpers.nn.trainer", "fedpers.nn.layers.fully_connected"} <= mods
+    assert ("numba" in mods) == (kernels == "numba") and ("llvmlite" in mods) == (kernels == "numba")
+    unused = {f"fedpers.nn.{pkg}.{m}" for pkg in ("layers", "jit")
+              for m in ("conv2d", "pooling2d", "batch_normalization", "dropout", "addition")}
     assert not unused & mods, sorted(unused & mods)
 
 

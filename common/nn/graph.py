@@ -14,7 +14,7 @@ import numpy as np
 from .init import initialize
 from .layers.base import LAYERS, Feed, InitContext, Layer, RunContext, Shape
 from .layers.loss import CrossEntropyLoss, MSELoss
-from .modes import DEFAULT_MEMORY_MODE, MEMORY_MODES
+from .modes import DEFAULT_KERNELS, DEFAULT_MEMORY_MODE, KERNEL_BACKENDS, MEMORY_MODES
 from .order import ExecOrder, Life, assign, num_steps, touches
 from .planner import PLANNERS, Plan, Usage, aligned, lower_bound
 from .pool import Arena
@@ -115,6 +115,7 @@ class Compiled:
     opt_names: dict[str, list[str]]  # trainable weight -> its optimizer state tensors
     naive_bytes: int
     lower_bound_bytes: int
+    kernels: str = DEFAULT_KERNELS  # the kernel backend the layers were finalized for
     grad_acc: dict[str, str] = field(default_factory=dict)  # gradient -> its accumulator (micro-batching)
     swap_items: list[SwapItem] = field(default_factory=list)  # what the swapper writes out / reads back, when
 
@@ -211,19 +212,19 @@ def _insert_multiouts(nodes: list[Node]) -> list[Node]:
     return out
 
 
-def _finalized(spec: ModelSpec, batch: int, split: bool = False) -> list[Node]:
+def _finalized(spec: ModelSpec, batch: int, split: bool = False, kernels: str = DEFAULT_KERNELS) -> list[Node]:
     """The model's nodes (with split nodes if asked), finalized for `batch`: shapes and requests known."""
     nodes = _expand(spec)
     if split:
         nodes = _insert_multiouts(nodes)
-    _finalize(nodes, batch)
+    _finalize(nodes, batch, kernels)
     return nodes
 
 
-def _finalize(nodes: list[Node], batch: int) -> None:
+def _finalize(nodes: list[Node], batch: int, kernels: str = DEFAULT_KERNELS) -> None:
     for n in nodes:
         shapes = [nodes[p].out_shape for p, _ in n.producers]
-        ctx = InitContext(n.spec_name, shapes, batch)
+        ctx = InitContext(n.spec_name, shapes, batch, kernels=kernels)
         shape = n.layer.finalize(ctx)
         if any(d <= 0 for d in shape):
             raise ModelError(n.spec_name, None, f"output shape {shape[1:]} is empty (input {[s[1:] for s in shapes]})")
@@ -480,6 +481,7 @@ def compile(  # noqa: A001  (the graph's one verb)
     seed: int = 0,
     allocate: bool = True,
     dtype: type = np.float32,
+    kernels: str = DEFAULT_KERNELS,
 ) -> Compiled:
     """Order, size and plan the model for `batch` examples per (micro-)step.
 
@@ -488,15 +490,18 @@ def compile(  # noqa: A001  (the graph's one verb)
     tensor, zeroed, for a proximal term. `external` weights are used in place (not allocated in the arena);
     `weights` are copied into the arena (default: fresh ones from `seed`).
     With allocate=False only the sizes are computed (for budget search and `plan` reports).
-    dtype=np.float64 exists for gradient checks; training runs in float32.
+    dtype=np.float64 exists for gradient checks; training runs in float32. `kernels` names the kernel
+    backend the layers run (modes.KERNEL_BACKENDS); it changes some scratch requests, so the plan.
     """
+    if kernels not in KERNEL_BACKENDS:
+        raise ValueError(f"kernels must be one of {tuple(KERNEL_BACKENDS)}, got {kernels!r}")
     if mode not in MODES:
         raise ValueError(f"memory mode must be one of {MODES}, got {mode!r}")
     if micro_batch < 1 or batch % micro_batch:
         raise ValueError(f"micro_batch {micro_batch} must divide the batch size {batch}")
     if lookahead < 1:
         raise ValueError(f"lookahead must be >= 1, got {lookahead}")
-    nodes = _finalized(spec, batch // micro_batch, split=True)
+    nodes = _finalized(spec, batch // micro_batch, split=True, kernels=kernels)
     steps = _schedule(nodes, spec, training)
     tab = _tensor_table(nodes, steps, micro_batch, optimizer_slots, external or {}, dtype, frozenset(anchored))
     groups, aliased = _groups(tab, nodes, share=mode != "naive")
@@ -511,7 +516,7 @@ def compile(  # noqa: A001  (the graph's one verb)
     compiled = Compiled(
         spec=spec, batch=batch, training=training, mode=mode, nodes=nodes, tensors=tab.tensors, groups=groups,
         plan=plan, arena=Arena.from_plan(usages, plan) if allocate else None, steps=steps, lookahead=lookahead,
-        micro_batch=micro_batch, views={}, contexts=[], feed=Feed(), weight_owner=tab.weight_owner,
+        micro_batch=micro_batch, views={}, contexts=[], feed=Feed(), weight_owner=tab.weight_owner, kernels=kernels,
         opt_names=tab.opt_names,
         naive_bytes=sum(aligned(t.nbytes) for t in tab.tensors if not t.external),
         lower_bound_bytes=lower_bound(usages),

@@ -21,7 +21,7 @@ from .budget import Choice, choose, parse_size
 from .errors import DataError, WeightError
 from .graph import Compiled, init_weights, output_size
 from .graph import compile as compile_graph
-from .modes import DEFAULT_MEMORY_MODE
+from .modes import DEFAULT_KERNELS, DEFAULT_MEMORY_MODE
 from .optim import Optimizer, learning_rate
 from .spec import ModelError, ModelSpec
 from .swap import Swapper, swap_schedule
@@ -85,14 +85,17 @@ class Trainer:
         swap_dir: str | None = None,
         seed: int = 0,
         anchored: Iterable[str] = (),
+        kernels: str | None = None,
     ) -> None:
         """`anchored`: weights that may get a proximal term (set_anchor / set_proximal); their anchors
-        are pinned tensors of the plan, so the memory report and `memory_budget` count them."""
+        are pinned tensors of the plan, so the memory report and `memory_budget` count them.
+        `kernels`: the kernel backend (modes.KERNEL_BACKENDS; default numpy)."""
         self.spec = spec
         self.memory, self.lookahead, self.micro_batch = memory, lookahead, micro_batch
         self.budget = parse_size(memory_budget) if memory_budget is not None else None
         self.swap_dir, self.seed = swap_dir, seed
-        self.optimizer = Optimizer(spec.optimizer)
+        self.kernels = kernels or DEFAULT_KERNELS
+        self.optimizer = Optimizer(spec.optimizer, self.kernels)
         self.choice: Choice | None = None
         self._weights: dict[str, np.ndarray] = init_weights(spec, seed)
         self.outputs = output_size(spec)  # values per example at the output (classes for Loss = cross)
@@ -226,7 +229,7 @@ class Trainer:
         self._infer.clear()
         c = compile_graph(spec, batch, mode=mode, lookahead=la, micro_batch=mb,
                           optimizer_slots=self.optimizer.slots, anchored=self._anchored, weights=self._weights,
-                          seed=self.seed)
+                          seed=self.seed, kernels=self.kernels)
         if old is not None:
             for name in c.opt_names:
                 for o_new, o_old in zip(c.opt_names[name], old.opt_names.get(name, []), strict=False):
@@ -253,7 +256,7 @@ class Trainer:
     def _inference(self, batch: int) -> Compiled:
         if batch not in self._infer:
             self._infer[batch] = compile_graph(self.spec, batch, training=False, mode="planned",
-                                               external=self._weights)
+                                               external=self._weights, kernels=self.kernels)
         return self._infer[batch]
 
     # ---- data checks -----------------------------------------------------------------------
@@ -476,9 +479,10 @@ class Trainer:
         self.close()
 
 
-def warmup(spec: ModelSpec) -> None:
-    """Compile (or load from numba's cache) every kernel the model uses, on a tiny batch."""
-    t = Trainer(spec, memory="planned", seed=0)
+def warmup(spec: ModelSpec, kernels: str | None = None) -> None:
+    """Run every kernel the model uses once, on a tiny batch: loads them (numba: compiles them or loads
+    them from its cache) and touches BLAS's buffers before a baseline is taken."""
+    t = Trainer(spec, memory="planned", seed=0, kernels=kernels)
     shape = spec.layers[0].input_shape
     x = np.zeros((2, *shape), np.float32)
     classes = t.outputs

@@ -53,6 +53,7 @@ class InitContext:
     layer_name: str
     input_shapes: list[Shape]
     batch: int
+    kernels: str = "numpy"  # the kernel backend (modes.KERNEL_BACKENDS): `kernels.for_backend` resolves it
     weights: list[WeightRequest] = field(default_factory=list)
     scratch: list[ScratchRequest] = field(default_factory=list)
     # When, beyond its own forward, this layer reads its inputs / its output.

@@ -7,8 +7,9 @@ import math
 import numpy as np
 
 from ..order import Life
+from . import kernels
 from .base import InitContext, Layer, RunContext, Shape, register
-from .kernels import add_bias
+from .kernels import for_backend
 
 
 @register
@@ -20,6 +21,7 @@ class FullyConnected(Layer):
         if self.spec.unit is None:
             raise ctx.error("unit", "a fully_connected layer needs Unit")
         (shape,) = ctx.input_shapes
+        self.k = for_backend(kernels.__name__, ctx.kernels)  # the bias add
         fan_in, units = math.prod(shape[1:]), self.spec.unit
         self.w = ctx.request_weight(
             "weight", (fan_in, units), self.spec.weight_initializer or "xavier_uniform", fan_in=fan_in, fan_out=units
@@ -31,7 +33,7 @@ class FullyConnected(Layer):
     def forward(self, run: RunContext, training: bool) -> None:
         x, out = run.input(), run.output()
         np.matmul(x.reshape(x.shape[0], -1), run.weight(self.w), out=out)
-        add_bias(out.reshape(out.shape[0], -1, 1), run.weight(self.b))
+        self.k.add_bias(out.reshape(out.shape[0], -1, 1), run.weight(self.b))
 
     def calc_gradient(self, run: RunContext) -> None:
         x, dy = run.input(), run.dout()
