@@ -70,12 +70,13 @@ class LayerRun:
         alias: bool = False,
         strict: bool = True,
         kernels: str = "numpy",
+        output_kept: bool = False,
     ) -> LayerRun:
         """Finalize `layer` for inputs of `input_shapes` (batch first) and allocate everything it requests.
 
         alias=True shares the output with input 0 (and din with dout) where the layer allows it
         (ctx.view / ctx.inplace / ctx.deriv_inplace), as the planned graph does. `kernels` picks the
-        kernel backend.
+        kernel backend, `output_kept` tells the layer a reader keeps its output (as the graph would).
         """
         dt = np.dtype(dtype)
         shapes = [tuple(s) for s in input_shapes]
@@ -83,7 +84,7 @@ class LayerRun:
             from fedpers.nn import jit
 
             jit.enable_float64()
-        ctx = InitContext(layer.name, shapes, shapes[0][0], kernels=kernels)
+        ctx = InitContext(layer.name, shapes, shapes[0][0], kernels=kernels, output_kept=output_kept)
         out_shape = tuple(layer.finalize(ctx))
         if trains is None:
             trains = any(w.trainable for w in ctx.weights) and bool(getattr(layer.spec, "trainable", True))

@@ -519,6 +519,31 @@ def check_activation(be, dtype, rng):
     np.testing.assert_allclose(dx2, y2 * (dy2 - (dy2 * y2).sum(axis=1, keepdims=True)), **tol(dtype))
 
 
+def check_relu_mask(be, dtype, rng):
+    """Sign bits: bit i & 7 of byte i >> 3 is x[i] > 0 (the same bytes in both backends); backward
+    passes dy where the bit is set; in place (out = x, dx = dy) too; sizes not a multiple of 8."""
+    k = be.K(activation)
+    for n in (1, 7, 8, 50, 1003):
+        x = rng.standard_normal(n).astype(dtype)
+        x[::5] = 0.0  # zero is not positive
+        bits = np.full(-(-n // 8), 0xAA, np.uint8)
+        flags = np.ones(activation.sign_bytes(n), bool)
+        out = np.full(n, np.nan, dtype)
+        k.relu_mask_forward(x, out, bits, **be.extra(flags=flags))
+        np.testing.assert_array_equal(out, np.maximum(x, 0))
+        np.testing.assert_array_equal(np.unpackbits(bits, bitorder="little")[:n], (x > 0).astype(np.uint8))
+        assert not np.unpackbits(bits, bitorder="little")[n:].any()
+        dy = rng.standard_normal(n).astype(dtype)
+        dx = np.full(n, np.nan, dtype)
+        k.relu_mask_backward(bits, dy, dx, **be.extra(flags=flags))
+        np.testing.assert_array_equal(dx, np.where(x > 0, dy, 0))
+        y = x.copy()
+        k.relu_mask_forward(y, y, bits, **be.extra(flags=flags))
+        np.testing.assert_array_equal(y, np.maximum(x, 0))
+        k.relu_mask_backward(bits, dy, dy, **be.extra(flags=flags))
+        np.testing.assert_array_equal(dy, dx)
+
+
 def check_cross_entropy(be, dtype, rng):
     """Fused softmax + cross entropy: summed -log p[label], correct count, probabilities (also in the
     logits' own buffer) and dlogits = (p - onehot) * scale."""
@@ -607,6 +632,8 @@ KERNEL_CHECKS: dict[str, Callable[[Backend, type, np.random.Generator], None]] =
         for fn in ("relu", "sigmoid", "tanh", "softmax")
         for step in ("forward", "backward")
     },
+    "relu_mask_forward": check_relu_mask,
+    "relu_mask_backward": check_relu_mask,
     "cross_entropy_forward": check_cross_entropy,
     "cross_entropy_backward": check_cross_entropy,
     "sgd_step": check_optimizer,
@@ -650,7 +677,7 @@ def test_numba_twins_define_the_same_kernels_and_nothing_unchecked() -> None:
 @pytest.mark.skipif(not numba_available(), reason="numba is not installed")
 @pytest.mark.parametrize(
     "name", ["im2col", "col2im", "max_pool_forward", "avg_pool_forward", "bn_train_forward", "dropout_forward",
-             "relu_forward", "cross_entropy_forward", "sgd_step"]
+             "relu_mask_forward", "cross_entropy_forward", "sgd_step"]
 )
 def test_hot_kernels_refuse_other_dtypes(name: str) -> None:
     """Explicit signatures: a float16 array is an error, not a silent recompilation."""

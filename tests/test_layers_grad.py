@@ -151,6 +151,8 @@ CASES = [
     Case("dropout_4d", spec_layer("drop", "dropout", dropout_rate=0.25), [(2, 3, 2, 2)], before_forward=fixed_rng),
     Case("dropout_eval", spec_layer("drop", "dropout", dropout_rate=0.4), [(4, 6)], training=False),
     *[act(fn) for fn in ("relu", "sigmoid", "tanh", "softmax", "none")],
+    Case("activation_relu_output_kept", spec_layer("act", "activation", activation="relu"), [(3, 5)],
+         lambda rng: [away_from_zero(rng, (3, 5))], kwargs={"output_kept": True}),
     Case("flatten", spec_layer("flat", "flatten"), [(2, 3, 2, 2)]),
     Case("addition_3", spec_layer("add", "addition"), [(2, 3, 2), (2, 3, 2), (2, 3, 2)]),
     cross_entropy_case(),

@@ -210,3 +210,19 @@ def test_memory_modes_registry_is_what_compile_accepts():
     assert all(f"{m}: {d}" in text for m, d in MEMORY_MODES.items()) and text.count("(default)") == 1
     mods = modules_after("from fedpers.nn import MEMORY_MODES, memory_modes_help\nassert memory_modes_help()")
     assert "fedpers.nn.modes" in mods and not {"numba", "numpy", "fedpers.nn.graph"} & mods
+
+
+def test_relu_saves_sign_bits_unless_a_reader_keeps_its_output_anyway():
+    """relu before a pooling layer saves 1 bit per element and its output dies after the pooling's
+    forward; relu before a conv keeps no bits (the conv keeps that output for dW anyway)."""
+    from fedpers.models import path
+    from fedpers.nn import load_ini
+
+    c = compile(load_ini(path("vgg_small.ini")), 4, allocate=False)
+    by_name = {t.name: t for t in c.tensors}
+    n_forward = len(c.nodes)
+    bits = by_name["conv1_2/relu:signs"]
+    assert bits.nbytes * 32 == by_name["conv1_2/relu:out"].nbytes
+    assert max(c.groups[by_name["conv1_2/relu:out"].group].touches) < n_forward  # free before backward
+    assert "conv1_1/relu:signs" not in by_name  # conv1_2 reads conv1_1/relu's output in calc-gradient
+    assert max(c.groups[by_name["conv1_1/relu:out"].group].touches) >= n_forward

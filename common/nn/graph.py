@@ -222,13 +222,42 @@ def _finalized(spec: ModelSpec, batch: int, split: bool = False, kernels: str = 
 
 
 def _finalize(nodes: list[Node], batch: int, kernels: str = DEFAULT_KERNELS) -> None:
+    """Finalize every node in order; then once more each node whose output some reader keeps for its
+    own backward (through views), telling it so (`ctx.output_kept`: relu then saves no sign bits)."""
     for n in nodes:
-        shapes = [nodes[p].out_shape for p, _ in n.producers]
-        ctx = InitContext(n.spec_name, shapes, batch, kernels=kernels)
-        shape = n.layer.finalize(ctx)
-        if any(d <= 0 for d in shape):
-            raise ModelError(n.spec_name, None, f"output shape {shape[1:]} is empty (input {[s[1:] for s in shapes]})")
-        n.ctx, n.out_shape = ctx, tuple(shape)
+        _finalize_one(nodes, n, batch, kernels, output_kept=False)
+    kept = _outputs_kept(nodes)
+    for ni, n in enumerate(nodes):
+        if ni in kept and not n.ctx.view:
+            before = n.out_shape
+            _finalize_one(nodes, n, batch, kernels, output_kept=True)
+            assert n.out_shape == before, f"{n.name}: output shape changed with output_kept"
+
+
+def _finalize_one(nodes: list[Node], n: Node, batch: int, kernels: str, output_kept: bool) -> None:
+    shapes = [nodes[p].out_shape for p, _ in n.producers]
+    ctx = InitContext(n.spec_name, shapes, batch, kernels=kernels, output_kept=output_kept)
+    shape = n.layer.finalize(ctx)
+    if any(d <= 0 for d in shape):
+        raise ModelError(n.spec_name, None, f"output shape {shape[1:]} is empty (input {[s[1:] for s in shapes]})")
+    n.ctx, n.out_shape = ctx, tuple(shape)
+
+
+def _outputs_kept(nodes: list[Node]) -> set[int]:
+    """Nodes whose output a reader reads again in a backward step (its input_life), looking through
+    view nodes (flatten, split, identity activations) to the buffer's producer."""
+    kept: set[int] = set()
+    for n in nodes:
+        if not n.ctx.input_life & (Life.CALC_GRAD | Life.CALC_DERIV):
+            continue
+        for p, _ in n.producers:
+            while True:
+                kept.add(p)
+                src = nodes[p]
+                if not (src.ctx.view and len(src.producers) == 1):
+                    break
+                p = src.producers[0][0]
+    return kept
 
 
 def weight_specs(spec: ModelSpec) -> dict[str, WeightSpec]:

@@ -7,8 +7,8 @@ import numpy as np
 from . import kernel
 
 KERNELS = (
-    "relu_forward", "relu_backward", "sigmoid_forward", "sigmoid_backward", "tanh_forward", "tanh_backward",
-    "softmax_forward", "softmax_backward",
+    "relu_forward", "relu_backward", "relu_mask_forward", "relu_mask_backward", "sigmoid_forward",
+    "sigmoid_backward", "tanh_forward", "tanh_backward", "softmax_forward", "softmax_backward",
 )  # fmt: skip
 
 
@@ -26,6 +26,30 @@ def relu_backward(y, dy, dx):
     for i in range(y.size):
         g = dy[i]
         dx[i] = g if y[i] > 0.0 else g * 0.0
+
+
+@kernel("void({t}[::1], {t}[::1], uint8[::1])")
+def relu_mask_forward(x, out, bits):
+    """out = max(x, 0) (out may alias x) and bit i & 7 of bits[i >> 3] = x[i] > 0."""
+    n = x.size
+    for b in range(bits.size):
+        acc = 0
+        for k in range(8):
+            i = b * 8 + k
+            if i < n:
+                v = x[i]
+                pos = v > 0.0
+                acc |= np.uint8(pos) << k
+                out[i] = v if pos else 0.0
+        bits[b] = acc
+
+
+@kernel("void(uint8[::1], {t}[::1], {t}[::1])")
+def relu_mask_backward(bits, dy, dx):
+    """dx = dy where the sign bit is set, else 0; dx may alias dy."""
+    for i in range(dy.size):
+        g = dy[i]
+        dx[i] = g if (bits[i >> 3] >> (i & 7)) & 1 else g * 0.0
 
 
 @kernel("void({t}[::1], {t}[::1])")

@@ -64,6 +64,9 @@ class InitContext:
     view: bool = False
     # calc_derivative may write din into the same buffer as dout (elementwise).
     deriv_inplace: bool = False
+    # Set by the graph (it finalizes such a layer again): some reader of this layer's output keeps it
+    # for its own backward anyway, so keeping it costs nothing more (relu then reads its signs there).
+    output_kept: bool = False
 
     def request_weight(
         self, name: str, shape: Shape, initializer: str, trainable: bool = True, fan_in: int = 1, fan_out: int = 1
