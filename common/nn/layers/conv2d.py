@@ -8,8 +8,11 @@ for small ones (enough for 1024 columns, or all that fit COL_TILE_BYTES) -- neve
 Side by side, a tile is ONE wide product, so small-spatial layers get large GEMMs and W2 is
 packed once per tile, not per sample; a tile of one sample needs no packing at all.
 - forward: col = im2col(x tile); out tile = W2 @ col (unpacked from (F, T*P) when T > 1) + b.
-- dW: dW^T = sum over tiles of col @ dy_tile^T, (K, F) (this product shape measured fastest on
-  OpenBLAS), summed in a weight-sized scratch and transposed into the gradient.
+- dW: dW = dy_tile @ col^T summed over tiles, written straight into the gradient: the first tile's
+  product is the gradient, later tiles add theirs through `wgrad_part` (F, K), which exists only
+  when the batch takes more than one tile. (An earlier version summed col @ dy^T, (K, F), in a
+  weight-sized accumulator and transposed it into the gradient: two weight-sized scratch tensors
+  where this needs at most one; both product shapes run at the same speed on OpenBLAS.)
 - dx: col = W2^T @ dy_tile, then col2im. (A stride-1 alternative, im2col of dy times the flipped
   kernel, measured ~10% slower once tiles made this product wide, so it is not used.)
 
@@ -198,12 +201,13 @@ def conv2d_forward(x, w, b, out, col, wide, geo: ConvGeometry, k: ModuleType = _
         k.add_bias(out3[a:z], b)
 
 
-def conv2d_weight_grad(x, dy, gw, gb, col, pack, part, acc, geo: ConvGeometry, k: ModuleType = _THIS,
+def conv2d_weight_grad(x, dy, gw, gb, col, pack, part, geo: ConvGeometry, k: ModuleType = _THIS,
                        padded=None) -> None:
-    """gw = sum_n dy_n @ col_n^T and gb = sum dy, a tile at a time.
+    """gw = sum over tiles of dy_tile @ col_tile^T, gb = sum dy.
 
     col: tile columns (None when pointwise: one sample at a time straight from x); pack: dy of a
-    tile side by side, (F, T*P) (None when T = 1); part, acc: (K, F); padded: as in conv2d_forward.
+    tile side by side, (F, T*P) (None when T = 1); part: (F, K), the later tiles' products (None
+    when one tile covers the batch); padded: as in conv2d_forward.
     """
     f_out, c_in, kh, kw = gw.shape
     n_b = x.shape[0]
@@ -211,6 +215,7 @@ def conv2d_weight_grad(x, dy, gw, gb, col, pack, part, acc, geo: ConvGeometry, k
     p = oh * ow
     kk = c_in * kh * kw
     dy3 = dy.reshape(n_b, f_out, p)
+    gw2 = gw.reshape(f_out, kk)
     tile = 1 if geo.pointwise else col.size // (kk * p)
     (sh, sw), (pt, _, pl, _) = geo.stride, geo.pads
     for a, z in tiles(n_b, tile):
@@ -226,11 +231,10 @@ def conv2d_weight_grad(x, dy, gw, gb, col, pack, part, acc, geo: ConvGeometry, k
             d = side_by_side(pack, f_out, t, p)
             k.pack_tile(dy3[a:z], d)
         if a == 0:
-            np.matmul(c, d.T, out=acc)
+            np.matmul(d, c.T, out=gw2)
         else:
-            np.matmul(c, d.T, out=part)
-            np.add(acc, part, out=acc)
-    np.copyto(gw.reshape(f_out, kk), acc.T)
+            np.matmul(d, c.T, out=part)
+            np.add(gw2, part, out=gw2)
     k.bias_grad(dy3, gb)
 
 
@@ -315,8 +319,9 @@ class Conv2D(Layer):
         self.b = ctx.request_weight("bias", (f_out,), spec.bias_initializer or "zeros")
         # Scratch for one tile of samples, each only for the steps that use it (the planner may
         # overlap them): forward columns; columns of x for dW; columns of dx for dx.
-        self.col = self.wide = self.col_grad = self.pack = self.part = self.acc = None
+        self.col = self.wide = self.col_grad = self.pack = self.part = None
         self.col_deriv = self.wide_deriv = self.padded = self.padded_grad = None
+        t = 1
         if not pointwise:
             t = tile_size(ctx.batch, k * p, p)
             self.col = ctx.request_tensor("col", (k, t * p), Life.FORWARD)
@@ -334,9 +339,8 @@ class Conv2D(Layer):
             self.col_deriv = ctx.request_tensor("col_deriv", (k, t * p), Life.CALC_DERIV)
             if t > 1:
                 self.wide_deriv = ctx.request_tensor("dy_tile_deriv", (f_out, t * p), Life.CALC_DERIV)
-        if spec.trainable:
-            self.part = ctx.request_tensor("wgrad_part", (k, f_out), Life.CALC_GRAD)
-            self.acc = ctx.request_tensor("wgrad_acc", (k, f_out), Life.CALC_GRAD)
+        if spec.trainable and ctx.batch > t:  # more than one tile: later tiles' dW products
+            self.part = ctx.request_tensor("wgrad_part", (f_out, k), Life.CALC_GRAD)
         ctx.input_life = Life.CALC_GRAD  # dW needs the columns of x again
         return (ctx.batch, f_out, oh, ow)
 
@@ -353,8 +357,8 @@ class Conv2D(Layer):
             return
         conv2d_weight_grad(
             run.input(), run.dout(), gw, gb,
-            _opt(run, self.col_grad), _opt(run, self.pack), run.tensor(self.part), run.tensor(self.acc), self.geo,
-            self.k, _opt(run, self.padded_grad),
+            _opt(run, self.col_grad), _opt(run, self.pack), _opt(run, self.part), self.geo, self.k,
+            _opt(run, self.padded_grad),
         )  # fmt: skip
 
     def calc_derivative(self, run: RunContext) -> None:
