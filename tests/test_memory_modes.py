@@ -201,7 +201,7 @@ def test_memory_modes_registry_is_what_compile_accepts():
     from fedpers.nn import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
 
     spec = nets.mlp()
-    assert list(MEMORY_MODES) == ["naive", "planned", "swap"] and DEFAULT_MEMORY_MODE in MEMORY_MODES
+    assert list(MEMORY_MODES) == ["naive", "planned", "swap", "swap-all"] and DEFAULT_MEMORY_MODE in MEMORY_MODES
     for mode in MEMORY_MODES:
         assert compile(spec, 8, mode=mode, allocate=False).mode == mode
     with pytest.raises(ValueError, match="naive"):
@@ -226,3 +226,105 @@ def test_relu_saves_sign_bits_unless_a_reader_keeps_its_output_anyway():
     assert max(c.groups[by_name["conv1_2/relu:out"].group].touches) < n_forward  # free before backward
     assert "conv1_1/relu:signs" not in by_name  # conv1_2 reads conv1_1/relu's output in calc-gradient
     assert max(c.groups[by_name["conv1_1/relu:out"].group].touches) >= n_forward
+
+
+# ---- swap-all: weights, accumulators and optimizer state in the swap file ----------------------
+SWAP_ALL_NETS = {
+    "mlp_adam": lambda: nets.mlp(opt="adam"),
+    "cnn_bn": lambda: nets.cnn(batch_norm=True, stride=2),
+    "residual": nets.residual,
+    "partly_frozen": lambda: nets.cnn(batch_norm=False, frozen=("c1", "c2")),
+}
+
+
+@pytest.mark.parametrize("net", sorted(SWAP_ALL_NETS))
+@pytest.mark.parametrize(("micro", "lookahead"), [(1, 1), (1, 2), (2, 1), (4, 2)])
+def test_swap_all_trains_bit_identical_weights(net, micro, lookahead):
+    """Weights, statistics, accumulators and optimizer state that go through the swap file come
+    back bit for bit: training gives exactly the weights of planned mode, over several fits."""
+    spec = SWAP_ALL_NETS[net]()
+    x, y = data_for(spec, n=48)
+    ref = Trainer(spec, memory="planned", micro_batch=micro, seed=3)
+    t = Trainer(spec, memory="swap-all", micro_batch=micro, lookahead=lookahead, seed=3)
+    for trainer in (ref, t):
+        for _ in range(2):
+            trainer.fit(x, y, epochs=1, batch_size=8, shuffle=False)
+    assert t.compile(8).homes, "nothing was swapped"
+    wa, wb = ref.get_weights(), t.get_weights()
+    for k in wa:
+        np.testing.assert_array_equal(wa[k], wb[k], err_msg=k)
+    np.testing.assert_array_equal(ref.predict(x), t.predict(x))
+
+
+def test_swap_all_keeps_weights_out_of_the_arena_and_round_trips_them(tmp_path):
+    """On VGG-small the arena holds a window of the weights, not all of them; weights set between
+    fits are read back bit for bit, and the swap file is one unlinked file held by the trainer."""
+    from fedpers.models import path
+    from fedpers.nn import load_ini
+
+    spec = load_ini(path("vgg_small.ini"))
+    t = Trainer(spec, memory="swap-all", micro_batch=4, swap_dir=str(tmp_path))
+    c = t.compile(8)
+    weights = t.get_weights()
+    assert set(c.homes) >= set(weights) - {"output.weight", "output.bias"}
+    planned = compile(spec, 8, mode="planned", micro_batch=4, allocate=False)
+    assert c.plan.total < planned.plan.total - t.weights_bytes  # more than every weight's bytes saved
+    rng = np.random.default_rng(5)
+    new = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in weights.items()}
+    t.set_weights(new)
+    back = t.get_weights()
+    for k in new:
+        np.testing.assert_array_equal(back[k], new[k], err_msg=k)
+    held = open_files_under(tmp_path)
+    assert len(held) == 1 and held[0].endswith("(deleted)") and list(tmp_path.iterdir()) == []
+    t.close()
+    assert open_files_under(tmp_path) == []
+    for k in new:  # still readable after close
+        np.testing.assert_array_equal(t.get_weights()[k], new[k])
+
+
+def test_swap_all_carries_state_across_replanning_and_optimizer_resets():
+    """A new batch size or frozen layers re-plan: weights and optimizer state move from one swap
+    file to the next, exactly as in planned mode."""
+    spec = nets.mlp(opt="adam")
+    x, y = data_for(spec, n=48)
+    runs = []
+    for mode in ("planned", "swap-all"):
+        t = Trainer(spec, memory=mode, seed=3, lookahead=1)
+        t.fit(x, y, epochs=1, batch_size=8, shuffle=False)
+        t.fit(x, y, epochs=1, batch_size=12, shuffle=False)
+        t.set_frozen(["fc1"])
+        t.fit(x, y, epochs=1, batch_size=12, shuffle=False)
+        t.reset_optimizer()
+        t.set_frozen([])
+        t.fit(x, y, epochs=1, batch_size=8, shuffle=False)
+        runs.append(t.get_weights())
+    for k in runs[0]:
+        np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
+
+
+def test_swap_all_after_a_failed_step_holds_what_planned_mode_holds(monkeypatch):
+    """A step that raises mid-backward: swap-all writes back what it changed, so the weights read
+    afterwards are those planned mode leaves (some layers updated, the rest not)."""
+    spec = nets.mlp()
+    x, y = data_for(spec, n=48)
+    got = []
+    for mode in ("planned", "swap-all"):
+        t = Trainer(spec, memory=mode, seed=3, lookahead=1)
+        c = t.compile(8)
+        layer = next(n.layer for n in c.nodes if n.name == "fc1")
+        calls = {"n": 0}
+        real = layer.calc_gradient
+
+        def failing(run, real=real, calls=calls):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("injected")
+            real(run)
+
+        monkeypatch.setattr(layer, "calc_gradient", failing)
+        with pytest.raises(RuntimeError, match="injected"):
+            t.fit(x, y, epochs=1, batch_size=8, shuffle=False)
+        got.append(t.get_weights())
+    for k in got[0]:
+        np.testing.assert_array_equal(got[0][k], got[1][k], err_msg=k)

@@ -19,9 +19,11 @@ from .order import ExecOrder, Life, assign, num_steps, touches
 from .planner import PLANNERS, Plan, Usage, aligned, lower_bound
 from .pool import Arena
 from .spec import LayerSpec, ModelError, ModelSpec
-from .swap import SwapItem, SwapWindow
+from .swap import Mark, Resident, SwapItem, SwapWindow
 
-MODES = tuple(MEMORY_MODES)  # naive, planned, swap: described in modes.py
+MODES = tuple(MEMORY_MODES)  # naive, planned, swap, swap-all: described in modes.py
+SWAP_MODES = ("swap", "swap-all")
+PERSISTENT = ("weight", "stat", "gradacc", "opt", "anchor")  # roles that outlive an iteration
 
 
 @dataclass
@@ -77,10 +79,14 @@ class Group:
     pinned: bool
     segments: list[Segment] = field(default_factory=list)
     window: SwapWindow | None = None  # swap mode: when the buffer is out of the arena
+    # swap-all, a persistent tensor: its windows round the iteration, window j between segment j and
+    # segment j + 1 (modulo their number); steps modulo the iteration's length
+    cycle: list[SwapWindow] = field(default_factory=list)
+    role: str = ""  # of its (first) member
 
     @property
     def swapped(self) -> bool:
-        return self.window is not None
+        return self.window is not None or bool(self.cycle)
 
 
 @dataclass
@@ -118,6 +124,16 @@ class Compiled:
     kernels: str = DEFAULT_KERNELS  # the kernel backend the layers were finalized for
     grad_acc: dict[str, str] = field(default_factory=dict)  # gradient -> its accumulator (micro-batching)
     swap_items: list[SwapItem] = field(default_factory=list)  # what the swapper writes out / reads back, when
+    swap_marks: list[Mark] = field(default_factory=list)  # swap-all: steps that change a persistent tensor
+    swap_segments: list[Resident] = field(default_factory=list)  # swap-all: the persistent tensors' segments
+    # swap-all: persistent tensors that live in the swap file between fits (name -> file offset); the
+    # others are in `views`
+    homes: dict[str, int] = field(default_factory=dict)
+    swap_file_bytes: int = 0
+    # per node: the views the optimizer step needs at apply-gradient, one per trained weight
+    apply_views: list[list[ApplyViews]] = field(default_factory=list)
+    # per node: gradient name -> its accumulator's view at calc-gradient (micro-batching)
+    acc_views: list[dict[str, np.ndarray]] = field(default_factory=list)
 
     @property
     def loss_node(self) -> Node:
@@ -125,6 +141,17 @@ class Compiled:
 
     def bytes_of(self, role: str) -> int:
         return sum(t.nbytes for t in self.tensors if t.role == role and not t.external)
+
+
+@dataclass
+class ApplyViews:
+    """What apply-gradient touches for one weight, resolved at that step."""
+
+    name: str
+    weight: np.ndarray
+    grad: np.ndarray  # the gradient, or its accumulator when micro-batching
+    opt: list[np.ndarray]
+    anchor: np.ndarray | None
 
 
 class MultiOut(Layer):
@@ -344,9 +371,13 @@ def _tensor_table(nodes: list[Node], steps: int, micro_batch: int, optimizer_slo
     """Every tensor with the steps that touch it: weights, gradients, optimizer state, proximal
     anchors, activations, derivatives and layer scratch."""
     tab = _Table()
-    all_steps = {0, steps - 1}
     for ni, n in enumerate(nodes):
         w_ids, g_ids = [], []
+        o = n.order
+        # Persistent tensors (pinned: they outlive the iteration) with the steps that really touch
+        # them: weights and statistics at the node's forward and backward steps, accumulators at
+        # calc-gradient and apply-gradient, optimizer state and anchors at apply-gradient.
+        uses = {o.forward} | set(touches(_runs(n, Life.BACKWARD), o))
         for w in n.ctx.weights:
             name = f"{n.spec_name}.{w.name}"
             tab.weight_owner[name] = ni
@@ -354,22 +385,21 @@ def _tensor_table(nodes: list[Node], steps: int, micro_batch: int, optimizer_slo
             if name in external:
                 w_ids.append(tab.add(name, w.shape, dtype, role, set(), pinned=True, external=True))
             else:
-                w_ids.append(tab.add(name, w.shape, dtype, role, all_steps, pinned=True))
+                w_ids.append(tab.add(name, w.shape, dtype, role, uses, pinned=True))
             if w.trainable and name in anchored:  # also while the layer is frozen: the value must survive
-                tab.add(f"{name}:anchor", w.shape, dtype, "anchor", all_steps, pinned=True)
+                tab.add(f"{name}:anchor", w.shape, dtype, "anchor", {o.apply_grad} if n.trains else uses, pinned=True)
             if not (n.trains and w.trainable):
                 g_ids.append(None)
                 continue
-            o = n.order
             if micro_batch > 1:
                 g_ids.append(tab.add(f"{name}:grad", w.shape, dtype, "grad", {o.calc_grad}))
-                tab.grad_acc[g_ids[-1]] = tab.add(f"{name}:gradacc", w.shape, dtype, "gradacc", all_steps,
-                                                  pinned=True)
+                tab.grad_acc[g_ids[-1]] = tab.add(f"{name}:gradacc", w.shape, dtype, "gradacc",
+                                                  {o.calc_grad, o.apply_grad}, pinned=True)
             else:
                 g_ids.append(tab.add(f"{name}:grad", w.shape, dtype, "grad", {o.calc_grad, o.apply_grad}))
             tab.opt_names[name] = [f"{name}:opt{k}" for k in range(optimizer_slots)]
             for opt in tab.opt_names[name]:
-                tab.add(opt, w.shape, dtype, "opt", all_steps, pinned=True)
+                tab.add(opt, w.shape, dtype, "opt", {o.apply_grad}, pinned=True)
         tab.weights.append(w_ids)
         tab.grads.append(g_ids)
     # Activations: written at the producer's forward, read by each consumer's forward and by whoever
@@ -457,19 +487,43 @@ def _groups(tab: _Table, nodes: list[Node], share: bool) -> tuple[list[Group], l
         g.members.append(i)
         g.nbytes = max(g.nbytes, t.nbytes)
         g.pinned = g.pinned or t.pinned
+        g.role = g.role or t.role
         t.group = root_group[r]
     return groups, aliased
+
+
+def _cycle_windows(touched: set[int], steps: int, lookahead: int, writes: bool) -> list[SwapWindow]:
+    """A persistent tensor's windows out of the arena, round the iteration: after each touch whose
+    next touch (possibly in the next iteration) comes more than lookahead + 2 steps later. Steps
+    are taken modulo `steps`; a window written out (`writes`) frees its bytes one step later than
+    one only dropped."""
+    ts = sorted(touched)
+    out = []
+    for k, a in enumerate(ts):
+        b = ts[k + 1] if k + 1 < len(ts) else ts[0] + steps
+        free_at, load_at = a + (2 if writes else 1), b - lookahead
+        if load_at > free_at:
+            out.append(SwapWindow(a % steps, free_at % steps, load_at % steps, b % steps))
+    return out
 
 
 def _lifespans(groups: list[Group], mode: str, n_forward: int, steps: int, lookahead: int) -> None:
     """Segments per group. Naive: everything lives the whole iteration. Swap: a group idle between its
     last forward use and its first backward use is out of memory in between; its window says when
-    (the one place the swap timing is decided)."""
+    (the one place the swap timing is decided). Swap-all: besides, a persistent tensor is out of
+    memory between touches further apart than the lookahead (round the iteration): segment j runs
+    from the load of window j - 1 to the step before window j frees its bytes, and may wrap."""
     for g in groups:
         whole = mode == "naive" or g.pinned
         first, last = (0, steps - 1) if whole else (min(g.touches), max(g.touches))
         g.segments = [Segment(first, last)]
-        if mode == "swap" and not g.pinned:
+        if mode == "swap-all" and g.pinned and g.touches:
+            g.cycle = _cycle_windows(g.touches, steps, lookahead, writes=g.role != "anchor")
+            k = len(g.cycle)
+            if k:
+                g.segments = [Segment(g.cycle[j - 1].load_at, (g.cycle[j].free_at - 1) % steps) for j in range(k)]
+            continue
+        if mode in SWAP_MODES and not g.pinned:
             fwd = [t for t in g.touches if t < n_forward]
             bwd = [t for t in g.touches if t >= n_forward]
             if fwd and bwd:
@@ -484,15 +538,56 @@ def _lifespans(groups: list[Group], mode: str, n_forward: int, steps: int, looka
                     g.segments = [Segment(first, w.free_at - 1), Segment(w.load_at, last)]
 
 
-def _swap_items(groups: list[Group]) -> list[SwapItem]:
-    """One item per swapped group, with its planned offsets and its place in the swap file."""
-    items, file_offset = [], 0
+# When a persistent tensor's next use needs it read back (the micro-iteration's phase), and which of
+# its touches change it (so it must be written out) or use it up (so it need not be).
+LOAD_WHEN = {"weight": "always", "stat": "always", "gradacc": "not_first", "opt": "apply", "anchor": "apply"}
+
+
+def _marks(g: Group, slot: int, n: Node) -> list[Mark]:
+    """The steps of node `n` that change (or spend) group g; a node that does not train changes
+    nothing (a frozen batch norm keeps its statistics)."""
+    if not n.trains:
+        return []
+    o = n.order
+    if g.role == "weight":
+        return [Mark(slot, o.apply_grad, "apply")]
+    if g.role == "stat":
+        return [Mark(slot, o.forward)]  # a training batch norm updates its running statistics
+    if g.role == "gradacc":  # accumulated into at calc-gradient, spent by the optimizer
+        return [Mark(slot, o.calc_grad), Mark(slot, o.apply_grad, "apply", dirty=False)]
+    if g.role == "opt":
+        return [Mark(slot, o.apply_grad, "apply")]
+    return []  # anchors are written from outside, straight into the file
+
+
+def _swap_items(groups: list[Group], tab: _Table, nodes: list[Node],
+                steps: int) -> tuple[list[SwapItem], list[Mark], list[Resident], dict[str, int], int]:
+    """One item per swap window with its planned offsets and its place in the swap file; for
+    swap-all also the marks, the tensors resident between iterations and each swapped persistent
+    tensor's home in the file. Returns (items, marks, resident, homes, file bytes)."""
+    tensors = tab.tensors
+    items, marks, resident, homes = [], [], [], {}
+    file_offset = slot = 0
     for g in groups:
         if g.window is not None:
             out_seg, in_seg = g.segments
             items.append(SwapItem(g.nbytes, out_seg.offset, in_seg.offset, file_offset, *g.window))
             file_offset += g.nbytes
-    return items
+        elif g.cycle:
+            k = len(g.cycle)
+            for j, w in enumerate(g.cycle):
+                load_when = LOAD_WHEN[g.role]
+                if w.load_at > w.first_backward:  # the read starts in the iteration before its use
+                    load_when = "always"
+                items.append(SwapItem(g.nbytes, g.segments[j].offset, g.segments[(j + 1) % k].offset, file_offset,
+                                      *w, slot=slot, load_when=load_when, cycle=steps))
+            name = tensors[g.members[0]].name
+            marks += _marks(g, slot, nodes[tab.weight_owner[name.split(":", 1)[0]]])
+            resident += [Resident(slot, seg.offset, file_offset, g.nbytes, seg.first, seg.last) for seg in g.segments]
+            homes[name] = file_offset
+            file_offset += g.nbytes
+            slot += 1
+    return items, marks, resident, homes, file_offset
 
 
 def compile(  # noqa: A001  (the graph's one verb)
@@ -533,6 +628,8 @@ def compile(  # noqa: A001  (the graph's one verb)
     nodes = _finalized(spec, batch // micro_batch, split=True, kernels=kernels)
     steps = _schedule(nodes, spec, training)
     tab = _tensor_table(nodes, steps, micro_batch, optimizer_slots, external or {}, dtype, frozenset(anchored))
+    if mode == "swap-all" and not training:
+        raise ValueError("swap-all swaps training state: plan inference with another mode")
     groups, aliased = _groups(tab, nodes, share=mode != "naive")
     _lifespans(groups, mode, len(nodes), steps, lookahead)
 
@@ -542,6 +639,7 @@ def compile(  # noqa: A001  (the graph's one verb)
     for g in groups:
         for s in g.segments:
             s.offset = next(offsets)
+    items, marks, resident, homes, file_bytes = _swap_items(groups, tab, nodes, steps)
     compiled = Compiled(
         spec=spec, batch=batch, training=training, mode=mode, nodes=nodes, tensors=tab.tensors, groups=groups,
         plan=plan, arena=Arena.from_plan(usages, plan) if allocate else None, steps=steps, lookahead=lookahead,
@@ -550,7 +648,7 @@ def compile(  # noqa: A001  (the graph's one verb)
         naive_bytes=sum(aligned(t.nbytes) for t in tab.tensors if not t.external),
         lower_bound_bytes=lower_bound(usages),
         grad_acc={tab.tensors[g].name: tab.tensors[a].name for g, a in tab.grad_acc.items()},
-        swap_items=_swap_items(groups),
+        swap_items=items, swap_marks=marks, swap_segments=resident, homes=homes, swap_file_bytes=file_bytes,
     )
     if allocate:
         init = weights if weights is not None else ({} if external else init_weights(spec, seed))
@@ -561,7 +659,10 @@ def compile(  # noqa: A001  (the graph's one verb)
 def _bind(c: Compiled, tab: _Table, aliased: list[bool], external: Mapping[str, np.ndarray],
           init: Mapping[str, np.ndarray], seed: int) -> None:
     """Views into the arena: pinned tensors by name (weights filled from `init`, optimizer state and
-    accumulators zeroed) and one RunContext per node and step kind, resolved at that step."""
+    accumulators zeroed) and one RunContext per node and step kind, resolved at that step. Persistent
+    tensors that swap-all moves through the file get no view by name: their values are the caller's
+    to write into the file (`Compiled.homes`), and the steps that touch them see the segment of
+    their step."""
     tensors, groups, arena = tab.tensors, c.groups, c.arena
 
     def view(i: int | None, step: int) -> np.ndarray | None:
@@ -572,12 +673,12 @@ def _bind(c: Compiled, tab: _Table, aliased: list[bool], external: Mapping[str, 
             return external[t.name]
         g = groups[t.group]
         for s in g.segments:
-            if s.first <= step <= s.last:
+            if Usage(0, s.first, s.last).covers(step):
                 return arena.view(s.offset, t.shape, t.dtype)
         return arena.view(g.segments[0].offset, t.shape, t.dtype)  # untouched at this step
 
     for t in tensors:
-        if not t.pinned:
+        if not t.pinned or t.name in c.homes:
             continue
         c.views[t.name] = view(tab.by_name[t.name], 0)
         if t.role in ("weight", "stat") and not t.external:
@@ -608,6 +709,23 @@ def _bind(c: Compiled, tab: _Table, aliased: list[bool], external: Mapping[str, 
             run.state = state
             per_step[kind] = run
         c.contexts.append(per_step)
+        applies, accs = [], {}
+        o = n.order
+        for w_id, g_id in zip(tab.weights[ni], tab.grads[ni], strict=True):
+            if g_id is None:
+                continue
+            name = tensors[w_id].name
+            acc = tab.grad_acc.get(g_id)
+            if acc is not None:
+                accs[tensors[g_id].name] = view(acc, o.calc_grad)
+            anchor = tab.by_name.get(f"{name}:anchor")
+            applies.append(ApplyViews(
+                name, view(w_id, o.apply_grad), view(acc if acc is not None else g_id, o.apply_grad),
+                [view(tab.by_name[k], o.apply_grad) for k in tab.opt_names.get(name, [])],
+                view(anchor, o.apply_grad),
+            ))
+        c.apply_views.append(applies)
+        c.acc_views.append(accs)
 
 
 def output_size(spec: ModelSpec) -> int:

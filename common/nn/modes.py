@@ -8,6 +8,8 @@ MEMORY_MODES: dict[str, str] = {
     "naive": "every tensor its own buffer, alive the whole iteration (the comparison baseline)",
     "planned": "one planned arena: views, in-place ops and best-fit offsets",
     "swap": "planned, plus saved activations swapped to a file between forward and backward",
+    "swap-all": "swap, plus weights, gradient accumulators and optimizer state kept in the file outside the "
+                "lookahead window",
 }
 DEFAULT_MEMORY_MODE = "planned"
 

@@ -24,7 +24,7 @@ from .graph import compile as compile_graph
 from .modes import DEFAULT_KERNELS, DEFAULT_MEMORY_MODE
 from .optim import Optimizer, learning_rate
 from .spec import ModelError, ModelSpec
-from .swap import Swapper, swap_schedule
+from .swap import SwapFile, Swapper, swap_schedule
 
 __all__ = ["DataError", "EvalResult", "FitResult", "MemoryReport", "Trainer", "WeightError", "warmup"]
 
@@ -71,6 +71,57 @@ class MemoryReport:
         return asdict(self)
 
 
+class _Store:
+    """Where the persistent tensors (weights, statistics, optimizer state, anchors) are: plain arrays
+    before the first plan, then the training plan's arena views -- except, in swap-all mode, those
+    that move through the plan's swap file, which hold their value there between fits."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], c: Compiled | None = None, file: SwapFile | None = None):
+        self.arrays = arrays
+        self.c, self.file = c, file
+        self.info = {t.name: t for t in c.tensors if t.pinned and not t.external} if c is not None else {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.arrays or (self.c is not None and name in self.c.homes)
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor: a view into the arena (or the array before any plan), or a copy read from the file."""
+        if name in self.arrays:
+            return self.arrays[name]
+        t = self.info[name]
+        out = np.empty(t.shape, t.dtype)
+        self.file.read(out, self.c.homes[name])
+        return out
+
+    def put(self, name: str, values) -> None:
+        if name in self.arrays:
+            self.arrays[name][...] = values
+            return
+        t = self.info[name]
+        arr = np.empty(t.shape, t.dtype)
+        arr[...] = values
+        self.file.write(arr, self.c.homes[name])
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class _Lazy(dict):
+    """Weights for graph.compile, read from a store only when the new plan keeps them in its arena."""
+
+    def __init__(self, store: _Store, names) -> None:
+        super().__init__()
+        self.store, self.names = store, set(names)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.store.get(name)
+
+
 class Trainer:
     """Trains one model on one device under a memory mode or a memory budget."""
 
@@ -97,7 +148,9 @@ class Trainer:
         self.kernels = kernels or DEFAULT_KERNELS
         self.optimizer = Optimizer(spec.optimizer, self.kernels)
         self.choice: Choice | None = None
-        self._weights: dict[str, np.ndarray] = init_weights(spec, seed)
+        weights = init_weights(spec, seed)
+        self._shapes = {k: v.shape for k, v in weights.items()}
+        self._store = _Store(dict(weights))  # weights (and anchors) until the first plan
         self.outputs = output_size(spec)  # values per example at the output (classes for Loss = cross)
         self._train: Compiled | None = None
         self._train_spec = spec  # spec with the layers frozen by set_frozen() marked trainable = false
@@ -106,29 +159,31 @@ class Trainer:
         self._iteration = 0
         self._swap_totals = [0, 0, 0.0]
         self._anchored = frozenset(anchored)
-        self._anchors: dict[str, np.ndarray] = {}  # weight -> anchor (arena views once compiled)
+        self._anchors: dict[str, tuple[int, ...]] = {}  # weight -> anchor shape (the values are in the store)
         self._mu: dict[str, float] = {}  # weight -> proximal coefficient (absent: none)
         if self._anchored:
-            unknown = sorted(self._anchored - set(self._weights))
+            unknown = sorted(self._anchored - set(self._shapes))
             if unknown:
                 raise WeightError(f"cannot anchor unknown weights: {', '.join(unknown)}")
             probe = compile_graph(spec, 1, anchored=self._anchored, allocate=False)
-            self._anchors = {t.name.removesuffix(":anchor"): np.zeros(t.shape, np.float32)
+            self._anchors = {t.name.removesuffix(":anchor"): t.shape
                              for t in probe.tensors if t.role == "anchor"}  # statistics have no gradient: no anchor
+            for k, shape in self._anchors.items():
+                self._store.arrays[f"{k}:anchor"] = np.zeros(shape, np.float32)
         self._anchor_set: set[str] = set()
 
     # ---- weights -------------------------------------------------------------------------
     def get_weights(self) -> dict[str, np.ndarray]:
-        return {k: v.copy() for k, v in self._weights.items()}
+        return {k: np.array(self._store.get(k), copy=True) for k in self._shapes}
 
     def set_weights(self, weights: Mapping[str, np.ndarray], strict: bool = True) -> None:
         """Copy weights in by name; strict requires every weight. Unknown or misshaped names: WeightError."""
-        unknown = sorted(set(weights) - set(self._weights))
-        missing = sorted(set(self._weights) - set(weights)) if strict else []
+        unknown = sorted(set(weights) - set(self._shapes))
+        missing = sorted(set(self._shapes) - set(weights)) if strict else []
         bad = [
-            f"{k} {tuple(np.shape(v))} != {self._weights[k].shape}"
+            f"{k} {tuple(np.shape(v))} != {self._shapes[k]}"
             for k, v in weights.items()
-            if k in self._weights and tuple(np.shape(v)) != self._weights[k].shape
+            if k in self._shapes and tuple(np.shape(v)) != self._shapes[k]
         ]
         if unknown or missing or bad:
             parts = []
@@ -143,7 +198,7 @@ class Trainer:
             arr = np.asarray(v, dtype=np.float32)
             if not np.all(np.isfinite(arr)):
                 raise WeightError(f"weight {k} has NaN or Inf values")
-            self._weights[k][...] = arr
+            self._store.put(k, arr)
 
     def save_weights(self, path: str) -> None:
         """Weights by name as .npz, written atomically (a crash leaves the old file or none)."""
@@ -157,7 +212,7 @@ class Trainer:
 
     @property
     def weights_bytes(self) -> int:
-        return sum(v.nbytes for v in self._weights.values())
+        return sum(4 * int(np.prod(s)) for s in self._shapes.values())
 
     # ---- proximal term ---------------------------------------------------------------------
     @property
@@ -172,9 +227,9 @@ class Trainer:
             if k not in self._anchors:
                 continue
             arr = np.asarray(v, dtype=np.float32)
-            if arr.shape != self._anchors[k].shape:
-                raise WeightError(f"anchor {k} has shape {arr.shape}, the weight {self._anchors[k].shape}")
-            self._anchors[k][...] = arr
+            if arr.shape != self._anchors[k]:
+                raise WeightError(f"anchor {k} has shape {arr.shape}, the weight {self._anchors[k]}")
+            self._store.put(f"{k}:anchor", arr)
             self._anchor_set.add(k)
 
     def set_proximal(self, mu: float | Mapping[str, float]) -> None:
@@ -224,21 +279,27 @@ class Trainer:
             self.choice = choose(spec, batch, self.budget, self.optimizer.slots, self._anchored)
             mode, la, mb = self.choice.mode, self.choice.lookahead, self.choice.micro_batch
             log.info("memory budget %d bytes: chose %s", self.budget, self.choice.describe())
-        old = self._train
-        self._train = None
+        old, old_store = self._train, self._store
         self._infer.clear()
         c = compile_graph(spec, batch, mode=mode, lookahead=la, micro_batch=mb,
-                          optimizer_slots=self.optimizer.slots, anchored=self._anchored, weights=self._weights,
-                          seed=self.seed, kernels=self.kernels)
-        if old is not None:
-            for name in c.opt_names:
-                for o_new, o_old in zip(c.opt_names[name], old.opt_names.get(name, []), strict=False):
-                    c.views[o_new][...] = old.views[o_old]
-        self._weights = {k: c.views[k] for k in self._weights}
-        for k, a in self._anchors.items():
-            c.views[f"{k}:anchor"][...] = a
-        self._anchors = {k: c.views[f"{k}:anchor"] for k in self._anchors}
-        self._train = c
+                          optimizer_slots=self.optimizer.slots, anchored=self._anchored,
+                          weights=_Lazy(old_store, self._shapes), seed=self.seed, kernels=self.kernels)
+        file = SwapFile(c.swap_file_bytes, self.swap_dir) if c.homes else None
+        store = _Store({k: v for k, v in c.views.items() if k in self._shapes or ":opt" in k or ":anchor" in k},
+                       c, file)
+        # Carry everything over, one tensor at a time: weights (and statistics) where the new plan
+        # keeps them in its file, optimizer state of the weights both plans train, anchors.
+        for k in self._shapes:
+            if k in c.homes:
+                store.put(k, old_store.get(k))
+        for name, slots in c.opt_names.items():
+            olds = old.opt_names.get(name, []) if old is not None else []
+            for k, o_new in enumerate(slots):
+                store.put(o_new, old_store.get(olds[k]) if k < len(olds) else 0.0)
+        for k in self._anchors:
+            store.put(f"{k}:anchor", old_store.get(f"{k}:anchor"))
+        old_store.close()
+        self._store, self._train = store, c
         log.info("training plan: memory=%s batch %d micro-batch %d, arena %d bytes (naive %d, lower bound %d)",
                  mode, batch, mb, c.plan.total, c.naive_bytes, c.lower_bound_bytes)
         return c
@@ -251,13 +312,19 @@ class Trainer:
         if self._train is not None:
             for names in self._train.opt_names.values():
                 for name in names:
-                    self._train.views[name][...] = 0.0
+                    self._store.put(name, 0.0)
 
     def _inference(self, batch: int) -> Compiled:
-        if batch not in self._infer:
-            self._infer[batch] = compile_graph(self.spec, batch, training=False, mode="planned",
-                                               external=self._weights, kernels=self.kernels)
-        return self._infer[batch]
+        """An inference plan over the weights where they are (arena views, or before any plan the
+        initial arrays); in swap-all mode over copies read from the swap file, kept only while
+        the caller uses it (the weights change with every fit)."""
+        if batch in self._infer:
+            return self._infer[batch]
+        weights = {k: self._store.get(k) for k in self._shapes}
+        c = compile_graph(self.spec, batch, training=False, mode="planned", external=weights, kernels=self.kernels)
+        if not (self._train is not None and self._train.homes):
+            self._infer[batch] = c
+        return c
 
     # ---- data checks -----------------------------------------------------------------------
     def _check_data(self, x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -314,6 +381,7 @@ class Trainer:
         times: list[float] = []
         history = []
         swapper = self._start_swap(c)
+        clean = False
         try:
             done = 0
             for epoch in range(epochs):
@@ -337,23 +405,42 @@ class Trainer:
                 history.append({"epoch": epoch + 1, "loss": loss_sum / n, "accuracy": correct / n})
                 if not np.isfinite(loss_sum):
                     log.warning("loss is %s after epoch %d: lower the learning rate", loss_sum, epoch + 1)
+            clean = True
         finally:
-            self._stop_swap(swapper)
+            self._stop_swap(swapper, clean)
         last = history[-1]
         return FitResult(last["loss"], last["accuracy"], total, float(np.median(times)), history)
 
     def _start_swap(self, c: Compiled) -> Swapper | None:
-        """A swapper running the compiled swap items, or None when nothing is swapped."""
+        """A swapper running the compiled swap items, or None when nothing is swapped. In swap-all
+        mode it shares the plan's file, where the persistent tensors are between fits, and first
+        reads in those that stay in the arena across iterations."""
         if not c.swap_items:
             return None
-        return Swapper(swap_schedule(c.swap_items), c.arena.buffer, self.swap_dir)
-
-    def _stop_swap(self, swapper: Swapper | None) -> None:
-        if swapper is not None:
+        sched = swap_schedule(c.swap_items, c.swap_marks, c.swap_segments)
+        swapper = Swapper(sched, c.arena.buffer, self.swap_dir, file=self._store.file)
+        try:
+            swapper.prime()
+        except BaseException:
             swapper.close()
-            self._swap_totals[0] += swapper.bytes_out
-            self._swap_totals[1] += swapper.bytes_in
-            self._swap_totals[2] += swapper.wait_seconds
+            raise
+        return swapper
+
+    def _stop_swap(self, swapper: Swapper | None, clean: bool = True) -> None:
+        """Write back what the swapper changed and close it; after a failed step (not `clean`) as far
+        as that still works, without hiding the failure."""
+        if swapper is not None:
+            try:
+                swapper.flush()  # the persistent tensors it changed go back to the file
+            except Exception:
+                if clean:
+                    raise
+                log.exception("could not write back the swapped tensors after a failed step")
+            finally:
+                swapper.close()
+                self._swap_totals[0] += swapper.bytes_out
+                self._swap_totals[1] += swapper.bytes_in
+                self._swap_totals[2] += swapper.wait_seconds
 
     def _train_step(self, c: Compiled, x, y, idx, swapper: Swapper | None, lr: float | None) -> tuple[float, int]:
         """One batch: forward and backward per micro-batch; weights updated after the last one."""
@@ -367,7 +454,7 @@ class Trainer:
             sl = idx[k * mb : (k + 1) * mb]
             feed.idx, feed.y = sl, y[sl]
             if swapper is not None:
-                swapper.start_iteration()
+                swapper.start_iteration(first=k == 0, apply=k == m - 1)
             for ni, node in enumerate(c.nodes):
                 if swapper is not None:
                     swapper.before(node.order.forward)
@@ -377,6 +464,8 @@ class Trainer:
             for ni in range(len(c.nodes) - 1, -1, -1):
                 self._backward_step(c, ni, swapper, apply=(k == m - 1), first_micro=(k == 0), lr=lr_now)
             if swapper is not None:
+                swapper.before(c.steps - 1)  # the events of steps that did not run this time
+                swapper.after(c.steps - 1)
                 swapper.finish_iteration()
             loss_sum += feed.loss_sum
             correct += feed.correct
@@ -393,9 +482,10 @@ class Trainer:
                 swapper.before(o.calc_grad)
             node.layer.calc_gradient(ctxs["calc_grad"])
             if c.micro_batch > 1:
+                accs = c.acc_views[ni]
                 for w, g in zip(node.ctx.weights, ctxs["calc_grad"].grads, strict=True):
                     if g is not None:
-                        acc = c.views[c.grad_acc[f"{node.spec_name}.{w.name}:grad"]]
+                        acc = accs[f"{node.spec_name}.{w.name}:grad"]
                         if first_micro:
                             np.copyto(acc, g)
                         else:
@@ -409,15 +499,14 @@ class Trainer:
             if swapper is not None:
                 swapper.after(o.calc_deriv)
         if node.trains and apply:
-            for w, wv, g in zip(node.ctx.weights, ctxs["calc_grad"].weights, ctxs["calc_grad"].grads, strict=True):
-                if g is None:
-                    continue
-                name = f"{node.spec_name}.{w.name}"
-                if c.micro_batch > 1:
-                    g = c.views[c.grad_acc[f"{name}:grad"]]
-                mu = self._mu.get(name, 0.0)
-                self.optimizer.apply(wv, g, [c.views[s] for s in c.opt_names[name]], lr, self._iteration,
-                                     anchor=c.views[f"{name}:anchor"] if mu else None, mu=mu)
+            if swapper is not None:
+                swapper.before(o.apply_grad)
+            for v in c.apply_views[ni]:
+                mu = self._mu.get(v.name, 0.0)
+                self.optimizer.apply(v.weight, v.grad, v.opt, lr, self._iteration,
+                                     anchor=v.anchor if mu else None, mu=mu)
+            if swapper is not None:
+                swapper.after(o.apply_grad)
 
     # ---- inference -----------------------------------------------------------------------------
     def _forward_batches(self, x: np.ndarray, y: np.ndarray | None, batch: int, collect: np.ndarray | None):
@@ -468,7 +557,13 @@ class Trainer:
         )
 
     def close(self) -> None:
-        """Drop the arenas (swap files are already gone: they are unlinked when opened)."""
+        """Drop the arenas (swap files are already gone: they are unlinked when opened). The weights
+        stay readable: they are copied out of the arena or the swap file first."""
+        if self._train is not None:
+            weights = {k: np.array(self._store.get(k), copy=True) for k in self._shapes}
+            anchors = {f"{k}:anchor": np.array(self._store.get(f"{k}:anchor"), copy=True) for k in self._anchors}
+            self._store.close()
+            self._store = _Store({**weights, **anchors})
         self._train = None
         self._infer.clear()
 
