@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -265,3 +266,22 @@ def test_cli_train_init_weights_names_what_is_missing_or_misshaped(digits_file, 
                    check=False)
     assert proc.returncode == 2
     assert "missing: conv1.bias" in proc.stderr and "wrong shape: fc1.weight (3, 3)" in proc.stderr
+
+
+def test_freed_weight_sized_buffers_go_back_to_the_system():
+    """With the trainer's heap setting, freeing a few weight-sized arrays returns their pages (glibc's
+    default keeps them in the heap once its mmap threshold has grown), and the baseline is trimmed."""
+    code = textwrap.dedent("""
+        import numpy as np
+        from fedpers.nn import rss
+        assert rss.steady_heap()
+        start = rss.rss_bytes()
+        for _ in range(3):
+            blocks = [np.ones(2_000_000, np.float32) for _ in range(4)]  # 8 MB each
+            del blocks
+        rss.trim_heap()
+        print(rss.rss_bytes() - start)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) < 4 << 20

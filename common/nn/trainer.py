@@ -141,6 +141,7 @@ class Trainer:
         """`anchored`: weights that may get a proximal term (set_anchor / set_proximal); their anchors
         are pinned tensors of the plan, so the memory report and `memory_budget` count them.
         `kernels`: the kernel backend (modes.KERNEL_BACKENDS; default numpy)."""
+        rss.steady_heap()  # weight-sized temporaries go back to the system when freed
         self.spec = spec
         self.memory, self.lookahead, self.micro_batch = memory, lookahead, micro_batch
         self.budget = parse_size(memory_budget) if memory_budget is not None else None
@@ -300,6 +301,8 @@ class Trainer:
             store.put(f"{k}:anchor", old_store.get(f"{k}:anchor"))
         old_store.close()
         self._store, self._train = store, c
+        del old, old_store
+        rss.trim_heap()
         log.info("training plan: memory=%s batch %d micro-batch %d, arena %d bytes (naive %d, lower bound %d)",
                  mode, batch, mb, c.plan.total, c.naive_bytes, c.lower_bound_bytes)
         return c
