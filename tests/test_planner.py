@@ -117,3 +117,14 @@ def test_wrapping_usages_never_share_live_bytes(seed):
                 assert a0 + aligned(u.size) <= b0 or b0 + aligned(usages[j].size) <= a0, (i, j)
     most = max(sum(aligned(u.size) for u, s in zip(usages, live, strict=True) if t in s) for t in range(steps))
     assert lower_bound(usages) == most
+
+
+def test_arena_release_gives_pages_back_and_keeps_what_is_asked():
+    arena = Arena(64 * 4096)
+    arena.buffer[:] = 7
+    kept = [(5 * 4096 + 100, 3000), (40 * 4096, 8192)]
+    released = arena.release(kept)
+    assert released % 4096 == 0 and 0 < released < 64 * 4096
+    for off, n in kept:
+        assert np.all(arena.buffer[off : off + n] == 7)
+    assert np.all(arena.buffer[: 5 * 4096] == 0) and np.all(arena.buffer[-4096:] == 0)

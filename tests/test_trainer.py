@@ -285,3 +285,23 @@ def test_freed_weight_sized_buffers_go_back_to_the_system():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert int(proc.stdout) < 4 << 20
+
+
+def test_evaluation_runs_in_training_micro_steps_and_fits_release_activations():
+    """evaluate/predict default to a training micro-step's batch (no more activation memory than
+    training); after a fit only the persistent tensors are kept in the arena."""
+    spec = nets.mlp()
+    x = np.random.default_rng(0).standard_normal((32, 1, 1, 12)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 4, 32)
+    t = Trainer(spec, micro_batch=4)
+    t.fit(x, y, epochs=1, batch_size=16, shuffle=False)
+    before = t.get_weights()
+    t.evaluate(x, y)
+    assert set(t._infer) == {4}
+    c = t.compile(16)
+    kept = c.kept_between_fits()
+    assert sum(n for _, n in kept) == sum(ti.nbytes for ti in c.tensors if ti.pinned)
+    after = t.get_weights()
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+    np.testing.assert_allclose(t.predict(x), t.predict(x, batch_size=32), rtol=1e-5, atol=1e-6)

@@ -142,6 +142,11 @@ class Compiled:
     def bytes_of(self, role: str) -> int:
         return sum(t.nbytes for t in self.tensors if t.role == role and not t.external)
 
+    def kept_between_fits(self) -> list[tuple[int, int]]:
+        """(offset, bytes) of what the arena must keep when no step runs: the persistent tensors it
+        holds (in swap-all, those not living in the swap file). Everything else can be released."""
+        return [(s.offset, g.nbytes) for g in self.groups if g.pinned and not g.cycle for s in g.segments]
+
 
 @dataclass
 class ApplyViews:

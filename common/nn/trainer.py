@@ -411,6 +411,7 @@ class Trainer:
             clean = True
         finally:
             self._stop_swap(swapper, clean)
+            c.arena.release(c.kept_between_fits())  # activations and scratch: pages back to the system
         last = history[-1]
         return FitResult(last["loss"], last["accuracy"], total, float(np.median(times)), history)
 
@@ -530,18 +531,24 @@ class Trainer:
                 correct += feed.correct
         return loss_sum, correct
 
+    def _eval_batch(self) -> int:
+        """Evaluation's default batch: a training (micro-)step's, so evaluating never needs more
+        activation memory than training does; the model's batch size before any training plan."""
+        c = self._train
+        return c.batch // c.micro_batch if c is not None else self.spec.batch_size
+
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int | None = None) -> EvalResult:
         x, y = self._check_data(x, y)
         if not len(x):
             raise DataError("no examples to evaluate")
-        loss_sum, correct = self._forward_batches(x, y, batch_size or self.spec.batch_size, None)
+        loss_sum, correct = self._forward_batches(x, y, batch_size or self._eval_batch(), None)
         return EvalResult(loss_sum / len(x), correct / len(x), len(x))
 
     def predict(self, x: np.ndarray, batch_size: int | None = None) -> np.ndarray:
         """Class probabilities (cross) or outputs (mse), one row per example."""
         x, _ = self._check_data(x, None)
         out = np.empty((len(x), self.outputs), np.float32)
-        self._forward_batches(x, None, batch_size or self.spec.batch_size, out)
+        self._forward_batches(x, None, batch_size or self._eval_batch(), out)
         return out
 
     # ---- reports -----------------------------------------------------------------------------
