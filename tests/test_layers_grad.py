@@ -188,6 +188,33 @@ def test_gradients_match_finite_differences(case: Case, alias: bool, kernels: st
     assert err < TOL, f"{case.name}: d/d{name} off by {err:.2e} ({result.errors})"
 
 
+@pytest.mark.parametrize("kernels", BACKENDS)
+@pytest.mark.parametrize("case", [c for c in CASES if c.name.startswith(("fully_connected", "conv", "batch_norm_"))
+                                  and not c.name.endswith("frozen")], ids=lambda c: c.name)
+def test_accumulating_calc_gradient_adds_exactly_its_gradient(case: Case, kernels: str) -> None:
+    """Micro-batching: a layer asked to accumulate adds this batch's gradient to what the buffers
+    hold (the accumulators), through its own small scratch."""
+    lr = LayerRun.build(case.make(), case.shapes, kernels=kernels, accumulates=True, **case.kwargs)
+    lr.randomize_weights()
+    rng = np.random.default_rng(0)
+    xs = case.inputs(rng) if case.inputs else [rng.standard_normal(s) for s in case.shapes]
+    dout = rng.standard_normal(lr.out_shape)
+    lr.forward(*xs)
+    _, fresh = lr.backward(dout)
+    prior = [None if g is None else rng.standard_normal(g.shape) for g in fresh]
+    for buf, p in zip(lr.run.grads, prior, strict=True):
+        if buf is not None:
+            buf[...] = p
+    lr.forward(*xs)
+    _, summed = lr.backward(dout, accumulate=True)
+    checked = 0
+    for f, p, s in zip(fresh, prior, summed, strict=True):
+        if f is not None:
+            np.testing.assert_allclose(s, p + f, rtol=1e-10, atol=1e-10)
+            checked += 1
+    assert checked >= 2
+
+
 def test_every_layer_kind_has_a_gradient_case() -> None:
     """Adding a layer kind without a gradient check fails here (input has no gradient to check)."""
     covered = {c.make().kind for c in CASES}

@@ -157,10 +157,12 @@ def _steps(lr: LayerRun, training: bool = True) -> list:
     return steps
 
 
-def _prepare(name: str, alias: bool, kernels: str = "numpy", scale: int = 1) -> LayerRun:
+def _prepare(name: str, alias: bool, kernels: str = "numpy", scale: int = 1, accumulate: bool = False) -> LayerRun:
     make, shapes = RUNTIME_CASES[name]
     shapes = [(s[0] * scale, *s[1:]) for s in shapes]
-    lr = LayerRun.build(make(), shapes, dtype=np.float32, alias=alias, strict=False, kernels=kernels)
+    lr = LayerRun.build(make(), shapes, dtype=np.float32, alias=alias, strict=False, kernels=kernels,
+                        accumulates=accumulate)
+    lr.run.accumulate = accumulate
     rng = np.random.default_rng(0)
     for x in lr.run.inputs:
         x[...] = rng.standard_normal(x.shape)
@@ -201,15 +203,19 @@ def _step_peaks(lr: LayerRun) -> dict[tuple[bool, int], int]:
 BACKENDS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(not numba_available(), reason="no numba"))]
 
 
+ACCUMULATING = ["fully_connected", "conv2d_same", "conv2d_stride2", "conv2d_pointwise", "batch_norm_4d"]
+RUNS = [(n, a, False) for n in sorted(RUNTIME_CASES) for a in (False, True)] + [(n, False, True) for n in ACCUMULATING]
+
+
 @pytest.mark.parametrize("kernels", BACKENDS)
-@pytest.mark.parametrize("alias", [False, True], ids=["separate", "aliased"])
-@pytest.mark.parametrize("name", sorted(RUNTIME_CASES))
-def test_steps_allocate_nothing_batch_sized(name: str, alias: bool, kernels: str) -> None:
-    lr = _prepare(name, alias, kernels)
+@pytest.mark.parametrize(("name", "alias", "accumulate"), RUNS, ids=[
+    f"{n}-{'aliased' if a else 'separate'}{'-accumulating' if acc else ''}" for n, a, acc in RUNS])
+def test_steps_allocate_nothing_batch_sized(name: str, alias: bool, accumulate: bool, kernels: str) -> None:
+    lr = _prepare(name, alias, kernels, accumulate=accumulate)
     smallest = min(a.nbytes for a in lr.run.inputs)
     assert smallest >= BATCH_TENSOR_BYTES, "case too small to tell a batch-sized temporary from noise"
     peaks = _step_peaks(lr)
-    doubled = _step_peaks(_prepare(name, alias, kernels, scale=2))
+    doubled = _step_peaks(_prepare(name, alias, kernels, scale=2, accumulate=accumulate))
     extra_input = sum(a.nbytes for a in lr.run.inputs)
     for (training, i), peak in peaks.items():
         where = f"{name} step {i} (training={training}, {kernels})"

@@ -122,7 +122,6 @@ class Compiled:
     naive_bytes: int
     lower_bound_bytes: int
     kernels: str = DEFAULT_KERNELS  # the kernel backend the layers were finalized for
-    grad_acc: dict[str, str] = field(default_factory=dict)  # gradient -> its accumulator (micro-batching)
     swap_items: list[SwapItem] = field(default_factory=list)  # what the swapper writes out / reads back, when
     swap_marks: list[Mark] = field(default_factory=list)  # swap-all: steps that change a persistent tensor
     swap_segments: list[Resident] = field(default_factory=list)  # swap-all: the persistent tensors' segments
@@ -132,8 +131,6 @@ class Compiled:
     swap_file_bytes: int = 0
     # per node: the views the optimizer step needs at apply-gradient, one per trained weight
     apply_views: list[list[ApplyViews]] = field(default_factory=list)
-    # per node: gradient name -> its accumulator's view at calc-gradient (micro-batching)
-    acc_views: list[dict[str, np.ndarray]] = field(default_factory=list)
 
     @property
     def loss_node(self) -> Node:
@@ -244,31 +241,32 @@ def _insert_multiouts(nodes: list[Node]) -> list[Node]:
     return out
 
 
-def _finalized(spec: ModelSpec, batch: int, split: bool = False, kernels: str = DEFAULT_KERNELS) -> list[Node]:
+def _finalized(spec: ModelSpec, batch: int, split: bool = False, kernels: str = DEFAULT_KERNELS,
+               accumulates: bool = False) -> list[Node]:
     """The model's nodes (with split nodes if asked), finalized for `batch`: shapes and requests known."""
     nodes = _expand(spec)
     if split:
         nodes = _insert_multiouts(nodes)
-    _finalize(nodes, batch, kernels)
+    _finalize(nodes, batch, kernels, accumulates)
     return nodes
 
 
-def _finalize(nodes: list[Node], batch: int, kernels: str = DEFAULT_KERNELS) -> None:
+def _finalize(nodes: list[Node], batch: int, kernels: str = DEFAULT_KERNELS, accumulates: bool = False) -> None:
     """Finalize every node in order; then once more each node whose output some reader keeps for its
     own backward (through views), telling it so (`ctx.output_kept`: relu then saves no sign bits)."""
     for n in nodes:
-        _finalize_one(nodes, n, batch, kernels, output_kept=False)
+        _finalize_one(nodes, n, batch, kernels, False, accumulates)
     kept = _outputs_kept(nodes)
     for ni, n in enumerate(nodes):
         if ni in kept and not n.ctx.view:
             before = n.out_shape
-            _finalize_one(nodes, n, batch, kernels, output_kept=True)
+            _finalize_one(nodes, n, batch, kernels, True, accumulates)
             assert n.out_shape == before, f"{n.name}: output shape changed with output_kept"
 
 
-def _finalize_one(nodes: list[Node], n: Node, batch: int, kernels: str, output_kept: bool) -> None:
+def _finalize_one(nodes: list[Node], n: Node, batch: int, kernels: str, output_kept: bool, accumulates: bool) -> None:
     shapes = [nodes[p].out_shape for p, _ in n.producers]
-    ctx = InitContext(n.spec_name, shapes, batch, kernels=kernels, output_kept=output_kept)
+    ctx = InitContext(n.spec_name, shapes, batch, kernels=kernels, output_kept=output_kept, accumulates=accumulates)
     shape = n.layer.finalize(ctx)
     if any(d <= 0 for d in shape):
         raise ModelError(n.spec_name, None, f"output shape {shape[1:]} is empty (input {[s[1:] for s in shapes]})")
@@ -330,7 +328,6 @@ class _Table:
     by_name: dict[str, int] = field(default_factory=dict)
     weights: list[list[int]] = field(default_factory=list)  # per node
     grads: list[list[int | None]] = field(default_factory=list)  # per node, parallel to weights
-    grad_acc: dict[int, int] = field(default_factory=dict)  # gradient -> accumulator (micro-batching)
     opt_names: dict[str, list[str]] = field(default_factory=dict)
     weight_owner: dict[str, int] = field(default_factory=dict)
     outs: list[int] = field(default_factory=list)  # per node
@@ -396,10 +393,9 @@ def _tensor_table(nodes: list[Node], steps: int, micro_batch: int, optimizer_slo
             if not (n.trains and w.trainable):
                 g_ids.append(None)
                 continue
-            if micro_batch > 1:
-                g_ids.append(tab.add(f"{name}:grad", w.shape, dtype, "grad", {o.calc_grad}))
-                tab.grad_acc[g_ids[-1]] = tab.add(f"{name}:gradacc", w.shape, dtype, "gradacc",
-                                                  {o.calc_grad, o.apply_grad}, pinned=True)
+            if micro_batch > 1:  # the layer adds each micro-batch's gradient to its accumulator itself
+                g_ids.append(tab.add(f"{name}:gradacc", w.shape, dtype, "gradacc", {o.calc_grad, o.apply_grad},
+                                     pinned=True))
             else:
                 g_ids.append(tab.add(f"{name}:grad", w.shape, dtype, "grad", {o.calc_grad, o.apply_grad}))
             tab.opt_names[name] = [f"{name}:opt{k}" for k in range(optimizer_slots)]
@@ -630,7 +626,7 @@ def compile(  # noqa: A001  (the graph's one verb)
         raise ValueError(f"micro_batch {micro_batch} must divide the batch size {batch}")
     if lookahead < 1:
         raise ValueError(f"lookahead must be >= 1, got {lookahead}")
-    nodes = _finalized(spec, batch // micro_batch, split=True, kernels=kernels)
+    nodes = _finalized(spec, batch // micro_batch, split=True, kernels=kernels, accumulates=micro_batch > 1)
     steps = _schedule(nodes, spec, training)
     tab = _tensor_table(nodes, steps, micro_batch, optimizer_slots, external or {}, dtype, frozenset(anchored))
     if mode == "swap-all" and not training:
@@ -652,7 +648,6 @@ def compile(  # noqa: A001  (the graph's one verb)
         opt_names=tab.opt_names,
         naive_bytes=sum(aligned(t.nbytes) for t in tab.tensors if not t.external),
         lower_bound_bytes=lower_bound(usages),
-        grad_acc={tab.tensors[g].name: tab.tensors[a].name for g, a in tab.grad_acc.items()},
         swap_items=items, swap_marks=marks, swap_segments=resident, homes=homes, swap_file_bytes=file_bytes,
     )
     if allocate:
@@ -714,23 +709,19 @@ def _bind(c: Compiled, tab: _Table, aliased: list[bool], external: Mapping[str, 
             run.state = state
             per_step[kind] = run
         c.contexts.append(per_step)
-        applies, accs = [], {}
+        applies = []
         o = n.order
         for w_id, g_id in zip(tab.weights[ni], tab.grads[ni], strict=True):
             if g_id is None:
                 continue
             name = tensors[w_id].name
-            acc = tab.grad_acc.get(g_id)
-            if acc is not None:
-                accs[tensors[g_id].name] = view(acc, o.calc_grad)
             anchor = tab.by_name.get(f"{name}:anchor")
             applies.append(ApplyViews(
-                name, view(w_id, o.apply_grad), view(acc if acc is not None else g_id, o.apply_grad),
+                name, view(w_id, o.apply_grad), view(g_id, o.apply_grad),
                 [view(tab.by_name[k], o.apply_grad) for k in tab.opt_names.get(name, [])],
                 view(anchor, o.apply_grad),
             ))
         c.apply_views.append(applies)
-        c.acc_views.append(accs)
 
 
 def output_size(spec: ModelSpec) -> int:

@@ -9,6 +9,7 @@ import logging
 
 log = logging.getLogger(__name__)
 _baseline: int | None = None
+_startup_peak = 0  # VmHWM when the baseline was taken (the reset forgets it)
 _libc: ctypes.CDLL | None | bool = False  # False: not looked up yet
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 MMAP_THRESHOLD = 256 * 1024
@@ -75,8 +76,9 @@ def reset_peak() -> bool:
 
 def mark_baseline() -> int:
     """Call after imports, data load and kernel warm-up: resets the peak and remembers RSS now."""
-    global _baseline
+    global _baseline, _startup_peak
     trim_heap()
+    _startup_peak = max(_startup_peak, peak_rss_bytes())
     reset_peak()
     _baseline = rss_bytes()
     return _baseline
@@ -84,3 +86,8 @@ def mark_baseline() -> int:
 
 def baseline() -> int | None:
     return _baseline
+
+
+def process_peak_bytes() -> int:
+    """The whole process's peak RSS: before the baseline (imports, data, warm-up) or after it."""
+    return max(_startup_peak, peak_rss_bytes())

@@ -65,7 +65,8 @@ class MemoryReport:
     swap_in_bytes: int = 0
     swap_wait_seconds: float = 0.0
     rss_baseline_bytes: int | None = None
-    rss_peak_bytes: int | None = None
+    rss_peak_bytes: int | None = None  # since the baseline (rss.mark_baseline)
+    rss_process_peak_bytes: int | None = None  # the whole process, start-up included
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -484,16 +485,9 @@ class Trainer:
         if node.trains:
             if swapper is not None:
                 swapper.before(o.calc_grad)
-            node.layer.calc_gradient(ctxs["calc_grad"])
-            if c.micro_batch > 1:
-                accs = c.acc_views[ni]
-                for w, g in zip(node.ctx.weights, ctxs["calc_grad"].grads, strict=True):
-                    if g is not None:
-                        acc = accs[f"{node.spec_name}.{w.name}:grad"]
-                        if first_micro:
-                            np.copyto(acc, g)
-                        else:
-                            acc += g
+            run = ctxs["calc_grad"]
+            run.accumulate = c.micro_batch > 1 and not first_micro  # the gradients are the accumulators
+            node.layer.calc_gradient(run)
             if swapper is not None:
                 swapper.after(o.calc_grad)
         if node.backprop:
@@ -564,6 +558,7 @@ class Trainer:
             swap_out_bytes=int(self._swap_totals[0]), swap_in_bytes=int(self._swap_totals[1]),
             swap_wait_seconds=float(self._swap_totals[2]),
             rss_baseline_bytes=base, rss_peak_bytes=rss.peak_rss_bytes() if base is not None else None,
+            rss_process_peak_bytes=rss.process_peak_bytes(),
         )
 
     def close(self) -> None:

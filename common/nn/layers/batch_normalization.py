@@ -104,9 +104,12 @@ class BatchNormalization(Layer):
         self.mean = ctx.request_weight("running_mean", (c,), "zeros", trainable=False)
         self.var = ctx.request_weight("running_var", (c,), "ones", trainable=False)
         self.xhat = self.inv_std = None
+        self.sums = None
         if not self.frozen:
             self.xhat = ctx.request_tensor("x_hat", shape, Life.FORWARD | Life.CALC_GRAD | Life.CALC_DERIV)
             self.inv_std = ctx.request_tensor("inv_std", (c,), Life.FORWARD | Life.CALC_DERIV)
+            if ctx.accumulates:  # this micro-batch's dgamma, dbeta before they are added
+                self.sums = ctx.request_tensor("param_grads", (2, c), Life.CALC_GRAD)
         ctx.inplace = True
         ctx.deriv_inplace = True
         return shape
@@ -127,7 +130,13 @@ class BatchNormalization(Layer):
         dgamma, dbeta = run.grad(self.gamma), run.grad(self.beta)
         if dgamma is None or dbeta is None or self.frozen:
             return
-        self.k.bn_param_grad(_as3(run.dout()), _as3(run.tensor(self.xhat)), dgamma, dbeta)
+        if not run.accumulate:
+            self.k.bn_param_grad(_as3(run.dout()), _as3(run.tensor(self.xhat)), dgamma, dbeta)
+            return
+        sums = run.tensor(self.sums)
+        self.k.bn_param_grad(_as3(run.dout()), _as3(run.tensor(self.xhat)), sums[0], sums[1])
+        np.add(dgamma, sums[0], out=dgamma)
+        np.add(dbeta, sums[1], out=dbeta)
 
     def calc_derivative(self, run: RunContext) -> None:
         din = run.din()

@@ -12,7 +12,9 @@ packed once per tile, not per sample; a tile of one sample needs no packing at a
   product is the gradient, later tiles add theirs through `wgrad_part` (F, K), which exists only
   when the batch takes more than one tile. (An earlier version summed col @ dy^T, (K, F), in a
   weight-sized accumulator and transposed it into the gradient: two weight-sized scratch tensors
-  where this needs at most one; both product shapes run at the same speed on OpenBLAS.)
+  where this needs at most one; both product shapes run at the same speed on OpenBLAS.) With
+  micro-batching the gradient is the accumulator itself: every tile's product is added, through
+  a `wgrad_part` of at most PART_BYTES (a block of filters at a time).
 - dx: col = W2^T @ dy_tile, then col2im. (A stride-1 alternative, im2col of dy times the flipped
   kernel, measured ~10% slower once tiles made this product wide, so it is not used.)
 
@@ -41,6 +43,7 @@ KERNELS = ("im2col", "col2im", "pack_tile", "unpack_tile", "bias_grad", "add_bia
 COL_TILE_BYTES = 1 << 20  # a tile takes as many samples as fit 1 MiB of columns...
 MIN_TILE_COLUMNS = 1024  # ...or enough for 1024 columns side by side (small-spatial layers)...
 COL_TILE_MAX_BYTES = 4 << 20  # ...but never more than 4 MiB of columns
+PART_BYTES = 1 << 20  # micro-batching: dW products are added to the accumulator a block of filters at a time
 
 
 @lru_cache(maxsize=256)
@@ -202,12 +205,14 @@ def conv2d_forward(x, w, b, out, col, wide, geo: ConvGeometry, k: ModuleType = _
 
 
 def conv2d_weight_grad(x, dy, gw, gb, col, pack, part, geo: ConvGeometry, k: ModuleType = _THIS,
-                       padded=None) -> None:
-    """gw = sum over tiles of dy_tile @ col_tile^T, gb = sum dy.
+                       padded=None, accumulate: bool = False, bias_part=None) -> None:
+    """gw = sum over tiles of dy_tile @ col_tile^T, gb = sum dy; with `accumulate`, both are added to
+    what gw and gb hold.
 
     col: tile columns (None when pointwise: one sample at a time straight from x); pack: dy of a
-    tile side by side, (F, T*P) (None when T = 1); part: (F, K), the later tiles' products (None
-    when one tile covers the batch); padded: as in conv2d_forward.
+    tile side by side, (F, T*P) (None when T = 1); part: (rows, K), the products that are added,
+    a block of `rows` filters at a time (None when nothing is added: one tile, not accumulating);
+    padded: as in conv2d_forward; bias_part: (F,), this batch's bias gradient when accumulating.
     """
     f_out, c_in, kh, kw = gw.shape
     n_b = x.shape[0]
@@ -230,12 +235,19 @@ def conv2d_weight_grad(x, dy, gw, gb, col, pack, part, geo: ConvGeometry, k: Mod
         else:
             d = side_by_side(pack, f_out, t, p)
             k.pack_tile(dy3[a:z], d)
-        if a == 0:
+        if a == 0 and not accumulate:
             np.matmul(d, c.T, out=gw2)
-        else:
-            np.matmul(d, c.T, out=part)
-            np.add(gw2, part, out=gw2)
-    k.bias_grad(dy3, gb)
+            continue
+        rows = part.shape[0]
+        for f0 in range(0, f_out, rows):
+            f1 = min(f0 + rows, f_out)
+            np.matmul(d[f0:f1], c.T, out=part[: f1 - f0])
+            np.add(gw2[f0:f1], part[: f1 - f0], out=gw2[f0:f1])
+    if accumulate:
+        k.bias_grad(dy3, bias_part)
+        np.add(gb, bias_part, out=gb)
+    else:
+        k.bias_grad(dy3, gb)
 
 
 def conv2d_input_grad(dy, w, dx, col, wide, geo: ConvGeometry, k: ModuleType = _THIS) -> None:
@@ -339,7 +351,12 @@ class Conv2D(Layer):
             self.col_deriv = ctx.request_tensor("col_deriv", (k, t * p), Life.CALC_DERIV)
             if t > 1:
                 self.wide_deriv = ctx.request_tensor("dy_tile_deriv", (f_out, t * p), Life.CALC_DERIV)
-        if spec.trainable and ctx.batch > t:  # more than one tile: later tiles' dW products
+        self.bias_part = None
+        if spec.trainable and ctx.accumulates:  # every tile's product is added, a block at a time
+            rows = max(1, min(f_out, PART_BYTES // (4 * k)))
+            self.part = ctx.request_tensor("wgrad_part", (rows, k), Life.CALC_GRAD)
+            self.bias_part = ctx.request_tensor("bgrad_part", (f_out,), Life.CALC_GRAD)
+        elif spec.trainable and ctx.batch > t:  # more than one tile: later tiles' dW products
             self.part = ctx.request_tensor("wgrad_part", (f_out, k), Life.CALC_GRAD)
         ctx.input_life = Life.CALC_GRAD  # dW needs the columns of x again
         return (ctx.batch, f_out, oh, ow)
@@ -358,7 +375,7 @@ class Conv2D(Layer):
         conv2d_weight_grad(
             run.input(), run.dout(), gw, gb,
             _opt(run, self.col_grad), _opt(run, self.pack), _opt(run, self.part), self.geo, self.k,
-            _opt(run, self.padded_grad),
+            _opt(run, self.padded_grad), run.accumulate, _opt(run, self.bias_part),
         )  # fmt: skip
 
     def calc_derivative(self, run: RunContext) -> None:
