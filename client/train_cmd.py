@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
         data = load_data(args.data)
         check_against_model(data, spec.layers[0].input_shape, output_size(spec) if spec.loss == "cross" else None,
                             str(args.data))
-        warmup(spec, kernels=args.kernels)
+        warmup(spec, kernels=args.kernels, memory=args.memory)
         rss.mark_baseline()
         trainer = Trainer(spec, memory=args.memory, memory_budget=args.memory_budget, lookahead=args.lookahead,
                           micro_batch=args.micro_batch, swap_dir=args.swap_dir, seed=args.seed, kernels=args.kernels)

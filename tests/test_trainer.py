@@ -305,3 +305,37 @@ def test_evaluation_runs_in_training_micro_steps_and_fits_release_activations():
     for k in before:
         np.testing.assert_array_equal(before[k], after[k])
     np.testing.assert_allclose(t.predict(x), t.predict(x, batch_size=32), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["xavier_uniform", "he_uniform", "xavier_normal", "he_normal"])
+def test_initial_weights_are_one_big_draw_rounded_chunk_by_chunk(init):
+    """initialize() draws in chunks (bounded float64 temporaries) and gets the values of one draw."""
+    from fedpers.nn.init import CHUNK, initialize
+    from fedpers.nn.layers.base import WeightRequest
+
+    req = WeightRequest("w", (3, CHUNK + 11), init, True, fan_in=40, fan_out=30)
+    got = initialize(np.random.default_rng(4), req)
+    rng = np.random.default_rng(4)
+    scale = {"xavier_uniform": np.sqrt(6 / 70), "he_uniform": np.sqrt(6 / 40),
+             "xavier_normal": np.sqrt(2 / 70), "he_normal": np.sqrt(2 / 40)}[init]
+    ref = rng.uniform(-scale, scale, req.shape) if init.endswith("uniform") else rng.standard_normal(req.shape) * scale
+    np.testing.assert_array_equal(got, ref.astype(np.float32))
+
+
+def test_a_trainer_draws_its_initial_weights_only_when_they_are_needed():
+    """Before its first plan a Trainer holds no weights: they are drawn a layer at a time when read
+    or planned (so a model's initial weights are never all in memory at once), with the values of
+    init_weights."""
+    from fedpers.nn import init_weights
+
+    spec = nets.cnn(batch_norm=True)
+    t = Trainer(spec, seed=5)
+    assert t._store.arrays == {}
+    ref = init_weights(spec, seed=5)
+    got = t.get_weights()
+    assert t._store.arrays == {} and got.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k])
+    t.compile(4)
+    for k, v in t.get_weights().items():
+        np.testing.assert_array_equal(v, ref[k])

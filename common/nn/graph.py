@@ -6,7 +6,7 @@ only executes the result (TensorFlow Lite's split between planning and execution
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -304,12 +304,27 @@ def weight_specs(spec: ModelSpec) -> dict[str, WeightSpec]:
 
 def init_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     """Fresh float32 weights for every weight of the model, reproducible from the seed."""
-    nodes = _finalized(spec, 1)
     out: dict[str, np.ndarray] = {}
+    for make in dict.fromkeys(weight_initializers(spec, seed).values()):
+        out.update(make())
+    return out
+
+
+def weight_initializers(spec: ModelSpec, seed: int = 0) -> dict[str, Callable[[], dict[str, np.ndarray]]]:
+    """Weight name -> a function drawing the initial weights of its layer (all of them: a layer's
+    weights come from one stream), the values of init_weights, one layer at a time."""
+    nodes = _finalized(spec, 1)
+    out = {}
     for li, n in enumerate(nodes):
-        rng = np.random.default_rng([seed, li])
+        if not n.ctx.weights:
+            continue
+
+        def make(li=li, n=n) -> dict[str, np.ndarray]:
+            rng = np.random.default_rng([seed, li])
+            return {f"{n.spec_name}.{w.name}": initialize(rng, w) for w in n.ctx.weights}
+
         for w in n.ctx.weights:
-            out[f"{n.spec_name}.{w.name}"] = initialize(rng, w)
+            out[f"{n.spec_name}.{w.name}"] = make
     return out
 
 

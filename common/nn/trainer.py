@@ -19,7 +19,7 @@ from ..store import atomic_write_bytes
 from . import rss
 from .budget import Choice, choose, parse_size
 from .errors import DataError, WeightError
-from .graph import Compiled, init_weights, output_size
+from .graph import Compiled, output_size, weight_initializers, weight_specs
 from .graph import compile as compile_graph
 from .modes import DEFAULT_KERNELS, DEFAULT_MEMORY_MODE
 from .optim import Optimizer, learning_rate
@@ -73,22 +73,34 @@ class MemoryReport:
 
 
 class _Store:
-    """Where the persistent tensors (weights, statistics, optimizer state, anchors) are: plain arrays
-    before the first plan, then the training plan's arena views -- except, in swap-all mode, those
-    that move through the plan's swap file, which hold their value there between fits."""
+    """Where the persistent tensors (weights, statistics, optimizer state, anchors) are: before the
+    first plan, arrays set so far and otherwise the initial values (drawn a layer at a time when
+    asked, so a model's initial weights are never all in memory at once); then the training plan's
+    arena views -- except, in swap-all mode, those that move through the plan's swap file, which hold
+    their value there between fits."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], c: Compiled | None = None, file: SwapFile | None = None):
+    def __init__(self, arrays: dict[str, np.ndarray], c: Compiled | None = None, file: SwapFile | None = None,
+                 initial: Mapping[str, Callable[[], dict[str, np.ndarray]]] | None = None,
+                 anchors: Mapping[str, tuple[int, ...]] | None = None):
         self.arrays = arrays
         self.c, self.file = c, file
         self.info = {t.name: t for t in c.tensors if t.pinned and not t.external} if c is not None else {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.arrays or (self.c is not None and name in self.c.homes)
+        self.initial = initial or {}
+        self.anchors = anchors or {}  # anchor name -> shape: zeros until set
+        self._drawn: tuple[Callable | None, dict[str, np.ndarray]] = (None, {})  # the last layer drawn
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor: a view into the arena (or the array before any plan), or a copy read from the file."""
+        """The tensor: a view into the arena or an array held here, else a copy read from the file or
+        freshly drawn."""
         if name in self.arrays:
             return self.arrays[name]
+        if self.c is None:
+            if name in self.anchors:
+                return np.zeros(self.anchors[name], np.float32)
+            make = self.initial[name]
+            if self._drawn[0] is not make:
+                self._drawn = (make, make())
+            return self._drawn[1][name]
         t = self.info[name]
         out = np.empty(t.shape, t.dtype)
         self.file.read(out, self.c.homes[name])
@@ -97,6 +109,9 @@ class _Store:
     def put(self, name: str, values) -> None:
         if name in self.arrays:
             self.arrays[name][...] = values
+            return
+        if self.c is None:  # before any plan: hold it
+            self.arrays[name] = np.array(values, dtype=np.float32, copy=True)
             return
         t = self.info[name]
         arr = np.empty(t.shape, t.dtype)
@@ -150,9 +165,8 @@ class Trainer:
         self.kernels = kernels or DEFAULT_KERNELS
         self.optimizer = Optimizer(spec.optimizer, self.kernels)
         self.choice: Choice | None = None
-        weights = init_weights(spec, seed)
-        self._shapes = {k: v.shape for k, v in weights.items()}
-        self._store = _Store(dict(weights))  # weights (and anchors) until the first plan
+        self._shapes = {k: ws.shape for k, ws in weight_specs(spec).items()}
+        self._store = _Store({}, initial=weight_initializers(spec, seed))  # drawn when asked, until the first plan
         self.outputs = output_size(spec)  # values per example at the output (classes for Loss = cross)
         self._train: Compiled | None = None
         self._train_spec = spec  # spec with the layers frozen by set_frozen() marked trainable = false
@@ -170,8 +184,7 @@ class Trainer:
             probe = compile_graph(spec, 1, anchored=self._anchored, allocate=False)
             self._anchors = {t.name.removesuffix(":anchor"): t.shape
                              for t in probe.tensors if t.role == "anchor"}  # statistics have no gradient: no anchor
-            for k, shape in self._anchors.items():
-                self._store.arrays[f"{k}:anchor"] = np.zeros(shape, np.float32)
+            self._store.anchors = {f"{k}:anchor": shape for k, shape in self._anchors.items()}
         self._anchor_set: set[str] = set()
 
     # ---- weights -------------------------------------------------------------------------
@@ -579,10 +592,11 @@ class Trainer:
         self.close()
 
 
-def warmup(spec: ModelSpec, kernels: str | None = None) -> None:
+def warmup(spec: ModelSpec, kernels: str | None = None, memory: str = DEFAULT_MEMORY_MODE) -> None:
     """Run every kernel the model uses once, on a tiny batch: loads them (numba: compiles them or loads
-    them from its cache) and touches BLAS's buffers before a baseline is taken."""
-    t = Trainer(spec, memory="planned", seed=0, kernels=kernels)
+    them from its cache) and touches BLAS's buffers before a baseline is taken. In the memory mode
+    the training will use, so warming up needs no more memory than training does."""
+    t = Trainer(spec, memory=memory, seed=0, kernels=kernels)
     shape = spec.layers[0].input_shape
     x = np.zeros((2, *shape), np.float32)
     classes = t.outputs
