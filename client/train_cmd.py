@@ -37,7 +37,8 @@ def add_memory_args(p: argparse.ArgumentParser, swap_dir_default: str = "a temp 
     p.add_argument("--swap-dir", default=None, metavar="DIR",
                    help=f"where the swap file lives (default: {swap_dir_default}; unlinked once opened)")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
-                   help="e.g. 48MiB: pick the fastest mode, lookahead and micro-batch whose arena fits")
+                   help="e.g. 96MiB, the whole process's peak RSS: pick the fastest plan (kernels, mode, lookahead, "
+                        "micro-batch) predicted to stay under it, or stop before training naming the smallest")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -67,16 +68,18 @@ def main(args: argparse.Namespace) -> int:
         data = load_data(args.data)
         check_against_model(data, spec.layers[0].input_shape, output_size(spec) if spec.loss == "cross" else None,
                             str(args.data))
-        warmup(spec, kernels=args.kernels, memory=args.memory)
-        rss.mark_baseline()
         trainer = Trainer(spec, memory=args.memory, memory_budget=args.memory_budget, lookahead=args.lookahead,
                           micro_batch=args.micro_batch, swap_dir=args.swap_dir, seed=args.seed, kernels=args.kernels)
+        batch = min(args.batch or spec.batch_size, data.num_examples)
+        if args.memory_budget is not None:  # choose the plan first: the warm-up runs in it, within the budget
+            trainer.compile(batch)
+            print(f"memory budget {args.memory_budget}: {trainer.choice.describe()}", file=sys.stderr)
+        mode = trainer.choice.mode if trainer.choice is not None else args.memory
+        warmup(spec, kernels=trainer.kernels, memory=mode)
+        rss.mark_baseline()
         if args.init_weights:
             trainer.load_weights(str(args.init_weights))
-        batch = min(args.batch or spec.batch_size, data.num_examples)
         trainer.compile(batch)
-        if trainer.choice is not None:
-            print(f"memory budget {args.memory_budget}: {trainer.choice.describe()}", file=sys.stderr)
         result = trainer.fit(data.x, data.y, epochs=args.epochs, batch_size=batch, shuffle=not args.no_shuffle,
                              seed=args.seed, learning_rate=args.lr, progress=ProgressBar())
         report = trainer.memory_report()

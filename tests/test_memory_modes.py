@@ -169,31 +169,69 @@ def test_swap_file_gone_after_sigint(tmp_path):
     assert proc.stdout.splitlines() == ["training, swap files open: 1", "interrupted, swap files open: 0"]
 
 
-def test_budget_picks_the_fastest_mode_that_fits():
+BASELINE = 50 << 20  # the process RSS the budget tests pretend to measure
+
+
+@pytest.fixture
+def fixed_rss(monkeypatch):
+    """A budget is for the process: these tests fix what the process holds, so the choice is exact."""
+    from fedpers.nn import rss
+
+    monkeypatch.setattr(rss, "rss_bytes", lambda: BASELINE)
+
+
+def test_budget_picks_the_fastest_plan_predicted_to_fit(fixed_rss):
+    from fedpers.nn.budget import predict_growth
+
     spec = nets.cnn(batch_norm=False)
-    planned = compile(spec, 16, allocate=False, optimizer_slots=2).plan.total
-    t = Trainer(spec, memory_budget=planned)
+    _, planned = predict_growth(spec, 16, "numpy", "planned", 1, 1, 2)
+    t = Trainer(spec, memory_budget=BASELINE + planned, kernels="numpy")
     t.compile(16)
-    assert t.choice.mode == "planned" and t.choice.micro_batch == 1
-    t = Trainer(spec, memory_budget=planned - 64)
+    assert (t.choice.mode, t.choice.micro_batch, t.choice.peak_bytes) == ("planned", 1, BASELINE + planned)
+    t = Trainer(spec, memory_budget=BASELINE + planned - 64, kernels="numpy")
     t.compile(16)
-    assert t.choice.mode == "swap" or t.choice.micro_batch > 1
-    assert t.memory_report().arena_bytes <= planned - 64
+    assert t.choice.mode.startswith("swap") or t.choice.micro_batch > 1
+    assert t.choice.peak_bytes <= BASELINE + planned - 64
+    assert t.memory_report().arena_bytes == t.choice.arena_bytes
 
 
-def test_budget_below_the_minimum_names_the_smallest_and_trains_nothing():
+def test_budget_below_the_minimum_names_the_smallest_and_trains_nothing(fixed_rss):
     spec = nets.cnn(batch_norm=False)
     x, y = data_for(spec)
-    t = Trainer(spec, memory_budget="1KiB")
+    t = Trainer(spec, memory_budget="1KiB", kernels="numpy")
     before = t.get_weights()
-    with pytest.raises(BudgetError, match=r"smallest plan needs [0-9.]+KiB \(\d+ bytes\)") as err:
+    with pytest.raises(BudgetError, match=r"raise the budget to at least \d+MiB") as err:
         t.fit(x, y, epochs=1, batch_size=8)
-    smallest = int(str(err.value).split("(")[1].split(" bytes")[0])
+    smallest = int(str(err.value).split("at least ")[1].split("MiB")[0])
     after = t.get_weights()
     assert all(np.array_equal(before[k], after[k]) for k in before)
-    ok = Trainer(spec, memory_budget=smallest)
+    ok = Trainer(spec, memory_budget=f"{smallest}MiB", kernels="numpy")
     ok.fit(x, y, epochs=1, batch_size=8)
-    assert ok.memory_report().arena_bytes <= smallest
+    assert ok.choice.peak_bytes <= smallest << 20
+    with pytest.raises(BudgetError):
+        Trainer(spec, memory_budget=f"{smallest - 1}MiB", kernels="numpy").compile(8)
+
+
+def test_a_budget_weighs_numba_without_loading_it():
+    """Without --kernels a budget may choose the numba backend (faster) when it fits: weighing it
+    loads neither numba nor llvmlite, and a small budget falls back to numpy."""
+    code = textwrap.dedent("""
+        import sys
+        from fedpers.nn import Trainer, rss
+        from tests import nets
+        spec = nets.cnn(batch_norm=False)
+        t = Trainer(spec, memory_budget=rss.rss_bytes() + (40 << 20))
+        t.compile(16)
+        assert t.choice.kernels == "numpy", t.choice
+        assert "numba" not in sys.modules and "llvmlite" not in sys.modules
+        big = Trainer(spec, memory_budget="4GiB")
+        big.compile(16)
+        print(big.choice.kernels)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == ("numba" if numba_available() else "numpy")
 
 
 def test_memory_modes_registry_is_what_compile_accepts():

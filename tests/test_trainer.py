@@ -199,7 +199,7 @@ def test_cli_train_refuses_bad_data_with_exit_2(tmp_path):
 def test_cli_budget_too_small_exit_2(digits_file):
     proc = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(digits_file), "--memory-budget", "2KiB",
                    check=False)
-    assert proc.returncode == 2 and "smallest plan needs" in proc.stderr
+    assert proc.returncode == 2 and "raise the budget to at least" in proc.stderr
 
 
 def test_cli_plan_table_json_and_png(tmp_path):

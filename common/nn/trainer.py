@@ -17,7 +17,7 @@ import numpy as np
 
 from ..store import atomic_write_bytes
 from . import rss
-from .budget import Choice, choose, parse_size
+from .budget import Choice, choose, format_size, parse_size
 from .errors import DataError, WeightError
 from .graph import Compiled, output_size, weight_initializers, weight_specs
 from .graph import compile as compile_graph
@@ -67,6 +67,9 @@ class MemoryReport:
     rss_baseline_bytes: int | None = None
     rss_peak_bytes: int | None = None  # since the baseline (rss.mark_baseline)
     rss_process_peak_bytes: int | None = None  # the whole process, start-up included
+    kernels: str = "numpy"
+    budget_bytes: int | None = None  # --memory-budget, the whole process
+    predicted_peak_bytes: int | None = None  # what the budget's choice predicted for the process
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,7 +165,8 @@ class Trainer:
         self.memory, self.lookahead, self.micro_batch = memory, lookahead, micro_batch
         self.budget = parse_size(memory_budget) if memory_budget is not None else None
         self.swap_dir, self.seed = swap_dir, seed
-        self.kernels = kernels or DEFAULT_KERNELS
+        self._kernels_asked = kernels
+        self.kernels = kernels or DEFAULT_KERNELS  # a memory budget may pick another when kernels is None
         self.optimizer = Optimizer(spec.optimizer, self.kernels)
         self.choice: Choice | None = None
         self._shapes = {k: ws.shape for k, ws in weight_specs(spec).items()}
@@ -291,9 +295,18 @@ class Trainer:
         spec, self._stale = self._train_spec, False
         mode, la, mb = self.memory, self.lookahead, self.micro_batch
         if self.budget is not None:
-            self.choice = choose(spec, batch, self.budget, self.optimizer.slots, self._anchored)
+            old_plan, self._train = self._train, None  # the old plan's arena does not count against the new
+            if old_plan is not None:
+                old_plan.arena.release(old_plan.kept_between_fits())
+            rss.trim_heap()
+            self.choice = choose(spec, batch, self.budget, self.optimizer.slots, self._anchored,
+                                 baseline=rss.rss_bytes(), kernels=self._kernels_asked)
+            self._train = old_plan
             mode, la, mb = self.choice.mode, self.choice.lookahead, self.choice.micro_batch
-            log.info("memory budget %d bytes: chose %s", self.budget, self.choice.describe())
+            if self.choice.kernels != self.kernels:
+                self.kernels = self.choice.kernels
+                self.optimizer = Optimizer(self.spec.optimizer, self.kernels)
+            log.info("memory budget %s: chose %s", format_size(self.budget), self.choice.describe())
         old, old_store = self._train, self._store
         self._infer.clear()
         c = compile_graph(spec, batch, mode=mode, lookahead=la, micro_batch=mb,
@@ -540,8 +553,11 @@ class Trainer:
 
     def _eval_batch(self) -> int:
         """Evaluation's default batch: a training (micro-)step's, so evaluating never needs more
-        activation memory than training does; the model's batch size before any training plan."""
+        activation memory than training does; the model's batch size before any training plan --
+        unless a memory budget is set: then the training plan is chosen first."""
         c = self._train
+        if c is None and self.budget is not None:
+            c = self.compile(self.spec.batch_size)
         return c.batch // c.micro_batch if c is not None else self.spec.batch_size
 
     def evaluate(self, x: np.ndarray, y: np.ndarray, batch_size: int | None = None) -> EvalResult:
@@ -571,7 +587,8 @@ class Trainer:
             swap_out_bytes=int(self._swap_totals[0]), swap_in_bytes=int(self._swap_totals[1]),
             swap_wait_seconds=float(self._swap_totals[2]),
             rss_baseline_bytes=base, rss_peak_bytes=rss.peak_rss_bytes() if base is not None else None,
-            rss_process_peak_bytes=rss.process_peak_bytes(),
+            rss_process_peak_bytes=rss.process_peak_bytes(), kernels=self.kernels, budget_bytes=self.budget,
+            predicted_peak_bytes=self.choice.peak_bytes if self.choice is not None else None,
         )
 
     def close(self) -> None:

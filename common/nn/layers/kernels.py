@@ -27,20 +27,36 @@ class BackendUnavailable(ImportError):
     """kernels='numba' was asked for, but numba cannot be imported here."""
 
 
+class _Twin:
+    """A numba twin module, imported on its first kernel call: planning a model for the numba
+    backend (a memory budget weighing it) loads neither numba nor llvmlite."""
+
+    __slots__ = ("_name", "_module")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, attr: str):
+        if self._module is None:
+            try:
+                self._module = importlib.import_module(self._name)
+            except ModuleNotFoundError as e:
+                if e.name in ("numba", "llvmlite"):
+                    raise BackendUnavailable("kernels='numba' needs numba, which is not installed here: "
+                                             "use the numpy kernels") from e
+                raise
+        return getattr(self._module, attr)
+
+
 def for_backend(module: str, backend: str) -> ModuleType:
     """The kernel namespace of `module` (a fedpers.nn module name) for a backend: the module itself
-    for numpy, its twin in fedpers.nn.jit for numba."""
+    for numpy, its twin in fedpers.nn.jit for numba (imported when first used)."""
     if backend == "numpy":
         return sys.modules[module]
     if backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel backend must be one of {tuple(KERNEL_BACKENDS)}, got {backend!r}")
-    try:
-        return importlib.import_module(f"{_JIT_PACKAGE}.{module.rsplit('.', 1)[1]}")
-    except ModuleNotFoundError as e:
-        if e.name in ("numba", "llvmlite"):
-            raise BackendUnavailable(f"kernels={backend!r} needs numba, which is not installed here: "
-                                     "use the numpy kernels") from e
-        raise
+    return _Twin(f"{_JIT_PACKAGE}.{module.rsplit('.', 1)[1]}")  # type: ignore[return-value]
 
 
 def numba_available() -> bool:
