@@ -366,3 +366,25 @@ def test_swap_all_after_a_failed_step_holds_what_planned_mode_holds(monkeypatch)
         got.append(t.get_weights())
     for k in got[0]:
         np.testing.assert_array_equal(got[0][k], got[1][k], err_msg=k)
+
+
+def test_swap_all_evaluation_reads_weights_a_window_at_a_time():
+    """Evaluating a swap-all model streams its weights from the swap file like training does: the
+    evaluation plan holds a few layers' weights, not the model's."""
+    from fedpers.models import path
+    from fedpers.nn import load_ini
+
+    spec = load_ini(path("vgg_small.ini"))
+    t = Trainer(spec, memory="swap-all", micro_batch=4, lookahead=1)
+    train = t.compile(8)
+    c, swapper = t._inference(2)
+    try:
+        weights = sum(ti.nbytes for ti in c.tensors if ti.role in ("weight", "stat"))
+        assert set(c.homes) == set(train.homes) & set(t.get_weights())
+        assert c.plan.total < weights / 2
+        assert swapper is not None
+    finally:
+        swapper.close()
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    planned = Trainer(spec, memory="planned")
+    np.testing.assert_array_equal(t.predict(x, batch_size=2), planned.predict(x, batch_size=2))

@@ -106,14 +106,18 @@ def predict_growth(spec: ModelSpec, batch: int, kernels: str, mode: str, lookahe
     c = compile_graph(spec, batch, mode=mode, lookahead=lookahead, micro_batch=micro_batch, kernels=kernels,
                       optimizer_slots=optimizer_slots, anchored=anchored, allocate=False)
     weights = weight_specs(spec)
-    infer = compile_graph(spec, batch // micro_batch, training=False, mode="planned", kernels=kernels,
-                          external=dict.fromkeys(weights), allocate=False)
-    weight_bytes = sum(4 * math.prod(w.shape) for w in weights.values())
+    if c.homes:  # swap-all evaluation reads the weights from the file, a window at a time
+        infer = compile_graph(spec, batch // micro_batch, training=False, mode="swap-all", lookahead=lookahead,
+                              kernels=kernels, external={k: None for k in weights if k not in c.homes},
+                              file_homes={k: c.homes[k] for k in weights if k in c.homes}, allocate=False)
+    else:
+        infer = compile_graph(spec, batch // micro_batch, training=False, mode="planned", kernels=kernels,
+                              external=dict.fromkeys(weights), allocate=False)
     layer_bytes: dict[str, int] = {}
     for w in weights.values():
         layer_bytes[w.layer] = layer_bytes.get(w.layer, 0) + 4 * math.prod(w.shape)
     kept = sum(n for _, n in c.kept_between_fits())
-    evaluating = kept + infer.plan.total + (weight_bytes if c.homes else 0)
+    evaluating = kept + infer.plan.total
     drawing = max(layer_bytes.values(), default=0) + DRAW_CHUNK_BYTES  # one layer's weights, being moved
     growth = max(c.plan.total, evaluating) + drawing + MARGIN_BYTES
     if kernels == "numba" and "numba" not in sys.modules:

@@ -523,7 +523,8 @@ def _cycle_windows(touched: set[int], steps: int, lookahead: int, writes: bool) 
     return out
 
 
-def _lifespans(groups: list[Group], mode: str, n_forward: int, steps: int, lookahead: int) -> None:
+def _lifespans(groups: list[Group], mode: str, n_forward: int, steps: int, lookahead: int,
+               writes: bool = True) -> None:
     """Segments per group. Naive: everything lives the whole iteration. Swap: a group idle between its
     last forward use and its first backward use is out of memory in between; its window says when
     (the one place the swap timing is decided). Swap-all: besides, a persistent tensor is out of
@@ -534,7 +535,7 @@ def _lifespans(groups: list[Group], mode: str, n_forward: int, steps: int, looka
         first, last = (0, steps - 1) if whole else (min(g.touches), max(g.touches))
         g.segments = [Segment(first, last)]
         if mode == "swap-all" and g.pinned and g.touches:
-            g.cycle = _cycle_windows(g.touches, steps, lookahead, writes=g.role != "anchor")
+            g.cycle = _cycle_windows(g.touches, steps, lookahead, writes=writes and g.role != "anchor")
             k = len(g.cycle)
             if k:
                 g.segments = [Segment(g.cycle[j - 1].load_at, (g.cycle[j].free_at - 1) % steps) for j in range(k)]
@@ -576,32 +577,44 @@ def _marks(g: Group, slot: int, n: Node) -> list[Mark]:
     return []  # anchors are written from outside, straight into the file
 
 
-def _swap_items(groups: list[Group], tab: _Table, nodes: list[Node],
-                steps: int) -> tuple[list[SwapItem], list[Mark], list[Resident], dict[str, int], int]:
+def _swap_items(groups: list[Group], tab: _Table, nodes: list[Node], steps: int,
+                file_homes: Mapping[str, int] | None = None,
+                ) -> tuple[list[SwapItem], list[Mark], list[Resident], dict[str, int], int]:
     """One item per swap window with its planned offsets and its place in the swap file; for
-    swap-all also the marks, the tensors resident between iterations and each swapped persistent
-    tensor's home in the file. Returns (items, marks, resident, homes, file bytes)."""
+    swap-all also the marks, the persistent segments (those in the arena across the iteration
+    boundary flagged) and each swapped persistent tensor's home in the file: a place of its own, or
+    where `file_homes` says (inference over a training plan's file, where a weight with no window
+    stays in the arena, read in once). Returns (items, marks, segments, homes, file bytes)."""
     tensors = tab.tensors
     items, marks, resident, homes = [], [], [], {}
     file_offset = slot = 0
     for g in groups:
+        name = tensors[g.members[0]].name
+        if file_homes is not None and g.pinned and not g.cycle and name in file_homes:
+            seg = g.segments[0]
+            resident.append(Resident(slot, seg.offset, file_homes[name], g.nbytes, seg.first, seg.last))
+            homes[name] = file_homes[name]
+            slot += 1
+            continue
         if g.window is not None:
             out_seg, in_seg = g.segments
             items.append(SwapItem(g.nbytes, out_seg.offset, in_seg.offset, file_offset, *g.window))
             file_offset += g.nbytes
         elif g.cycle:
+            home = file_homes[name] if file_homes is not None else file_offset
             k = len(g.cycle)
             for j, w in enumerate(g.cycle):
                 load_when = LOAD_WHEN[g.role]
                 if w.load_at > w.first_backward:  # the read starts in the iteration before its use
                     load_when = "always"
-                items.append(SwapItem(g.nbytes, g.segments[j].offset, g.segments[(j + 1) % k].offset, file_offset,
+                items.append(SwapItem(g.nbytes, g.segments[j].offset, g.segments[(j + 1) % k].offset, home,
                                       *w, slot=slot, load_when=load_when, cycle=steps))
-            name = tensors[g.members[0]].name
             marks += _marks(g, slot, nodes[tab.weight_owner[name.split(":", 1)[0]]])
-            resident += [Resident(slot, seg.offset, file_offset, g.nbytes, seg.first, seg.last) for seg in g.segments]
-            homes[name] = file_offset
-            file_offset += g.nbytes
+            resident += [Resident(slot, seg.offset, home, g.nbytes, seg.first, seg.last, seg.first > seg.last)
+                         for seg in g.segments]
+            homes[name] = home
+            if file_homes is None:
+                file_offset += g.nbytes
             slot += 1
     return items, marks, resident, homes, file_offset
 
@@ -622,6 +635,7 @@ def compile(  # noqa: A001  (the graph's one verb)
     allocate: bool = True,
     dtype: type = np.float32,
     kernels: str = DEFAULT_KERNELS,
+    file_homes: Mapping[str, int] | None = None,
 ) -> Compiled:
     """Order, size and plan the model for `batch` examples per (micro-)step.
 
@@ -632,6 +646,8 @@ def compile(  # noqa: A001  (the graph's one verb)
     With allocate=False only the sizes are computed (for budget search and `plan` reports).
     dtype=np.float64 exists for gradient checks; training runs in float32. `kernels` names the kernel
     backend the layers run (modes.KERNEL_BACKENDS); it changes some scratch requests, so the plan.
+    `file_homes` (swap-all inference): where a training plan's swap file holds each weight that is not
+    `external`; the weights are then read from there a window at a time, never all at once.
     """
     if kernels not in KERNEL_BACKENDS:
         raise ValueError(f"kernels must be one of {tuple(KERNEL_BACKENDS)}, got {kernels!r}")
@@ -644,10 +660,10 @@ def compile(  # noqa: A001  (the graph's one verb)
     nodes = _finalized(spec, batch // micro_batch, split=True, kernels=kernels, accumulates=micro_batch > 1)
     steps = _schedule(nodes, spec, training)
     tab = _tensor_table(nodes, steps, micro_batch, optimizer_slots, external or {}, dtype, frozenset(anchored))
-    if mode == "swap-all" and not training:
-        raise ValueError("swap-all swaps training state: plan inference with another mode")
+    if mode == "swap-all" and not training and file_homes is None:
+        raise ValueError("swap-all inference reads weights from a training plan's swap file: give file_homes")
     groups, aliased = _groups(tab, nodes, share=mode != "naive")
-    _lifespans(groups, mode, len(nodes), steps, lookahead)
+    _lifespans(groups, mode, len(nodes), steps, lookahead, writes=training)
 
     usages = [Usage(g.nbytes, s.first, s.last) for g in groups for s in g.segments]
     plan = PLANNERS["naive" if mode == "naive" else "greedy_by_size"](usages)
@@ -655,7 +671,7 @@ def compile(  # noqa: A001  (the graph's one verb)
     for g in groups:
         for s in g.segments:
             s.offset = next(offsets)
-    items, marks, resident, homes, file_bytes = _swap_items(groups, tab, nodes, steps)
+    items, marks, resident, homes, file_bytes = _swap_items(groups, tab, nodes, steps, file_homes)
     compiled = Compiled(
         spec=spec, batch=batch, training=training, mode=mode, nodes=nodes, tensors=tab.tensors, groups=groups,
         plan=plan, arena=Arena.from_plan(usages, plan) if allocate else None, steps=steps, lookahead=lookahead,

@@ -124,6 +124,7 @@ class Resident:
     nbytes: int
     first: int = 0
     last: int = -1  # with the defaults: a segment that spans the iteration's end
+    boundary: bool = True  # in the arena across the iteration boundary: read in before a fit
 
     @property
     def wraps(self) -> bool:
@@ -148,7 +149,7 @@ class Schedule:
     @property
     def resident(self) -> list[Resident]:
         """The segments in the arena between iterations."""
-        return [r for r in self.segments if r.wraps]
+        return [r for r in self.segments if r.boundary]
     slots: int = 0
     file_size: int = 0
 

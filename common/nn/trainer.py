@@ -344,17 +344,29 @@ class Trainer:
                 for name in names:
                     self._store.put(name, 0.0)
 
-    def _inference(self, batch: int) -> Compiled:
+    def _inference(self, batch: int) -> tuple[Compiled, Swapper | None]:
         """An inference plan over the weights where they are (arena views, or before any plan the
-        initial arrays); in swap-all mode over copies read from the swap file, kept only while
-        the caller uses it (the weights change with every fit)."""
-        if batch in self._infer:
-            return self._infer[batch]
-        weights = {k: self._store.get(k) for k in self._shapes}
-        c = compile_graph(self.spec, batch, training=False, mode="planned", external=weights, kernels=self.kernels)
-        if not (self._train is not None and self._train.homes):
-            self._infer[batch] = c
-        return c
+        initial arrays), cached; in swap-all mode one that reads them from the training plan's swap
+        file a window at a time (never all at once), with the swapper that does it."""
+        train = self._train
+        if train is None or not train.homes:
+            if batch not in self._infer:
+                weights = {k: self._store.get(k) for k in self._shapes}
+                self._infer[batch] = compile_graph(self.spec, batch, training=False, mode="planned",
+                                                   external=weights, kernels=self.kernels)
+            return self._infer[batch], None
+        external = {k: self._store.get(k) for k in self._shapes if k not in train.homes}  # kept in the arena
+        c = compile_graph(self.spec, batch, training=False, mode="swap-all", lookahead=train.lookahead,
+                          external=external, file_homes={k: train.homes[k] for k in self._shapes if k in train.homes},
+                          kernels=self.kernels)
+        swapper = Swapper(swap_schedule(c.swap_items, c.swap_marks, c.swap_segments), c.arena.buffer,
+                          file=self._store.file)
+        try:
+            swapper.prime()
+        except BaseException:
+            swapper.close()
+            raise
+        return c, swapper
 
     # ---- data checks -----------------------------------------------------------------------
     def _check_data(self, x: np.ndarray, y: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
@@ -536,19 +548,37 @@ class Trainer:
     def _forward_batches(self, x: np.ndarray, y: np.ndarray | None, batch: int, collect: np.ndarray | None):
         loss_sum, correct = 0.0, 0
         n = len(x)
-        for start in range(0, n, batch):
-            stop = min(start + batch, n)
-            c = self._inference(stop - start)
-            feed = c.feed
-            feed.x, feed.idx = x[start:stop], None
-            feed.y = None if y is None else y[start:stop]
-            for ni, node in enumerate(c.nodes):
-                node.layer.forward(c.contexts[ni]["forward"], False)
-            if collect is not None:
-                collect[start:stop] = c.contexts[-1]["forward"].out.reshape(stop - start, -1)
-            if y is not None:
-                loss_sum += feed.loss_sum
-                correct += feed.correct
+        plans: dict[int, tuple[Compiled, Swapper | None]] = {}
+        try:
+            for start in range(0, n, batch):
+                stop = min(start + batch, n)
+                if stop - start not in plans:
+                    plans[stop - start] = self._inference(stop - start)
+                c, swapper = plans[stop - start]
+                feed = c.feed
+                feed.x, feed.idx = x[start:stop], None
+                feed.y = None if y is None else y[start:stop]
+                if swapper is not None:
+                    swapper.start_iteration()
+                for ni, node in enumerate(c.nodes):
+                    if swapper is not None:
+                        swapper.before(node.order.forward)
+                    node.layer.forward(c.contexts[ni]["forward"], False)
+                    if swapper is not None:
+                        swapper.after(node.order.forward)
+                if collect is not None:  # before the swapper's last events: they reuse the output's bytes
+                    collect[start:stop] = c.contexts[-1]["forward"].out.reshape(stop - start, -1)
+                if swapper is not None:
+                    swapper.before(c.steps - 1)
+                    swapper.after(c.steps - 1)
+                    swapper.finish_iteration()
+                if y is not None:
+                    loss_sum += feed.loss_sum
+                    correct += feed.correct
+        finally:
+            for _, swapper in plans.values():
+                if swapper is not None:
+                    swapper.close()
         return loss_sum, correct
 
     def _eval_batch(self) -> int:
