@@ -12,6 +12,13 @@ $FEDPERS_TORCH_PYTHON (for example a separate venv holding torch).
 
 Timings on a loaded machine measure the other processes too: when the 1-minute load average is above
 1 the ratios are printed marked `noisy` (take the table on a quiet machine).
+
+The fedpers side runs in child processes so that the BLAS can differ: numpy's OpenBLAS picks its
+kernels at load time and OPENBLAS_CORETYPE overrides it. When the environment sets it, the table
+has the nets twice: as the environment says, and with OpenBLAS's own choice for this CPU (the
+variable removed); the BLAS core type each ran is printed. (On the machine this was written on,
+OPENBLAS_CORETYPE=Haswell forced AVX2 kernels on an AVX-512 CPU: sgemm at ~115 instead of ~205
+GFLOP/s per core, while PyTorch's oneDNN is not affected.)
 """
 
 from __future__ import annotations
@@ -129,6 +136,57 @@ def time_torch(python: str, nets: list[str], steps: int, warmup: int, n_threads:
     return json.loads(done.stdout)
 
 
+def blas_coretype() -> str:
+    """The core type numpy's OpenBLAS runs (threadpoolctl's report), or what the environment forces."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        for lib in threadpool_info():
+            if lib.get("internal_api") == "openblas":
+                return str(lib.get("architecture"))
+    except ImportError:
+        pass
+    return os.environ.get("OPENBLAS_CORETYPE", "OpenBLAS's own choice")
+
+
+def fedpers_rows(args, runs) -> tuple[list[Row], list[str]]:
+    """Time every net and run in this process."""
+    n_threads = threads()
+    rows, failed = [], []
+    for name, file, batch in NETS:
+        if name not in args.nets:
+            continue
+        spec = load_ini(MODELS / file)
+        row = Row(name, batch, param_count(spec), n_threads)
+        trainers = {}
+        for label, kernels, micro in runs:
+            try:
+                trainers[label] = fedpers_trainer(spec, batch, args.warmup, kernels, micro)
+            except Exception:
+                log.exception("%s: the fedpers trainer (%s) failed", name, label)
+                failed.append(f"{name} {label}")
+        best = {label: math.inf for label in trainers}
+        for _ in range(args.repeats):  # interleaved, so a busy spell hits every column alike
+            for label, trainer in trainers.items():
+                best[label] = min(best[label], time_fit(trainer, spec, batch, args.steps) * 1e3)
+        for trainer in trainers.values():
+            trainer.close()
+        row.ms = best
+        rows.append(row)
+    return rows, failed
+
+
+def fedpers_child(args, env: dict[str, str]) -> tuple[str, list[Row], list[str]]:
+    """fedpers_rows in a child process with environment `env`: (BLAS core type, rows, failures)."""
+    cmd = [sys.executable, __file__, "--child", "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--repeats", str(args.repeats), "--nets", *args.nets]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()[-2000:]}")
+    out = json.loads(done.stdout)
+    return out["blas"], [Row(**r) for r in out["rows"]], out["failed"]
+
+
 def table(rows: list[Row], columns: list[str], torch_version: str | None, noisy: bool) -> str:
     head = f"{'net':<10} {'batch':>5} {'params':>10} {'threads':>7}" + "".join(f" {c:>10}" for c in columns)
     if "numpy μb4" in columns:
@@ -158,42 +216,41 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch-python", help="interpreter with torch for the reference (default: this one)")
     names = [n for n, _, _ in NETS]
     ap.add_argument("--nets", nargs="+", default=names, choices=names, help="which nets (default: all)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     n_threads = threads()
-    load_before = load_average()
     runs = [r for r in RUNS if r[1] != "numba" or numba_available()]
     columns = [label for label, _, _ in runs]
-    rows, failed = [], []
-    for name, file, batch in NETS:
-        if name not in args.nets:
+    if args.child:
+        rows, failed = fedpers_rows(args, runs)
+        print(json.dumps({"blas": blas_coretype(), "rows": [r.__dict__ for r in rows], "failed": failed}))
+        return 0
+    load_before = load_average()
+    variants = [("environment", dict(os.environ))]
+    if "OPENBLAS_CORETYPE" in os.environ:
+        variants.append(("OpenBLAS's own choice", {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}))
+    results, failed = [], []
+    for label, env in variants:
+        try:
+            blas, rows, bad = fedpers_child(args, env)
+        except RuntimeError as e:
+            log.error("%s", e)
+            failed.append(f"fedpers ({label})")
             continue
-        spec = load_ini(MODELS / file)
-        row = Row(name, batch, param_count(spec), n_threads)
-        trainers = {}
-        for label, kernels, micro in runs:
-            try:
-                trainers[label] = fedpers_trainer(spec, batch, args.warmup, kernels, micro)
-            except Exception:
-                log.exception("%s: the fedpers trainer (%s) failed", name, label)
-                failed.append(f"{name} {label}")
-        best = {label: math.inf for label in trainers}
-        for _ in range(args.repeats):  # interleaved, so a busy spell hits every column alike
-            for label, trainer in trainers.items():
-                best[label] = min(best[label], time_fit(trainer, spec, batch, args.steps) * 1e3)
-        for trainer in trainers.values():
-            trainer.close()
-        row.ms = best
-        rows.append(row)
-        print(f"  fedpers {name}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in best.items()), file=sys.stderr,
-              flush=True)
+        failed += bad
+        results.append((label, blas, rows))
+        for r in rows:
+            print(f"  fedpers {r.net} (BLAS {blas}): " + ", ".join(f"{k} {v:.2f} ms" for k, v in r.ms.items()),
+                  file=sys.stderr, flush=True)
+    rows = [r for _, _, rs in results for r in rs]
 
     torch_version = None
     python = None if args.no_torch else torch_python(args.torch_python)
     if python:
         try:
-            refs = [time_torch(python, [r.net for r in rows], args.steps, args.warmup, n_threads)
+            refs = [time_torch(python, list(dict.fromkeys(r.net for r in rows)), args.steps, args.warmup, n_threads)
                     for _ in range(args.repeats)]
             torch_version = refs[0]["torch"]
             for r in rows:
@@ -206,7 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     noisy = max(load_before, load_after) > QUIET_LOAD
     print(f"training step (forward, backward, optimizer), float32, memory=planned: best of {args.repeats} "
           f"medians of {args.steps} steps after {args.warmup} warm-up; ms")
-    print(table(rows, columns, torch_version, noisy))
+    for label, blas, rs in results:
+        env_note = f" (OPENBLAS_CORETYPE={os.environ['OPENBLAS_CORETYPE']})" if label == "environment" and \
+            "OPENBLAS_CORETYPE" in os.environ else ""
+        print(f"BLAS: numpy's OpenBLAS, core type {blas} -- {label}{env_note}")
+        print(table(rs, columns, torch_version, noisy))
     if torch_version:
         print(f"torch {torch_version} CPU, torch.set_num_threads({n_threads}), same nets and batch; "
               "ratio = the faster fedpers backend / torch (lower is better)")
