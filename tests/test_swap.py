@@ -110,7 +110,7 @@ def test_persistent_tensor_is_written_only_when_dirty_and_restored_bit_exactly(t
     values come back bit for bit."""
     buf = np.zeros(256, np.uint8)
     items = [persistent(1, 2, 4, 6, out_off=0, in_off=64), persistent(6, 8, 9, 1, out_off=64, in_off=0)]
-    segs = [Resident(0, 0, 0, 64, 9, 1), Resident(0, 64, 0, 64, 4, 7)]
+    segs = [Resident(0, 0, 0, 64, 9, 1), Resident(0, 64, 0, 64, 4, 7, boundary=False)]
     sched = swap_schedule(items, [Mark(0, 6, "apply")], segs)
     assert [r.offset for r in sched.resident] == [0]
     values = np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8)
@@ -147,7 +147,7 @@ def test_persistent_tensor_is_written_only_when_dirty_and_restored_bit_exactly(t
 def test_loads_skip_the_micro_iterations_that_do_not_use_them(tmp_path):
     buf = np.zeros(128, np.uint8)
     sched = swap_schedule([persistent(6, 8, 3, 6, load_when="apply", out_off=0, in_off=0)],
-                          [Mark(0, 6, "apply")], [Resident(0, 0, 0, 64, 3, 7)])
+                          [Mark(0, 6, "apply")], [Resident(0, 0, 0, 64, 3, 7, boundary=False)])
     file = SwapFile(64, str(tmp_path))
     file.write(np.ones(64, np.uint8), 0)
     sw = Swapper(sched, buf, file=file)

@@ -62,6 +62,10 @@ class SwapFile:
             os.close(self.fd)
             self.fd = -1
 
+    def __del__(self) -> None:  # an unlinked file's space is freed when its last descriptor closes
+        if getattr(self, "fd", -1) >= 0:
+            self.close()
+
 
 class SwapWindow(NamedTuple):
     """The steps around one buffer's time out of the arena (graph._lifespans decides them)."""

@@ -86,7 +86,8 @@ class _Store:
                  initial: Mapping[str, Callable[[], dict[str, np.ndarray]]] | None = None,
                  anchors: Mapping[str, tuple[int, ...]] | None = None):
         self.arrays = arrays
-        self.c, self.file = c, file
+        self.file = file
+        self.homes: dict[str, int] = dict(c.homes) if c is not None else {}  # name -> offset in the file
         self.info = {t.name: t for t in c.tensors if t.pinned and not t.external} if c is not None else {}
         self.initial = initial or {}
         self.anchors = anchors or {}  # anchor name -> shape: zeros until set
@@ -97,29 +98,38 @@ class _Store:
         freshly drawn."""
         if name in self.arrays:
             return self.arrays[name]
-        if self.c is None:
-            if name in self.anchors:
-                return np.zeros(self.anchors[name], np.float32)
-            make = self.initial[name]
-            if self._drawn[0] is not make:
-                self._drawn = (make, make())
-            return self._drawn[1][name]
-        t = self.info[name]
-        out = np.empty(t.shape, t.dtype)
-        self.file.read(out, self.c.homes[name])
-        return out
+        if name in self.homes:
+            t = self.info[name]
+            out = np.empty(t.shape, t.dtype)
+            self.file.read(out, self.homes[name])
+            return out
+        if name in self.anchors:
+            return np.zeros(self.anchors[name], np.float32)
+        make = self.initial[name]
+        if self._drawn[0] is not make:
+            self._drawn = (make, make())
+        return self._drawn[1][name]
 
     def put(self, name: str, values) -> None:
         if name in self.arrays:
             self.arrays[name][...] = values
             return
-        if self.c is None:  # before any plan: hold it
+        if name not in self.homes:  # before any plan: hold it
             self.arrays[name] = np.array(values, dtype=np.float32, copy=True)
             return
         t = self.info[name]
         arr = np.empty(t.shape, t.dtype)
         arr[...] = values
-        self.file.write(arr, self.c.homes[name])
+        self.file.write(arr, self.homes[name])
+
+    def detached(self, names) -> _Store:
+        """This store without its plan's arena: copies of the tensors the arena holds (of `names`),
+        the swap file (and what lives in it) kept. What a closed Trainer reads its weights from."""
+        kept = {k: np.array(self.get(k), copy=True) for k in names if k not in self.homes}
+        out = _Store(kept, file=self.file)
+        out.homes, out.info = self.homes, self.info
+        self.file = None
+        return out
 
     def close(self) -> None:
         if self.file is not None:
@@ -623,12 +633,10 @@ class Trainer:
 
     def close(self) -> None:
         """Drop the arenas (swap files are already gone: they are unlinked when opened). The weights
-        stay readable: they are copied out of the arena or the swap file first."""
+        stay readable: those in the arena are copied out first; in swap-all mode the swap file stays
+        open for the others, until the Trainer is dropped (never all of them in memory at once)."""
         if self._train is not None:
-            weights = {k: np.array(self._store.get(k), copy=True) for k in self._shapes}
-            anchors = {f"{k}:anchor": np.array(self._store.get(f"{k}:anchor"), copy=True) for k in self._anchors}
-            self._store.close()
-            self._store = _Store({**weights, **anchors})
+            self._store = self._store.detached([*self._shapes, *(f"{k}:anchor" for k in self._anchors)])
         self._train = None
         self._infer.clear()
 
@@ -651,3 +659,4 @@ def warmup(spec: ModelSpec, kernels: str | None = None, memory: str = DEFAULT_ME
     t.fit(x, y, epochs=1, batch_size=2, shuffle=False)
     t.evaluate(x, y, batch_size=2)
     t.close()
+    t._store.close()  # nothing to read back from a warm-up
