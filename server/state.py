@@ -1,10 +1,11 @@
 """Federation bookkeeping: devices, rounds, accepted updates (metadata only) and round metrics.
 
 The records, the errors and the `State` interface, and `MemoryState` (tests, fast). The durable
-backends: `SqliteState` (the default, stdlib sqlite3 in WAL mode, server/state_sqlite.py; importable
-from here as before) and `PostgresState` (server/state_pg.py). All of them run the same test suite.
-Writes that belong together go inside `with state.tx():`, which nests (savepoints) and rolls
-everything back on error. Ids and versions are positive int63, so they fit SQLite's signed INTEGER.
+backends write the interface's SQL once (server/state_sql.py): `SqliteState` (the default, stdlib
+sqlite3 in WAL mode, server/state_sqlite.py; importable from here as before) and `PostgresState`
+(server/state_pg.py). All of them run the same test suite. Writes that belong together go inside
+`with state.tx():`, which nests (savepoints) and rolls everything back on error. Ids and versions
+are positive int63, so they fit SQLite's signed INTEGER.
 """
 
 from __future__ import annotations
