@@ -165,7 +165,12 @@ def test_device_small_naive_is_oom_killed_where_swap_fits(run) -> None:
     assert m.swap.exit_code == 0 and not m.swap.oom_killed, f"swap under {m.mem_limit} bytes: {m.swap}"
     small = run.containers["device-small"]
     assert small.mem_limit == m.mem_limit and small.exit_code == 0 and not small.oom_killed
-    assert run.reports["device-small"].memory_report["mode"] == "swap-all"  # what its 96MiB budget picks
+    # Its 96MiB budget picks the fastest plan predicted to fit from the RSS this process already holds,
+    # which differs between hosts (planned on a lean one, swap-all here): the claim is the fit.
+    report = run.reports["device-small"].memory_report
+    assert report["budget_bytes"] == 96 * 2**20
+    assert report["mode"] in ("planned", "swap", "swap-all")
+    assert report["predicted_peak_bytes"] <= report["budget_bytes"], report
 
 
 def test_device_small_naive_is_killed_while_training_not_at_start_up(run) -> None:
