@@ -50,6 +50,25 @@ def test_partition_subcommand(tmp_path, capsys):
     assert sim.main(["partition", "--devices", "1000", "--out", str(tmp_path / "x")]) == 2
 
 
+@pytest.mark.parametrize("extra", [[], ["--scenario", "label_skew"]])
+def test_strong_label_skew_on_many_devices_gets_every_device_the_minimum(tmp_path, capsys, extra):
+    """alpha <= 0.1 with 20+ devices is split (short devices topped up), not refused; the least number
+    of examples per device is a flag, and an impossible one is refused naming the numbers."""
+    out = tmp_path / "p"
+    args = ["partition", "--devices", "40", "--alpha", "0.05", "--out", str(out), "--min-examples", "30", *extra]
+    assert sim.main(args) == 0, capsys.readouterr().err
+    sizes, labels = [], []
+    for i in range(40):
+        d = np.load(out / f"device-{i}.npz")
+        sizes.append(d["y"].size + (0 if extra else d["y_test"].size))  # a scenario's test split is a shared pool
+        labels.append(np.unique(d["y"]).size)
+    assert min(sizes) >= 30
+    assert np.median(labels) < 10  # the skew of the draw stays: most devices miss some classes
+    code = sim.main(["partition", "--devices", "40", "--alpha", "0.05", "--out", str(tmp_path / "q"),
+                     "--min-examples", "100", *extra])
+    assert code == 2 and "40 devices 100 each" in capsys.readouterr().err
+
+
 def test_local_only_subcommand(tmp_path):
     sim.main(["partition", "--devices", "2", "--out", str(tmp_path)])
     out = tmp_path / "lo.json"
