@@ -414,7 +414,7 @@ class Agent:
             self._models.clear()
             spec = self._spec(model_ini)
             swap_dir = None
-            if self.cfg.memory == "swap" or self.cfg.memory_budget is not None:
+            if self.cfg.memory in ("swap", "swap-all") or self.cfg.memory_budget is not None:
                 swap_dir = Path(self.cfg.swap_dir) if self.cfg.swap_dir else self.cfg.state / "swap"
                 swap_dir.mkdir(parents=True, exist_ok=True)
             trainer = Trainer(spec, memory=self.cfg.memory, memory_budget=self.cfg.memory_budget,
