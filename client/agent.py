@@ -1,10 +1,16 @@
 """The device agent: join, ask for work, pull the base, train locally, push a compressed delta.
 
 One round (DESIGN.md, "One round, as data"): GetTask -> DownloadModel (resumable) -> overlay the
-device's local tensors -> evaluate the global model -> Trainer.fit -> evaluate the personalized
-model -> delta of the shared tensors -> codec with the carried residual -> UploadUpdate -> save
-local tensors, residual and bookkeeping in one atomic write. Personal layers are checked never
-to be in the shared set and are never serialized for the server.
+device's local tensors -> evaluate the global model -> train -> evaluate the personalized model ->
+delta of the shared tensors -> codec with the carried residual -> UploadUpdate -> save local
+tensors, residual and bookkeeping in one atomic write. Personal layers are checked never to be in
+the shared set and are never serialized for the server.
+
+With a personalization method in the task (docs/personalization.md), "train" is the method's round
+(`client.methods.run_round`) on the device's data minus its validation split, held out for the
+whole federation; after DONE the device builds the method's candidates and a local-only model,
+reports their validation accuracy (ReportChoice), learns the fleet default and serves its pick.
+Without one, "train" is one `Trainer.fit` and the end is one fine-tune.
 """
 
 from __future__ import annotations
@@ -25,11 +31,13 @@ import numpy as np
 from fedpers import codec as codecs
 from fedpers import wire
 from fedpers.backoff import Backoff
-from fedpers.client.data import HOLDOUT_FRACTION, Dataset, check_against_model, load_data
+from fedpers.client.data import HOLDOUT_FRACTION, Dataset, check_against_model, evaluate_on_test, load_data
 from fedpers.client.personal import (
     DeviceState,
+    PersonalLeak,
     PersonalStore,
     RoundRecord,
+    TaskMismatch,
     check_shared,
     overlay,
     personal_layer_names,
@@ -54,6 +62,7 @@ RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXC
 RETRYABLE_REFUSALS = frozenset({wire.Refusal.RATE_LIMITED, wire.Refusal.TOO_MANY_STREAMS})
 RPC_TIMEOUT = 60.0
 MODEL_FILE = "model.ini"
+CHOICE_WAIT = 900.0  # after DONE, wait at most this long for the server's fleet default, then serve the method's
 
 
 class AgentError(RuntimeError):
@@ -118,6 +127,22 @@ class RoundPlan:
     epochs: int
     batch: int
     learning_rate: float | None
+    setup: Any = None  # fedpers.client.methods.Setup of the task's personalization method; None: no method
+
+
+@dataclass(frozen=True)
+class Trained:
+    """One round's training, whatever ran it: what goes up, what stays, and the numbers it reports."""
+
+    shared: dict[str, np.ndarray]  # trained shared tensors (the update is shared - base)
+    local: dict[str, np.ndarray]  # the device's local tensors after the round (never sent)
+    global_loss: float  # the round's base (with the local tensors) on the test split
+    global_accuracy: float
+    personalized_loss: float  # what the device would serve after the round, on the test split
+    personalized_accuracy: float
+    train_loss: float
+    train_accuracy: float
+    metrics: dict[str, float] = field(default_factory=dict)  # a method's phases
 
 
 @dataclass(frozen=True)
@@ -136,6 +161,13 @@ class FinalEvaluation:
     global_accuracy: float
     personalized_accuracy: float | None = None
     epochs: int = 0
+    method: str = ""  # with a personalization method, the per-device choice:
+    candidate_accuracy: dict[str, float] = field(default_factory=dict)
+    val_accuracy: dict[str, float] = field(default_factory=dict)
+    val_examples: int = 0
+    fleet_default: str = ""
+    served: str = ""
+    local_only_epochs: int = 0
 
 
 def peak_rss_bytes() -> int:
@@ -162,7 +194,11 @@ class Agent:
         if config.codec:
             codecs.parse_codec(config.codec)  # refuse a bad name before touching the network
         self.server = FederationClient(config.server, tls=config.tls, timeout=RPC_TIMEOUT)
-        self._models: dict[str, tuple[Any, Any]] = {}  # model INI digest -> (spec, trainer)
+        # (model INI digest, proximal anchors) -> (spec, trainer)
+        self._models: dict[tuple[str, tuple[str, ...]], tuple[Any, Any]] = {}
+        self._setups: dict[tuple[str, Any, tuple[str, ...]], Any] = {}  # (INI digest, hp, shared) -> methods.Setup
+        self._splits: dict[float, tuple[np.ndarray, ...]] = {}  # val_fraction -> (x, y, x_val, y_val)
+        self._parsed: tuple[str, Any] | None = None  # (model INI digest, spec)
         self._memory_report: dict[str, Any] | None = None
         self._rng = random.Random(self.state.name)  # backoff jitter only
         self._final: FinalEvaluation | None = None
@@ -278,7 +314,10 @@ class Agent:
             raise kind_of_error(f"{what} refused by {self.cfg.server}: {exc.details()} ({remedy})") from None
 
     def get_task(self) -> wire.Task:
-        return self._retry("GetTask", self.server.get_task)
+        try:
+            return self._retry("GetTask", self.server.get_task)
+        except wire.MalformedMessage as exc:  # e.g. a personalization method this device does not know
+            raise TaskMismatch(f"the server's task cannot be used here: {exc}") from None
 
     def download(self, version: int) -> dict[str, np.ndarray]:
         """The served weights of `version`. A device holding an earlier version asks for the compressed
@@ -363,28 +402,40 @@ class Agent:
 
     # ------------------------------------------------------------------ model and training
 
-    def _model(self, model_ini: str) -> tuple[Any, Any]:
-        from fedpers.nn import Trainer, parse_ini
+    def _model(self, model_ini: str, anchored: tuple[str, ...] = ()) -> tuple[Any, Any]:
+        """(spec, trainer) of a model, the trainer planned with the agent's memory flags and the proximal
+        anchors a method needs (`anchored`: their copies count in the plan and in --memory-budget)."""
+        from fedpers.nn import Trainer
 
-        key = hashlib.sha256(model_ini.encode()).hexdigest()
+        key = (hashlib.sha256(model_ini.encode()).hexdigest(), tuple(anchored))
         if key not in self._models:
             for _, old in self._models.values():
                 old.close()
             self._models.clear()
-            spec = parse_ini(model_ini)
-            for note in spec.notes:  # NNTrainer keys the model gives that fedpers does not act on
-                log.info("model: %s", note)
-            self._check_data(spec)
+            spec = self._spec(model_ini)
             swap_dir = None
-            if self.cfg.memory == "swap" or self.cfg.memory_budget is not None:
+            if self.cfg.memory in ("swap", "swap-all") or self.cfg.memory_budget is not None:
                 swap_dir = Path(self.cfg.swap_dir) if self.cfg.swap_dir else self.cfg.state / "swap"
                 swap_dir.mkdir(parents=True, exist_ok=True)
             trainer = Trainer(spec, memory=self.cfg.memory, memory_budget=self.cfg.memory_budget,
                               lookahead=self.cfg.lookahead, micro_batch=self.cfg.micro_batch,
                               seed=codecs.derive_seed(self.state.name) & 0x7FFFFFFF,
-                              swap_dir=str(swap_dir) if swap_dir else None)
+                              swap_dir=str(swap_dir) if swap_dir else None, anchored=tuple(anchored))
             self._models[key] = (spec, trainer)
         return self._models[key]
+
+    def _spec(self, model_ini: str) -> Any:
+        """The model parsed (the last one kept), its notes logged and this device's data checked against it."""
+        from fedpers.nn import parse_ini
+
+        key = hashlib.sha256(model_ini.encode()).hexdigest()
+        if self._parsed is None or self._parsed[0] != key:
+            spec = parse_ini(model_ini)
+            for note in spec.notes:  # NNTrainer keys the model gives that fedpers does not act on
+                log.info("model: %s", note)
+            self._check_data(spec)
+            self._parsed = (key, spec)
+        return self._parsed[1]
 
     def _check_data(self, spec: Any) -> None:
         """DataError when this device's examples or labels do not fit the model."""
@@ -410,16 +461,69 @@ class Agent:
 
         assert task.config is not None
         cfg = task.config
-        spec, trainer = self._model(task.model_ini)
+        setup = None
+        if cfg.personalization is not None:
+            spec = self._spec(task.model_ini)
+            setup = self._method_setup(task.model_ini, spec, cfg.personalization, cfg.shared_tensors)
+            spec, trainer = self._model(task.model_ini, setup.anchored)
+            shared, personal = list(setup.split.shared), set(setup.split.local_layers)
+        else:
+            spec, trainer = self._model(task.model_ini)
+            wspecs = weight_specs(spec)
+            personal = personal_layer_names(spec.layers, cfg.personal_layers)
+            shared = check_shared(cfg.shared_tensors, {n: w.layer for n, w in wspecs.items()}, personal)
         self._remember_model(task.model_ini)
-        wspecs = weight_specs(spec)
-        personal = personal_layer_names(spec.layers, cfg.personal_layers)
-        shared = check_shared(cfg.shared_tensors, {n: w.layer for n, w in wspecs.items()}, personal)
         codec_name = self.cfg.codec or cfg.codec or "fp32"
         return RoundPlan(spec=spec, trainer=trainer, shared=shared, personal=personal,
                          codec=codecs.parse_codec(codec_name),
                          epochs=self.cfg.local_epochs or cfg.local_epochs or spec.epochs,
-                         batch=cfg.batch_size or spec.batch_size, learning_rate=cfg.learning_rate or None)
+                         batch=cfg.batch_size or spec.batch_size, learning_rate=cfg.learning_rate or None, setup=setup)
+
+    def _method_setup(self, model_ini: str, spec: Any, hp: Any, shared: tuple[str, ...]) -> Any:
+        """The method's Setup on this model, narrowed to the server's shared set. PersonalLeak when the server
+        asks for a tensor the method keeps on the device; TaskMismatch when the method does not fit."""
+        from fedpers.client.methods import Setup
+        from fedpers.nn import weight_specs
+        from fedpers.personalization import PERSONAL_PREFIX, MethodError
+
+        key = (hashlib.sha256(model_ini.encode()).hexdigest(), hp, tuple(sorted(shared)))
+        if key not in self._setups:
+            try:
+                full = Setup.create(spec, hp.method, hp)
+            except MethodError as exc:
+                raise TaskMismatch(f"personalization {hp.method} does not fit the model: {exc}") from None
+            leaked = sorted(n for n in shared if n in full.split.local or n.startswith(PERSONAL_PREFIX))
+            if leaked:
+                raise PersonalLeak(f"the server asks for tensors that stay on the device under {hp.method}: "
+                                   f"{leaked}")
+            check_shared(shared, {n: w.layer for n, w in weight_specs(spec).items()}, set(full.split.local_layers))
+            try:
+                self._setups[key] = full.with_shared(shared)
+            except MethodError as exc:
+                raise TaskMismatch(f"the server's shared tensors do not fit {hp.method}: {exc}") from None
+            log.info("personalization %s: %d shared tensors, %d stay on this device%s", hp.method,
+                     len(shared), len(self._setups[key].split.local),
+                     " with a whole personal model" if full.method.personal_model else "")
+        return self._setups[key]
+
+    def _train_val(self, fraction: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(x, y, x_val, y_val): the validation split the device holds out for the whole federation to
+        choose what it serves, seeded by its name (the same split after a restart)."""
+        from fedpers.client.methods import validation_split
+
+        if fraction not in self._splits:
+            seed = codecs.derive_seed(self.state.name, "validation") & 0x7FFFFFFF
+            self._splits[fraction] = validation_split(self.data.x, self.data.y, fraction, seed)
+            log.info("holding out %d of %d examples to choose the model this device serves",
+                     self._splits[fraction][3].size, self.data.num_examples)
+        x, y, xv, yv = self._splits[fraction]
+        return x, y, xv, yv
+
+    def _evaluate(self, trainer: Any, weights: Mapping[str, np.ndarray] | None = None) -> tuple[float, float]:
+        """(loss, accuracy) on the test split, of `weights` or the trainer's current ones."""
+        if weights is not None:
+            trainer.set_weights(weights, strict=False)
+        return evaluate_on_test(trainer, self.data)
 
     def _download_base(self, plan: RoundPlan, version: int) -> dict[str, np.ndarray]:
         """The base's shared tensors, checked to be exactly what the task said would be shared."""
@@ -468,50 +572,78 @@ class Agent:
         self.store.save(self.state)
         self.write_report()
 
+    def _fit(self, plan: RoundPlan, base: Mapping[str, np.ndarray], seed: int) -> Trained:
+        """No method: one Trainer.fit from base + local tensors, with a fresh optimizer (the device policy)."""
+        trainer = plan.trainer
+        trainer.set_weights(overlay(self._initial_weights(plan.spec), base, self.state.local), strict=False)
+        glob = self._evaluate(trainer)
+        trainer.reset_optimizer()
+        fit = trainer.fit(self.data.x, self.data.y, epochs=plan.epochs, batch_size=plan.batch, shuffle=True,
+                          seed=seed, learning_rate=plan.learning_rate)
+        pers = self._evaluate(trainer)
+        up, local = split_weights(trainer.get_weights(), plan.shared)
+        return Trained(up, local, *glob, *pers, float(fit.loss), float(fit.accuracy))
+
+    def _fit_method(self, plan: RoundPlan, base: Mapping[str, np.ndarray], seed: int) -> Trained:
+        """The method's round (client.methods.run_round) on the data minus the validation split."""
+        from fedpers.client.methods import TrainSettings, personal_model, run_round, start_weights
+
+        setup, trainer = plan.setup, plan.trainer
+        x, y, _, _ = self._train_val(setup.hp.val_fraction)
+        glob = self._evaluate(trainer, start_weights(setup, base, self.state.local))
+        res = run_round(setup, trainer, base, self.state.local, x, y,
+                        TrainSettings(plan.epochs, plan.batch, plan.learning_rate, seed))
+        trained = {**base, **res.shared}
+        own = personal_model(setup, res.local) if setup.method.personal_model else None
+        pers = self._evaluate(trainer, own or start_weights(setup, trained, res.local))
+        m = res.metrics
+        return Trained(res.shared, res.local, *glob, *pers, m.get("train_loss", float("nan")),
+                       m.get("train_accuracy", float("nan")),
+                       {k: float(v) for k, v in m.items() if k not in ("train_loss", "train_accuracy")})
+
     def train_round(self, task: wire.Task) -> bool:
         """One TRAIN task end to end. Returns True when the server accepted the update."""
         plan = self._plan(task)
         trainer = plan.trainer
         self._last_training = (plan.epochs, plan.batch, plan.learning_rate)
         r, v = task.round_id, task.base_version
-        log.info("round %d: training from base v%d (%d shared tensors, personal layers %s, codec %s, %d epochs)",
-                 r, v, len(plan.shared), sorted(plan.personal) or "none", plan.codec.name, plan.epochs)
+        method = plan.setup.method.name if plan.setup is not None else "none"
+        log.info("round %d: training from base v%d (personalization %s, %d shared tensors, personal layers %s, "
+                 "codec %s, %d epochs)", r, v, method, len(plan.shared), sorted(plan.personal) or "none",
+                 plan.codec.name, plan.epochs)
 
         down_before = self.state.bytes_down
         base = self._download_base(plan, v)
         if self.stop.is_set():
             raise Stopped
-        trainer.set_weights(overlay(self._initial_weights(plan.spec), base, self.state.local), strict=False)
-        glob = trainer.evaluate(self.data.x_test, self.data.y_test)
-
         t0 = time.perf_counter()
         seed = codecs.derive_seed(self.state.device_id, r) & 0x7FFFFFFF
-        fit = trainer.fit(self.data.x, self.data.y, epochs=plan.epochs, batch_size=plan.batch, shuffle=True,
-                          seed=seed, learning_rate=plan.learning_rate)
+        done = self._fit(plan, base, seed) if plan.setup is None else self._fit_method(plan, base, seed)
         train_seconds = time.perf_counter() - t0
         if self.stop.is_set():  # training finished but we are asked to stop: abandon, state untouched
             log.info("round %d: stop requested; abandoning the trained update", r)
             raise Stopped
-        pers = trainer.evaluate(self.data.x_test, self.data.y_test)
         self._memory_report = trainer.memory_report().to_dict()
 
         # delta of the shared tensors only; local tensors are never serialized for the server
-        up, local = split_weights(trainer.get_weights(), plan.shared)
+        up = {k: done.shared[k] for k in plan.shared}
+        examples = self._examples(plan)
         cfg = task.config
         dp = cfg is not None and cfg.dp_clip_norm > 0
         if dp:  # differential privacy: clip + noise before the codec, and no error feedback
             up = privatize_weights(up, base, plan.shared, cfg.dp_clip_norm, cfg.dp_noise_multiplier)
         encoded = self._encode(plan, up, base, r, feedback=not dp)
         record = RoundRecord(
-            round_id=r, base_version=v, num_examples=self.data.num_examples,
-            global_accuracy=float(glob.accuracy), global_loss=float(glob.loss),
-            personalized_accuracy=float(pers.accuracy), personalized_loss=float(pers.loss),
-            train_loss=float(fit.loss), train_accuracy=float(fit.accuracy), bytes_up=len(encoded.blob),
+            round_id=r, base_version=v, num_examples=examples,
+            global_accuracy=done.global_accuracy, global_loss=done.global_loss,
+            personalized_accuracy=done.personalized_accuracy, personalized_loss=done.personalized_loss,
+            train_loss=done.train_loss, train_accuracy=done.train_accuracy, bytes_up=len(encoded.blob),
             bytes_down=self.state.bytes_down - down_before, train_seconds=train_seconds, codec=plan.codec.name,
             epochs=int(plan.epochs), test_examples=int(self.data.y_test.size),
             dp_noise_multiplier=cfg.dp_noise_multiplier if dp else 0.0, dp_delta=cfg.dp_delta if dp else 0.0,
+            method_metrics=done.metrics,
         )
-        header = wire.UpdateHeader(round_id=r, base_version=v, num_examples=self.data.num_examples,
+        header = wire.UpdateHeader(round_id=r, base_version=v, num_examples=examples,
                                    total_size=len(encoded.blob), sha256=wire.sha256(encoded.blob),
                                    codec=plan.codec.name, metrics=record.metrics())
         if self.cfg.save_uploads:
@@ -526,39 +658,55 @@ class Agent:
         if not reply.accepted:
             log.warning("round %d: update not accepted (%s)", r, reply.message)
             return False
-        self._commit(record, local, encoded, plan.codec.name, base)
+        self._commit(record, done.local, encoded, plan.codec.name, base)
         log.info("round %d: sent %d bytes; global acc %.3f -> personalized %.3f (%d in round)",
-                 r, record.bytes_up, glob.accuracy, pers.accuracy, reply.updates_in_round)
+                 r, record.bytes_up, done.global_accuracy, done.personalized_accuracy, reply.updates_in_round)
         return True
+
+    def _examples(self, plan: RoundPlan) -> int:
+        """The examples the round trained on (its weight in the server's mean): without the validation split."""
+        if plan.setup is None:
+            return self.data.num_examples
+        return int(self._train_val(plan.setup.hp.val_fraction)[1].size)
 
     def finalize(self, task: wire.Task) -> None:
         """After DONE: evaluate the final base (with this device's local tensors) on the held-out split,
-        then personalize it with one more local training (same epochs as a round, nothing uploaded)
-        and evaluate that. The personalized local tensors are kept in --state. A server that is gone
-        by now only costs the final numbers (logged); any other failure is raised."""
+        then, without a method, personalize it with one more local training (same epochs as a round,
+        nothing uploaded) and evaluate that; with a method, make the per-device choice
+        (`_choose_served`). What it serves is kept in --state. A server that is gone by now only costs
+        the final numbers (logged); any other failure is raised."""
         model_ini = task.model_ini or self._last_model_ini
         v = task.base_version
         if not model_ini or v <= 0 or not self.state.history:
             return
-        spec, trainer = self._model(model_ini)
+        spec = self._spec(model_ini)
         try:
             base = self.download(v)
         except (grpc.RpcError, AgentError) as exc:
             log.warning("could not download the final model v%d to evaluate it: %s", v, exc)
             return
+        if task.config is not None:  # the server's settings (the DONE task carries them, as a TRAIN task does)
+            cfg = task.config
+            self._last_training = (self.cfg.local_epochs or cfg.local_epochs or spec.epochs,
+                                   cfg.batch_size or spec.batch_size, cfg.learning_rate or None)
+            if cfg.personalization is not None:
+                self._choose_served(model_ini, spec, cfg.personalization, cfg.shared_tensors, base, v)
+                return
+        _, trainer = self._model(model_ini)
         trainer.set_weights(overlay(self._initial_weights(spec), base, self.state.local), strict=False)
         log.info("final base v%d: evaluating it on %d held-out examples", v, self.data.y_test.size)
-        final_global = float(trainer.evaluate(self.data.x_test, self.data.y_test).accuracy)
+        final_global = self._evaluate(trainer)[1]
         self._final = FinalEvaluation(version=v, global_accuracy=final_global)
         epochs, batch, lr = self._last_training or (self.cfg.local_epochs or spec.epochs, spec.batch_size, None)
         if self.stop.is_set():
             raise Stopped
         log.info("final base v%d: personalizing it with %d local epochs (nothing is uploaded)", v, epochs)
+        trainer.reset_optimizer()
         trainer.fit(self.data.x, self.data.y, epochs=epochs, batch_size=batch, shuffle=True, learning_rate=lr,
                     seed=codecs.derive_seed(self.state.device_id, "final", v) & 0x7FFFFFFF)
         if self.stop.is_set():
             raise Stopped
-        personalized = float(trainer.evaluate(self.data.x_test, self.data.y_test).accuracy)
+        personalized = self._evaluate(trainer)[1]
         self._final = FinalEvaluation(version=v, global_accuracy=final_global, personalized_accuracy=personalized,
                                       epochs=int(epochs))
         _, local = split_weights(trainer.get_weights(), base)
@@ -567,6 +715,81 @@ class Agent:
         self.store.save(self.state)
         log.info("final base v%d: accuracy %.3f; personalized with %d local epochs: %.3f", v, final_global, epochs,
                  personalized)
+
+    def _choose_served(self, model_ini: str, spec: Any, hp: Any, shared: tuple[str, ...], base: dict[str, np.ndarray],
+                       v: int) -> None:
+        """The per-device choice after the federation: the method's candidates (final_candidates) and a
+        local-only model trained on the device alone for the epochs the federation trained here plus
+        ft_epochs, scored on the validation split; the scores go to the server (ReportChoice), which
+        answers the fleet default; `pick` then chooses, and the pick is kept in --state and reported."""
+        from fedpers.client.methods import (
+            TrainSettings,
+            final_candidates,
+            pick,
+            score,
+            start_weights,
+            train_local_only,
+        )
+        from fedpers.personalization import LOCAL_ONLY
+
+        setup = self._method_setup(model_ini, spec, hp, shared)
+        _, trainer = self._model(model_ini, setup.anchored)
+        x, y, xv, yv = self._train_val(hp.val_fraction)
+        epochs, batch, lr = self._last_training or (self.cfg.local_epochs or spec.epochs, spec.batch_size, None)
+        seed = codecs.derive_seed(self.state.device_id, "final", v) & 0x7FFFFFFF
+        final_global = self._evaluate(trainer, start_weights(setup, base, self.state.local))[1]
+        self._final = FinalEvaluation(version=v, global_accuracy=final_global, method=hp.method)
+        log.info("final base v%d: building %s's candidates %s (%d fine-tuning epochs)", v, hp.method,
+                 list(setup.method.candidates), hp.ft_epochs)
+        cands = final_candidates(setup, trainer, base, self.state.local, x, y, TrainSettings(epochs, batch, lr, seed))
+        if self.stop.is_set():
+            raise Stopped
+        lo_epochs = v * epochs + hp.ft_epochs  # what a device in every round trained, plus the fine-tuning
+        log.info("training a local-only model on this device's %d examples alone (%d epochs, nothing is uploaded)",
+                 y.size, lo_epochs)
+        lo_seed = codecs.derive_seed(self.state.name, "local_only") & 0x7FFFFFFF
+        cands[LOCAL_ONLY] = train_local_only(setup, trainer, x, y, TrainSettings(lo_epochs, batch, lr, lo_seed))
+        if self.stop.is_set():
+            raise Stopped
+        test = {name: self._evaluate(trainer, w)[1] for name, w in cands.items()}
+        own = setup.method.serves
+        if yv.size:
+            acc, loss = score(trainer, cands, xv, yv)
+        else:
+            acc, loss = {}, {}
+        default = self._fleet_default(v, acc, int(yv.size), own)
+        picked = pick(acc, loss, int(yv.size), own=default) if yv.size else default
+        self._final = FinalEvaluation(
+            version=v, global_accuracy=final_global, personalized_accuracy=test[own], epochs=int(hp.ft_epochs),
+            method=hp.method, candidate_accuracy=test, val_accuracy=acc, val_examples=int(yv.size),
+            fleet_default=default, served=picked, local_only_epochs=int(lo_epochs))
+        self.state.served, self.state.served_name = dict(cands[picked]), picked
+        self.state.base, self.state.base_kept = dict(base), v
+        self.store.save(self.state)
+        log.info("serving %s (fleet default %s): test accuracy %s", picked, default,
+                 {k: round(a, 3) for k, a in test.items()})
+
+    def _fleet_default(self, version: int, acc: dict[str, float], n_val: int, own: str) -> str:
+        """Report the validation scores and wait for the server's fleet default (ReportChoice, repeated
+        until decided, at most CHOICE_WAIT seconds); the method's own model when the server cannot say."""
+        request = wire.ChoiceRequest(version=version, val_accuracy=acc, val_examples=n_val)
+        deadline = time.monotonic() + CHOICE_WAIT
+        while True:
+            try:
+                reply = self._retry("ReportChoice", lambda: self.server.report_choice(request))
+            except (grpc.RpcError, AgentError, wire.WireError) as exc:
+                details = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+                log.warning("no fleet default from the server (%s); serving by the method's default, %s", details,
+                            own)
+                return own
+            if reply.decided:
+                return reply.fleet_default
+            if time.monotonic() > deadline:
+                log.warning("the server decided no fleet default in %.0fs; serving by the method's default, %s",
+                            CHOICE_WAIT, own)
+                return own
+            log.info("waiting for the fleet default (%d of %d devices reported)", reply.reported, reply.expected)
+            self._wait(reply.retry_after_seconds or 1.0)
 
     # ------------------------------------------------------------------ the loop
 
@@ -579,6 +802,10 @@ class Agent:
             final_global_accuracy=final.global_accuracy if final else None,
             final_personalized_accuracy=final.personalized_accuracy if final else None,
             final_epochs=final.epochs if final else 0,
+            **({} if final is None or not final.method else dict(
+                method=final.method, candidate_accuracy=final.candidate_accuracy, val_accuracy=final.val_accuracy,
+                val_examples=final.val_examples, fleet_default=final.fleet_default, served=final.served,
+                local_only_epochs=final.local_only_epochs)),
         )
 
     def write_report(self, finished: bool = False, reason: str = "") -> DeviceReport:

@@ -1,7 +1,9 @@
 """A device's private data: load DATA.npz, validate it, and hold out a test split.
 
-Keys: `x` float (N, C, H, W) or (N, F), `y` integer labels (N,), optionally `x_test`/`y_test`.
-Without test keys the device holds out a seeded 20% itself. Every problem is a DataError that
+Keys: `x` float (N, C, H, W) or (N, F), `y` integer labels (N,), optionally `x_test`/`y_test`, and
+with them `w_test`: a weight per test example (the test accuracy is then the weighted share right,
+e.g. a shared test pool weighted by this device's label distribution, as the simulator's scenarios
+write it). Without test keys the device holds out a seeded 20% itself. Every problem is a DataError that
 names the file, the key and what is wrong, so a bad file never reaches the trainer.
 """
 
@@ -16,7 +18,8 @@ from typing import Any
 import numpy as np
 from fedpers.nn import DataError  # one error kind for bad data, file or array
 
-__all__ = ["DataError", "Dataset", "check_against_model", "holdout_split", "load_data", "load_model_data"]
+__all__ = ["DataError", "Dataset", "check_against_model", "evaluate_on_test", "holdout_split", "load_data",
+           "load_model_data"]
 
 HOLDOUT_FRACTION = 0.2
 
@@ -30,6 +33,7 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     held_out_by_device: bool  # True when the file had no test keys and we split it ourselves
+    w_test: np.ndarray | None = None  # float64 weights of the test examples, summing to 1 (None: all equal)
 
     @property
     def num_examples(self) -> int:
@@ -66,6 +70,25 @@ def _labels(path: str, key: str, value: np.ndarray, n: int, x_key: str) -> np.nd
     if value.size and int(value.min()) < 0:
         raise DataError(f"{path}: {key} has negative labels (min {int(value.min())})")
     return value.astype(np.int64)
+
+
+def _weights(path: str, value: np.ndarray, n: int) -> np.ndarray:
+    if value.dtype.kind not in "fiu" or value.ndim != 1 or value.shape[0] != n:
+        raise DataError(f"{path}: w_test must be one number per test example ({n},), got {value.dtype} {value.shape}")
+    w = value.astype(np.float64)
+    if not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+        raise DataError(f"{path}: w_test must be finite, >= 0 and not all 0")
+    return w / w.sum()
+
+
+def evaluate_on_test(trainer: Any, data: Dataset) -> tuple[float, float]:
+    """(loss, accuracy) of the trainer's current weights on the test split; with `w_test` the accuracy is
+    the weighted share of examples predicted right (the loss stays the plain mean)."""
+    ev = trainer.evaluate(data.x_test, data.y_test)
+    if data.w_test is None:
+        return float(ev.loss), float(ev.accuracy)
+    right = trainer.predict(data.x_test).argmax(axis=1) == data.y_test
+    return float(ev.loss), float(np.dot(data.w_test, right))
 
 
 def holdout_split(
@@ -105,13 +128,13 @@ def load_data(path: str | os.PathLike, holdout_seed: int = 0, holdout: float = H
             arrays = {k: npz[k] for k in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{p}: not a readable .npz file ({exc})") from None
-    known = {"x", "y", "x_test", "y_test"}
+    known = {"x", "y", "x_test", "y_test", "w_test"}
     for key in ("x", "y"):
         if key not in arrays:
             raise DataError(f"{p}: missing key {key!r} (found {sorted(arrays)}; expected x, y[, x_test, y_test])")
     unknown = sorted(set(arrays) - known)
     if unknown:
-        raise DataError(f"{p}: unknown keys {unknown}; expected x, y[, x_test, y_test]")
+        raise DataError(f"{p}: unknown keys {unknown}; expected x, y[, x_test, y_test[, w_test]]")
     x = _features(p, "x", arrays["x"])
     y = _labels(p, "y", arrays["y"], x.shape[0], "x")
     has_test = ("x_test" in arrays, "y_test" in arrays)
@@ -122,7 +145,10 @@ def load_data(path: str | os.PathLike, holdout_seed: int = 0, holdout: float = H
         if x_test.shape[1:] != x.shape[1:]:
             raise DataError(f"{p}: x_test examples have shape {x_test.shape[1:]}, x examples {x.shape[1:]}")
         y_test = _labels(p, "y_test", arrays["y_test"], x_test.shape[0], "x_test")
-        return Dataset(x, y, x_test, y_test, held_out_by_device=False)
+        w_test = _weights(p, arrays["w_test"], y_test.shape[0]) if "w_test" in arrays else None
+        return Dataset(x, y, x_test, y_test, held_out_by_device=False, w_test=w_test)
+    if "w_test" in arrays:
+        raise DataError(f"{p}: w_test weighs x_test/y_test, which the file does not have")
     x, y, x_test, y_test = holdout_split(x, y, holdout, holdout_seed)
     return Dataset(
         np.ascontiguousarray(x), y, np.ascontiguousarray(x_test), y_test, held_out_by_device=True

@@ -1,5 +1,6 @@
 """`fedpers-client export`: the device's personalized model -- the server's base it last trained
-against plus its own personal tensors, both kept in --state -- as .npz or in NNTrainer's layout."""
+against plus its own personal tensors, both kept in --state, or, after a federation with a
+personalization method, the model its per-device choice serves -- as .npz or in NNTrainer's layout."""
 
 from __future__ import annotations
 
@@ -45,6 +46,11 @@ def personalized_model(state_dir: Path) -> tuple[ModelSpec, dict[str, np.ndarray
     if state is None or not state.base:
         raise StateError(f"{state_dir}: the device keeps no base model yet (it keeps one from its first completed "
                          "round on)")
+    if state.served:  # a personalization method's per-device choice: the whole model it serves
+        weights, filled = complete(spec, state.served)
+        notes = [f"the {state.served_name} model device {state.name} serves (its per-device choice after version "
+                 f"{state.base_kept})"]
+        return spec, weights, notes + ([f"initial values: {', '.join(filled)}"] if filled else [])
     initial, _ = complete(spec, {})
     weights = overlay(initial, state.base, state.local)
     _, filled = complete(spec, {k: v for k, v in weights.items() if k in state.base or k in state.local})

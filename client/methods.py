@@ -19,11 +19,22 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+from fedpers.codec import STATISTICS_SUFFIXES
 from fedpers.nn import FitResult, ModelSpec, Trainer, init_weights, weight_specs
-from fedpers.personalization import PERSONAL_PREFIX, Hyperparams, Keep, Method, MethodError, TensorSplit, head_layers
+from fedpers.personalization import (
+    LOCAL_ONLY,
+    PERSONAL_PREFIX,
+    Hyperparams,
+    Keep,
+    Method,
+    MethodError,
+    TensorSplit,
+    fleet_default,  # noqa: F401 - re-exported: what the server decides, for in-process callers
+    head_layers,
+)
 from fedpers.personalization import get as get_method
 
 log = logging.getLogger(__name__)
@@ -63,6 +74,24 @@ class Setup:
         head = split.local_layers if m.keeps is Keep.HEAD else head_layers(spec.layers, h.head_depth)
         body = tuple(ls.name for ls in spec.layers if ls.name not in head)
         return cls(spec, m, h, split, init_weights(spec, init_seed), head, body)
+
+    def with_shared(self, shared: Iterable[str]) -> Setup:
+        """This setup with the server's shared set, which may leave out batch-norm running statistics
+        (`--bn-stats local`): those then stay on the device with the local tensors. MethodError when the
+        server asks for a tensor the method does not share, or leaves out anything else."""
+        names = tuple(sorted(set(shared)))
+        if names == self.split.shared:
+            return self
+        extra = sorted(set(names) - set(self.split.shared))
+        if extra:
+            raise MethodError(f"{self.method.name} does not share {extra}")
+        kept = sorted(set(self.split.shared) - set(names))
+        if not all(k.endswith(STATISTICS_SUFFIXES) for k in kept):
+            raise MethodError(f"{self.method.name} shares {[k for k in kept if not k.endswith(STATISTICS_SUFFIXES)]}, "
+                              "which the server does not ask for")
+        split = replace(self.split, shared=names, served=tuple(n for n in self.split.served if n not in kept),
+                        local=tuple(sorted({*self.split.local, *kept})))
+        return replace(self, split=split)
 
     @property
     def anchored(self) -> tuple[str, ...]:
@@ -174,26 +203,24 @@ def _ditto_round(setup: Setup, trainer: Trainer, base: Mapping[str, np.ndarray],
     (the global one on the first round) trains `personal_epochs` with lam/2·||v - w_global||², w_global
     being the round's base."""
     hp = setup.hp
-    trainer.set_weights(start_weights(setup, base, {}))
+    trainer.set_weights(start_weights(setup, base, local))
     fit = _train(trainer, x, y, s, s.epochs, 0, mu=_shared_prox(setup, trainer, base))
-    shared, _ = _split(setup, trainer.get_weights())
+    shared, kept = _split(setup, trainer.get_weights())  # kept: statistics the server leaves on the device
     personal = personal_model(setup, local) or start_weights(setup, base, {})
     trainer.set_weights(personal)
     if hp.lam > 0:
         trainer.set_anchor(start_weights(setup, base, {}))
     pfit = _train(trainer, x, y, s, hp.personal_epochs, 1, mu=hp.lam)
     trainer.set_proximal(0.0)
-    new_local = {PERSONAL_PREFIX + k: v for k, v in trainer.get_weights().items()}
+    new_local = {**kept, **{PERSONAL_PREFIX + k: v for k, v in trainer.get_weights().items()}}
     return RoundResult(shared, new_local, {**_metrics("train_", fit), **_metrics("personal_", pfit)})
 
 
 RoundFn = Callable[[Setup, Trainer, Mapping, Mapping, np.ndarray, np.ndarray, TrainSettings], RoundResult]
+# Method.procedure -> what one round does on the device (a registered method names one of these)
 ROUNDS: dict[str, RoundFn] = {
-    "fedavg": _joint_round,
-    "fedprox": _joint_round,
-    "fedper": _joint_round,
-    "fedbn": _joint_round,
-    "fedrep": _fedrep_round,
+    "joint": _joint_round,  # FedAvg, FedProx, FedPer, FedBN
+    "alternating": _fedrep_round,  # FedRep
     "ditto": _ditto_round,
 }
 
@@ -207,7 +234,7 @@ def run_round(setup: Setup, trainer: Trainer, base: Mapping[str, np.ndarray], lo
     leaked = sorted(set(base) & set(setup.split.local))
     if leaked:
         raise MethodError(f"the base carries tensors that stay on the device under {setup.method.name}: {leaked}")
-    result = ROUNDS[setup.method.name](setup, trainer, base, local, x, y, settings)
+    result = ROUNDS[setup.method.procedure](setup, trainer, base, local, x, y, settings)
     assert set(result.shared) == set(setup.split.shared) and not set(result.local) & set(result.shared)
     return result
 
@@ -232,13 +259,13 @@ def final_candidates(setup: Setup, trainer: Trainer, base: Mapping[str, np.ndarr
     hp, m = setup.hp, setup.method
     out: dict[str, Weights] = {}
     if "global" in m.candidates:
-        out["global"] = start_weights(setup, base, {})
+        out["global"] = start_weights(setup, base, local)
     if "personal" in m.candidates:
         if m.personal_model:
             out["personal"] = personal_model(setup, local) or start_weights(setup, base, {})
         else:
             out["personal"] = start_weights(setup, base, local)
-            if m.name == "fedrep":
+            if m.procedure == "alternating":
                 trainer.set_weights(out["personal"])
                 _train(trainer, x, y, settings, hp.head_epochs, 2, frozen=setup.body)
                 out["personal"] = trainer.get_weights()
@@ -259,7 +286,6 @@ def train_local_only(setup: Setup, trainer: Trainer, x: np.ndarray, y: np.ndarra
     return trainer.get_weights()
 
 
-LOCAL_ONLY = "local_only"
 MIN_EVIDENCE = 8  # validation examples below which a one-example difference is noise
 
 
@@ -291,19 +317,9 @@ def pick(acc: Mapping[str, float], loss: Mapping[str, float], n_val: int, own: s
     return best if round((acc[best] - acc[own]) * n_val) >= need else own
 
 
-def fleet_default(own: str, val_accuracy: Iterable[Mapping[str, float]]) -> str:
-    """What devices serve when their own validation cannot tell: the method's `own` model, or local-only
-    when the fleet's validation accuracies (one mapping per device, e.g. Choice.val_accuracy gathered
-    by the server) say local-only is the more accurate on average."""
-    rows = [v for v in val_accuracy if own in v and LOCAL_ONLY in v]
-    if rows and sum(v[LOCAL_ONLY] for v in rows) > sum(v[own] for v in rows):
-        return LOCAL_ONLY
-    return own
-
-
-def choose(trainer: Trainer, candidates: Mapping[str, Mapping[str, np.ndarray]], x_val: np.ndarray,
-           y_val: np.ndarray, own: str | None = None) -> Choice:
-    """Evaluate every candidate on the device's validation split and `pick` one."""
+def score(trainer: Trainer, candidates: Mapping[str, Mapping[str, np.ndarray]], x_val: np.ndarray,
+          y_val: np.ndarray) -> tuple[dict[str, float], dict[str, float]]:
+    """(accuracy, loss) of every candidate on the device's validation split."""
     if not candidates:
         raise MethodError("no candidates to choose from")
     if len(y_val) == 0:
@@ -313,6 +329,13 @@ def choose(trainer: Trainer, candidates: Mapping[str, Mapping[str, np.ndarray]],
         trainer.set_weights(w)
         ev = trainer.evaluate(x_val, y_val)
         acc[name], loss[name] = float(ev.accuracy), float(ev.loss)
+    return acc, loss
+
+
+def choose(trainer: Trainer, candidates: Mapping[str, Mapping[str, np.ndarray]], x_val: np.ndarray,
+           y_val: np.ndarray, own: str | None = None) -> Choice:
+    """Evaluate every candidate on the device's validation split and `pick` one."""
+    acc, loss = score(trainer, candidates, x_val, y_val)
     picked = pick(acc, loss, len(y_val), own)
     log.info("serving %s (validation accuracy %s)", picked, {k: round(v, 3) for k, v in acc.items()})
     return Choice(picked, acc, loss, int(len(y_val)))

@@ -27,6 +27,10 @@ class PartitionError(ValueError):
     """The requested split cannot be made (e.g. more devices than the data allows)."""
 
 
+class FitError(PartitionError):
+    """The digits cannot be fitted to a model's input shape; the message names the shape and why."""
+
+
 @dataclass(frozen=True)
 class Distortion:
     """A device's fixed view of the world: rotation about the image centre, then a pixel shift."""
@@ -141,19 +145,60 @@ def partition_digits(
     return out
 
 
+def fit_to_input(x: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    """The (N, 1, 8, 8) digits as (N, *input_shape) for a model's input: C:H:W with H, W >= 8 by nearest-
+    neighbour upsampling and the grey channel repeated C times; 1:1:F flattened, after upsampling to a square
+    side when F is one (784 = 28x28). FitError names the shape when neither works (smaller images would
+    lose the digits, other sizes have no honest layout)."""
+    n, c, h, w = x.shape
+    shape = tuple(int(d) for d in input_shape)
+    what = ":".join(map(str, shape))
+    if len(shape) != 3:
+        raise FitError(f"the model's input {what} is not C:H:W; the digits are {c}:{h}:{w} images")
+    if shape[:2] == (1, 1) and shape[2] != h * w:
+        side = math.isqrt(shape[2])
+        if side * side != shape[2] or side < h:
+            raise FitError(f"the model's input {what} is a vector of {shape[2]} features: the {h}x{w} digits fit "
+                           f"one of {h * w} features, or of a square side >= {h} (e.g. 784 = 28x28), not {shape[2]}")
+        return fit_to_input(x, (1, side, side)).reshape(n, 1, 1, side * side)
+    if shape[:2] == (1, 1):
+        return np.ascontiguousarray(x.reshape(n, 1, 1, h * w), dtype=np.float32)
+    channels, rows, cols = shape
+    if rows < h or cols < w:
+        raise FitError(f"the model's input {what} is smaller than the {h}x{w} digits: downsampling would lose them "
+                       f"(use a model whose input is at least {c}:{h}:{w})")
+    r = (np.arange(rows) * h) // rows
+    k = (np.arange(cols) * w) // cols
+    big = x[:, :, r[:, None], k[None, :]]
+    return np.ascontiguousarray(np.repeat(big, channels // c, axis=1) if channels != c else big, dtype=np.float32)
+
+
 def device_path(out_dir: str | os.PathLike, index: int) -> Path:
     return Path(out_dir) / f"device-{index}.npz"
 
 
-def write_partition(out_dir: str | os.PathLike, splits: list[DeviceSplit]) -> list[Path]:
-    """Write `device-<i>.npz` (x, y, x_test, y_test) for each split; returns the paths."""
+def write_device(out_dir: str | os.PathLike, index: int, arrays: dict[str, np.ndarray]) -> Path:
+    """Write `device-<index>.npz` atomically (temp file, then rename)."""
+    path = device_path(out_dir, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+def write_partition(out_dir: str | os.PathLike, splits: list[DeviceSplit],
+                    input_shape: tuple[int, ...] | None = None) -> list[Path]:
+    """Write `device-<i>.npz` (x, y, x_test, y_test) for each split, fitted to `input_shape` when given
+    (`fit_to_input`); returns the paths."""
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     paths = []
+
+    def fit(a: np.ndarray) -> np.ndarray:
+        return a if input_shape is None else fit_to_input(a, input_shape)
+
     for i, s in enumerate(splits):
-        path = device_path(out_dir, i)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, x=s.x, y=s.y, x_test=s.x_test, y_test=s.y_test)
-        os.replace(tmp, path)
+        path = write_device(out_dir, i, dict(x=fit(s.x), y=s.y, x_test=fit(s.x_test), y_test=s.y_test))
         counts = np.bincount(s.y, minlength=10)
         log.info("%s: %d train / %d test, rotation %+.1f deg, shift %s, labels %s",
                  path.name, s.y.size, s.y_test.size, s.distortion.angle_deg, s.distortion.shift, counts.tolist())

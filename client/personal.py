@@ -27,7 +27,7 @@ STATE_FILE = "device.fpst"
 CREDENTIALS_FILE = "device.secret"  # the device's id and long-term secret (0600), never sent to anyone else
 REPORT_FILE = "report.json"
 UPLOADS_DIR = "uploads"
-_LOCAL, _RESID, _BASE = "local/", "residual/", "base/"
+_LOCAL, _RESID, _BASE, _SERVED = "local/", "residual/", "base/", "served/"
 STATE_FORMAT = 1
 
 
@@ -64,10 +64,12 @@ class RoundRecord:
     test_examples: int = 0
     dp_noise_multiplier: float = 0.0  # > 0: the update was clipped and noised (differential privacy)
     dp_delta: float = 0.0
+    method_metrics: dict[str, float] = field(default_factory=dict)  # a method's phases (head_loss, personal_...)
 
     def metrics(self) -> dict[str, float]:
         """The numbers the update header carries to the server (example-weighted there)."""
         return {
+            **self.method_metrics,
             "loss": self.train_loss,
             "accuracy": self.train_accuracy,
             "global_accuracy": self.global_accuracy,
@@ -113,6 +115,10 @@ class DeviceState:
     # are the device's personalized model, which `fedpers-client export` writes out.
     base: dict[str, np.ndarray] = field(default_factory=dict)
     base_kept: int = -1
+    # After a federation with a personalization method: the whole model the device chose to serve (every
+    # weight) and which candidate it is; `local` keeps the method's own tensors beside it.
+    served: dict[str, np.ndarray] = field(default_factory=dict)
+    served_name: str = ""
 
     @property
     def epochs_trained(self) -> int:
@@ -189,6 +195,8 @@ class PersonalStore:
                 bytes_down=int(meta["bytes_down"]),
                 base={k[len(_BASE):]: v for k, v in arrays.items() if k.startswith(_BASE)},
                 base_kept=int(meta.get("base_kept", -1)),  # absent in states written before it existed
+                served={k[len(_SERVED):]: v for k, v in arrays.items() if k.startswith(_SERVED)},
+                served_name=str(meta.get("served_name", "")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"{self.state_path}: unreadable state ({exc})") from None
@@ -209,6 +217,7 @@ class PersonalStore:
         arrays = {_LOCAL + k: v for k, v in state.local.items()}
         arrays.update({_RESID + k: v for k, v in state.residuals.items()})
         arrays.update({_BASE + k: v for k, v in state.base.items()})
+        arrays.update({_SERVED + k: v for k, v in state.served.items()})
         meta = {
             "format": STATE_FORMAT,
             "name": state.name,
@@ -220,6 +229,7 @@ class PersonalStore:
             "bytes_up": state.bytes_up,
             "bytes_down": state.bytes_down,
             "base_kept": state.base_kept,
+            "served_name": state.served_name,
         }
         save_arrays(self.state_path, arrays, meta)
 

@@ -48,6 +48,19 @@ class DeviceReport:
     final_epochs: int = 0
     dp_epsilon: float | None = None  # privacy spent over the rounds sent with DP (None: DP never on)
     dp_delta: float | None = None
+    # With a personalization method, after the federation (docs/personalization.md):
+    method: str = ""  # the federation's method ("": none)
+    candidate_accuracy: dict[str, float] = field(default_factory=dict)  # test accuracy of every candidate
+    val_accuracy: dict[str, float] = field(default_factory=dict)  # what the choice saw, per candidate
+    val_examples: int = 0
+    fleet_default: str = ""  # what the server said to serve when the device's validation cannot tell
+    served: str = ""  # the candidate this device serves (its per-device choice)
+    local_only_epochs: int = 0  # epochs of the local-only candidate
+
+    @property
+    def served_accuracy(self) -> float | None:
+        """Test accuracy of the model the device serves after the federation (None without a method)."""
+        return self.candidate_accuracy.get(self.served) if self.served else None
 
     @classmethod
     def from_state(cls, state: DeviceState, **extra: Any) -> DeviceReport:

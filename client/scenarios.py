@@ -25,10 +25,19 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 from fedpers.client.methods import validation_split
-from fedpers.client.partition import Distortion, PartitionError, dirichlet_split, distort, load_digits_arrays
+from fedpers.client.partition import (
+    Distortion,
+    PartitionError,
+    dirichlet_split,
+    distort,
+    fit_to_input,
+    load_digits_arrays,
+    write_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +258,29 @@ DEFAULTS: dict[str, ScenarioConfig] = {
     "concept_shift": ScenarioConfig(devices=40),
     "scarce": ScenarioConfig(devices=60, examples=20),
 }
+
+
+KNOBS = ("alpha", "min_examples", "examples", "clusters", "jitter_deg", "jitter_px")  # what fedpers-sim exposes
+
+
+def device_arrays(dev: Device, input_shape: tuple[int, ...] | None = None) -> dict[str, np.ndarray]:
+    """A device as DATA.npz arrays: its data (training + validation: the device holds out its own validation
+    split), the test pool through its eyes and its weights (`w_test`), fitted to a model's input shape."""
+
+    def fit(a: np.ndarray) -> np.ndarray:
+        return a if input_shape is None else fit_to_input(a, input_shape)
+
+    return dict(x=fit(np.concatenate([dev.x, dev.x_val])), y=np.concatenate([dev.y, dev.y_val]),
+                x_test=fit(dev.x_test), y_test=dev.y_test, w_test=dev.w_test)
+
+
+def write_scenario(out_dir: Path, scenario: Scenario, input_shape: tuple[int, ...] | None = None) -> list[Path]:
+    """`device-<i>.npz` per device of the scenario (`device_arrays`); returns the paths."""
+    paths = []
+    for i, dev in enumerate(scenario.devices):
+        paths.append(write_device(out_dir, i, device_arrays(dev, input_shape)))
+        log.info("%s device %d: %d examples, cluster %d", scenario.name, i, dev.examples, dev.cluster)
+    return paths
 
 
 def make(name: str, seed: int = 0, **knobs) -> Scenario:

@@ -24,6 +24,7 @@ The head is the layers the model marks `personal = true`, else its last layer wi
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
@@ -31,6 +32,9 @@ from typing import Any, Protocol
 WEIGHTED_TYPES = frozenset({"fully_connected", "conv2d", "batch_normalization"})
 PERSONAL_PREFIX = "personal/"  # Ditto's personal model on the device: "personal/<weight>", never shared
 CANDIDATES = ("global", "finetuned", "personal", "local_only")  # what a device may serve at the end
+LOCAL_ONLY = "local_only"  # the model a device trains on its own data alone: the reference it must not fall below
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,31}")  # method names: what --personalization and the wire accept
+PROCEDURES = ("joint", "alternating", "ditto")  # the device round procedures (fedpers.client.methods.ROUNDS)
 
 
 class MethodError(ValueError):
@@ -166,6 +170,9 @@ class Method:
     serves: str  # the candidate served when there is no per-device choice
     candidates: tuple[str, ...]  # what the device can serve at the end (besides local_only)
     params: tuple[Param, ...]
+    # What a round does on the device (fedpers.client.methods.ROUNDS): "joint" (every layer trains together),
+    # "alternating" (FedRep: head, then body), "ditto" (the shared model, then the personal one)
+    procedure: str = "joint"
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -244,36 +251,74 @@ def head_layers(layers: Sequence[LayerInfo], depth: int = 0) -> tuple[str, ...]:
     return tuple(weighted[-n:])
 
 
-def _method(name: str, title: str, paper: str, summary: str, keeps: Keep, serves: str, candidates: tuple[str, ...],
-            params: tuple[str, ...], personal_model: bool = False, **defaults: float | int | str) -> Method:
+def define_method(name: str, title: str, paper: str, summary: str, keeps: Keep, serves: str,
+                  candidates: tuple[str, ...], params: tuple[str, ...] = (), personal_model: bool = False,
+                  procedure: str = "joint", **defaults: float | int | str) -> Method:
+    """A Method from PARAMS names (`mu` and `val_fraction` are always added) with its own defaults;
+    MethodError when a name, default, candidate or procedure does not fit."""
+    if not NAME_PATTERN.fullmatch(name):
+        raise MethodError(f"a method name is 1-32 of a-z 0-9 _ starting with a letter, got {name!r}")
+    unknown = sorted((set(params) | set(defaults)) - set(PARAMS))
+    if unknown:
+        raise MethodError(f"{name}: unknown hyperparameters {unknown}; known: {sorted(PARAMS)}")
+    if not set(defaults) <= {*params, *COMMON}:
+        raise MethodError(f"{name}: defaults for hyperparameters it does not take: "
+                          f"{sorted(set(defaults) - {*params, *COMMON})}")
+    if not candidates or not set(candidates) <= set(CANDIDATES) - {"local_only"} or serves not in candidates:
+        raise MethodError(f"{name}: candidates must be among {list(CANDIDATES[:3])} and include serves={serves!r}")
+    if procedure not in PROCEDURES:
+        raise MethodError(f"{name}: procedure must be one of {list(PROCEDURES)}, got {procedure!r}")
     ps = tuple(replace(PARAMS[p], default=PARAMS[p].check(defaults[p])) if p in defaults else PARAMS[p]
-               for p in (*params, *COMMON))
-    return Method(name, title, paper, summary, keeps, personal_model, serves, candidates, ps)
+               for p in dict.fromkeys((*params, *COMMON)))
+    return Method(name, title, paper, summary, keeps, personal_model, serves, candidates, ps, procedure)
 
 
 _FT = ("ft_epochs", "ft_scope", "head_depth")
 METHODS: dict[str, Method] = {m.name: m for m in (
-    _method("fedavg", "FedAvg", "McMahan et al. 2017, Communication-Efficient Learning of Deep Networks from "
+    define_method("fedavg", "FedAvg", "McMahan et al. 2017, Communication-Efficient Learning of Deep Networks from "
             "Decentralized Data", "one global model, every trainable tensor shared; optionally fine-tuned on the "
             "device at the end (all layers or the head)", Keep.NONE, "global", ("global", "finetuned"), _FT),
-    _method("fedprox", "FedProx", "Li et al. 2020, Federated Optimization in Heterogeneous Networks",
+    define_method("fedprox", "FedProx", "Li et al. 2020, Federated Optimization in Heterogeneous Networks",
             "FedAvg whose local training adds mu/2·||w - w_global||² (mu > 0)", Keep.NONE, "global",
             ("global", "finetuned"), _FT, mu=0.01),
-    _method("fedper", "FedPer", "Arivazhagan et al. 2019, Federated Learning with Personalization Layers",
+    define_method("fedper", "FedPer", "Arivazhagan et al. 2019, Federated Learning with Personalization Layers",
             "the head stays on the device and trains with the shared body every round; fine-tuned at the end",
             Keep.HEAD, "finetuned", ("personal", "finetuned"), _FT),
-    _method("fedrep", "FedRep", "Collins et al. 2021, Exploiting Shared Representations for Personalized "
+    define_method("fedrep", "FedRep", "Collins et al. 2021, Exploiting Shared Representations for Personalized "
             "Federated Learning", "per round: head_epochs on the head (body frozen), then body_epochs on the body "
             "(head frozen); only the body is shared", Keep.HEAD, "personal", ("personal", "finetuned"),
-            ("head_epochs", "body_epochs", *_FT)),
-    _method("ditto", "Ditto", "Li, Hu, Beirami, Smith 2021, Ditto: Fair and Robust Federated Learning Through "
+            ("head_epochs", "body_epochs", *_FT), procedure="alternating"),
+    define_method("ditto", "Ditto", "Li, Hu, Beirami, Smith 2021, Ditto: Fair and Robust Federated Learning Through "
             "Personalization", "the global model trains and is shared as in FedAvg; a personal model on the device "
             "trains with lam/2·||v - w_global||²", Keep.NONE, "personal", ("global", "finetuned", "personal"),
-            ("lam", "personal_epochs", *_FT), personal_model=True),
-    _method("fedbn", "FedBN", "Li, Jiang, Zhang, Kamp, Dou 2021, FedBN: Federated Learning on Non-IID Features "
+            ("lam", "personal_epochs", *_FT), personal_model=True, procedure="ditto"),
+    define_method("fedbn", "FedBN", "Li, Jiang, Zhang, Kamp, Dou 2021, FedBN: Federated Learning on Non-IID Features "
             "via Local Batch Normalization", "batch-norm layers (scale, shift, running statistics) stay on the "
             "device; the rest is FedAvg", Keep.BATCH_NORM, "personal", ("personal", "finetuned"), _FT),
 )}
+
+
+def register_method(method: Method, *, replace_existing: bool = False) -> Method:
+    """Make `method` selectable by name (`--personalization NAME`, the task on the wire): the server and
+    every device must run the registration. An existing name is refused unless `replace_existing`."""
+    if not isinstance(method, Method):
+        raise MethodError(f"register_method takes a Method (see define_method), got {type(method).__name__}")
+    if method.name in METHODS and not replace_existing:
+        raise MethodError(f"a personalization method named {method.name!r} is registered already")
+    define_method(method.name, method.title, method.paper, method.summary, method.keeps, method.serves,
+                  method.candidates, personal_model=method.personal_model, procedure=method.procedure)  # checks
+    METHODS[method.name] = method
+    return method
+
+
+def fleet_default(own: str, val_accuracy: Iterable[Mapping[str, float]]) -> str:
+    """What devices serve when their own validation cannot tell: the method's `own` model, or local-only
+    when the fleet's validation accuracies (one mapping per device, gathered by the server after the
+    last round) say local-only is the more accurate on average. Pure, so the server decides it."""
+    rows = [v for v in val_accuracy if own in v and LOCAL_ONLY in v]
+    if rows and sum(v[LOCAL_ONLY] for v in rows) > sum(v[own] for v in rows):
+        return LOCAL_ONLY
+    return own
 
 
 def get(name: str) -> Method:

@@ -88,6 +88,12 @@ class FederationClient:
         return wire.status_from_proto(self._stub.GetStatus(pb.StatusRequest(), metadata=md,
                                                            timeout=timeout or self.timeout))
 
+    def report_choice(self, request: wire.ChoiceRequest, timeout: float | None = None) -> wire.ChoiceReply:
+        """After the federation: this device's validation scores; the reply says the fleet default once decided."""
+        return wire.choice_reply_from_proto(self._stub.ReportChoice(wire.choice_request_to_proto(request),
+                                                                    metadata=self._metadata(),
+                                                                    timeout=timeout or self.timeout))
+
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """The grpc.health.v1 serving status name (SERVING, NOT_SERVING, ...)."""
         from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+from fedpers import personalization as pers
 from fedpers.rpc import federation_pb2 as pb
 from google.protobuf.message import DecodeError
 
@@ -46,6 +47,7 @@ MAX_METRIC_KEY_CHARS = 64
 METRIC_KEY_PATTERN = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 MAX_METRIC_ABS = 1e15  # finite metric values beyond this are refused (NaN/Inf are dropped, as before)
 MAX_CODEC_CHARS = 64
+MAX_VAL_EXAMPLES = 1 << 30  # a device's validation examples in a ChoiceRequest
 
 
 class Refusal(enum.StrEnum):
@@ -58,6 +60,8 @@ class Refusal(enum.StrEnum):
     ALREADY_REPORTED = "AlreadyReported"
     LATE_UPDATE = "LateUpdate"
     BAD_UPDATE = "BadUpdate"
+    LOCAL_TENSOR = "LocalTensor"  # an update carried a tensor that stays on the device
+    NOT_FINISHED = "NotFinished"  # the choice exchange before the federation finished
     UNKNOWN_VERSION = "UnknownVersion"
     MISSING_VERSION = "MissingVersion"
     SHUTTING_DOWN = "ShuttingDown"
@@ -475,6 +479,30 @@ def join_reply_from_proto(m: pb.JoinReply) -> JoinReply:
     return JoinReply(device_id=m.device_id, session_token=m.session_token, model_ini=m.model_ini)
 
 
+def hyperparams_to_proto(hp: pers.Hyperparams) -> pb.Personalization:
+    return pb.Personalization(**hp.to_dict())
+
+
+def hyperparams_from_proto(m: pb.Personalization) -> pers.Hyperparams:
+    """The method (registered by name) and its hyperparameters, each checked against its range; a value
+    for a hyperparameter the method does not take must be the neutral one it travels as. MalformedMessage
+    otherwise (an unknown method, a value out of range)."""
+    try:
+        if not pers.NAME_PATTERN.fullmatch(m.method):
+            raise pers.MethodError(f"method name must be 1-32 of a-z 0-9 _, got {m.method[:40]!r}")
+        method = pers.get(m.method)
+        taken = {p.name for p in method.params}
+        values = {f.name: getattr(m, f.name) for f in dataclasses.fields(pers.Hyperparams) if f.name != "method"}
+        hp = method.hyperparams({k: v for k, v in values.items() if k in taken})
+    except pers.MethodError as exc:
+        raise MalformedMessage(f"personalization: {exc}") from None
+    neutral = pers.Hyperparams(method=m.method)
+    odd = sorted(k for k, v in values.items() if k not in taken and v != getattr(neutral, k))
+    if odd:
+        raise MalformedMessage(f"personalization: {m.method} does not take {odd}")
+    return hp
+
+
 @dataclass(frozen=True)
 class TrainingConfig:
     """What a device trains in a round (typed, not a dict)."""
@@ -489,15 +517,19 @@ class TrainingConfig:
     dp_clip_norm: float = 0.0  # 0: no differential privacy
     dp_noise_multiplier: float = 0.0
     dp_delta: float = 0.0  # the delta at which epsilon is reported (0 when DP is off)
+    personalization: pers.Hyperparams | None = None  # the method and its hyperparameters; None: no method
 
 
 def training_config_to_proto(c: TrainingConfig) -> pb.TrainingConfig:
-    return pb.TrainingConfig(
+    msg = pb.TrainingConfig(
         local_epochs=c.local_epochs, batch_size=c.batch_size, learning_rate=c.learning_rate,
         shared_tensors=list(c.shared_tensors), personal_layers=list(c.personal_layers), codec=c.codec,
         deadline_unix=c.deadline_unix, dp_clip_norm=c.dp_clip_norm, dp_noise_multiplier=c.dp_noise_multiplier,
         dp_delta=c.dp_delta,
     )
+    if c.personalization is not None:
+        msg.personalization.CopyFrom(hyperparams_to_proto(c.personalization))
+    return msg
 
 
 def training_config_from_proto(m: pb.TrainingConfig) -> TrainingConfig:
@@ -506,6 +538,7 @@ def training_config_from_proto(m: pb.TrainingConfig) -> TrainingConfig:
         shared_tensors=tuple(m.shared_tensors), personal_layers=tuple(m.personal_layers), codec=m.codec,
         deadline_unix=m.deadline_unix, dp_clip_norm=m.dp_clip_norm, dp_noise_multiplier=m.dp_noise_multiplier,
         dp_delta=m.dp_delta,
+        personalization=hyperparams_from_proto(m.personalization) if m.HasField("personalization") else None,
     )
 
 
@@ -682,6 +715,71 @@ def upload_reply_to_proto(r: UploadReply) -> pb.UploadReply:
 
 def upload_reply_from_proto(m: pb.UploadReply) -> UploadReply:
     return UploadReply(accepted=m.accepted, message=m.message, updates_in_round=m.updates_in_round)
+
+
+@dataclass(frozen=True)
+class ChoiceRequest:
+    """A device's validation accuracy of each candidate it could serve, after the federation (version)."""
+
+    version: int
+    val_accuracy: dict[str, float]
+    val_examples: int
+
+
+def choice_request_to_proto(r: ChoiceRequest) -> pb.ChoiceRequest:
+    msg = pb.ChoiceRequest(version=r.version, val_examples=r.val_examples)
+    for k, v in r.val_accuracy.items():
+        msg.val_accuracy[k] = v
+    return msg
+
+
+def choice_request_from_proto(m: pb.ChoiceRequest) -> ChoiceRequest:
+    """Refuses (MalformedMessage) a candidate outside CANDIDATES, an accuracy outside [0, 1] or not finite,
+    validation examples outside [0, MAX_VAL_EXAMPLES] and a negative version. A device without validation
+    examples sends none and no scores: it only asks for the fleet default."""
+    acc = dict(m.val_accuracy)
+    unknown = sorted(k for k in acc if k not in pers.CANDIDATES)
+    if unknown:
+        shown = [k[:MAX_METRIC_KEY_CHARS] for k in unknown[:4]]
+        raise MalformedMessage(f"val_accuracy names candidates among {list(pers.CANDIDATES)}, got {shown}")
+    bad = sorted(k for k, v in acc.items() if not (math.isfinite(v) and 0.0 <= v <= 1.0))
+    if bad:
+        raise MalformedMessage(f"val_accuracy of {bad} is not an accuracy in [0, 1]")
+    if not 0 <= m.val_examples <= MAX_VAL_EXAMPLES:
+        raise MalformedMessage(f"val_examples must be in [0, {MAX_VAL_EXAMPLES}], got {m.val_examples}")
+    if (m.val_examples == 0) != (not acc):
+        raise MalformedMessage(f"{m.val_examples} validation examples with {len(acc)} scores: scores need "
+                               "validation examples, and validation examples give scores")
+    if not 0 <= m.version <= INT63_MAX:
+        raise MalformedMessage(f"version must be >= 0, got {m.version}")
+    return ChoiceRequest(version=m.version, val_accuracy=acc, val_examples=m.val_examples)
+
+
+@dataclass(frozen=True)
+class ChoiceReply:
+    """Whether the fleet default is decided yet, and what it is."""
+
+    decided: bool
+    fleet_default: str = ""
+    retry_after_seconds: float = 0.0
+    reported: int = 0
+    expected: int = 0
+
+
+def choice_reply_to_proto(r: ChoiceReply) -> pb.ChoiceReply:
+    return pb.ChoiceReply(decided=r.decided, fleet_default=r.fleet_default, retry_after_seconds=r.retry_after_seconds,
+                          reported=r.reported, expected=r.expected)
+
+
+def choice_reply_from_proto(m: pb.ChoiceReply) -> ChoiceReply:
+    """Refuses a decided reply whose default is not a candidate (MalformedMessage)."""
+    if m.decided and m.fleet_default not in pers.CANDIDATES:
+        raise MalformedMessage(f"fleet_default must be one of {list(pers.CANDIDATES)}, got "
+                               f"{m.fleet_default[:MAX_METRIC_KEY_CHARS]!r}")
+    retry = float(m.retry_after_seconds)
+    return ChoiceReply(decided=m.decided, fleet_default=m.fleet_default if m.decided else "",
+                       retry_after_seconds=min(max(retry, 0.0), 60.0) if math.isfinite(retry) else 1.0,
+                       reported=m.reported, expected=m.expected)
 
 
 @dataclass(frozen=True)

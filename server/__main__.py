@@ -36,6 +36,12 @@ from fedpers.tls import add_client_args, client_from_args
 _M_ARENA_MAX = -8  # glibc mallopt parameter
 
 
+def _methods() -> list[Any]:
+    from fedpers.personalization import METHODS
+
+    return list(METHODS.values())
+
+
 def _serve_flags(p: argparse.ArgumentParser) -> None:
     """The flags of `serve`, which are also the top-level flags (serve is the default command)."""
     a = p.add_argument
@@ -62,7 +68,19 @@ def _serve_flags(p: argparse.ArgumentParser) -> None:
     a("--admin-token-file", metavar="FILE",
       help="file holding the admin token for GetStatus (or env FEDPERS_ADMIN_TOKEN; default: "
            "STORE/admin.token, made on first start)")
-    a("--personal-layers", help="comma-separated layers that stay on the devices (besides personal = true)")
+    a("--personal-layers", help="comma-separated layers marked personal besides those the INI marks personal = true: "
+                                "without --personalization they stay on the devices; with it they are where "
+                                "FedPer and FedRep find the head")
+    a("--personalization", metavar="NAME",
+      help="the personalization method: " + ", ".join(f"{m.name} ({m.title})" for m in _methods())
+           + "; its split decides what stays on the devices, and after the last round each device serves the best "
+             "of its candidates on its validation split (default: none: the layers the INI marks personal stay, "
+             "one fine-tune at the end; docs/personalization.md)")
+    a("--personalization-params", metavar="K=V,...",
+      help="the method's hyperparameters, e.g. lam=0.5,personal_epochs=3 (docs/personalization.md lists them)")
+    a("--choice-timeout", type=float, metavar="S",
+      help="after the last round, the fleet default waits at most S seconds for the devices' validation scores "
+           "(default 120)")
     a("--local-epochs", type=int, help="local epochs per round (default: the INI's Epochs)")
     a("--batch-size", type=int, help="device batch size (default: the INI's batch_size)")
     a("--learning-rate", type=float, help="device learning rate (default: the INI's Learning_rate)")

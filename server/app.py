@@ -48,7 +48,15 @@ def build_coordinator(cfg: ServerConfig) -> Coordinator:
     spec = load_ini(cfg.model)
     for note in spec.notes:  # NNTrainer keys the model gives that fedpers does not act on
         log.info("model: %s", note)
-    layout, weights = load_model(cfg.model, cfg.personal_layers, cfg.seed, local_stats=cfg.bn_stats == "local")
+    hp = cfg.hyperparams()
+    layout, weights = load_model(cfg.model, cfg.personal_layers, cfg.seed, local_stats=cfg.bn_stats == "local",
+                                 personalization=hp)
+    if hp is not None:
+        from fedpers.personalization import get as get_method
+
+        log.info("personalization %s (%s): %d shared tensors, %d stay on the devices%s", hp.method,
+                 ", ".join(f"{k}={v}" for k, v in hp.to_dict().items() if k != "method"), len(layout.shared),
+                 len(layout.local), " with a whole personal model" if get_method(hp.method).personal_model else "")
     dp = cfg.dp_config()
     stats = [k for k in layout.shared if k.endswith(codec.STATISTICS_SUFFIXES)]
     if dp.enabled and stats:
@@ -58,7 +66,7 @@ def build_coordinator(cfg: ServerConfig) -> Coordinator:
         local_epochs=cfg.local_epochs or spec.epochs,
         batch_size=cfg.batch_size or spec.batch_size,
         learning_rate=cfg.learning_rate or spec.optimizer.learning_rate,
-        codec=cfg.codec, dp_clip_norm=dp.clip_norm, dp_noise_multiplier=dp.noise_multiplier,
+        codec=cfg.codec, dp_clip_norm=dp.clip_norm, dp_noise_multiplier=dp.noise_multiplier, personalization=hp,
     )
     policy = cfg.round_policy()
     ensure_private_dir(cfg.store)
@@ -120,8 +128,10 @@ class RunningServer:
         return f"{self.host}:{self.port}"
 
     def finished_and_idle(self, seconds: float) -> bool:
-        """The federation has finished and no device has called for `seconds`."""
-        return self.coordinator.finished and time.monotonic() - self.coordinator.last_call > seconds
+        """The federation has finished, the choice exchange is settled (devices train their end candidates
+        between DONE and their report) and no device has called for `seconds`."""
+        c = self.coordinator
+        return c.finished and c.choice_settled() and time.monotonic() - c.last_call > seconds
 
     def _tick_loop(self, interval: float) -> None:
         while not self._stop.wait(interval):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from fedpers import personalization as pers
 from fedpers.codec import CodecError, parse_codec
 from fedpers.logs import LOG_FORMATS
 from fedpers.privacy import DPConfig, PrivacyError
@@ -51,6 +52,9 @@ class ServerConfig:
     admin_token: str = ""  # GetStatus for operators; "" : FEDPERS_ADMIN_TOKEN, else <store>/admin.token
     admin_token_file: Path | None = None
     personal_layers: tuple[str, ...] = ()
+    personalization: str | None = None  # a method of fedpers.personalization.METHODS; None: the INI's personal marks
+    personalization_params: str = ""  # "name=value,..." for the method (its defaults otherwise)
+    choice_timeout: float = 120.0  # after the last round: how long the fleet default waits for the devices' scores
     local_epochs: int | None = None  # None: from the model INI ([Model] Epochs)
     batch_size: int | None = None  # None: from the model INI
     learning_rate: float | None = None  # None: from the model INI ([Optimizer] Learning_rate)
@@ -126,7 +130,11 @@ class ServerConfig:
         if not self.stream_idle_timeout > 0 or self.stream_min_rate < 0:
             raise bad("stream_idle_timeout", f"must be > 0 (and stream_min_rate >= 0), got {self.stream_idle_timeout} "
                                              f"and {self.stream_min_rate}")
-        for key in ("server_lr", "clip_norm", "max_update_mb", "learning_rate", "linger"):
+        try:
+            self.hyperparams()  # the method and its hyperparameters are checked once, here
+        except pers.MethodError as exc:
+            raise bad("personalization", str(exc)) from None
+        for key in ("server_lr", "clip_norm", "max_update_mb", "learning_rate", "linger", "choice_timeout"):
             v = getattr(self, key)
             if v is not None and not v > 0:
                 raise bad(key, f"must be > 0, got {v}")
@@ -159,6 +167,14 @@ class ServerConfig:
             raise bad("tls_cert", "the server needs --tls-cert and --tls-key (see SECURITY.md; "
                                   "`fedpers-server dev-certs` makes throwaway ones), or --insecure for plaintext "
                                   "on a trusted network")
+
+    def hyperparams(self) -> pers.Hyperparams | None:
+        """The personalization method's checked hyperparameters, or None without a method."""
+        if self.personalization is None:
+            if self.personalization_params:
+                raise pers.MethodError("personalization_params given without personalization (--personalization NAME)")
+            return None
+        return pers.get(self.personalization).parse(self.personalization_params)
 
     def identity_policy(self) -> IdentityPolicy:
         """Who may enroll and read the status, with the tokens read from their files or the environment
@@ -201,7 +217,7 @@ class ServerConfig:
             round_timeout=self.round_timeout, retry_after=self.retry_after, waiting_ttl=self.waiting_ttl,
             max_update_bytes=int(self.max_update_mb * (1 << 20)) if self.max_update_mb else None,
             norm_bound=self.norm_bound, seed=self.seed, target_devices=self.target_devices,
-            over_select=self.over_select, max_examples=self.max_examples,
+            over_select=self.over_select, max_examples=self.max_examples, choice_timeout=self.choice_timeout,
         )
 
 
@@ -219,6 +235,8 @@ def _coerce(key: str, value: Any) -> Any:
         if not isinstance(value, str | Path):
             raise ConfigError(f"{key}: expected a path, got {value!r}")
         return Path(value)
+    if key == "personalization_params" and isinstance(value, Mapping):  # a TOML table: {lam = 0.5, ...}
+        return ",".join(f"{k}={v}" for k, v in value.items())
     if key == "personal_layers":
         if isinstance(value, str):
             return tuple(s.strip() for s in value.split(",") if s.strip())

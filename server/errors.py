@@ -36,6 +36,16 @@ class BadUpdate(FederationError, ValueError):
     """The update's content is wrong: tensor names, shapes, dtype, non-finite values, norm (INVALID_ARGUMENT)."""
 
 
+class LocalTensor(BadUpdate):
+    """The update carries a tensor that stays on the device under the federation's personalization method
+    (or its personal layers); the server never accepts one (INVALID_ARGUMENT)."""
+
+
+class NotFinished(StaleRound):
+    """A request for after the federation (the choice exchange) came before it finished, or names another
+    final version (FAILED_PRECONDITION)."""
+
+
 class UnknownVersion(FederationError, LookupError):
     """The requested model version does not exist (NOT_FOUND)."""
 

@@ -44,6 +44,7 @@ class LimitsPolicy:
         "DownloadModel": Rate(2.0, 10),
         "UploadUpdate": Rate(2.0, 10),
         "Join": Rate(1.0, 5),  # per device id: every Join writes the database
+        "ReportChoice": Rate(2.0, 10),  # after the last round: a device polls until the fleet default is decided
         "admin:GetStatus": Rate(20.0, 40),  # the operator's (and the simulator's) status polls
     })
     streams_per_device: int = 2

@@ -30,6 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from fedpers import personalization as pers
 from fedpers import wire
 from fedpers.privacy import epsilon
 from fedpers.server import guard
@@ -40,6 +41,7 @@ from fedpers.server.errors import (
     AlreadyReported,
     BadUpdate,
     LateUpdate,
+    NotFinished,
     NotSelected,
     ShuttingDown,
     StaleBase,
@@ -78,6 +80,7 @@ class RoundPolicy:
     over_select: float = 0.3  # with target_devices: select ceil(target x (1 + over_select)) devices
     gather_seconds: float = 2.0  # open with fewer than wanted (but >= min_devices) after this wait
     max_examples: int = 10_000  # ceiling on the num_examples an update may claim (its weight)
+    choice_timeout: float = 120.0  # after the last round, the fleet default waits at most this long for scores
 
     @property
     def liveness(self) -> float:
@@ -96,6 +99,7 @@ class RoundPolicy:
             ("over_select", 0 <= self.over_select <= 10, "in [0, 10]"),
             ("gather_seconds", self.gather_seconds >= 0, ">= 0"),
             ("max_examples", self.max_examples >= 1, ">= 1"),
+            ("choice_timeout", self.choice_timeout > 0, "> 0"),
             ("max_update_bytes", self.max_update_bytes is None or self.max_update_bytes > 0, "> 0"),
             ("norm_bound", self.norm_bound is None or self.norm_bound > 0, "> 0"),
         )
@@ -163,6 +167,11 @@ class Coordinator:
         self.close_error = ""  # why the last attempt to close a round failed (shown in GetStatus)
         self.last_call = time.monotonic()  # when a device last called (the servicer notes it): idle detection
         self._closed = 0
+        # the choice exchange after the last round (in memory: every report carries the device's whole scores)
+        self._choices: dict[int, dict[str, float]] = {}
+        self._choice_since: float | None = None  # when this process first saw the federation finished
+        self._choice_expected: frozenset[int] | None = None
+        self.fleet_default: str | None = None  # decided once, then the same answer for every device
         self.version, self.weights = self._recover(initial_weights)
         self._closed = state.count_rounds(st.CLOSED)
         # Bounded influence: without --norm-bound, a bound derived from the served model itself.
@@ -290,8 +299,9 @@ class Coordinator:
             task = self._train_task(device_id)
             if task is not None:
                 return task
-            if self.finished:
-                return wire.Task(kind=wire.TaskKind.DONE, base_version=self.version)
+            if self.finished:  # the settings ride along: the device builds its end candidates with them
+                return wire.Task(kind=wire.TaskKind.DONE, base_version=self.version, config=self.training,
+                                 model_ini=self.layout.ini_text)
             return wire.Task(kind=wire.TaskKind.WAIT, base_version=self.version,
                              retry_after_seconds=self.policy.retry_after)
 
@@ -527,7 +537,7 @@ class Coordinator:
             self._check_upload(device_id, header, self.clock())
             base = {k: self.weights[k] for k in self.layout.shared}
         blob = wire.join_chunks(chunks, header.total_size, self.max_update_bytes, header.sha256)
-        delta = decode_update(blob, self.layout.shared_shapes, self.norm_bound)
+        delta = decode_update(blob, self.layout.shared_shapes, self.norm_bound, self.layout.local, self.layout.method)
         guard.check_update(base, delta)
         examples = min(header.num_examples, self.example_cap(device_id))
         if examples < header.num_examples:
@@ -595,6 +605,54 @@ class Coordinator:
         if not 0 <= version < current or version not in self.store.versions():
             raise UnknownVersion(f"model version {version} does not exist (latest is {current})")
         return wire.arrays_to_blob(self.layout.served(self.store.load_version(version).weights))
+
+    # ------------------------------------------------------------------ the choice exchange
+
+    def _choice_window(self, now: float) -> tuple[frozenset[int], float]:
+        """(devices whose scores the decision waits for: those of the last closed round, its deadline)."""
+        if self._choice_since is None:
+            self._choice_since = now
+        if self._choice_expected is None:
+            last = next((r for r in self.state.rounds(limit=16) if r.state == st.CLOSED), None)
+            self._choice_expected = frozenset(u.device_id for u in self.state.updates(last.round_id)) if last \
+                else frozenset()
+        return self._choice_expected, self._choice_since + self.policy.choice_timeout
+
+    def choice_settled(self) -> bool:
+        """Nothing more to wait for after the last round: no method, the fleet default is decided, or its
+        wait is over."""
+        with self._lock:
+            if self.training.personalization is None or not self.finished or self.fleet_default is not None:
+                return True
+            return self.clock() >= self._choice_window(self.clock())[1]
+
+    def report_choice(self, device_id: int, request: wire.ChoiceRequest) -> wire.ChoiceReply:
+        """Record a device's validation scores of its candidates after the last round; once every device of
+        the last round has reported, or `choice_timeout` after the federation finished, decide the fleet
+        default (`personalization.fleet_default`: the method's own model, or local_only when the fleet's
+        validation prefers it) and answer it from then on."""
+        hp = self.training.personalization
+        with self._lock:
+            now = self.clock()
+            self._seen[device_id] = now
+            if hp is None:
+                raise NotFinished("this federation runs no personalization method: there is no choice to report")
+            if not self.finished:
+                raise NotFinished(f"the federation has not finished ({self._closed} of {self.policy.rounds} rounds)")
+            if request.version != self.version:
+                raise NotFinished(f"the final version is {self.version}; scores of version {request.version} "
+                                  "are not taken")
+            self._choices[device_id] = dict(request.val_accuracy)
+            expected, deadline = self._choice_window(now)
+            if self.fleet_default is None and (expected <= self._choices.keys() or now >= deadline):
+                own = pers.get(hp.method).serves
+                self.fleet_default = pers.fleet_default(own, self._choices.values())
+                log.info("fleet default: %s (%s's own model is %s; %d devices reported, %d expected%s)",
+                         self.fleet_default, hp.method, own, len(self._choices), len(expected),
+                         "" if expected <= self._choices.keys() else ", the wait is over")
+            return wire.ChoiceReply(decided=self.fleet_default is not None, fleet_default=self.fleet_default or "",
+                                    retry_after_seconds=max(1.0, self.policy.retry_after), reported=len(self._choices),
+                                    expected=len(expected))
 
     def status(self) -> wire.Status:
         with self._lock:

@@ -50,9 +50,10 @@ ERROR_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.EnrollmentClosed, grpc.StatusCode.PERMISSION_DENIED),
     (errors.NameTaken, grpc.StatusCode.ALREADY_EXISTS),
     (errors.TooManyDevices, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.StaleRound, grpc.StatusCode.FAILED_PRECONDITION),  # also NotSelected, StaleBase, AlreadyReported
+    (errors.StaleRound, grpc.StatusCode.FAILED_PRECONDITION),  # also NotSelected, StaleBase, AlreadyReported,
+    # NotFinished (the choice exchange before the federation finished)
     (wire.Oversize, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.BadUpdate, grpc.StatusCode.INVALID_ARGUMENT),  # names, shapes, dtype, NaN/Inf, norm
+    (errors.BadUpdate, grpc.StatusCode.INVALID_ARGUMENT),  # names, shapes, dtype, NaN/Inf, norm; LocalTensor
     (wire.WireError, grpc.StatusCode.INVALID_ARGUMENT),  # truncated, checksum, chunk order, malformed
     (codec.CodecError, grpc.StatusCode.INVALID_ARGUMENT),
     (AggregationError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -304,6 +305,11 @@ class FederationServicer(pb_grpc.FederationServicer):
     @mapped_errors
     def GetStatus(self, request: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         return wire.status_to_proto(self.coordinator.status())
+
+    @mapped_errors
+    def ReportChoice(self, request: pb.ChoiceRequest, context: grpc.ServicerContext) -> pb.ChoiceReply:
+        req = wire.choice_request_from_proto(request)
+        return wire.choice_reply_to_proto(self.coordinator.report_choice(_device_id(context), req))
 
 
 def build_server(coordinator: Coordinator, listen: str, workers: int = 4, metrics: ServerMetrics | None = None,

@@ -1,26 +1,34 @@
 """Turn an update blob into a checked delta before anything touches the aggregate.
 
-Checks, in order: the blob parses; exactly the expected tensor names; each shape; float32 dtype;
+Checks, in order: the blob parses; no tensor that stays on the devices (the method's local tensors,
+Ditto's `personal/` model: LocalTensor); exactly the expected tensor names; each shape; float32 dtype;
 decodes with its codec; finite values; optionally the global L2 norm. Any failure is BadUpdate
 with a message naming the tensor and the problem.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 from fedpers import codec, wire
+from fedpers.personalization import PERSONAL_PREFIX
 from fedpers.server.aggregate import global_norm
-from fedpers.server.errors import BadUpdate
+from fedpers.server.errors import BadUpdate, LocalTensor
 
 
 def decode_update(
-    blob: bytes, expected: Mapping[str, tuple[int, ...]], norm_bound: float | None = None
+    blob: bytes, expected: Mapping[str, tuple[int, ...]], norm_bound: float | None = None,
+    local: Iterable[str] = (), method: str = "",
 ) -> dict[str, np.ndarray]:
-    """Blob (serialized TensorSet) -> {name: float32 delta}, or BadUpdate / wire.WireError."""
+    """Blob (serialized TensorSet) -> {name: float32 delta}, or BadUpdate / wire.WireError. `local`: the
+    tensors that stay on the devices (named in the refusal as such)."""
     tensors = wire.tensorset_from_blob(blob)
     names = {t.name for t in tensors}
+    leaked = sorted(n for n in names if n in set(local) or n.startswith(PERSONAL_PREFIX))
+    if leaked:
+        under = f" under {method}" if method else ""
+        raise LocalTensor(f"tensor(s) {leaked[:8]} stay on the device{under}; the server never accepts them")
     unknown = sorted(names - set(expected))
     if unknown:
         raise BadUpdate(f"unknown tensor(s) {unknown}; an update carries exactly {sorted(expected)}")

@@ -108,7 +108,8 @@ class Clock:
         return self.t
 
 
-def make_coordinator(store_dir, state=None, clock=None, strategy="fedavg", identity=None, **policy) -> Coordinator:
+def make_coordinator(store_dir, state=None, clock=None, strategy="fedavg", identity=None, training=None,
+                     **policy) -> Coordinator:
     """A coordinator over the fake layout; enrollment needs "enroll-me" unless `identity` says otherwise."""
     from fedpers.store import ModelStore
 
@@ -123,7 +124,7 @@ def make_coordinator(store_dir, state=None, clock=None, strategy="fedavg", ident
         aggregator=ag.WeightedMean(),
         optimizer=ag.make_optimizer(strategy),
         policy=RoundPolicy(**defaults),
-        training=wire.TrainingConfig(local_epochs=2, batch_size=8, learning_rate=0.05, codec="fp32"),
+        training=training or wire.TrainingConfig(local_epochs=2, batch_size=8, learning_rate=0.05, codec="fp32"),
         enroll_token="enroll-me",
         identity=identity,
         clock=clock or Clock(),

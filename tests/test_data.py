@@ -120,3 +120,30 @@ def test_check_against_model(tmp_path):
         check_against_model(d, (1, 4, 4), 2)
     flat = load_data(_write(tmp_path, "f.npz", x=x.reshape(10, 16), y=y))
     check_against_model(flat, (1, 1, 16), 3)
+
+
+def test_test_weights_make_a_weighted_accuracy(tmp_path):
+    from fedpers.client.data import evaluate_on_test
+
+    x, y = _xy()
+    xt, yt = _xy(4, seed=1)
+    d = load_data(_write(tmp_path, x=x, y=y, x_test=xt, y_test=yt, w_test=np.array([3, 1, 0, 0])))
+    np.testing.assert_allclose(d.w_test, [0.75, 0.25, 0, 0])
+
+    class Right2:  # predicts the first two test examples right, the others wrong
+        def evaluate(self, x, y):
+            return type("E", (), {"loss": 0.5, "accuracy": 0.5})()
+
+        def predict(self, x):
+            p = np.zeros((len(x), 3), np.float32)
+            p[np.arange(len(x)), [*yt[:2], *((yt[2:] + 1) % 3)]] = 1
+            return p
+
+    assert evaluate_on_test(Right2(), d) == (0.5, 1.0)
+    bad = [(dict(w_test=np.array([1, 1, -1, 1])), "finite, >= 0"), (dict(w_test=np.zeros(4)), "not all 0"),
+           (dict(w_test=np.ones(3)), "one number per test example"), (dict(w_test=np.ones((4, 1))), "(4,)")]
+    for extra, match in bad:
+        with pytest.raises(DataError, match=match.replace("(", r"\(").replace(")", r"\)")):
+            load_data(_write(tmp_path, "b.npz", x=x, y=y, x_test=xt, y_test=yt, **extra))
+    with pytest.raises(DataError, match="w_test weighs x_test/y_test"):
+        load_data(_write(tmp_path, "c.npz", x=x, y=y, w_test=np.ones(20)))

@@ -148,6 +148,7 @@ def test_swap_file_gone_after_an_exception_mid_epoch(tmp_path):
 def test_swap_file_gone_after_sigint(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, numpy as np, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored (a `&` job)
         sys.path.insert(0, {os.getcwd()!r})
         from tests import nets
         from fedpers.nn import Trainer

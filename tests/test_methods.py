@@ -254,3 +254,25 @@ def test_the_fleet_default_is_local_only_only_when_the_fleet_says_so():
     assert fleet_default("personal", fleet) == "local_only"
     assert fleet_default("personal", [{"personal": 0.8, "local_only": 0.8}]) == "personal"
     assert fleet_default("personal", []) == "personal"
+
+
+def test_with_shared_keeps_batch_norm_statistics_the_server_leaves_on_the_device():
+    spec = nets.cnn(batch_norm=True)
+    for name in ("fedavg", "ditto"):
+        setup = Setup.create(spec, name, {"ft_epochs": 1})
+        stats = [k for k in setup.split.shared if k.endswith(("running_mean", "running_var"))]
+        assert stats
+        narrowed = setup.with_shared([k for k in setup.split.shared if k not in stats])
+        assert set(stats) <= set(narrowed.split.local) and not set(stats) & set(narrowed.split.served)
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((16, 2, 8, 8)).astype(np.float32)
+        y = rng.integers(0, 3, 16).astype(np.int64)
+        base = {k: narrowed.init[k] for k in narrowed.split.served}
+        res = run_round(narrowed, narrowed.trainer(), base, {}, x, y, TrainSettings(epochs=1, batch_size=8))
+        assert set(stats) <= set(res.local) and not set(stats) & set(res.shared)
+        assert not np.array_equal(res.local[stats[0]], narrowed.init[stats[0]])  # trained, and kept
+        with pytest.raises(P.MethodError, match="which the server does not ask for"):
+            setup.with_shared(setup.split.shared[1:] if not setup.split.shared[0].endswith("mean")
+                              else setup.split.shared[:-1])
+        with pytest.raises(P.MethodError, match="does not share"):
+            setup.with_shared((*setup.split.shared, "personal/x"))

@@ -100,3 +100,31 @@ def test_hyperparameters_parse_from_a_flag():
     assert P.get("fedrep").parse("") == P.get("fedrep").hyperparams()
     with pytest.raises(P.MethodError, match="name=value"):
         P.get("fedrep").parse("head_epochs")
+
+
+def test_a_method_registered_by_name_is_selectable_and_checked():
+    m = P.define_method("fedavg_head", "FedAvg + head fine-tune", "McMahan et al. 2017", "fine-tunes the head",
+                        P.Keep.NONE, "finetuned", ("global", "finetuned"), ("ft_epochs", "ft_scope", "head_depth"),
+                        ft_scope="head")
+    try:
+        P.register_method(m)
+        assert P.get("fedavg_head").hyperparams().ft_scope == "head"
+        assert P.get("fedavg_head").procedure == "joint"
+        with pytest.raises(P.MethodError, match="registered already"):
+            P.register_method(m)
+    finally:
+        P.METHODS.pop("fedavg_head", None)
+    bad = [dict(name="Fed-X"), dict(params=("nope",)), dict(serves="personal"), dict(procedure="magic"),
+           dict(lam=0.5)]
+    for change in bad:
+        kw = {**dict(name="x", title="X", paper="", summary="", keeps=P.Keep.NONE, serves="global",
+                     candidates=("global",), params=("ft_epochs",)), **change}
+        with pytest.raises(P.MethodError):
+            P.define_method(**kw)
+
+
+def test_the_fleet_default_is_pure_and_needs_both_scores():
+    assert P.fleet_default("personal", []) == "personal"
+    rows = [{"personal": 0.5, "local_only": 0.9}, {"personal": 0.6, "local_only": 0.3}, {"personal": 0.1}]
+    assert P.fleet_default("personal", rows) == "local_only"  # 1.2 > 1.1 over the rows that have both
+    assert P.fleet_default("personal", rows[1:]) == "personal"

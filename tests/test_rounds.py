@@ -152,7 +152,9 @@ def test_refusals_leave_the_aggregate_unchanged(tmp_path: Path) -> None:
         (errors.StaleBase, "trained from version 5", b, wire.Task(TRAIN, t.round_id, 5), random_delta(2), 10),
         (errors.BadUpdate, "num_examples", b, t, random_delta(2), 0),
         (errors.BadUpdate, "missing tensor", b, t, {"fc1.weight": random_delta(2)["fc1.weight"]}, 10),
-        (errors.BadUpdate, "unknown tensor", b, t, {**random_delta(2), "head.weight": np.zeros((3, 2), np.float32)},
+        (errors.LocalTensor, "stay on the device", b, t,
+         {**random_delta(2), "head.weight": np.zeros((3, 2), np.float32)}, 10),
+        (errors.BadUpdate, "unknown tensor", b, t, {**random_delta(2), "nope.weight": np.zeros((3, 2), np.float32)},
          10),
         (errors.BadUpdate, "shape", b, t, {**random_delta(2), "fc1.bias": np.zeros(4, np.float32)}, 10),
     ]

@@ -27,7 +27,7 @@ def test_stubs_import_as_a_package() -> None:
     assert federation_pb2.DESCRIPTOR.package == "fedpers.v1"
     assert hasattr(federation_pb2_grpc, "FederationStub")
     assert set(federation_pb2.DESCRIPTOR.services_by_name["Federation"].methods_by_name) == {
-        "Enroll", "Join", "GetTask", "DownloadModel", "UploadUpdate", "GetStatus"}
+        "Enroll", "Join", "GetTask", "DownloadModel", "UploadUpdate", "GetStatus", "ReportChoice"}
 
 
 def test_generate_reports_protoc_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -108,7 +108,8 @@ def _bad_cases(task: wire.Task):
     return [
         ("wrong round", _msgs(task, blob, round_id=task.round_id + 7), Code.FAILED_PRECONDITION, "is not open"),
         ("stale base", _msgs(task, blob, base_version=3), Code.FAILED_PRECONDITION, "trained from version 3"),
-        ("unknown tensor", _msgs(task, unknown), Code.INVALID_ARGUMENT, "unknown tensor(s) ['head.weight']"),
+        ("a personal tensor", _msgs(task, unknown), Code.INVALID_ARGUMENT,
+         "LocalTensor: tensor(s) ['head.weight'] stay on the device"),
         ("missing tensor", _msgs(task, with_tensor("fc1.bias", None)), Code.INVALID_ARGUMENT,
          "missing tensor(s) ['fc1.bias']"),
         ("wrong shape", _msgs(task, with_tensor("fc1.bias", wire.encoded_to_wire(

@@ -50,6 +50,25 @@ def test_partition_subcommand(tmp_path, capsys):
     assert sim.main(["partition", "--devices", "1000", "--out", str(tmp_path / "x")]) == 2
 
 
+@pytest.mark.parametrize("extra", [[], ["--scenario", "label_skew"]])
+def test_strong_label_skew_on_many_devices_gets_every_device_the_minimum(tmp_path, capsys, extra):
+    """alpha <= 0.1 with 20+ devices is split (short devices topped up), not refused; the least number
+    of examples per device is a flag, and an impossible one is refused naming the numbers."""
+    out = tmp_path / "p"
+    args = ["partition", "--devices", "40", "--alpha", "0.05", "--out", str(out), "--min-examples", "30", *extra]
+    assert sim.main(args) == 0, capsys.readouterr().err
+    sizes, labels = [], []
+    for i in range(40):
+        d = np.load(out / f"device-{i}.npz")
+        sizes.append(d["y"].size + (0 if extra else d["y_test"].size))  # a scenario's test split is a shared pool
+        labels.append(np.unique(d["y"]).size)
+    assert min(sizes) >= 30
+    assert np.median(labels) < 10  # the skew of the draw stays: most devices miss some classes
+    code = sim.main(["partition", "--devices", "40", "--alpha", "0.05", "--out", str(tmp_path / "q"),
+                     "--min-examples", "100", *extra])
+    assert code == 2 and "40 devices 100 each" in capsys.readouterr().err
+
+
 def test_local_only_subcommand(tmp_path):
     sim.main(["partition", "--devices", "2", "--out", str(tmp_path)])
     out = tmp_path / "lo.json"
@@ -179,3 +198,114 @@ def test_no_secret_in_any_command_line(tmp_path):
     assert secrets.enroll_token not in repr(secrets)
     plain = sim.SimTls.make(sim.SimConfig(devices=2, rounds=1, model=MODEL, insecure=True), tmp_path / "none")
     assert plain.server_args() == ["--insecure"] and plain.device_args() == ["--insecure"]
+
+
+def test_the_digits_fit_any_shipped_model_or_are_refused_by_name():
+    from fedpers import models
+    from fedpers.client.partition import FitError, fit_to_input
+    from fedpers.nn import load_ini
+
+    x = np.random.default_rng(0).random((3, 1, 8, 8)).astype(np.float32)
+    for name in ("digits_cnn", "lenet5", "mlp", "vgg_small", "vgg_small_frozen"):
+        shape = load_ini(models.path(name)).layers[0].input_shape
+        out = fit_to_input(x, shape)
+        assert out.shape == (3, *shape) and out.dtype == np.float32
+        assert out.min() == x.min() and out.max() == x.max()  # nearest neighbour: no new values
+    assert np.array_equal(fit_to_input(x, (1, 1, 64)).reshape(3, 8, 8), x[:, 0])
+    big = fit_to_input(x, (3, 16, 24))
+    assert np.array_equal(big[:, 2, ::2, ::3], x[:, 0]) and np.array_equal(big[:, 0], big[:, 1])
+    for shape, match in [((1, 4, 4), "smaller than the 8x8 digits"), ((1, 1, 50), "not 50"),
+                         ((1, 1, 49), "not 49"), ((8, 8), "not C:H:W")]:
+        with pytest.raises(FitError, match=match):
+            fit_to_input(x, shape)
+
+
+def test_data_for_a_scenario_a_model_and_your_own_directory(tmp_path, capsys):
+    from fedpers import models
+    from fedpers.client.data import DataError, load_data
+
+    cfg = sim.SimConfig(devices=6, scenario="concept_shift", model=models.path("lenet5.ini"), clusters=2)
+    paths = sim.write_data(cfg, 3, tmp_path / "a")
+    d = load_data(paths[0])
+    assert len(paths) == 6 and d.input_shape == (1, 28, 28) and d.w_test is not None
+    assert abs(d.w_test.sum() - 1) < 1e-9 and d.y_test.size > 100  # the test pool through this device's eyes
+    # your own files: any input shape the model takes; the count and the shapes are checked up front
+    own = tmp_path / "own"
+    own.mkdir()
+    for i in range(3):
+        np.savez(own / f"device-{i}.npz", x=np.random.rand(12, 1, 1, 784).astype(np.float32),
+                 y=np.arange(12) % 10)
+    mlp = models.path("mlp.ini")
+    assert len(sim.write_data(sim.SimConfig(devices=3, data_dir=own, model=mlp), 0, tmp_path / "b")) == 3
+    ns = sim.build_parser().parse_args(["--data-dir", str(own), "--model", str(mlp)])
+    assert sim.config_from_args(ns).devices == 3  # --devices defaults to the files
+    with pytest.raises(ValueError, match="holds 3 device-"):
+        sim.SimConfig(devices=4, data_dir=own, model=mlp)
+    with pytest.raises(DataError, match=r"examples have shape \(1, 1, 784\), the model's input is \(1, 8, 8\)"):
+        sim.write_data(sim.SimConfig(devices=3, data_dir=own), 0, tmp_path / "c")
+    assert sim.main(["--data-dir", str(own), "--report-dir", str(tmp_path / "r")]) == 2
+    assert "the model's input is (1, 8, 8)" in capsys.readouterr().err
+    tiny = tmp_path / "tiny.ini"
+    tiny.write_text("[Model]\ntype = NeuralNetwork\nloss = cross\n[in]\ntype = input\ninput_shape = 1:4:4\n"
+                    "[out]\ntype = fully_connected\nunit = 10\nactivation = softmax\n")
+    assert sim.main(["partition", "--devices", "2", "--out", str(tmp_path / "p"), "--model", str(tiny)]) == 2
+    assert "smaller than the 8x8 digits" in capsys.readouterr().err
+
+
+def test_personalization_flags_are_checked(tmp_path, capsys):
+    cfg = sim.SimConfig(personalization="fedbn,ditto", personalization_params=("ft_epochs=2", "ditto:lam=0.5"),
+                        seeds=(0, 1))
+    assert cfg.methods == ("fedavg", "fedbn", "ditto") and cfg.seed_list == (0, 1)
+    assert cfg.params_for("ditto") == "ft_epochs=2,lam=0.5" and cfg.params_for("fedbn") == "ft_epochs=2"
+    argv = sim.server_argv(cfg, tmp_path / "p", tmp_path / "s", method="ditto")
+    assert argv[argv.index("--personalization") + 1] == "ditto"
+    assert argv[argv.index("--personalization-params") + 1] == "ft_epochs=2,lam=0.5"
+    assert sim.SimConfig(personalization="all").methods[0] == "fedavg" and len(sim.SimConfig(
+        personalization="all").methods) == 6
+    for kw, match in [(dict(personalization="fedfoo"), "unknown personalization method"),
+                      (dict(personalization="fedbn", personalization_params=("lam=0.5",)), "no hyperparameter 'lam'"),
+                      (dict(personalization="fedbn", personalization_params=("ditto:lam=0.5",)), "not run"),
+                      (dict(seeds=(0, 1)), "need --personalization"), (dict(scenario="nope"), "unknown scenario"),
+                      (dict(clusters=3), "need --scenario"),
+                      (dict(personalization="fedavg", seeds=(1, 1)), "distinct")]:
+        with pytest.raises(ValueError, match=match):
+            sim.SimConfig(**kw)
+    assert sim.main(["--personalization", "fedbn", "--personalization-params", "lam=1",
+                     "--report-dir", str(tmp_path / "r")]) == 2
+    assert "fedavg has no hyperparameter 'lam'" in capsys.readouterr().err  # FedAvg runs too
+
+
+@pytest.mark.slow
+def test_a_method_comparison_writes_one_report_and_plot(tmp_path, capsys):
+    from fedpers import models
+
+    out = tmp_path / "run"
+    code = sim.main(["--devices", "3", "--rounds", "2", "--local-epochs", "1", "--scenario", "feature_shift",
+                     "--personalization", "fedbn", "--personalization-params", "ft_epochs=1", "--seeds", "0,1",
+                     "--model", str(models.path("digits_cnn.ini")), "--min-devices", "3", "--report-dir", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    assert [(r["method"], r["seed"]) for r in report["runs"]] == [("fedavg", 0), ("fedbn", 0), ("fedavg", 1),
+                                                                   ("fedbn", 1)]
+    for run in report["runs"]:
+        assert run["ended"] == "finished" and [r["round"] for r in run["rounds"]] == [1, 2]
+        assert run["fleet_default"] in ("global", "personal", "local_only")
+        for d in run["devices"]:
+            assert d["served"] in d["candidate_accuracy"] and 0 <= d["served_accuracy"] <= 1
+            assert d["local_only_accuracy"] == d["candidate_accuracy"]["local_only"] and d["val_examples"] > 0
+    labels = [r["label"] for r in report["comparison"]]
+    assert labels == ["FedAvg", "FedAvg+FT", "FedBN", "FedAvg choice", "FedBN choice", "local-only"]
+    assert all(r["seeds"] == 2 and r["sd"] >= 0 and 0 <= r["weighted_mean"] <= 100 for r in report["comparison"])
+    assert len(report["per_device"]) == 6 and set(report["per_device"][0]["accuracy"]) == set(labels)
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "FedBN choice" in text and "mean ± sd over 2 seed(s)" in text
+
+
+@pytest.mark.slow
+def test_any_shipped_model_runs_on_the_digits(tmp_path):
+    from fedpers import models
+
+    report = sim.simulate(sim.SimConfig(devices=2, rounds=1, local_epochs=1, model=models.path("lenet5.ini"),
+                                        report_dir=tmp_path / "r", quiet=True, min_devices=2))
+    assert report.ended == "finished" and all(d.personalized_accuracy is not None for d in report.devices)

@@ -5,6 +5,7 @@ import random
 
 import numpy as np
 import pytest
+from fedpers import personalization as pers
 from fedpers import wire
 from fedpers.rpc import federation_pb2 as pb
 
@@ -50,7 +51,21 @@ class Maker:
             shared_tensors=self.names(), personal_layers=self.names(), codec=self.py.choice(["fp32", "topk:0.05"]),
             deadline_unix=self.rng.uniform(0, 2e9), dp_clip_norm=self.rng.uniform(0, 5),
             dp_noise_multiplier=self.rng.uniform(0, 3), dp_delta=self.rng.uniform(0, 1e-3),
+            personalization=self.hyperparams() if self.py.random() < 0.7 else None,
         )
+
+    def hyperparams(self) -> pers.Hyperparams:
+        """A registered method with every hyperparameter it takes drawn within its range."""
+        method = pers.METHODS[self.py.choice(sorted(pers.METHODS))]
+        values: dict = {}
+        for p in method.params:
+            if p.choices:
+                values[p.name] = self.py.choice(p.choices)
+            elif isinstance(p.default, int):
+                values[p.name] = self.py.randint(int(p.low), int(p.high))
+            else:
+                values[p.name] = self.rng.uniform(p.low, p.high)
+        return method.hyperparams(values)
 
 
 SEEDS = range(5)
@@ -226,9 +241,19 @@ def test_record_round_trips(seed: int) -> None:
     assert wire.training_config_from_proto(wire.training_config_to_proto(cfg)) == cfg
     for kind in wire.TaskKind:
         task = wire.Task(kind=kind, round_id=m.int63(), base_version=m.int63(),
-                         config=cfg if kind == wire.TaskKind.TRAIN else None,
+                         config=cfg if kind != wire.TaskKind.WAIT else None,
                          retry_after_seconds=abs(m.f32()), model_ini=f"[{m.name()}]\ntype = input\n")
         assert wire.task_from_proto(wire.task_to_proto(task)) == task
+    acc = {c: float(m.rng.uniform(0, 1)) for c in m.py.sample(pers.CANDIDATES, m.py.randint(1, 4))}
+    cr = wire.ChoiceRequest(version=m.int63(), val_accuracy=acc, val_examples=m.py.randint(1, 10_000))
+    assert wire.choice_request_from_proto(wire.choice_request_to_proto(cr)) == cr
+    ask = wire.ChoiceRequest(version=m.int63(), val_accuracy={}, val_examples=0)  # no validation: only asks
+    assert wire.choice_request_from_proto(wire.choice_request_to_proto(ask)) == ask
+    for decided in (True, False):
+        cp = wire.ChoiceReply(decided=decided, fleet_default=m.py.choice(pers.CANDIDATES) if decided else "",
+                              retry_after_seconds=abs(m.f32()) % 60, reported=m.py.randint(0, 99),
+                              expected=m.py.randint(0, 99))
+        assert wire.choice_reply_from_proto(wire.choice_reply_to_proto(cp)) == cp
     dr = wire.DownloadRequest(version=m.int63(), offset=m.int63())
     assert wire.download_request_from_proto(wire.download_request_to_proto(dr)) == dr
     hdr = wire.UpdateHeader(round_id=m.int63(), base_version=m.int63(), num_examples=m.int63(),
@@ -285,3 +310,54 @@ def test_upload_stream_shape_errors() -> None:
 
 def test_auth_metadata() -> None:
     assert wire.auth_metadata(12, "tok") == (("x-fedpers-device", "12"), ("x-fedpers-token", "tok"))
+
+
+def test_the_personalization_travels_checked() -> None:
+    good = pers.get("ditto").parse("lam=0.5,personal_epochs=3")
+    msg = wire.training_config_to_proto(wire.TrainingConfig(personalization=good))
+    assert wire.training_config_from_proto(msg).personalization == good
+    cases = [
+        ("method", "fedfoo", "unknown personalization method 'fedfoo'"),
+        ("method", "x" * 300, "method name must be"),
+        ("lam", 1e9, "lam must be in"),
+        ("personal_epochs", 0, "personal_epochs must be in"),
+        ("head_epochs", 7, "ditto does not take ['head_epochs']"),  # a value for a parameter it does not take
+        ("ft_scope", "body", "ft_scope must be one of"),
+        ("val_fraction", float("nan"), "val_fraction must be in"),
+    ]
+    for key, value, match in cases:
+        bad = pb.TrainingConfig()
+        bad.CopyFrom(msg)
+        setattr(bad.personalization, key, value)
+        with pytest.raises(wire.MalformedMessage, match=match.replace("[", r"\[").replace("(", r"\(")):
+            wire.training_config_from_proto(bad)
+    assert wire.training_config_from_proto(pb.TrainingConfig()).personalization is None
+
+
+def test_the_choice_exchange_is_bounded() -> None:
+    def request(**kw) -> pb.ChoiceRequest:
+        msg = pb.ChoiceRequest(version=3, val_examples=kw.pop("val_examples", 7))
+        for k, v in kw.pop("acc", {"global": 0.5, "local_only": 0.75}).items():
+            msg.val_accuracy[k] = v
+        return msg
+
+    assert wire.choice_request_from_proto(request()).val_accuracy == {"global": 0.5, "local_only": 0.75}
+    bad = [
+        (request(acc={"global": 0.5, "secret_model": 0.9}), "candidates among"),
+        (request(acc={"global": 1.5}), "not an accuracy"),
+        (request(acc={"global": float("nan")}), "not an accuracy"),
+        (request(acc={"global": -0.1}), "not an accuracy"),
+        (request(val_examples=-1), "val_examples must be in"),
+        (request(val_examples=wire.MAX_VAL_EXAMPLES + 1), "val_examples must be in"),
+        (request(val_examples=0), "scores need validation examples"),
+        (request(acc={}), "scores need validation examples"),
+        (pb.ChoiceRequest(version=-2, val_examples=1, val_accuracy={"global": 1.0}), "version must be"),
+    ]
+    for msg, match in bad:
+        with pytest.raises(wire.MalformedMessage, match=match):
+            wire.choice_request_from_proto(msg)
+    with pytest.raises(wire.MalformedMessage, match="fleet_default must be one of"):
+        wire.choice_reply_from_proto(pb.ChoiceReply(decided=True, fleet_default="rm -rf"))
+    undecided = wire.choice_reply_from_proto(pb.ChoiceReply(decided=False, fleet_default="global",
+                                                            retry_after_seconds=1e9))
+    assert undecided.fleet_default == "" and undecided.retry_after_seconds == 60.0

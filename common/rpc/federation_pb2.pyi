@@ -99,7 +99,7 @@ class TaskRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TrainingConfig(_message.Message):
-    __slots__ = ("local_epochs", "batch_size", "learning_rate", "shared_tensors", "personal_layers", "codec", "deadline_unix", "dp_clip_norm", "dp_noise_multiplier", "dp_delta")
+    __slots__ = ("local_epochs", "batch_size", "learning_rate", "shared_tensors", "personal_layers", "codec", "deadline_unix", "dp_clip_norm", "dp_noise_multiplier", "dp_delta", "personalization")
     LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class TrainingConfig(_message.Message):
     DP_CLIP_NORM_FIELD_NUMBER: _ClassVar[int]
     DP_NOISE_MULTIPLIER_FIELD_NUMBER: _ClassVar[int]
     DP_DELTA_FIELD_NUMBER: _ClassVar[int]
+    PERSONALIZATION_FIELD_NUMBER: _ClassVar[int]
     local_epochs: int
     batch_size: int
     learning_rate: float
@@ -120,7 +121,32 @@ class TrainingConfig(_message.Message):
     dp_clip_norm: float
     dp_noise_multiplier: float
     dp_delta: float
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., shared_tensors: _Optional[_Iterable[str]] = ..., personal_layers: _Optional[_Iterable[str]] = ..., codec: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., dp_clip_norm: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_delta: _Optional[float] = ...) -> None: ...
+    personalization: Personalization
+    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., shared_tensors: _Optional[_Iterable[str]] = ..., personal_layers: _Optional[_Iterable[str]] = ..., codec: _Optional[str] = ..., deadline_unix: _Optional[float] = ..., dp_clip_norm: _Optional[float] = ..., dp_noise_multiplier: _Optional[float] = ..., dp_delta: _Optional[float] = ..., personalization: _Optional[_Union[Personalization, _Mapping]] = ...) -> None: ...
+
+class Personalization(_message.Message):
+    __slots__ = ("method", "mu", "lam", "personal_epochs", "head_epochs", "body_epochs", "head_depth", "ft_epochs", "ft_scope", "val_fraction")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    MU_FIELD_NUMBER: _ClassVar[int]
+    LAM_FIELD_NUMBER: _ClassVar[int]
+    PERSONAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    BODY_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    FT_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    FT_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    VAL_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    mu: float
+    lam: float
+    personal_epochs: int
+    head_epochs: int
+    body_epochs: int
+    head_depth: int
+    ft_epochs: int
+    ft_scope: str
+    val_fraction: float
+    def __init__(self, method: _Optional[str] = ..., mu: _Optional[float] = ..., lam: _Optional[float] = ..., personal_epochs: _Optional[int] = ..., head_epochs: _Optional[int] = ..., body_epochs: _Optional[int] = ..., head_depth: _Optional[int] = ..., ft_epochs: _Optional[int] = ..., ft_scope: _Optional[str] = ..., val_fraction: _Optional[float] = ...) -> None: ...
 
 class TaskReply(_message.Message):
     __slots__ = ("kind", "round_id", "base_version", "config", "retry_after_seconds", "model_ini")
@@ -210,6 +236,37 @@ class UploadReply(_message.Message):
     message: str
     updates_in_round: int
     def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., updates_in_round: _Optional[int] = ...) -> None: ...
+
+class ChoiceRequest(_message.Message):
+    __slots__ = ("version", "val_accuracy", "val_examples")
+    class ValAccuracyEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    VAL_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    VAL_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    val_accuracy: _containers.ScalarMap[str, float]
+    val_examples: int
+    def __init__(self, version: _Optional[int] = ..., val_accuracy: _Optional[_Mapping[str, float]] = ..., val_examples: _Optional[int] = ...) -> None: ...
+
+class ChoiceReply(_message.Message):
+    __slots__ = ("decided", "fleet_default", "retry_after_seconds", "reported", "expected")
+    DECIDED_FIELD_NUMBER: _ClassVar[int]
+    FLEET_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_AFTER_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REPORTED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    decided: bool
+    fleet_default: str
+    retry_after_seconds: float
+    reported: int
+    expected: int
+    def __init__(self, decided: _Optional[bool] = ..., fleet_default: _Optional[str] = ..., retry_after_seconds: _Optional[float] = ..., reported: _Optional[int] = ..., expected: _Optional[int] = ...) -> None: ...
 
 class StatusRequest(_message.Message):
     __slots__ = ()

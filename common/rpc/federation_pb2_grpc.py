@@ -64,6 +64,11 @@ class FederationStub:
                 request_serializer=federation__pb2.StatusRequest.SerializeToString,
                 response_deserializer=federation__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.ReportChoice = channel.unary_unary(
+                '/fedpers.v1.Federation/ReportChoice',
+                request_serializer=federation__pb2.ChoiceRequest.SerializeToString,
+                response_deserializer=federation__pb2.ChoiceReply.FromString,
+                _registered_method=True)
 
 
 class FederationServicer:
@@ -111,6 +116,15 @@ class FederationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportChoice(self, request, context):
+        """After DONE, under a personalization method: a device's validation accuracy of each candidate model;
+        the reply says, once every device of the last round has reported (or the wait is over), what the
+        fleet's validation prefers on a tie (the method's own model, or local_only). Repeat until decided.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +157,11 @@ def add_FederationServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=federation__pb2.StatusRequest.FromString,
                     response_serializer=federation__pb2.StatusReply.SerializeToString,
+            ),
+            'ReportChoice': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportChoice,
+                    request_deserializer=federation__pb2.ChoiceRequest.FromString,
+                    response_serializer=federation__pb2.ChoiceReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +326,33 @@ class Federation:
             '/fedpers.v1.Federation/GetStatus',
             federation__pb2.StatusRequest.SerializeToString,
             federation__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportChoice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedpers.v1.Federation/ReportChoice',
+            federation__pb2.ChoiceRequest.SerializeToString,
+            federation__pb2.ChoiceReply.FromString,
             options,
             channel_credentials,
             insecure,
