@@ -149,7 +149,10 @@ def peak_rss_bytes() -> int:
 class Agent:
     """One device. `run()` loops until the federation is done, max_rounds, or `stop` is set."""
 
-    def __init__(self, config: AgentConfig, stop: threading.Event | None = None) -> None:
+    def __init__(self, config: AgentConfig, stop: threading.Event | None = None,
+                 server: FederationClient | None = None) -> None:
+        """`server`: the client to call through instead of a channel of its own (a simulator host gives each
+        of its virtual devices a client on one shared channel; the session stays with that client)."""
         self.cfg = config
         self.stop = stop or threading.Event()
         self._lock = DirLock(config.state, "device (fedpers-client run)")
@@ -161,7 +164,7 @@ class Agent:
         self.state: DeviceState = self.store.load_or_create(config.name)
         if config.codec:
             codecs.parse_codec(config.codec)  # refuse a bad name before touching the network
-        self.server = FederationClient(config.server, tls=config.tls, timeout=RPC_TIMEOUT)
+        self.server = server or FederationClient(config.server, tls=config.tls, timeout=RPC_TIMEOUT)
         self._models: dict[str, tuple[Any, Any]] = {}  # model INI digest -> (spec, trainer)
         self._memory_report: dict[str, Any] | None = None
         self._rng = random.Random(self.state.name)  # backoff jitter only
