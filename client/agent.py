@@ -9,6 +9,7 @@ to be in the shared set and are never serialized for the server.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import random
@@ -104,6 +105,24 @@ class RunResult:
     reason: str  # done | max_rounds | stopped
     rounds: int  # rounds completed in this run
     report: DeviceReport
+
+
+class StepKind(enum.Enum):
+    """What one `Agent.step()` did."""
+
+    WAIT = "wait"  # nothing to do yet: ask again after `Step.wait` seconds
+    TRAINED = "trained"  # trained and the server accepted the update
+    REFUSED = "refused"  # trained, but the server did not take the update (e.g. its round closed)
+    DONE = "done"  # the federation is finished; the final model was evaluated and personalized
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a device: what happened, and how long the server asked it to wait before the next."""
+
+    kind: StepKind
+    wait: float = 0.0
+    round_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -589,6 +608,25 @@ class Agent:
         write_report(self.store.report_path, rep)
         return rep
 
+    def step(self, task: wire.Task | None = None) -> Step:
+        """Advance this device by one task and say what happened, without sleeping: `task` when the
+        caller already asked GetTask for it (a simulator host polling many devices), else the next one
+        (joining first when the client has no session). `run()` loops over it; a host of virtual
+        devices calls it once per device and moves on."""
+        if task is None:
+            if self.server.device_id is None:
+                self.join()
+            task = self.get_task()
+        if task.kind == wire.TaskKind.DONE:
+            log.info("the federation is done")
+            self.finalize(task)
+            return Step(StepKind.DONE, round_id=task.round_id)
+        if task.kind == wire.TaskKind.WAIT:
+            return Step(StepKind.WAIT, wait=task.retry_after_seconds or 0.5)
+        if self.train_round(task):
+            return Step(StepKind.TRAINED, round_id=task.round_id)
+        return Step(StepKind.REFUSED, wait=task.retry_after_seconds or 0.5, round_id=task.round_id)
+
     def run(self) -> RunResult:
         done_here = 0
         reason = "stopped"
@@ -598,19 +636,14 @@ class Agent:
                 if self.cfg.max_rounds is not None and done_here >= self.cfg.max_rounds:
                     reason = "max_rounds"
                     break
-                task = self.get_task()
-                if task.kind == wire.TaskKind.DONE:
-                    log.info("the federation is done")
-                    self.finalize(task)
+                step = self.step()
+                if step.kind is StepKind.DONE:
                     reason = "done"
                     break
-                if task.kind == wire.TaskKind.WAIT:
-                    self._wait(task.retry_after_seconds or 0.5)
-                    continue
-                if self.train_round(task):
+                if step.kind is StepKind.TRAINED:
                     done_here += 1
                 else:
-                    self._wait(task.retry_after_seconds or 0.5)
+                    self._wait(step.wait)
         except Stopped:
             log.info("stopped; state in %s is consistent", self.cfg.state)
             reason = "stopped"
