@@ -29,6 +29,7 @@ from typing import Any
 from fedpers import models
 from fedpers.argtypes import fraction, positive_float, positive_int
 from fedpers.client import sim_report
+from fedpers.client.engines import add_engine_args, engine_from_args, run_engine
 from fedpers.client.processes import Child, ProcessError, wait_for_server
 from fedpers.client.sim_report import SimReport
 from fedpers.codec import codec_help
@@ -410,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated personalization on this machine: one server, N device processes, real gRPC. "
                     "Without a subcommand, runs a simulation with the flags below.")
     add_run_args(p)
+    add_engine_args(p)
     p.add_argument("--log-level", default="WARNING", help="logging of the simulator itself (default WARNING)")
     sub = p.add_subparsers(dest="command", metavar="{partition,local-only}")
 
@@ -464,11 +466,12 @@ def _run(ns: argparse.Namespace) -> int:
 
     try:
         cfg = config_from_args(ns)
+        engine = engine_from_args(ns)
     except ValueError as exc:  # SimConfig's checks: the message names the flag
         print(f"fedpers-sim: {exc}", file=sys.stderr)
         return 2
     try:
-        simulate(cfg)
+        run_engine(cfg, engine)
     except PartitionError as exc:  # e.g. too few examples for this many devices at this alpha
         print(f"fedpers-sim: {exc}", file=sys.stderr)
         return 2

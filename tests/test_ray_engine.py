@@ -1,0 +1,128 @@
+"""The Ray engine: its flags, a small federation on Ray actors over real gRPC, an actor killed mid-run.
+
+The engine tests need Ray (`fedpers[ray]`, which `make test` installs) and skip with the reason without it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fedpers import models
+from fedpers.client import sim
+from fedpers.client.memwatch import descendants
+from fedpers.client.personal import PersonalStore
+from fedpers.client.report import read_report
+
+MODEL = models.path("digits_cnn_personal.ini")
+NEEDS_RAY = "Ray is not installed: pip install 'fedpers[ray]' (make test installs it)"
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+def test_engine_flags(tmp_path, capsys):
+    assert sim.main(["--ray-actors", "2", "--report-dir", str(tmp_path)]) == 2
+    assert "need --engine ray" in capsys.readouterr().err
+    ns = sim.build_parser().parse_args(["--engine", "ray", "--ray-actors", "3", "--devices", "4"])
+    from fedpers.client.engines import engine_from_args
+
+    assert engine_from_args(ns).ray_actors == 3 and sim.config_from_args(ns).devices == 4
+    with pytest.raises(SystemExit):
+        sim.build_parser().parse_args(["--engine", "ray", "--ray-actors", "0"])
+
+
+# ----------------------------------------------------------------------------- the engine on Ray
+
+
+def _needs_ray() -> None:
+    """Skip without Ray. Not importorskip: the engine imports ray itself, after setting the environment
+    that keeps a local Ray on the loopback (ray reads it once, at import)."""
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip(NEEDS_RAY)
+
+
+def _ray_processes() -> list[int]:
+    out = []
+    for pid in descendants(os.getpid())[1:]:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if "ray" in cmd.lower():
+            out.append(pid)
+    return out
+
+
+@pytest.mark.slow
+def test_ray_engine_runs_a_small_federation_over_real_grpc(tmp_path):
+    _needs_ray()
+    from fedpers.client.ray_engine import RayConfig, simulate_ray
+
+    cfg = sim.SimConfig(devices=20, rounds=2, local_epochs=1, model=MODEL, report_dir=tmp_path / "r", quiet=True,
+                        timeout=300)
+    report = simulate_ray(cfg, RayConfig(actors=2))
+    assert report.ended == "finished" and [r.round for r in report.rounds] == [1, 2]
+    assert all(r.devices >= 19 for r in report.rounds)  # min-devices: all but one of the sample
+    assert len(report.devices) == 20 and report.config["engine"] == "ray"
+    assert report.summary.personalized_accuracy is not None and report.summary.local_only_accuracy is not None
+    ids = set()
+    for i, row in enumerate(report.devices):  # each device's own state directory holds its own state
+        state = PersonalStore(tmp_path / "r" / "work" / "devices" / str(i)).load()
+        assert state is not None and state.name == f"sim-device-{i}" and state.device_id == row.id
+        assert (tmp_path / "r" / "work" / "devices" / str(i) / "device.secret").exists()
+        assert state.local and row.rounds_trained == len(state.history) >= 1
+        ids.add(state.device_id)
+    assert len(ids) == 20
+    engine = json.loads((tmp_path / "r" / "engine.json").read_text())
+    assert engine["steps"]["done"] == 20 and not engine["lost"] and not engine["refusals"]
+    assert engine["run_peak_pss_bytes"] > 0 and engine["server_peak_rss_bytes"] > 0
+    assert {h["host"] for h in engine["hosts"]} == {"actor-0", "actor-1"}
+    assert not _ray_processes()  # Ray shut down with the run
+    assert "RAY_AUTH_TOKEN" not in os.environ  # the run's token went with it
+
+
+@pytest.mark.slow
+def test_devices_of_a_killed_actor_continue_on_another(tmp_path):
+    _needs_ray()
+    from fedpers.client.ray_engine import RayConfig, simulate_ray
+
+    cfg = sim.SimConfig(devices=8, rounds=3, local_epochs=1, model=MODEL, report_dir=tmp_path / "r", quiet=True,
+                        timeout=300, min_devices=6)
+    devices_dir = tmp_path / "r" / "work" / "devices"
+    killed: list[int] = []
+
+    def kill_an_actor_after_round_one() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            reports = [read_report(p / "report.json") for p in devices_dir.glob("*") if (p / "report.json").exists()]
+            if sum(1 for r in reports if r and r.rounds_trained >= 1) >= 6:
+                hosts = [pid for pid in _ray_processes()
+                         if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::DeviceHost")]
+                if hosts:
+                    os.kill(hosts[0], signal.SIGKILL)
+                    killed.append(hosts[0])
+                    return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_an_actor_after_round_one, daemon=True)
+    killer.start()
+    report = simulate_ray(cfg, RayConfig(actors=2))
+    killer.join()
+    assert killed, "no actor was killed"
+    engine = json.loads((tmp_path / "r" / "engine.json").read_text())
+    assert engine["moves"] >= 1 and any(h.get("died") for h in engine["hosts"])
+    assert report.ended == "finished" and len(report.rounds) == 3
+    assert engine["devices_trained_on_several_actors"] >= 1  # trained before and after the move
+    for i in range(8):
+        state = PersonalStore(devices_dir / str(i)).load()
+        assert state is not None and state.name == f"sim-device-{i}"
+        rounds = [r.round_id for r in state.history]
+        assert rounds == sorted(set(rounds))  # one history, continued: no round twice, none forgotten
+    assert not _ray_processes()
