@@ -121,11 +121,15 @@ def _ray_token() -> str:
 
 
 @contextlib.contextmanager
-def ray_session(rc: RayConfig, temp_root: Path | None = None) -> Iterator[Any]:
+def ray_session(rc: RayConfig, worker_env: dict[str, str] | None = None,
+                temp_root: Path | None = None) -> Iterator[Any]:
     """Ray for one run: a private local instance (loopback only, no usage stats, no dashboard, a random
-    auth token for the process, its files in a temp dir removed afterwards) or the cluster at `rc.address`; shut down
-    (the local one's processes end) and the environment restored on the way out."""
-    saved = {k: os.environ.get(k) for k in (*RAY_LOCAL_ENV, "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    auth token for the process, its files in a temp dir removed afterwards) or the cluster at
+    `rc.address`; shut down (the local one's processes end) and the environment restored on the way out.
+    `worker_env` (the enrollment token, thread counts) is put in this process's environment for a local
+    instance, whose processes inherit it (a cluster's actors get it through `runtime_env` instead)."""
+    worker_env = worker_env or {}
+    saved = {k: os.environ.get(k) for k in (*RAY_LOCAL_ENV, "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", *worker_env)}
     temp: str | None = None
     ray = None
     try:
@@ -133,6 +137,7 @@ def ray_session(rc: RayConfig, temp_root: Path | None = None) -> Iterator[Any]:
         if rc.address is None:
             os.environ.update(RAY_LOCAL_ENV)
             os.environ["RAY_AUTH_TOKEN"] = _ray_token()  # Ray turns token auth on; nothing written to ~/.ray
+            os.environ.update(worker_env)  # the raylet and its workers inherit it: no runtime_env, no extra workers
         ray = _import_ray()
         if rc.address is None:
             temp = tempfile.mkdtemp(prefix="fedpers-ray-", dir=temp_root)  # short: Ray's socket paths
@@ -396,7 +401,7 @@ def simulate_ray(cfg: SimConfig, rc: RayConfig = RayConfig()) -> SimReport:
     ended = "finished"
     baselines: list[LocalOnlyResult | None] = [None] * cfg.devices
     try:
-        with ray_session(rc) as ray:
+        with ray_session(rc, {**CHILD_ENV, **secrets_.device_env()}) as ray:
             host_ip = "127.0.0.1" if rc.address is None else ray.util.get_node_ip_address()
             tls = _tls(cfg, work / "tls", host_ip)
             server, address = _start_server(cfg, rc, work, tls, secrets_, host_ip)
@@ -460,16 +465,18 @@ def _start_server(cfg: SimConfig, rc: RayConfig, work: Path, tls: SimTls, secret
 
 def _start_actors(ray: Any, cfg: SimConfig, rc: RayConfig, work: Path, tls: SimTls, address: str,
                   secrets_: SimSecrets) -> list[Any]:
-    """The pool: one DeviceHost per actor (one CPU each), the enrollment token in its environment."""
+    """The pool: one DeviceHost per actor (one CPU each), the enrollment token in its environment (a local
+    Ray's workers inherit it from ray_session; on a cluster it goes in the actor's runtime_env)."""
     host_cls = ray.remote(DeviceHost)
-    env = {**CHILD_ENV, **secrets_.device_env()}
+    options: dict[str, Any] = {"num_cpus": 1, "max_restarts": 0}
+    if rc.address is not None:
+        options["runtime_env"] = {"env_vars": {**CHILD_ENV, **secrets_.device_env()}}
     actors = []
     for k in range(rc.actors):
         hc = HostConfig(server=address, ca=str(tls.ca) if tls.ca else None, memory=cfg.memory,
                         memory_budget=cfg.memory_budget, local_epochs=cfg.local_epochs,
                         log_file=str(work / "logs" / f"actor-{k}.log"))
-        actors.append(host_cls.options(num_cpus=1, max_restarts=0, runtime_env={"env_vars": env})
-                      .remote(hc, f"actor-{k}"))
+        actors.append(host_cls.options(**options).remote(hc, f"actor-{k}"))
     return actors
 
 
