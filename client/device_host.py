@@ -45,6 +45,7 @@ UNAVAILABLE_WAIT = 1.0  # seconds before a device whose poll found the server un
 class Outcome(enum.Enum):
     """What one device's step on a host came to."""
 
+    JOINED = "joined"  # enrolled if it had to, joined: a session here, no task asked for yet
     WAIT = "wait"  # nothing to do: ask again after `wait` seconds (or later)
     TRAINED = "trained"  # trained, update accepted
     REFUSED = "refused"  # trained, update not taken (its round had closed, ...)
@@ -133,6 +134,28 @@ class DeviceHost:
         that have moved to another host (their next session is made there)."""
         self.forget(forget)
         return [self._advance_one(order) for order in orders]
+
+    def join(self, orders: Sequence[DeviceOrder]) -> list[StepReport]:
+        """Enroll (the first time) and join each device, without asking for a task: a fleet can come
+        online before any of its devices counts as waiting for a round."""
+        out = []
+        for order in orders:
+            t0 = time.perf_counter()
+            client = self._channel.sibling()
+            try:
+                agent = Agent(self._agent_config(order), self._stop, server=client)
+                try:
+                    agent.join()
+                finally:
+                    agent.close()
+            except Exception as exc:  # noqa: BLE001 - like a device process that died at start: lost
+                report = self._failed(order, exc)
+            else:
+                self._sessions[order.index] = client
+                report = StepReport(order.index, Outcome.JOINED, joined=True)
+            self._counts[report.outcome.value] += 1
+            out.append(dataclasses.replace(report, host=self.name, seconds=time.perf_counter() - t0))
+        return out
 
     def forget(self, indices: Iterable[int]) -> None:
         """Drop the sessions of devices that no longer run here."""

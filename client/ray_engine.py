@@ -177,6 +177,7 @@ class _Device:
     ticket: int = 0  # the heap entry that is current (older ones are skipped)
     busy: bool = False
     joined: bool = False  # has had a session on its actor
+    last_step: float = 0.0  # when its last step came back (monotonic): sweeps go oldest first
     done: bool = False
     lost: bool = False
     trained_on: set[str] = field(default_factory=set)
@@ -187,6 +188,7 @@ class _Batch:
     actor: int
     indices: list[int]
     sweep: int  # the sweep counter when it was sent
+    join: bool = False  # a batch of the fleet's first joins
 
 
 @dataclass
@@ -201,6 +203,7 @@ class EngineStats:
     joins: int = 0
     moves: int = 0
     sweeps: int = 0
+    fleet_online_seconds: float | None = None  # from the start until every device had enrolled and joined
     lost: list[int] = field(default_factory=list)
     devices_trained_on_several_actors: int = 0
     baselines: str = ""
@@ -218,8 +221,11 @@ class Scheduler:
     """Hands due devices to idle actors, a batch at a time, and reschedules them by what happened."""
 
     def __init__(self, ray: Any, actors: list[Any], devices: list[_Device], batch: int, keepalive: float,
-                 retry_after: float, stats: EngineStats) -> None:
+                 retry_after: float, stats: EngineStats, seed: int = 0) -> None:
         self.ray, self.actors, self.devices = ray, actors, devices
+        self.joining = True  # the fleet first enrolls and joins; then the first sweep, in random order
+        self.online_at: float | None = None
+        self._rng = random.Random(seed)
         self.batch, self.keepalive, self.retry_after = batch, keepalive, retry_after
         self.stats = stats
         self.alive = [True] * len(actors)
@@ -239,14 +245,15 @@ class Scheduler:
         d.ticket = next(self._tickets)
         heapq.heappush(self.heaps[d.actor], (priority, due, d.ticket, d.order.index))
 
-    def sweep(self, now: float, everyone: bool = False) -> None:
-        """Make every idle device due now, ahead of the rest (a new round: find the selected devices;
-        `everyone` at the end: hand out DONE), new ones only when `everyone`."""
+    def sweep(self, shuffle: bool = False) -> None:
+        """Make every idle device due at once, ahead of the rest, the one that stepped longest ago first
+        (a new round: find the selected devices; the end: hand out DONE); `shuffle`: in random order
+        (the first sweep, when the fleet has just joined)."""
         self.sweep_count += 1
         self.stats.sweeps += 1
         for d in self.devices:
-            if not (d.busy or d.done or d.lost) and (d.joined or everyone):
-                self.schedule(d, now, priority=0)
+            if not (d.busy or d.done or d.lost):
+                self.schedule(d, self._rng.random() if shuffle else d.last_step, priority=0)
 
     def _take(self, actor: int, now: float) -> list[int]:
         heap, out = self.heaps[actor], []
@@ -276,8 +283,9 @@ class Scheduler:
             for i in indices:
                 self.devices[i].busy = True
             forget, self.forget[a] = self.forget[a], []
-            ref = actor.advance.remote([self.devices[i].order for i in indices], forget)
-            self.inflight[ref] = _Batch(a, indices, self.sweep_count)
+            orders = [self.devices[i].order for i in indices]
+            ref = actor.join.remote(orders) if self.joining else actor.advance.remote(orders, forget)
+            self.inflight[ref] = _Batch(a, indices, self.sweep_count, join=self.joining)
 
     def collect(self, timeout: float) -> None:
         """Wait up to `timeout` s for batches to come back and handle what happened to their devices."""
@@ -295,15 +303,20 @@ class Scheduler:
             now = time.monotonic()
             for rep in reports:
                 self._handle(rep, batch, now)
+        if self.joining and not self.inflight and all(d.joined or d.lost for d in self.devices):
+            self.joining, self.online_at = False, time.monotonic()
+            self.sweep(shuffle=True)  # the fleet is online: everyone asks for a task, in random order
 
     def _handle(self, rep: StepReport, batch: _Batch, now: float) -> None:
         d = self.devices[rep.index]
-        d.busy = False
+        d.busy, d.last_step = False, now
         self.steps[rep.outcome.value] += 1
         if rep.joined:
             self.stats.joins += 1
             d.joined = True
-        if rep.outcome is Outcome.DONE:
+        if rep.outcome is Outcome.JOINED:
+            pass  # waits for the sweep that starts once the whole fleet has joined
+        elif rep.outcome is Outcome.DONE:
             d.done = True
         elif rep.outcome is Outcome.FAILED:
             d.lost = True
@@ -339,7 +352,7 @@ class Scheduler:
             d.actor = next(targets)
             self.stats.moves += 1
             if not (d.done or d.lost):
-                self.schedule(d, now, priority=0)
+                self.schedule(d, now, priority=0)  # while the fleet joins: it joins on its new actor
 
     @property
     def finished(self) -> bool:
@@ -408,7 +421,8 @@ def simulate_ray(cfg: SimConfig, rc: RayConfig = RayConfig()) -> SimReport:
             actors = _start_actors(ray, cfg, rc, work, tls, address, secrets_)
             devices = [_Device(DeviceOrder(i, f"sim-device-{i}", str(data_paths[i]), str(work / "devices" / str(i))),
                                actor=i % rc.actors) for i in range(cfg.devices)]
-            sched = Scheduler(ray, actors, devices, rc.batch, rc.keepalive_for(cfg), retry_after=0.5, stats=stats)
+            sched = Scheduler(ray, actors, devices, rc.batch, rc.keepalive_for(cfg), retry_after=0.5, stats=stats,
+                              seed=cfg.seed)
             try:
                 _drive(cfg, sched, follow, server, address, tls, secrets_)
                 stats.server_peak_rss_bytes = peak_rss_of(server.proc.pid)
@@ -420,6 +434,8 @@ def simulate_ray(cfg: SimConfig, rc: RayConfig = RayConfig()) -> SimReport:
                 log.warning("%s", exc)
             finally:
                 stats.steps, stats.refusals = dict(sched.steps), dict(sched.refusals)
+                if sched.online_at is not None:
+                    stats.fleet_online_seconds = round(sched.online_at - t_start, 2)
                 stats.devices_trained_on_several_actors = sum(len(d.trained_on) > 1 for d in devices)
                 stats.hosts = _host_stats(ray, actors, sched)
                 for actor in actors:
@@ -522,10 +538,10 @@ def _on_status(follow: _Follow, sched: Scheduler, now: float) -> None:
         follow.t_first_round = now
     if status.current_round > follow.last_round and status.round_state == "open":
         follow.last_round = status.current_round
-        sched.sweep(now)  # the selected devices are somewhere in the fleet: poll everyone now
+        sched.sweep()  # the selected devices are somewhere in the fleet: poll everyone now
     if status.finished and not follow.finished_seen:
         follow.finished_seen, follow.t_finished = True, now
-        sched.sweep(now, everyone=True)  # everyone gets DONE: final evaluation, personalization, report
+        sched.sweep()  # everyone gets DONE: final evaluation, personalization, report
 
 
 def _baselines(ray: Any, actors: list[Any], sched: Scheduler, cfg: SimConfig, work: Path, stats: EngineStats,
@@ -595,7 +611,8 @@ def _write_report(cfg: SimConfig, rc: RayConfig, work: Path, follow: _Follow,
     if len(rows) > TABLE_ROWS:
         table += f"\n(the first {TABLE_ROWS} devices; all {len(rows)} in report.json) over all: {_means(rows)}"
     say(table)
-    say(f"\nengine: {stats.steps.get('trained', 0)} trainings, {sum(stats.steps.values())} steps, "
+    say(f"\nengine: fleet online (enrolled and joined) after {stats.fleet_online_seconds}s; "
+        f"{stats.steps.get('trained', 0)} trainings, {sum(stats.steps.values())} steps, "
         f"{stats.joins} sessions opened, {stats.moves} devices moved, {len(stats.lost)} lost, "
         f"refusals {stats.refusals or 'none'}; rounds/min {stats.rounds_per_minute}; run peak "
         f"{(stats.run_peak_pss_bytes or 0) / 2**20:.0f} MiB PSS / {(stats.run_peak_rss_bytes or 0) / 2**20:.0f} MiB "
