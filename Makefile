@@ -10,7 +10,7 @@ help:
 	@echo "make demo         create .venv, install, run the federated simulation on the digits data"
 	@echo "make test         create .venv, install the test, postgres and ray extras, run the whole test suite"
 	@echo "make test-fast    the suite without the slow end-to-end and Docker tests (the inner loop)"
-	@echo "make bench        print the speed, memory, wire, server, journal, robust, load, replicas and personalization tables"
+	@echo "make bench        print the footprint, speed, memory, wire, server, journal, robust, load, replicas and personalization tables"
 	@echo "make proto        regenerate common/rpc from proto/federation.proto"
 	@echo "make lint         ruff over the code"
 	@echo "make docker-test  build the image and run the docker-compose fleet test"
@@ -35,6 +35,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow and not docker"
 
 bench: $(STAMP)
+	$(PY) bench/footprint.py
 	$(PY) bench/speed.py
 	$(PY) bench/memory.py
 	$(PY) bench/wire.py

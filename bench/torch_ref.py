@@ -1,7 +1,12 @@
-"""PyTorch CPU reference for bench/speed.py: the same nets, built from a ModelSpec, timed per SGD step.
+"""PyTorch CPU reference for bench/speed.py and bench/memory.py: the same nets, built from a ModelSpec.
 
-Optional: fedpers does not depend on torch. Run alone to print the reference table:
+Optional: fedpers does not depend on torch. Run alone to print the speed table:
     python bench/torch_ref.py [--threads N] [--steps 20]
+`--memory DATA.npz --model M.ini` trains like `fedpers-client train` and prints the process's RSS
+(baseline after imports, data and a warm-up step; peak during training; whole-process peak) as JSON;
+`--train-weights W.npz --data DATA.npz --model M.ini --out OUT.npz` trains from fedpers weights
+(same names and layouts; dense weights transposed) and writes the trained weights back in fedpers'
+layout, for bench/memory.py to compare.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import math
 import statistics
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -182,6 +188,100 @@ def step_seconds(spec: ModelSpec, batch: int, steps: int = 20, warmup: int = 5, 
     return statistics.median(times)
 
 
+def _status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _trim_and_reset() -> int:
+    """What fedpers' rss.mark_baseline does: trim the C heap, remember the peak so far, reset it."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    before = _status_kib("VmHWM") * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return before
+
+
+def _batches(n: int, batch: int):
+    """fedpers' order without shuffling: consecutive batches, the last one filled from the start."""
+    for b in range(-(-n // batch)):
+        idx = np.arange(b * batch, (b + 1) * batch) % n
+        yield idx
+
+
+def memory_run(spec: ModelSpec, x: np.ndarray, y: np.ndarray, batch: int) -> dict:
+    """Peak RSS of training one epoch, measured as fedpers-client train measures itself."""
+    import gc
+
+    warm = build(spec)  # a throwaway model: loads oneDNN's kernels and the allocators' first buffers
+    opt = make_optimizer(spec, [p for p in warm.parameters() if p.requires_grad])
+    xb, yb = torch.from_numpy(x[:2]), torch.from_numpy(y[:2])
+    loss_fn(spec, warm(xb), yb).backward()
+    opt.step()
+    del warm, opt, xb, yb
+    gc.collect()
+    startup_peak = _trim_and_reset()
+    baseline = _status_kib("VmRSS") * 1024
+    torch.manual_seed(0)
+    net = build(spec)
+    net.train()
+    opt = make_optimizer(spec, [p for p in net.parameters() if p.requires_grad])
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for idx in _batches(len(x), batch):
+        ti = torch.from_numpy(idx)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(spec, net(xt[ti]), yt[ti]).backward()
+        opt.step()
+    peak = _status_kib("VmHWM") * 1024
+    return {"torch": torch.__version__, "baseline": baseline, "peak": peak, "process_peak": max(peak, startup_peak)}
+
+
+def _to_torch(net: TorchNet, spec: ModelSpec) -> dict[str, tuple[torch.nn.Module, str]]:
+    """fedpers weight name -> (torch module, attribute) for conv, dense and batch-norm layers."""
+    out = {}
+    for layer, mod in zip(spec.layers, net.mods, strict=True):
+        for m in mod.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                out[f"{layer.name}.weight"], out[f"{layer.name}.bias"] = (m, "weight"), (m, "bias")
+            elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                for ours, theirs in (("gamma", "weight"), ("beta", "bias"), ("running_mean", "running_mean"),
+                                     ("running_var", "running_var")):
+                    out[f"{layer.name}.{ours}"] = (m, theirs)
+    return out
+
+
+def train_weights(spec: ModelSpec, weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
+                  batch: int) -> dict[str, np.ndarray]:
+    """One epoch of fedpers' batches from fedpers' weights; the trained weights in fedpers' layout."""
+    net = build(spec)
+    where = _to_torch(net, spec)
+    with torch.no_grad():
+        for name, (m, attr) in where.items():
+            w = weights[name]
+            getattr(m, attr).copy_(torch.from_numpy(w.T.copy() if isinstance(m, nn.Linear) and w.ndim == 2 else w))
+    net.train()
+    opt = make_optimizer(spec, [p for p in net.parameters() if p.requires_grad])
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for idx in _batches(len(x), batch):
+        ti = torch.from_numpy(idx)
+        opt.zero_grad(set_to_none=True)
+        loss_fn(spec, net(xt[ti]), yt[ti]).backward()
+        opt.step()
+    out = {}
+    for name, (m, attr) in where.items():
+        w = getattr(m, attr).detach().numpy()
+        out[name] = w.T.copy() if isinstance(m, nn.Linear) and w.ndim == 2 else w.copy()
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from speed import MODELS, NETS  # the same nets and batch sizes as the fedpers table
 
@@ -192,8 +292,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--nets", nargs="+", default=names, choices=names)
     ap.add_argument("--json", action="store_true", help="print one JSON object (for bench/speed.py)")
+    ap.add_argument("--memory", metavar="DATA.npz", help="measure training RSS on this data (with --model)")
+    ap.add_argument("--train-weights", metavar="W.npz", help="train from these fedpers weights (with --data, --out)")
+    ap.add_argument("--model", metavar="M.ini")
+    ap.add_argument("--data", metavar="DATA.npz")
+    ap.add_argument("--out", metavar="OUT.npz")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=None, help="override the model's learning rate")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.memory or args.train_weights:
+        spec = load_ini(args.model)
+        if args.lr is not None:
+            spec = spec.with_changes(optimizer=replace(spec.optimizer, learning_rate=args.lr))
+        batch = args.batch or spec.batch_size
+        with np.load(args.memory or args.data) as d:
+            x, y = d["x"].astype(np.float32), d["y"].astype(np.int64)
+        if args.memory:
+            print(json.dumps(memory_run(spec, x, y, batch)))
+            return 0
+        with np.load(args.train_weights) as w:
+            weights = {k: w[k] for k in w.files}
+        np.savez(args.out, **train_weights(spec, weights, x, y, batch))
+        return 0
     seconds, params = {}, {}
     for name, file, batch in NETS:
         if name in args.nets:

@@ -12,7 +12,14 @@ from fedpers.nn import ModelError, load_ini
 from fedpers.nn.budget import format_size
 from fedpers.nn.graph import Compiled
 from fedpers.nn.graph import compile as compile_graph
-from fedpers.nn.modes import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
+from fedpers.nn.modes import (
+    DEFAULT_KERNELS,
+    DEFAULT_MEMORY_MODE,
+    KERNEL_BACKENDS,
+    MEMORY_MODES,
+    kernel_backends_help,
+    memory_modes_help,
+)
 from fedpers.nn.optim import Optimizer
 
 
@@ -27,6 +34,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--lookahead", type=positive_int, default=2, metavar="K", help="swap lookahead in steps (default 2)")
     p.add_argument("--micro-batch", type=positive_int, default=1, metavar="M",
                    help="micro-batches per batch (default 1)")
+    p.add_argument("--kernels", choices=KERNEL_BACKENDS, default=DEFAULT_KERNELS,
+                   help="kernel backend whose scratch to plan: " + kernel_backends_help(DEFAULT_KERNELS))
     p.add_argument("--png", type=Path, default=None, metavar="FILE",
                    help="draw the arena over execution order (needs matplotlib)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -155,7 +164,7 @@ def main(args: argparse.Namespace) -> int:
         batch = args.batch or spec.batch_size
         slots = Optimizer(spec.optimizer).slots
         c = compile_graph(spec, batch, mode=args.memory, lookahead=args.lookahead, micro_batch=args.micro_batch,
-                          optimizer_slots=slots, allocate=False)
+                          optimizer_slots=slots, allocate=False, kernels=args.kernels)
     except (ModelError, ValueError, FileNotFoundError) as e:
         print(f"fedpers-client plan: {e}", file=sys.stderr)
         return 2

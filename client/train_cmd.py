@@ -11,7 +11,14 @@ from pathlib import Path
 from fedpers.argtypes import positive_float, positive_int, share
 from fedpers.nn import BudgetError, ModelError, Trainer, WeightError, load_ini, output_size, rss, warmup
 from fedpers.nn.budget import format_size
-from fedpers.nn.modes import DEFAULT_MEMORY_MODE, MEMORY_MODES, memory_modes_help
+from fedpers.nn.modes import (
+    DEFAULT_KERNELS,
+    DEFAULT_MEMORY_MODE,
+    KERNEL_BACKENDS,
+    MEMORY_MODES,
+    kernel_backends_help,
+    memory_modes_help,
+)
 
 from .data import HOLDOUT_FRACTION, DataError, check_against_model, load_data, load_model_data
 from .progress import ProgressBar
@@ -30,7 +37,8 @@ def add_memory_args(p: argparse.ArgumentParser, swap_dir_default: str = "a temp 
     p.add_argument("--swap-dir", default=None, metavar="DIR",
                    help=f"where the swap file lives (default: {swap_dir_default}; unlinked once opened)")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
-                   help="e.g. 48MiB: pick the fastest mode, lookahead and micro-batch whose arena fits")
+                   help="e.g. 96MiB, the whole process's peak RSS: pick the fastest plan (kernels, mode, lookahead, "
+                        "micro-batch) predicted to stay under it, or stop before training naming the smallest")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -55,6 +63,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed for init, shuffling, dropout")
     p.add_argument("--json", action="store_true", help="print one JSON object with the results at the end")
     add_memory_args(p)
+    p.add_argument("--kernels", choices=KERNEL_BACKENDS, default=None,
+                   help=kernel_backends_help(DEFAULT_KERNELS))
     return p
 
 
@@ -72,16 +82,18 @@ def main(args: argparse.Namespace) -> int:
                   f"({data.y_test.size} examples) as the test split (--holdout)", file=sys.stderr)
         check_against_model(data, spec.layers[0].input_shape, output_size(spec) if spec.loss == "cross" else None,
                             str(args.data or args.model))
-        warmup(spec)
-        rss.mark_baseline()
         trainer = Trainer(spec, memory=args.memory, memory_budget=args.memory_budget, lookahead=args.lookahead,
-                          micro_batch=args.micro_batch, swap_dir=args.swap_dir, seed=args.seed)
+                          micro_batch=args.micro_batch, swap_dir=args.swap_dir, seed=args.seed, kernels=args.kernels)
+        batch = min(args.batch or spec.batch_size, data.num_examples)
+        if args.memory_budget is not None:  # choose the plan first: the warm-up runs in it, within the budget
+            trainer.compile(batch)
+            print(f"memory budget {args.memory_budget}: {trainer.choice.describe()}", file=sys.stderr)
+        mode = trainer.choice.mode if trainer.choice is not None else args.memory
+        warmup(spec, kernels=trainer.kernels, memory=mode)
+        rss.mark_baseline()
         if args.init_weights:
             trainer.load_weights(str(args.init_weights))
-        batch = min(args.batch or spec.batch_size, data.num_examples)
         trainer.compile(batch)
-        if trainer.choice is not None:
-            print(f"memory budget {args.memory_budget}: {trainer.choice.describe()}", file=sys.stderr)
         result = trainer.fit(data.x, data.y, epochs=args.epochs, batch_size=batch, shuffle=not args.no_shuffle,
                              seed=args.seed, learning_rate=args.lr, progress=ProgressBar(), drop_last=args.drop_last)
         report = trainer.memory_report()

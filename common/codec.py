@@ -73,8 +73,8 @@ class CodecSpec:
 
 
 def _kernels() -> ModuleType:
-    """The numba kernels (fedpers.codec_kernels), imported -- compiled or loaded from numba's cache --
-    on the first encode or decode, so that codec names and help import light."""
+    """The vectorized numpy kernels (fedpers.codec_kernels), imported on the first encode or decode,
+    so that codec names and help import light."""
     from . import codec_kernels
 
     return codec_kernels

@@ -1,7 +1,7 @@
 """Federation bookkeeping on PostgreSQL (psycopg 3): the `State` interface, shared by server replicas.
 
 `PostgresState` passes the same contract suite as `MemoryState` and `SqliteState`
-(tests/test_state.py). What is particular to PostgreSQL:
+(tests/test_state.py), and shares their SQL (server/state_sql.py). What is particular to PostgreSQL:
 
 - One connection per server process, guarded by a lock like the SQLite backend (writes are tiny and
   the coordinator serializes them anyway). `with state.tx():` is psycopg's transaction block, which
@@ -24,28 +24,14 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from fedpers.server.state import (
-    CLOSED,
-    OPEN,
-    Conflict,
-    Device,
-    Round,
-    State,
-    StateError,
-    StateUnavailable,
-    UnknownId,
-    UpdateRecord,
-    check_id,
-)
-from fedpers.wire import INT63_MAX
+from fedpers.server.state import CLOSED, OPEN, Conflict, StateError, StateUnavailable, UnknownId, UpdateRecord
+from fedpers.server.state_sql import SqlState
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +102,6 @@ CREATE TABLE IF NOT EXISTS presence (
 )
 """
 
-_DEVICE_COLS = "device_id, name, secret_hash, joined_at, session_hash, revoked_at, enroll_hash"
-_ROUND_COLS = "round_id, base_version, state, opened_at, deadline, closed_at, version, reason, metrics"
-
 
 class RoundNotOpen(Conflict):
     """The round is closed, abandoned or closing: no update commits into it any more."""
@@ -164,22 +147,24 @@ def redact(url: str) -> str:
         "password=***" if q.startswith("password=") else q for q in parts.query.split("&") if q)))
 
 
-class PostgresState(State):
+class PostgresState(SqlState):
     """State in one PostgreSQL database, shared by every replica of a federation.
 
     `replica` names this process in the rows it writes (`updates.replica`) and in the cluster tables."""
+
+    _NO_LIMIT = None  # (LIMIT NULL: every row)
+    _DUPLICATE_UPDATE = DuplicateUpdate
 
     def __init__(self, url: str, *, replica: str = "", password: str = "", connect_timeout: float = 10.0) -> None:
         """Connect and create the schema if needed; StateUnavailable when the database cannot be reached.
         `password` (from a file, never argv) is passed to libpq beside the URL."""
         import psycopg
 
+        super().__init__()
         self._psycopg = psycopg
         self.url, self.replica = url, replica
         self._password = password
         self._connect_timeout = connect_timeout
-        self._lock = threading.RLock()
-        self._depth = 0
         self._db = self._connect()
         with self.tx():
             self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
@@ -241,109 +226,24 @@ class PostgresState(State):
                 self._reconnect()
             return self._db.execute(sql, args)
 
-    def _one(self, sql: str, args: Sequence[Any] = ()) -> tuple | None:
-        with self._lock:
-            return self._exec(sql, args).fetchone()
+    def _q(self, sql: str) -> str:
+        return sql.replace("?", "%s")
 
-    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[tuple]:
-        with self._lock:
-            return self._exec(sql, args).fetchall()
+    def _insert_id(self, sql: str, args: Sequence[Any], key: str) -> int:
+        (new_id,) = self._run(f"{sql} RETURNING {key}", args).fetchone()
+        return new_id
 
-    # ------------------------------------------------------------------ devices
+    @contextmanager
+    def _unique(self, duplicate: Conflict, refused: str) -> Iterator[None]:
+        try:
+            with self._db.transaction():  # a savepoint: the violation must not end the outer transaction
+                yield
+        except self._psycopg.errors.UniqueViolation:
+            raise duplicate from None
+        except self._psycopg.errors.IntegrityError as exc:
+            raise StateError(f"{refused}: {exc}") from None
 
-    def add_device(self, name: str | None, secret_hash: str, now: float, *, enroll_hash: str = "") -> Device:
-        with self.tx():
-            try:
-                with self._db.transaction():  # a savepoint: the unique violation must not end the outer tx
-                    (did,) = self._db.execute(
-                        "INSERT INTO devices (name, secret_hash, joined_at, enroll_hash) VALUES (%s, %s, %s, %s)"
-                        " RETURNING device_id", (name or None, secret_hash, now, enroll_hash)).fetchone()
-            except self._psycopg.errors.UniqueViolation:
-                raise Conflict(f"a device named {name!r} is already enrolled") from None
-            return Device(check_id(did, "device_id"), name or None, secret_hash, now, enroll_hash=enroll_hash)
-
-    def device(self, device_id: int) -> Device | None:
-        if not 1 <= device_id <= INT63_MAX:
-            return None
-        row = self._one(f"SELECT {_DEVICE_COLS} FROM devices WHERE device_id = %s", (device_id,))
-        return Device(*row) if row else None
-
-    def device_by_name(self, name: str) -> Device | None:
-        row = self._one(f"SELECT {_DEVICE_COLS} FROM devices WHERE name = %s AND revoked_at = 0", (name,))
-        return Device(*row) if row else None
-
-    def devices(self) -> list[Device]:
-        return [Device(*row) for row in self._all(f"SELECT {_DEVICE_COLS} FROM devices ORDER BY device_id")]
-
-    def count_devices(self, active_only: bool = False) -> int:
-        where = " WHERE revoked_at = 0" if active_only else ""
-        return self._one(f"SELECT COUNT(*) FROM devices{where}")[0]  # type: ignore[index]
-
-    def _known(self, device_id: int) -> Device:
-        dev = self.device(device_id)
-        if dev is None:
-            raise UnknownId(f"device {device_id} is not enrolled")
-        return dev
-
-    def set_credentials(self, device_id: int, *, secret_hash: str | None = None, session_hash: str | None = None,
-                        enroll_hash: str | None = None) -> Device:
-        changes = [(k, v) for k, v in (("secret_hash", secret_hash), ("session_hash", session_hash),
-                                       ("enroll_hash", enroll_hash)) if v is not None]
-        with self.tx():
-            self._known(device_id)
-            if changes:
-                sets = ", ".join(f"{k} = %s" for k, _ in changes)
-                self._db.execute(f"UPDATE devices SET {sets} WHERE device_id = %s",
-                                 (*(v for _, v in changes), device_id))
-            return self._known(device_id)
-
-    def revoke_device(self, device_id: int, now: float) -> Device:
-        with self.tx():
-            if not self._known(device_id).revoked:
-                self._db.execute("UPDATE devices SET revoked_at = %s, session_hash = '', enroll_hash = ''"
-                                 " WHERE device_id = %s AND revoked_at = 0", (now, device_id))
-            return self._known(device_id)
-
-    def revoked_ids(self) -> frozenset[int]:
-        return frozenset(d for (d,) in self._all("SELECT device_id FROM devices WHERE revoked_at > 0"))
-
-    # ------------------------------------------------------------------ rounds
-
-    def open_round(self, base_version: int, selected: tuple[int, ...], now: float, deadline: float) -> Round:
-        check_id(base_version, "base_version", allow_zero=True)
-        with self.tx():
-            (rid,) = self._db.execute(
-                "INSERT INTO rounds (base_version, state, opened_at, deadline) VALUES (%s, 'open', %s, %s)"
-                " RETURNING round_id", (base_version, now, deadline)).fetchone()
-            rid = check_id(rid, "round_id")
-            for d in sorted(selected):
-                if self.device(d) is None:
-                    raise UnknownId(f"device {d} is not enrolled")
-                self._db.execute("INSERT INTO selections (round_id, device_id) VALUES (%s, %s)", (rid, d))
-            return self.round(rid)  # type: ignore[return-value]
-
-    def _round_from_row(self, row: tuple) -> Round:
-        rid, base, state, opened, deadline, closed, version, reason, metrics = row
-        sel = tuple(d for (d,) in self._all(
-            "SELECT device_id FROM selections WHERE round_id = %s ORDER BY device_id", (rid,)))
-        return Round(rid, base, state, opened, deadline, sel, closed, version, reason, json.loads(metrics))
-
-    def round(self, round_id: int) -> Round | None:
-        if not 1 <= round_id <= INT63_MAX:
-            return None
-        with self._lock:
-            row = self._one(f"SELECT {_ROUND_COLS} FROM rounds WHERE round_id = %s", (round_id,))
-            return self._round_from_row(row) if row else None
-
-    def rounds(self, limit: int | None = None) -> list[Round]:
-        with self._lock:
-            rows = self._all(f"SELECT {_ROUND_COLS} FROM rounds ORDER BY round_id DESC LIMIT %s", (limit,))
-            return [self._round_from_row(r) for r in rows]
-
-    def open_rounds(self) -> list[Round]:
-        with self._lock:
-            rows = self._all(f"SELECT {_ROUND_COLS} FROM rounds WHERE state = 'open' ORDER BY round_id")
-            return [self._round_from_row(r) for r in rows]
+    # ------------------------------------------------------------------ rounds and updates: the row locks
 
     def _lock_round(self, round_id: int, mode: str) -> tuple[str, float]:
         """(state, closing_at) of a round, its row locked FOR `mode` until the transaction ends."""
@@ -354,71 +254,21 @@ class PostgresState(State):
         return row[0], row[1]
 
     def _require_open(self, round_id: int) -> None:
+        """The round's row stays locked FOR UPDATE: no update commits into a round while it changes."""
         state, _ = self._lock_round(round_id, "UPDATE")
         if state != OPEN:
             raise Conflict(f"round {round_id} is {state}, not open")
 
-    def close_round(self, round_id: int, version: int, metrics: dict[str, float], now: float) -> Round:
-        check_id(version, "version")
-        with self.tx():
-            self._require_open(round_id)
-            self._db.execute("UPDATE rounds SET state = 'closed', version = %s, metrics = %s, closed_at = %s"
-                             " WHERE round_id = %s", (version, json.dumps(metrics, sort_keys=True), now, round_id))
-            return self.round(round_id)  # type: ignore[return-value]
+    def _require_accepting(self, round_id: int) -> None:
+        """FOR SHARE: updates commit side by side, and a close waits for them; a closing round takes none."""
+        state, closing = self._lock_round(round_id, "SHARE")
+        if state != OPEN:
+            raise RoundNotOpen(f"round {round_id} is {state}, not open")
+        if closing:
+            raise RoundNotOpen(f"round {round_id} is closing, not open for more updates")
 
-    def abandon_round(self, round_id: int, reason: str, now: float) -> Round:
-        with self.tx():
-            self._require_open(round_id)
-            self._db.execute("UPDATE rounds SET state = 'abandoned', reason = %s, closed_at = %s WHERE round_id = %s",
-                             (reason, now, round_id))
-            return self.round(round_id)  # type: ignore[return-value]
-
-    def count_rounds(self, state: str) -> int:
-        return self._one("SELECT COUNT(*) FROM rounds WHERE state = %s", (state,))[0]  # type: ignore[index]
-
-    # ------------------------------------------------------------------ updates
-
-    def add_update(self, rec: UpdateRecord) -> None:
-        with self.tx():
-            state, closing = self._lock_round(rec.round_id, "SHARE")
-            if state != OPEN:
-                raise RoundNotOpen(f"round {rec.round_id} is {state}, not open")
-            if closing:
-                raise RoundNotOpen(f"round {rec.round_id} is closing, not open for more updates")
-            if self.device(rec.device_id) is None:
-                raise UnknownId(f"device {rec.device_id} is not enrolled")
-            try:
-                with self._db.transaction():
-                    self._db.execute(
-                        "INSERT INTO updates (round_id, device_id, num_examples, nbytes, sha256, accepted_at, metrics,"
-                        " replica) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                        (rec.round_id, rec.device_id, rec.num_examples, rec.nbytes, rec.sha256, rec.accepted_at,
-                         json.dumps(rec.metrics, sort_keys=True), self.replica))
-            except self._psycopg.errors.UniqueViolation:
-                raise DuplicateUpdate(f"device {rec.device_id} already reported for round {rec.round_id}") from None
-            except self._psycopg.errors.IntegrityError as exc:
-                raise StateError(f"update record refused by the database: {exc}") from None
-
-    def updates(self, round_id: int) -> list[UpdateRecord]:
-        rows = self._all("SELECT round_id, device_id, num_examples, nbytes, sha256, accepted_at, metrics FROM updates"
-                         " WHERE round_id = %s ORDER BY device_id", (round_id,))
-        return [UpdateRecord(*r[:6], metrics=json.loads(r[6])) for r in rows]
-
-    def count_updates(self, round_id: int) -> int:
-        return self._one("SELECT COUNT(*) FROM updates WHERE round_id = %s", (round_id,))[0]  # type: ignore[index]
-
-    def record_late(self, round_id: int, device_id: int, now: float) -> None:
-        with self.tx():
-            if self._db.execute("SELECT 1 FROM rounds WHERE round_id = %s", (round_id,)).fetchone() is None:
-                raise UnknownId(f"round {round_id} does not exist")
-            self._db.execute("INSERT INTO late_updates (round_id, device_id, at) VALUES (%s, %s, %s)"
-                             " ON CONFLICT DO NOTHING", (round_id, device_id, now))
-
-    def count_late(self, round_id: int | None = None) -> int:
-        if round_id is None:
-            return self._one("SELECT COUNT(*) FROM late_updates")[0]  # type: ignore[index]
-        return self._one("SELECT COUNT(*) FROM late_updates WHERE round_id = %s",  # type: ignore[index]
-                         (round_id,))[0]
+    def _update_row(self, rec: UpdateRecord) -> dict[str, Any]:
+        return {**super()._update_row(rec), "replica": self.replica}
 
     def close(self) -> None:
         with self._lock:
@@ -431,7 +281,7 @@ class PostgresState(State):
 
     def committed_by(self, round_id: int) -> dict[int, str]:
         """Device -> the replica that accepted its update, for every committed update of the round."""
-        return dict(self._all("SELECT device_id, replica FROM updates WHERE round_id = %s", (round_id,)))
+        return dict(self._all("SELECT device_id, replica FROM updates WHERE round_id = ?", (round_id,)))
 
     def mark_closing(self, round_id: int, now: float) -> bool:
         """Stop updates from committing into an open round (idempotent); False if it is not open. Waits for
@@ -446,12 +296,12 @@ class PostgresState(State):
 
     def closing_at(self, round_id: int) -> float:
         """When the round was marked closing (0: not)."""
-        row = self._one("SELECT closing_at FROM rounds WHERE round_id = %s", (round_id,))
+        row = self._one("SELECT closing_at FROM rounds WHERE round_id = ?", (round_id,))
         return float(row[0]) if row else 0.0
 
     def published_version(self) -> tuple[int, int]:
         """(the newest version a closed round made (0: none), closed rounds): what every replica serves."""
-        row = self._one("SELECT COALESCE(MAX(version), 0), COUNT(*) FROM rounds WHERE state = %s", (CLOSED,))
+        row = self._one("SELECT COALESCE(MAX(version), 0), COUNT(*) FROM rounds WHERE state = ?", (CLOSED,))
         return int(row[0]), int(row[1])  # type: ignore[index]
 
     def acquire_lease(self, name: str, holder: str, ttl: float) -> Lease | None:
@@ -497,7 +347,7 @@ class PostgresState(State):
     def live_replicas(self, within: float) -> set[str]:
         """Replicas whose heartbeat is at most `within` seconds old (by the database's clock)."""
         return {r for (r,) in self._all("SELECT replica FROM replicas WHERE seen_at > clock_timestamp() -"
-                                        " make_interval(secs => %s)", (within,))}
+                                        " make_interval(secs => ?)", (within,))}
 
     def forget_replica(self, replica: str) -> None:
         """A replica that stops cleanly says so: nobody waits for its partial sum."""
@@ -505,7 +355,7 @@ class PostgresState(State):
 
     def presence(self, since: float) -> tuple[dict[int, float], dict[int, float]]:
         """(device -> last seen, device -> waiting since) for devices seen after `since`."""
-        rows = self._all("SELECT device_id, seen_at, waiting_at FROM presence WHERE seen_at > %s", (since,))
+        rows = self._all("SELECT device_id, seen_at, waiting_at FROM presence WHERE seen_at > ?", (since,))
         return ({d: s for d, s, _ in rows}, {d: w for d, _, w in rows if w > since})
 
     def clear_waiting(self, devices: Sequence[int]) -> None:

@@ -69,15 +69,24 @@ class LayerRun:
         need_din: Sequence[bool] | bool = True,
         alias: bool = False,
         strict: bool = True,
+        kernels: str = "numpy",
+        output_kept: bool = False,
+        accumulates: bool = False,
     ) -> LayerRun:
         """Finalize `layer` for inputs of `input_shapes` (batch first) and allocate everything it requests.
 
         alias=True shares the output with input 0 (and din with dout) where the layer allows it
-        (ctx.view / ctx.inplace / ctx.deriv_inplace), as the planned graph does.
+        (ctx.view / ctx.inplace / ctx.deriv_inplace), as the planned graph does. `kernels` picks the
+        kernel backend, `output_kept` tells the layer a reader keeps its output (as the graph would).
         """
         dt = np.dtype(dtype)
         shapes = [tuple(s) for s in input_shapes]
-        ctx = InitContext(layer.name, shapes, shapes[0][0])
+        if kernels == "numba" and dt == np.float64:
+            from fedpers.nn import jit
+
+            jit.enable_float64()
+        ctx = InitContext(layer.name, shapes, shapes[0][0], kernels=kernels, output_kept=output_kept,
+                          accumulates=accumulates)
         out_shape = tuple(layer.finalize(ctx))
         if trains is None:
             trains = any(w.trainable for w in ctx.weights) and bool(getattr(layer.spec, "trainable", True))
@@ -160,19 +169,23 @@ class LayerRun:
         self._guarded(Life.FORWARD, lambda: self.layer.forward(self.run, training), [self.run.out])
         return self.run.out.copy()
 
-    def backward(self, dout: np.ndarray | None = None) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
+    def backward(self, dout: np.ndarray | None = None,
+                 accumulate: bool = False) -> tuple[list[np.ndarray | None], list[np.ndarray | None]]:
         """calc_gradient (if the layer trains) then calc_derivative; returns copies of (dins, grads).
 
         A layer that does not train has one backward step (calc-grad = calc-deriv), as in order.assign.
+        With `accumulate` (a layer built with accumulates=True) the gradients are added to what the
+        grad buffers hold; otherwise they are poisoned first, so a layer must overwrite them.
         """
         run = self.run
+        run.accumulate = accumulate
         if dout is not None:
             np.copyto(run.dout_, dout.reshape(run.dout_.shape))
         for d in run.dins:
             if d is not None and not (run.dout_ is not None and np.shares_memory(d, run.dout_)):
                 d[...] = np.nan  # written, never accumulated into
         for g in run.grads:
-            if g is not None:
+            if g is not None and not accumulate:
                 g[...] = np.nan
         if self.trains:
             self._guarded(Life.CALC_GRAD, lambda: self.layer.calc_gradient(run), run.grads)

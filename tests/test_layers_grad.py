@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from fedpers.nn.layers import LAYERS
 from fedpers.nn.layers.base import InitContext, Layer, RunContext
+from fedpers.nn.layers.kernels import numba_available
 from fedpers.nn.layers.loss import CrossEntropyLoss, MSELoss
 from fedpers.nn.order import Life
 from fedpers.nn.spec import LayerSpec, ModelError
@@ -150,6 +151,8 @@ CASES = [
     Case("dropout_4d", spec_layer("drop", "dropout", dropout_rate=0.25), [(2, 3, 2, 2)], before_forward=fixed_rng),
     Case("dropout_eval", spec_layer("drop", "dropout", dropout_rate=0.4), [(4, 6)], training=False),
     *[act(fn) for fn in ("relu", "sigmoid", "tanh", "softmax", "none")],
+    Case("activation_relu_output_kept", spec_layer("act", "activation", activation="relu"), [(3, 5)],
+         lambda rng: [away_from_zero(rng, (3, 5))], kwargs={"output_kept": True}),
     Case("flatten", spec_layer("flat", "flatten"), [(2, 3, 2, 2)]),
     Case("addition_3", spec_layer("add", "addition"), [(2, 3, 2), (2, 3, 2), (2, 3, 2)]),
     Case("concat_channels", spec_layer("cat", "concat", axis=1), [(2, 3, 2, 4), (2, 1, 2, 4)]),
@@ -171,12 +174,14 @@ def _can_alias(case: Case) -> bool:
 
 
 RUNS = [(c, False) for c in CASES] + [(c, True) for c in CASES if _can_alias(c)]
+BACKENDS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(not numba_available(), reason="no numba"))]
 
 
+@pytest.mark.parametrize("kernels", BACKENDS)
 @pytest.mark.parametrize(("case", "alias"), RUNS, ids=[c.name + ("-aliased" if a else "") for c, a in RUNS])
-def test_gradients_match_finite_differences(case: Case, alias: bool) -> None:
+def test_gradients_match_finite_differences(case: Case, alias: bool, kernels: str) -> None:
     layer = case.make()
-    lr = LayerRun.build(layer, case.shapes, alias=alias, **case.kwargs)
+    lr = LayerRun.build(layer, case.shapes, alias=alias, kernels=kernels, **case.kwargs)
     assert lr.alias == alias
     lr.randomize_weights()
     if case.setup:
@@ -189,6 +194,33 @@ def test_gradients_match_finite_differences(case: Case, alias: bool) -> None:
     assert result.errors, "nothing was checked"
     name, err = result.worst()
     assert err < TOL, f"{case.name}: d/d{name} off by {err:.2e} ({result.errors})"
+
+
+@pytest.mark.parametrize("kernels", BACKENDS)
+@pytest.mark.parametrize("case", [c for c in CASES if c.name.startswith(("fully_connected", "conv", "batch_norm_"))
+                                  and not c.name.endswith("frozen")], ids=lambda c: c.name)
+def test_accumulating_calc_gradient_adds_exactly_its_gradient(case: Case, kernels: str) -> None:
+    """Micro-batching: a layer asked to accumulate adds this batch's gradient to what the buffers
+    hold (the accumulators), through its own small scratch."""
+    lr = LayerRun.build(case.make(), case.shapes, kernels=kernels, accumulates=True, **case.kwargs)
+    lr.randomize_weights()
+    rng = np.random.default_rng(0)
+    xs = case.inputs(rng) if case.inputs else [rng.standard_normal(s) for s in case.shapes]
+    dout = rng.standard_normal(lr.out_shape)
+    lr.forward(*xs)
+    _, fresh = lr.backward(dout)
+    prior = [None if g is None else rng.standard_normal(g.shape) for g in fresh]
+    for buf, p in zip(lr.run.grads, prior, strict=True):
+        if buf is not None:
+            buf[...] = p
+    lr.forward(*xs)
+    _, summed = lr.backward(dout, accumulate=True)
+    checked = 0
+    for f, p, s in zip(fresh, prior, summed, strict=True):
+        if f is not None:
+            np.testing.assert_allclose(s, p + f, rtol=1e-10, atol=1e-10)
+            checked += 1
+    assert checked >= 2
 
 
 def test_every_layer_kind_has_a_gradient_case() -> None:

@@ -80,3 +80,51 @@ def test_real_nets_plans_are_valid_and_near_the_lower_bound(model, batch, mode):
     assert overlaps_exhaustively(usages, c.plan) == []
     assert c.plan.total <= 1.05 * c.lower_bound_bytes
     assert c.plan.total < c.naive_bytes
+
+
+def random_cyclic_usages(rng: np.random.Generator, n: int, steps: int) -> list[Usage]:
+    """Usages of which about a third wrap round the end of the iteration (first > last)."""
+    out = []
+    for _ in range(n):
+        a, b = (int(v) for v in rng.integers(0, steps, 2))
+        if rng.random() < 0.35 and a != b:
+            a, b = max(a, b), min(a, b)  # wraps
+        else:
+            a, b = min(a, b), max(a, b)
+        out.append(Usage(int(rng.integers(1, 5000)), a, b))
+    return out
+
+
+def live_steps(u: Usage, steps: int) -> set[int]:
+    return set(range(u.first, steps)) | set(range(0, u.last + 1)) if u.wraps else set(range(u.first, u.last + 1))
+
+
+@pytest.mark.parametrize("seed", range(25))
+def test_wrapping_usages_never_share_live_bytes(seed):
+    """Segments that span the end of an iteration (swap-all's persistent tensors): checked against
+    the steps each usage is live at, and the lower bound is the most bytes live at one step."""
+    rng = np.random.default_rng(seed)
+    steps = int(rng.integers(3, 40))
+    usages = random_cyclic_usages(rng, int(rng.integers(1, 50)), steps)
+    plan = PLANNERS["greedy_by_size"](usages)
+    validate(usages, plan)
+    live = [live_steps(u, steps) for u in usages]
+    for i, u in enumerate(usages):
+        for j in range(i + 1, len(usages)):
+            assert u.overlaps(usages[j]) == bool(live[i] & live[j])
+            a0, b0 = plan.offsets[i], plan.offsets[j]
+            if live[i] & live[j]:
+                assert a0 + aligned(u.size) <= b0 or b0 + aligned(usages[j].size) <= a0, (i, j)
+    most = max(sum(aligned(u.size) for u, s in zip(usages, live, strict=True) if t in s) for t in range(steps))
+    assert lower_bound(usages) == most
+
+
+def test_arena_release_gives_pages_back_and_keeps_what_is_asked():
+    arena = Arena(64 * 4096)
+    arena.buffer[:] = 7
+    kept = [(5 * 4096 + 100, 3000), (40 * 4096, 8192)]
+    released = arena.release(kept)
+    assert released % 4096 == 0 and 0 < released < 64 * 4096
+    for off, n in kept:
+        assert np.all(arena.buffer[off : off + n] == 7)
+    assert np.all(arena.buffer[: 5 * 4096] == 0) and np.all(arena.buffer[-4096:] == 0)

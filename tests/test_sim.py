@@ -125,8 +125,9 @@ def test_the_defaults_survive_a_lost_device(tmp_path):
     while not (victim_report.exists() and json.loads(victim_report.read_text())["rounds_trained"] >= 1):
         assert time.monotonic() < deadline and runner.is_alive()
         time.sleep(0.1)
+    # this run's device 2 only: other simulators on the machine have their own sim-device-2
     victims = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()
-               and b"sim-device-2" in _cmdline(p)]
+               and b"sim-device-2" in (cmd := _cmdline(p)) and str(out).encode() in cmd]
     assert len(victims) == 1
     os.kill(victims[0], signal.SIGKILL)
     runner.join(240)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from fedpers.nn.graph import compile
-from fedpers.nn.swap import SwapItem, Swapper, swap_schedule
+from fedpers.nn.swap import Mark, Resident, SwapFile, SwapItem, Swapper, swap_schedule
 
 from tests import nets
 from tests.probes import open_files_under
@@ -84,3 +84,81 @@ def test_compiled_swap_items_are_the_groups_windows(lookahead):
         assert (out_seg.last, in_seg.first) == (it.free_at - 1, it.load_at)
     assert swap_schedule(c.swap_items).file_size == file_offset
     assert compile(nets.cnn(batch_norm=False), 16, mode="planned", allocate=False).swap_items == []
+
+
+def persistent(last, free_at, load_at, need, cycle=10, nbytes=64, out_off=0, in_off=64, slot=0, load_when="always"):
+    return SwapItem(nbytes, out_off, in_off, 0, last, free_at, load_at, need, slot=slot, load_when=load_when,
+                    cycle=cycle)
+
+
+def test_persistent_windows_go_round_the_iteration():
+    """A window may wrap into the next iteration (steps modulo `cycle`); its steps must still come in
+    order going round, and at most one iteration apart."""
+    s = swap_schedule([persistent(8, 0, 3, 5), persistent(2, 4, 7, 9)], [Mark(0, 8, "apply")])
+    assert s.write_after == {8: [0], 2: [1]} and s.load_before == {3: [0], 7: [1]}
+    assert [m.step for m in s.marks[8]] == [8] and s.slots == 1
+    assert swap_schedule([persistent(4, 6, 2, 4)]).items  # one touch: the next is itself, a cycle on
+    with pytest.raises(ValueError, match="out of order"):
+        swap_schedule([persistent(8, 9, 3, 2)])  # needed before it is loaded
+    with pytest.raises(ValueError, match="out of order"):
+        swap_schedule([persistent(8, 0, 3, 10)])  # step outside the iteration
+
+
+def test_persistent_tensor_is_written_only_when_dirty_and_restored_bit_exactly(tmp_path):
+    """Weights: touched at step 1 (read) and 6 (apply, which dirties them); out between 1 and 6 and
+    between 6 and the next iteration's 1. Clean windows drop the bytes without writing; the
+    values come back bit for bit."""
+    buf = np.zeros(256, np.uint8)
+    items = [persistent(1, 2, 4, 6, out_off=0, in_off=64), persistent(6, 8, 9, 1, out_off=64, in_off=0)]
+    segs = [Resident(0, 0, 0, 64, 9, 1), Resident(0, 64, 0, 64, 4, 7, boundary=False)]
+    sched = swap_schedule(items, [Mark(0, 6, "apply")], segs)
+    assert [r.offset for r in sched.resident] == [0]
+    values = np.random.default_rng(0).integers(0, 256, 64, dtype=np.uint8)
+    file = SwapFile(64, str(tmp_path))
+    file.write(values, 0)
+    sw = Swapper(sched, buf, file=file)
+    try:
+        sw.prime()  # in the arena across the iteration boundary
+        assert np.array_equal(buf[:64], values)
+        for it in range(3):
+            sw.start_iteration(first=True, apply=it != 1)
+            for t in range(10):
+                sw.before(t)
+                if t == 3:
+                    buf[:64] = 0  # bytes reused while it is out
+                if t == 6 and it != 1:
+                    buf[64:128] += 1  # the optimizer step
+                    values = values + np.uint8(1)
+                if t in (1, 6):
+                    assert np.array_equal(buf[(t == 6) * 64 : (t == 6) * 64 + 64], values), (it, t)
+                sw.after(t)
+            sw.finish_iteration()
+        sw.flush()
+        back = np.empty(64, np.uint8)
+        file.read(back, 0)
+        assert np.array_equal(back, values)
+        assert sw.bytes_out == 2 * 64  # written only after the two iterations that applied
+    finally:
+        sw.close()
+        file.close()
+    assert open_files_under(tmp_path) == []
+
+
+def test_loads_skip_the_micro_iterations_that_do_not_use_them(tmp_path):
+    buf = np.zeros(128, np.uint8)
+    sched = swap_schedule([persistent(6, 8, 3, 6, load_when="apply", out_off=0, in_off=0)],
+                          [Mark(0, 6, "apply")], [Resident(0, 0, 0, 64, 3, 7, boundary=False)])
+    file = SwapFile(64, str(tmp_path))
+    file.write(np.ones(64, np.uint8), 0)
+    sw = Swapper(sched, buf, file=file)
+    try:
+        for apply, expect_in in ((False, 0), (True, 64)):
+            sw.bytes_in = 0
+            sw.start_iteration(first=True, apply=apply)
+            sw.before(9)
+            sw.after(9)
+            sw.finish_iteration()
+            assert sw.bytes_in == expect_in
+    finally:
+        sw.close()
+        file.close()

@@ -1,12 +1,14 @@
 import json
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 from fedpers.nn import DataError, LayerSpec, ModelSpec, Trainer, WeightError, load_ini
 from fedpers.nn.layers.dropout import DropoutState
+from fedpers.nn.layers.kernels import numba_available
 
 from tests import nets
 from tests.probes import modules_after, open_files_under
@@ -146,16 +148,21 @@ def test_run_records_are_typed_shared_and_reused():
     assert state.active  # the last training forward applied a mask
 
 
-def test_a_model_imports_only_the_layer_modules_it_uses():
-    """Training an all-fully_connected model loads no conv, pooling, batch-norm or dropout kernels."""
+@pytest.mark.parametrize("kernels", ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
+    not numba_available(), reason="numba is not installed"))])
+def test_a_model_imports_only_the_layer_modules_it_uses(kernels):
+    """Training an all-fully_connected model loads no conv, pooling, batch-norm or dropout kernels (of
+    either backend), and the numpy backend loads no numba at all."""
     mods = modules_after(
         "import numpy as np, fedpers.models as models\n"
         "from fedpers.nn import Trainer, load_ini\n"
-        "t = Trainer(load_ini(models.path('mlp.ini')))\n"
+        f"t = Trainer(load_ini(models.path('mlp.ini')), kernels={kernels!r})\n"
         "t.fit(np.zeros((4, 1, 1, 784), np.float32), np.zeros(4, np.int64), epochs=1, batch_size=2)"
     )
-    assert {"fedpers.nn.trainer", "fedpers.nn.layers.fully_connected", "numba"} <= mods
-    unused = {f"fedpers.nn.layers.{m}" for m in ("conv2d", "pooling2d", "batch_normalization", "dropout", "addition")}
+    assert {"fedpers.nn.trainer", "fedpers.nn.layers.fully_connected"} <= mods
+    assert ("numba" in mods) == (kernels == "numba") and ("llvmlite" in mods) == (kernels == "numba")
+    unused = {f"fedpers.nn.{pkg}.{m}" for pkg in ("layers", "jit")
+              for m in ("conv2d", "pooling2d", "batch_normalization", "dropout", "addition")}
     assert not unused & mods, sorted(unused & mods)
 
 
@@ -192,7 +199,7 @@ def test_cli_train_refuses_bad_data_with_exit_2(tmp_path):
 def test_cli_budget_too_small_exit_2(digits_file):
     proc = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(digits_file), "--memory-budget", "2KiB",
                    check=False)
-    assert proc.returncode == 2 and "smallest plan needs" in proc.stderr
+    assert proc.returncode == 2 and "raise the budget to at least" in proc.stderr
 
 
 def test_cli_plan_table_json_and_png(tmp_path):
@@ -280,3 +287,74 @@ def test_cli_train_says_when_it_holds_out_a_test_split(digits, tmp_path):
     assert out["steps"] == 70 // 32  # 70 training examples, batch 32, the partial batch dropped
     bad = run_cli("train", str(MODELS / "digits_cnn.ini"), "--data", str(path), "--holdout", "1", check=False)
     assert bad.returncode == 2 and "argument --holdout" in bad.stderr
+def test_freed_weight_sized_buffers_go_back_to_the_system():
+    """With the trainer's heap setting, freeing a few weight-sized arrays returns their pages (glibc's
+    default keeps them in the heap once its mmap threshold has grown), and the baseline is trimmed."""
+    code = textwrap.dedent("""
+        import numpy as np
+        from fedpers.nn import rss
+        assert rss.steady_heap()
+        start = rss.rss_bytes()
+        for _ in range(3):
+            blocks = [np.ones(2_000_000, np.float32) for _ in range(4)]  # 8 MB each
+            del blocks
+        rss.trim_heap()
+        print(rss.rss_bytes() - start)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) < 4 << 20
+
+
+def test_evaluation_runs_in_training_micro_steps_and_fits_release_activations():
+    """evaluate/predict default to a training micro-step's batch (no more activation memory than
+    training); after a fit only the persistent tensors are kept in the arena."""
+    spec = nets.mlp()
+    x = np.random.default_rng(0).standard_normal((32, 1, 1, 12)).astype(np.float32)
+    y = np.random.default_rng(1).integers(0, 4, 32)
+    t = Trainer(spec, micro_batch=4)
+    t.fit(x, y, epochs=1, batch_size=16, shuffle=False)
+    before = t.get_weights()
+    t.evaluate(x, y)
+    assert set(t._infer) == {4}
+    c = t.compile(16)
+    kept = c.kept_between_fits()
+    assert sum(n for _, n in kept) == sum(ti.nbytes for ti in c.tensors if ti.pinned)
+    after = t.get_weights()
+    for k in before:
+        np.testing.assert_array_equal(before[k], after[k])
+    np.testing.assert_allclose(t.predict(x), t.predict(x, batch_size=32), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["xavier_uniform", "he_uniform", "xavier_normal", "he_normal"])
+def test_initial_weights_are_one_big_draw_rounded_chunk_by_chunk(init):
+    """initialize() draws in chunks (bounded float64 temporaries) and gets the values of one draw."""
+    from fedpers.nn.init import CHUNK, initialize
+    from fedpers.nn.layers.base import WeightRequest
+
+    req = WeightRequest("w", (3, CHUNK + 11), init, True, fan_in=40, fan_out=30)
+    got = initialize(np.random.default_rng(4), req)
+    rng = np.random.default_rng(4)
+    scale = {"xavier_uniform": np.sqrt(6 / 70), "he_uniform": np.sqrt(6 / 40),
+             "xavier_normal": np.sqrt(2 / 70), "he_normal": np.sqrt(2 / 40)}[init]
+    ref = rng.uniform(-scale, scale, req.shape) if init.endswith("uniform") else rng.standard_normal(req.shape) * scale
+    np.testing.assert_array_equal(got, ref.astype(np.float32))
+
+
+def test_a_trainer_draws_its_initial_weights_only_when_they_are_needed():
+    """Before its first plan a Trainer holds no weights: they are drawn a layer at a time when read
+    or planned (so a model's initial weights are never all in memory at once), with the values of
+    init_weights."""
+    from fedpers.nn import init_weights
+
+    spec = nets.cnn(batch_norm=True)
+    t = Trainer(spec, seed=5)
+    assert t._store.arrays == {}
+    ref = init_weights(spec, seed=5)
+    got = t.get_weights()
+    assert t._store.arrays == {} and got.keys() == ref.keys()
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k])
+    t.compile(4)
+    for k, v in t.get_weights().items():
+        np.testing.assert_array_equal(v, ref[k])

@@ -6,7 +6,7 @@ only executes the result (TensorFlow Lite's split between planning and execution
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -14,14 +14,16 @@ import numpy as np
 from .init import initialize
 from .layers.base import LAYERS, Feed, InitContext, Layer, RunContext, Shape
 from .layers.loss import CrossEntropyLoss, MSELoss
-from .modes import DEFAULT_MEMORY_MODE, MEMORY_MODES
+from .modes import DEFAULT_KERNELS, DEFAULT_MEMORY_MODE, KERNEL_BACKENDS, MEMORY_MODES
 from .order import ExecOrder, Life, assign, num_steps, touches
 from .planner import PLANNERS, Plan, Usage, aligned, lower_bound
 from .pool import Arena
 from .spec import LayerSpec, ModelError, ModelSpec
-from .swap import SwapItem, SwapWindow
+from .swap import Mark, Resident, SwapItem, SwapWindow
 
-MODES = tuple(MEMORY_MODES)  # naive, planned, swap: described in modes.py
+MODES = tuple(MEMORY_MODES)  # naive, planned, swap, swap-all: described in modes.py
+SWAP_MODES = ("swap", "swap-all")
+PERSISTENT = ("weight", "stat", "gradacc", "opt", "anchor")  # roles that outlive an iteration
 
 
 @dataclass
@@ -77,10 +79,14 @@ class Group:
     pinned: bool
     segments: list[Segment] = field(default_factory=list)
     window: SwapWindow | None = None  # swap mode: when the buffer is out of the arena
+    # swap-all, a persistent tensor: its windows round the iteration, window j between segment j and
+    # segment j + 1 (modulo their number); steps modulo the iteration's length
+    cycle: list[SwapWindow] = field(default_factory=list)
+    role: str = ""  # of its (first) member
 
     @property
     def swapped(self) -> bool:
-        return self.window is not None
+        return self.window is not None or bool(self.cycle)
 
 
 @dataclass
@@ -115,8 +121,16 @@ class Compiled:
     opt_names: dict[str, list[str]]  # trainable weight -> its optimizer state tensors
     naive_bytes: int
     lower_bound_bytes: int
-    grad_acc: dict[str, str] = field(default_factory=dict)  # gradient -> its accumulator (micro-batching)
+    kernels: str = DEFAULT_KERNELS  # the kernel backend the layers were finalized for
     swap_items: list[SwapItem] = field(default_factory=list)  # what the swapper writes out / reads back, when
+    swap_marks: list[Mark] = field(default_factory=list)  # swap-all: steps that change a persistent tensor
+    swap_segments: list[Resident] = field(default_factory=list)  # swap-all: the persistent tensors' segments
+    # swap-all: persistent tensors that live in the swap file between fits (name -> file offset); the
+    # others are in `views`
+    homes: dict[str, int] = field(default_factory=dict)
+    swap_file_bytes: int = 0
+    # per node: the views the optimizer step needs at apply-gradient, one per trained weight
+    apply_views: list[list[ApplyViews]] = field(default_factory=list)
 
     @property
     def loss_node(self) -> Node:
@@ -124,6 +138,22 @@ class Compiled:
 
     def bytes_of(self, role: str) -> int:
         return sum(t.nbytes for t in self.tensors if t.role == role and not t.external)
+
+    def kept_between_fits(self) -> list[tuple[int, int]]:
+        """(offset, bytes) of what the arena must keep when no step runs: the persistent tensors it
+        holds (in swap-all, those not living in the swap file). Everything else can be released."""
+        return [(s.offset, g.nbytes) for g in self.groups if g.pinned and not g.cycle for s in g.segments]
+
+
+@dataclass
+class ApplyViews:
+    """What apply-gradient touches for one weight, resolved at that step."""
+
+    name: str
+    weight: np.ndarray
+    grad: np.ndarray  # the gradient, or its accumulator when micro-batching
+    opt: list[np.ndarray]
+    anchor: np.ndarray | None
 
 
 class MultiOut(Layer):
@@ -211,23 +241,53 @@ def _insert_multiouts(nodes: list[Node]) -> list[Node]:
     return out
 
 
-def _finalized(spec: ModelSpec, batch: int, split: bool = False) -> list[Node]:
+def _finalized(spec: ModelSpec, batch: int, split: bool = False, kernels: str = DEFAULT_KERNELS,
+               accumulates: bool = False) -> list[Node]:
     """The model's nodes (with split nodes if asked), finalized for `batch`: shapes and requests known."""
     nodes = _expand(spec)
     if split:
         nodes = _insert_multiouts(nodes)
-    _finalize(nodes, batch)
+    _finalize(nodes, batch, kernels, accumulates)
     return nodes
 
 
-def _finalize(nodes: list[Node], batch: int) -> None:
+def _finalize(nodes: list[Node], batch: int, kernels: str = DEFAULT_KERNELS, accumulates: bool = False) -> None:
+    """Finalize every node in order; then once more each node whose output some reader keeps for its
+    own backward (through views), telling it so (`ctx.output_kept`: relu then saves no sign bits)."""
     for n in nodes:
-        shapes = [nodes[p].out_shape for p, _ in n.producers]
-        ctx = InitContext(n.spec_name, shapes, batch)
-        shape = n.layer.finalize(ctx)
-        if any(d <= 0 for d in shape):
-            raise ModelError(n.spec_name, None, f"output shape {shape[1:]} is empty (input {[s[1:] for s in shapes]})")
-        n.ctx, n.out_shape = ctx, tuple(shape)
+        _finalize_one(nodes, n, batch, kernels, False, accumulates)
+    kept = _outputs_kept(nodes)
+    for ni, n in enumerate(nodes):
+        if ni in kept and not n.ctx.view:
+            before = n.out_shape
+            _finalize_one(nodes, n, batch, kernels, True, accumulates)
+            assert n.out_shape == before, f"{n.name}: output shape changed with output_kept"
+
+
+def _finalize_one(nodes: list[Node], n: Node, batch: int, kernels: str, output_kept: bool, accumulates: bool) -> None:
+    shapes = [nodes[p].out_shape for p, _ in n.producers]
+    ctx = InitContext(n.spec_name, shapes, batch, kernels=kernels, output_kept=output_kept, accumulates=accumulates)
+    shape = n.layer.finalize(ctx)
+    if any(d <= 0 for d in shape):
+        raise ModelError(n.spec_name, None, f"output shape {shape[1:]} is empty (input {[s[1:] for s in shapes]})")
+    n.ctx, n.out_shape = ctx, tuple(shape)
+
+
+def _outputs_kept(nodes: list[Node]) -> set[int]:
+    """Nodes whose output a reader reads again in a backward step (its input_life), looking through
+    view nodes (flatten, split, identity activations) to the buffer's producer."""
+    kept: set[int] = set()
+    for n in nodes:
+        if not n.ctx.input_life & (Life.CALC_GRAD | Life.CALC_DERIV):
+            continue
+        for p, _ in n.producers:
+            while True:
+                kept.add(p)
+                src = nodes[p]
+                if not (src.ctx.view and len(src.producers) == 1):
+                    break
+                p = src.producers[0][0]
+    return kept
 
 
 def weight_specs(spec: ModelSpec) -> dict[str, WeightSpec]:
@@ -244,12 +304,27 @@ def weight_specs(spec: ModelSpec) -> dict[str, WeightSpec]:
 
 def init_weights(spec: ModelSpec, seed: int = 0) -> dict[str, np.ndarray]:
     """Fresh float32 weights for every weight of the model, reproducible from the seed."""
-    nodes = _finalized(spec, 1)
     out: dict[str, np.ndarray] = {}
+    for make in dict.fromkeys(weight_initializers(spec, seed).values()):
+        out.update(make())
+    return out
+
+
+def weight_initializers(spec: ModelSpec, seed: int = 0) -> dict[str, Callable[[], dict[str, np.ndarray]]]:
+    """Weight name -> a function drawing the initial weights of its layer (all of them: a layer's
+    weights come from one stream), the values of init_weights, one layer at a time."""
+    nodes = _finalized(spec, 1)
+    out = {}
     for li, n in enumerate(nodes):
-        rng = np.random.default_rng([seed, li])
+        if not n.ctx.weights:
+            continue
+
+        def make(li=li, n=n) -> dict[str, np.ndarray]:
+            rng = np.random.default_rng([seed, li])
+            return {f"{n.spec_name}.{w.name}": initialize(rng, w) for w in n.ctx.weights}
+
         for w in n.ctx.weights:
-            out[f"{n.spec_name}.{w.name}"] = initialize(rng, w)
+            out[f"{n.spec_name}.{w.name}"] = make
     return out
 
 
@@ -268,7 +343,6 @@ class _Table:
     by_name: dict[str, int] = field(default_factory=dict)
     weights: list[list[int]] = field(default_factory=list)  # per node
     grads: list[list[int | None]] = field(default_factory=list)  # per node, parallel to weights
-    grad_acc: dict[int, int] = field(default_factory=dict)  # gradient -> accumulator (micro-batching)
     opt_names: dict[str, list[str]] = field(default_factory=dict)
     weight_owner: dict[str, int] = field(default_factory=dict)
     outs: list[int] = field(default_factory=list)  # per node
@@ -314,9 +388,13 @@ def _tensor_table(nodes: list[Node], steps: int, micro_batch: int, optimizer_slo
     """Every tensor with the steps that touch it: weights, gradients, optimizer state, proximal
     anchors, activations, derivatives and layer scratch."""
     tab = _Table()
-    all_steps = {0, steps - 1}
     for ni, n in enumerate(nodes):
         w_ids, g_ids = [], []
+        o = n.order
+        # Persistent tensors (pinned: they outlive the iteration) with the steps that really touch
+        # them: weights and statistics at the node's forward and backward steps, accumulators at
+        # calc-gradient and apply-gradient, optimizer state and anchors at apply-gradient.
+        uses = {o.forward} | set(touches(_runs(n, Life.BACKWARD), o))
         for w in n.ctx.weights:
             name = f"{n.spec_name}.{w.name}"
             tab.weight_owner[name] = ni
@@ -324,22 +402,20 @@ def _tensor_table(nodes: list[Node], steps: int, micro_batch: int, optimizer_slo
             if name in external:
                 w_ids.append(tab.add(name, w.shape, dtype, role, set(), pinned=True, external=True))
             else:
-                w_ids.append(tab.add(name, w.shape, dtype, role, all_steps, pinned=True))
+                w_ids.append(tab.add(name, w.shape, dtype, role, uses, pinned=True))
             if w.trainable and name in anchored:  # also while the layer is frozen: the value must survive
-                tab.add(f"{name}:anchor", w.shape, dtype, "anchor", all_steps, pinned=True)
+                tab.add(f"{name}:anchor", w.shape, dtype, "anchor", {o.apply_grad} if n.trains else uses, pinned=True)
             if not (n.trains and w.trainable):
                 g_ids.append(None)
                 continue
-            o = n.order
-            if micro_batch > 1:
-                g_ids.append(tab.add(f"{name}:grad", w.shape, dtype, "grad", {o.calc_grad}))
-                tab.grad_acc[g_ids[-1]] = tab.add(f"{name}:gradacc", w.shape, dtype, "gradacc", all_steps,
-                                                  pinned=True)
+            if micro_batch > 1:  # the layer adds each micro-batch's gradient to its accumulator itself
+                g_ids.append(tab.add(f"{name}:gradacc", w.shape, dtype, "gradacc", {o.calc_grad, o.apply_grad},
+                                     pinned=True))
             else:
                 g_ids.append(tab.add(f"{name}:grad", w.shape, dtype, "grad", {o.calc_grad, o.apply_grad}))
             tab.opt_names[name] = [f"{name}:opt{k}" for k in range(optimizer_slots)]
             for opt in tab.opt_names[name]:
-                tab.add(opt, w.shape, dtype, "opt", all_steps, pinned=True)
+                tab.add(opt, w.shape, dtype, "opt", {o.apply_grad}, pinned=True)
         tab.weights.append(w_ids)
         tab.grads.append(g_ids)
     # Activations: written at the producer's forward, read by each consumer's forward and by whoever
@@ -427,19 +503,44 @@ def _groups(tab: _Table, nodes: list[Node], share: bool) -> tuple[list[Group], l
         g.members.append(i)
         g.nbytes = max(g.nbytes, t.nbytes)
         g.pinned = g.pinned or t.pinned
+        g.role = g.role or t.role
         t.group = root_group[r]
     return groups, aliased
 
 
-def _lifespans(groups: list[Group], mode: str, n_forward: int, steps: int, lookahead: int) -> None:
+def _cycle_windows(touched: set[int], steps: int, lookahead: int, writes: bool) -> list[SwapWindow]:
+    """A persistent tensor's windows out of the arena, round the iteration: after each touch whose
+    next touch (possibly in the next iteration) comes more than lookahead + 2 steps later. Steps
+    are taken modulo `steps`; a window written out (`writes`) frees its bytes one step later than
+    one only dropped."""
+    ts = sorted(touched)
+    out = []
+    for k, a in enumerate(ts):
+        b = ts[k + 1] if k + 1 < len(ts) else ts[0] + steps
+        free_at, load_at = a + (2 if writes else 1), b - lookahead
+        if load_at > free_at:
+            out.append(SwapWindow(a % steps, free_at % steps, load_at % steps, b % steps))
+    return out
+
+
+def _lifespans(groups: list[Group], mode: str, n_forward: int, steps: int, lookahead: int,
+               writes: bool = True) -> None:
     """Segments per group. Naive: everything lives the whole iteration. Swap: a group idle between its
     last forward use and its first backward use is out of memory in between; its window says when
-    (the one place the swap timing is decided)."""
+    (the one place the swap timing is decided). Swap-all: besides, a persistent tensor is out of
+    memory between touches further apart than the lookahead (round the iteration): segment j runs
+    from the load of window j - 1 to the step before window j frees its bytes, and may wrap."""
     for g in groups:
         whole = mode == "naive" or g.pinned
         first, last = (0, steps - 1) if whole else (min(g.touches), max(g.touches))
         g.segments = [Segment(first, last)]
-        if mode == "swap" and not g.pinned:
+        if mode == "swap-all" and g.pinned and g.touches:
+            g.cycle = _cycle_windows(g.touches, steps, lookahead, writes=writes and g.role != "anchor")
+            k = len(g.cycle)
+            if k:
+                g.segments = [Segment(g.cycle[j - 1].load_at, (g.cycle[j].free_at - 1) % steps) for j in range(k)]
+            continue
+        if mode in SWAP_MODES and not g.pinned:
             fwd = [t for t in g.touches if t < n_forward]
             bwd = [t for t in g.touches if t >= n_forward]
             if fwd and bwd:
@@ -454,15 +555,68 @@ def _lifespans(groups: list[Group], mode: str, n_forward: int, steps: int, looka
                     g.segments = [Segment(first, w.free_at - 1), Segment(w.load_at, last)]
 
 
-def _swap_items(groups: list[Group]) -> list[SwapItem]:
-    """One item per swapped group, with its planned offsets and its place in the swap file."""
-    items, file_offset = [], 0
+# When a persistent tensor's next use needs it read back (the micro-iteration's phase), and which of
+# its touches change it (so it must be written out) or use it up (so it need not be).
+LOAD_WHEN = {"weight": "always", "stat": "always", "gradacc": "not_first", "opt": "apply", "anchor": "apply"}
+
+
+def _marks(g: Group, slot: int, n: Node) -> list[Mark]:
+    """The steps of node `n` that change (or spend) group g; a node that does not train changes
+    nothing (a frozen batch norm keeps its statistics)."""
+    if not n.trains:
+        return []
+    o = n.order
+    if g.role == "weight":
+        return [Mark(slot, o.apply_grad, "apply")]
+    if g.role == "stat":
+        return [Mark(slot, o.forward)]  # a training batch norm updates its running statistics
+    if g.role == "gradacc":  # accumulated into at calc-gradient, spent by the optimizer
+        return [Mark(slot, o.calc_grad), Mark(slot, o.apply_grad, "apply", dirty=False)]
+    if g.role == "opt":
+        return [Mark(slot, o.apply_grad, "apply")]
+    return []  # anchors are written from outside, straight into the file
+
+
+def _swap_items(groups: list[Group], tab: _Table, nodes: list[Node], steps: int,
+                file_homes: Mapping[str, int] | None = None,
+                ) -> tuple[list[SwapItem], list[Mark], list[Resident], dict[str, int], int]:
+    """One item per swap window with its planned offsets and its place in the swap file; for
+    swap-all also the marks, the persistent segments (those in the arena across the iteration
+    boundary flagged) and each swapped persistent tensor's home in the file: a place of its own, or
+    where `file_homes` says (inference over a training plan's file, where a weight with no window
+    stays in the arena, read in once). Returns (items, marks, segments, homes, file bytes)."""
+    tensors = tab.tensors
+    items, marks, resident, homes = [], [], [], {}
+    file_offset = slot = 0
     for g in groups:
+        name = tensors[g.members[0]].name
+        if file_homes is not None and g.pinned and not g.cycle and name in file_homes:
+            seg = g.segments[0]
+            resident.append(Resident(slot, seg.offset, file_homes[name], g.nbytes, seg.first, seg.last))
+            homes[name] = file_homes[name]
+            slot += 1
+            continue
         if g.window is not None:
             out_seg, in_seg = g.segments
             items.append(SwapItem(g.nbytes, out_seg.offset, in_seg.offset, file_offset, *g.window))
             file_offset += g.nbytes
-    return items
+        elif g.cycle:
+            home = file_homes[name] if file_homes is not None else file_offset
+            k = len(g.cycle)
+            for j, w in enumerate(g.cycle):
+                load_when = LOAD_WHEN[g.role]
+                if w.load_at > w.first_backward:  # the read starts in the iteration before its use
+                    load_when = "always"
+                items.append(SwapItem(g.nbytes, g.segments[j].offset, g.segments[(j + 1) % k].offset, home,
+                                      *w, slot=slot, load_when=load_when, cycle=steps))
+            marks += _marks(g, slot, nodes[tab.weight_owner[name.split(":", 1)[0]]])
+            resident += [Resident(slot, seg.offset, home, g.nbytes, seg.first, seg.last, seg.first > seg.last)
+                         for seg in g.segments]
+            homes[name] = home
+            if file_homes is None:
+                file_offset += g.nbytes
+            slot += 1
+    return items, marks, resident, homes, file_offset
 
 
 def compile(  # noqa: A001  (the graph's one verb)
@@ -480,6 +634,8 @@ def compile(  # noqa: A001  (the graph's one verb)
     seed: int = 0,
     allocate: bool = True,
     dtype: type = np.float32,
+    kernels: str = DEFAULT_KERNELS,
+    file_homes: Mapping[str, int] | None = None,
 ) -> Compiled:
     """Order, size and plan the model for `batch` examples per (micro-)step.
 
@@ -488,19 +644,26 @@ def compile(  # noqa: A001  (the graph's one verb)
     tensor, zeroed, for a proximal term. `external` weights are used in place (not allocated in the arena);
     `weights` are copied into the arena (default: fresh ones from `seed`).
     With allocate=False only the sizes are computed (for budget search and `plan` reports).
-    dtype=np.float64 exists for gradient checks; training runs in float32.
+    dtype=np.float64 exists for gradient checks; training runs in float32. `kernels` names the kernel
+    backend the layers run (modes.KERNEL_BACKENDS); it changes some scratch requests, so the plan.
+    `file_homes` (swap-all inference): where a training plan's swap file holds each weight that is not
+    `external`; the weights are then read from there a window at a time, never all at once.
     """
+    if kernels not in KERNEL_BACKENDS:
+        raise ValueError(f"kernels must be one of {tuple(KERNEL_BACKENDS)}, got {kernels!r}")
     if mode not in MODES:
         raise ValueError(f"memory mode must be one of {MODES}, got {mode!r}")
     if micro_batch < 1 or batch % micro_batch:
         raise ValueError(f"micro_batch {micro_batch} must divide the batch size {batch}")
     if lookahead < 1:
         raise ValueError(f"lookahead must be >= 1, got {lookahead}")
-    nodes = _finalized(spec, batch // micro_batch, split=True)
+    nodes = _finalized(spec, batch // micro_batch, split=True, kernels=kernels, accumulates=micro_batch > 1)
     steps = _schedule(nodes, spec, training)
     tab = _tensor_table(nodes, steps, micro_batch, optimizer_slots, external or {}, dtype, frozenset(anchored))
+    if mode == "swap-all" and not training and file_homes is None:
+        raise ValueError("swap-all inference reads weights from a training plan's swap file: give file_homes")
     groups, aliased = _groups(tab, nodes, share=mode != "naive")
-    _lifespans(groups, mode, len(nodes), steps, lookahead)
+    _lifespans(groups, mode, len(nodes), steps, lookahead, writes=training)
 
     usages = [Usage(g.nbytes, s.first, s.last) for g in groups for s in g.segments]
     plan = PLANNERS["naive" if mode == "naive" else "greedy_by_size"](usages)
@@ -508,15 +671,15 @@ def compile(  # noqa: A001  (the graph's one verb)
     for g in groups:
         for s in g.segments:
             s.offset = next(offsets)
+    items, marks, resident, homes, file_bytes = _swap_items(groups, tab, nodes, steps, file_homes)
     compiled = Compiled(
         spec=spec, batch=batch, training=training, mode=mode, nodes=nodes, tensors=tab.tensors, groups=groups,
         plan=plan, arena=Arena.from_plan(usages, plan) if allocate else None, steps=steps, lookahead=lookahead,
-        micro_batch=micro_batch, views={}, contexts=[], feed=Feed(), weight_owner=tab.weight_owner,
+        micro_batch=micro_batch, views={}, contexts=[], feed=Feed(), weight_owner=tab.weight_owner, kernels=kernels,
         opt_names=tab.opt_names,
         naive_bytes=sum(aligned(t.nbytes) for t in tab.tensors if not t.external),
         lower_bound_bytes=lower_bound(usages),
-        grad_acc={tab.tensors[g].name: tab.tensors[a].name for g, a in tab.grad_acc.items()},
-        swap_items=_swap_items(groups),
+        swap_items=items, swap_marks=marks, swap_segments=resident, homes=homes, swap_file_bytes=file_bytes,
     )
     if allocate:
         init = weights if weights is not None else ({} if external else init_weights(spec, seed))
@@ -527,7 +690,10 @@ def compile(  # noqa: A001  (the graph's one verb)
 def _bind(c: Compiled, tab: _Table, aliased: list[bool], external: Mapping[str, np.ndarray],
           init: Mapping[str, np.ndarray], seed: int) -> None:
     """Views into the arena: pinned tensors by name (weights filled from `init`, optimizer state and
-    accumulators zeroed) and one RunContext per node and step kind, resolved at that step."""
+    accumulators zeroed) and one RunContext per node and step kind, resolved at that step. Persistent
+    tensors that swap-all moves through the file get no view by name: their values are the caller's
+    to write into the file (`Compiled.homes`), and the steps that touch them see the segment of
+    their step."""
     tensors, groups, arena = tab.tensors, c.groups, c.arena
 
     def view(i: int | None, step: int) -> np.ndarray | None:
@@ -538,12 +704,12 @@ def _bind(c: Compiled, tab: _Table, aliased: list[bool], external: Mapping[str, 
             return external[t.name]
         g = groups[t.group]
         for s in g.segments:
-            if s.first <= step <= s.last:
+            if Usage(0, s.first, s.last).covers(step):
                 return arena.view(s.offset, t.shape, t.dtype)
         return arena.view(g.segments[0].offset, t.shape, t.dtype)  # untouched at this step
 
     for t in tensors:
-        if not t.pinned:
+        if not t.pinned or t.name in c.homes:
             continue
         c.views[t.name] = view(tab.by_name[t.name], 0)
         if t.role in ("weight", "stat") and not t.external:
@@ -574,6 +740,19 @@ def _bind(c: Compiled, tab: _Table, aliased: list[bool], external: Mapping[str, 
             run.state = state
             per_step[kind] = run
         c.contexts.append(per_step)
+        applies = []
+        o = n.order
+        for w_id, g_id in zip(tab.weights[ni], tab.grads[ni], strict=True):
+            if g_id is None:
+                continue
+            name = tensors[w_id].name
+            anchor = tab.by_name.get(f"{name}:anchor")
+            applies.append(ApplyViews(
+                name, view(w_id, o.apply_grad), view(g_id, o.apply_grad),
+                [view(tab.by_name[k], o.apply_grad) for k in tab.opt_names.get(name, [])],
+                view(anchor, o.apply_grad),
+            ))
+        c.apply_views.append(applies)
 
 
 def output_size(spec: ModelSpec) -> int:

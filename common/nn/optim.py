@@ -14,56 +14,92 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
+from .layers.kernels import for_backend
+from .modes import DEFAULT_KERNELS
 from .spec import ModelSpec, OptimizerSpec, SchedulerSpec
 
+KERNELS = ("sgd_step", "sgd_momentum_step", "adam_step", "proximal_grad", "add_decay")
+CHUNK = 1 << 16  # elements per pass where an update needs a temporary (256 KiB in float32)
 
-@njit(["void(float32[::1], float32[::1], float32[::1], float32)",
-      "void(float64[::1], float64[::1], float64[::1], float64)"], cache=True, nogil=True)
-def proximal_grad(g, w, anchor, mu):
+
+def _blocks(n: int):
+    return ((a, min(a + CHUNK, n)) for a in range(0, n, CHUNK))
+
+
+def _add_scaled(acc: np.ndarray, alpha: float, x: np.ndarray) -> None:
+    """acc += alpha * x, a chunk at a time."""
+    tmp = np.empty(min(CHUNK, acc.size), acc.dtype)
+    for a, z in _blocks(acc.size):
+        t = tmp[: z - a]
+        np.multiply(x[a:z], alpha, out=t)
+        np.add(acc[a:z], t, out=acc[a:z])
+
+
+def proximal_grad(g, w, anchor, mu) -> None:
     """g += mu * (w - anchor): the gradient of mu/2 * ||w - anchor||^2, added before the update."""
-    for i in range(g.size):
-        g[i] += mu * (w[i] - anchor[i])
+    tmp = np.empty(min(CHUNK, g.size), g.dtype)
+    for a, z in _blocks(g.size):
+        t = tmp[: z - a]
+        np.subtract(w[a:z], anchor[a:z], out=t)
+        np.multiply(t, mu, out=t)
+        np.add(g[a:z], t, out=g[a:z])
 
 
-@njit(["void(float32[::1], float32[::1], float32)", "void(float64[::1], float64[::1], float64)"],
-      cache=True, nogil=True)
-def add_decay(g, w, c):
+def add_decay(g, w, c) -> None:
     """g += c * w: the gradient of c/2 * ||w||^2 (a layer's L2 regularizer or decay)."""
-    for i in range(g.size):
-        g[i] += c * w[i]
+    _add_scaled(g, c, w)
 
 
-@njit(cache=True, nogil=True)
-def sgd_step(w, g, lr, wd):
-    for i in range(w.size):
-        w[i] -= lr * (g[i] + wd * w[i])
+def sgd_step(w, g, lr, wd) -> None:
+    """w -= lr * (g + wd * w). The gradient is consumed (used as scratch)."""
+    if wd:
+        _add_scaled(g, wd, w)
+    np.multiply(g, lr, out=g)
+    np.subtract(w, g, out=w)
 
 
-@njit(cache=True, nogil=True)
-def sgd_momentum_step(w, g, v, lr, mu, wd):
-    for i in range(w.size):
-        v[i] = mu * v[i] + g[i] + wd * w[i]
-        w[i] -= lr * v[i]
+def sgd_momentum_step(w, g, v, lr, mu, wd) -> None:
+    """v = mu * v + g + wd * w; w -= lr * v. The gradient is consumed."""
+    np.multiply(v, mu, out=v)
+    np.add(v, g, out=v)
+    if wd:
+        _add_scaled(v, wd, w)
+    np.multiply(v, lr, out=g)
+    np.subtract(w, g, out=w)
 
 
-@njit(cache=True, nogil=True)
-def adam_step(w, g, m, v, lr, b1, b2, eps, wd, c1, c2):
-    """c1, c2 = 1 - beta^t bias corrections."""
-    for i in range(w.size):
-        gi = g[i] + wd * w[i]
-        m[i] = b1 * m[i] + (1.0 - b1) * gi
-        v[i] = b2 * v[i] + (1.0 - b2) * gi * gi
-        w[i] -= lr * (m[i] / c1) / (math.sqrt(v[i] / c2) + eps)
+def adam_step(w, g, m, v, lr, b1, b2, eps, wd, c1, c2) -> None:
+    """Adam with bias corrections c1, c2 = 1 - beta^t, a chunk at a time. The gradient is consumed."""
+    if wd:
+        _add_scaled(g, wd, w)
+    tmp = np.empty(min(CHUNK, w.size), w.dtype)
+    for a, z in _blocks(w.size):
+        t, gs, ms, vs, ws = tmp[: z - a], g[a:z], m[a:z], v[a:z], w[a:z]
+        np.multiply(ms, b1, out=ms)
+        np.multiply(gs, 1.0 - b1, out=t)
+        np.add(ms, t, out=ms)
+        np.multiply(vs, b2, out=vs)
+        np.multiply(gs, gs, out=t)
+        np.multiply(t, 1.0 - b2, out=t)
+        np.add(vs, t, out=vs)
+        np.divide(vs, c2, out=t)
+        np.sqrt(t, out=t)
+        np.add(t, eps, out=t)
+        np.divide(ms, c1, out=gs)
+        np.divide(gs, t, out=gs)
+        np.multiply(gs, lr, out=gs)
+        np.subtract(ws, gs, out=ws)
 
 
 class Optimizer:
     """Applies one update to one weight from its gradient and state views (all flat float32)."""
 
-    def __init__(self, spec: OptimizerSpec) -> None:
+    def __init__(self, spec: OptimizerSpec, kernels: str = DEFAULT_KERNELS) -> None:
         self.spec = spec
         self.slots = {"sgd": 1 if spec.momentum > 0 else 0, "adam": 2}[spec.type]
+        self.kernels = kernels
+        self.k = for_backend(__name__, kernels)
 
     def apply(self, w: np.ndarray, g: np.ndarray, state: list[np.ndarray], lr: float, iteration: int,
               anchor: np.ndarray | None = None, mu: float = 0.0, decay: float = 0.0) -> None:
@@ -73,19 +109,19 @@ class Optimizer:
         f32 = np.float32
         w, g = w.reshape(-1), g.reshape(-1)
         if decay > 0:
-            add_decay(g, w, f32(decay))
+            self.k.add_decay(g, w, f32(decay))
         if anchor is not None and mu > 0:
-            proximal_grad(g, w, anchor.reshape(-1), f32(mu))
+            self.k.proximal_grad(g, w, anchor.reshape(-1), f32(mu))
         if s.type == "adam":
             t = iteration + 1
-            adam_step(
+            self.k.adam_step(
                 w, g, state[0].reshape(-1), state[1].reshape(-1), f32(lr), f32(s.beta1), f32(s.beta2),
                 f32(s.epsilon), f32(s.weight_decay), f32(1.0 - s.beta1**t), f32(1.0 - s.beta2**t),
             )
         elif self.slots:
-            sgd_momentum_step(w, g, state[0].reshape(-1), f32(lr), f32(s.momentum), f32(s.weight_decay))
+            self.k.sgd_momentum_step(w, g, state[0].reshape(-1), f32(lr), f32(s.momentum), f32(s.weight_decay))
         else:
-            sgd_step(w, g, f32(lr), f32(s.weight_decay))
+            self.k.sgd_step(w, g, f32(lr), f32(s.weight_decay))
 
 
 def learning_rate(base: float, sched: SchedulerSpec, iteration: int) -> float:

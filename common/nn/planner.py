@@ -1,8 +1,10 @@
 """Memory planners: pure functions from buffer usages to offsets in one arena.
 
-A usage is a size and an inclusive [first, last] range of execution orders. Two usages whose
-ranges overlap must not overlap in the arena. Sizes are rounded up to ALIGN so every view is
-aligned for numba and BLAS.
+A usage is a size and an inclusive [first, last] range of execution orders; first > last means
+the range wraps round the end of an iteration into the next one ([first, end] and [0, last]: a
+persistent tensor kept in the arena from the last steps of one iteration into the first of the
+next). Two usages whose ranges overlap must not overlap in the arena. Sizes are rounded up to
+ALIGN so every view is aligned for numba and BLAS.
 """
 
 from __future__ import annotations
@@ -22,7 +24,25 @@ class PlanError(RuntimeError):
 class Usage:
     size: int
     first: int
-    last: int  # inclusive
+    last: int  # inclusive; below first: the range wraps round the iteration's end
+
+    @property
+    def wraps(self) -> bool:
+        return self.last < self.first
+
+    def covers(self, step: int) -> bool:
+        if self.wraps:
+            return step >= self.first or step <= self.last
+        return self.first <= step <= self.last
+
+    def overlaps(self, other: Usage) -> bool:
+        if self.wraps and other.wraps:
+            return True  # both hold the iteration's end
+        if self.wraps:
+            return other.last >= self.first or other.first <= self.last
+        if other.wraps:
+            return self.last >= other.first or self.first <= other.last
+        return self.first <= other.last and other.first <= self.last
 
 
 @dataclass(frozen=True)
@@ -54,9 +74,7 @@ def _best_fit(usages: Sequence[Usage], order: Sequence[int], align: int) -> tupl
         u = usages[i]
         size = aligned(u.size, align)
         live = sorted(
-            (offsets[j], offsets[j] + aligned(usages[j].size, align))
-            for j in placed
-            if usages[j].first <= u.last and u.first <= usages[j].last
+            (offsets[j], offsets[j] + aligned(usages[j].size, align)) for j in placed if usages[j].overlaps(u)
         )
         best, best_gap, cursor = None, None, 0
         for start, end in live:
@@ -73,7 +91,7 @@ def _best_fit(usages: Sequence[Usage], order: Sequence[int], align: int) -> tupl
 def _breadth_order(usages: Sequence[Usage]) -> list[int]:
     """Steps with the most live bytes first; within a step, its usages largest first (TFLite's breadth)."""
     steps = sorted({t for u in usages for t in (u.first, u.last)})
-    live = {t: [i for i, u in enumerate(usages) if u.first <= t <= u.last] for t in steps}
+    live = {t: [i for i, u in enumerate(usages) if u.covers(t)] for t in steps}
     breadth = sorted(steps, key=lambda t: -sum(usages[i].size for i in live[t]))
     seen: set[int] = set()
     order = []
@@ -91,10 +109,11 @@ def greedy_by_size(usages: Sequence[Usage], align: int = ALIGN, tries: int = 64)
     lower bound). Each try is O(n^2) over a few hundred buffers."""
     n = range(len(usages))
     floor = lower_bound(usages, align)
+    horizon = max((max(u.first, u.last) for u in usages), default=0) + 1
     orders = [
         sorted(n, key=lambda i: (-usages[i].size, usages[i].first, i)),
         sorted(n, key=lambda i: (-usages[i].size, usages[i].first - usages[i].last, i)),
-        sorted(n, key=lambda i: (-usages[i].size * (usages[i].last - usages[i].first + 1), i)),
+        sorted(n, key=lambda i: (-usages[i].size * _length(usages[i], horizon), i)),
         _breadth_order(usages),
     ]
     rng = random.Random(len(usages))
@@ -113,14 +132,22 @@ def greedy_by_size(usages: Sequence[Usage], align: int = ALIGN, tries: int = 64)
     return Plan(tuple(best[0]), best[1], "greedy_by_size")
 
 
+def _length(u: Usage, horizon: int) -> int:
+    """Steps a usage spans (a wrapping one: to the horizon and from 0)."""
+    return (horizon - u.first + u.last + 1) if u.wraps else (u.last - u.first + 1)
+
+
 def lower_bound(usages: Sequence[Usage], align: int = ALIGN) -> int:
     """The most bytes live at any one execution order: no plan can be smaller."""
     if not usages:
         return 0
     events: dict[int, int] = {}
     for u in usages:
-        events[u.first] = events.get(u.first, 0) + aligned(u.size, align)
-        events[u.last + 1] = events.get(u.last + 1, 0) - aligned(u.size, align)
+        size = aligned(u.size, align)
+        events[u.first] = events.get(u.first, 0) + size
+        if u.wraps:  # live from first on, and from 0 to last
+            events[0] = events.get(0, 0) + size
+        events[u.last + 1] = events.get(u.last + 1, 0) - size
     live = peak = 0
     for t in sorted(events):
         live += events[t]
@@ -135,15 +162,15 @@ def validate(usages: Sequence[Usage], plan: Plan, align: int = ALIGN) -> None:
         off, size = plan.offsets[i], aligned(u.size, align)
         if off < 0 or off + size > plan.total or off % align:
             raise PlanError(f"usage {i} at offset {off} (+{size}) is outside or misaligned in an arena of {plan.total}")
-        spans.append((off, off + size, u.first, u.last, i))
+        spans.append((off, off + size, i))
     spans.sort()
     for a in range(len(spans)):
-        s0, e0, f0, l0, i0 = spans[a]
+        s0, e0, i0 = spans[a]
         for b in range(a + 1, len(spans)):
-            s1, e1, f1, l1, i1 = spans[b]
+            s1, e1, i1 = spans[b]
             if s1 >= e0:
                 break
-            if f0 <= l1 and f1 <= l0 and min(e0 - s0, e1 - s1) > 0:
+            if usages[i0].overlaps(usages[i1]) and min(e0 - s0, e1 - s1) > 0:
                 raise PlanError(f"usages {i0} and {i1} overlap in bytes [{s1}, {min(e0, e1)}) and in time")
 
 

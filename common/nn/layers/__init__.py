@@ -2,14 +2,16 @@
 
 KINDS is the one table of layer kinds: which LayerSpec keys each accepts (spec.LAYER_KEYS is read
 from it) and which module of this package implements it. Importing this package is light (no
-numpy, no numba): LAYERS[kind] imports a kind's module -- compiling or loading its numba kernels --
-the first time a model uses that kind. The contract's names (Layer, RunContext, ...) load
-`base` on first use.
+numpy, no numba): LAYERS[kind] imports a kind's module -- its numpy kernels -- the first time a
+model uses that kind, and a layer finalized for the numba backend imports its numba twin in
+fedpers.nn.jit then. The contract's names (Layer, RunContext, ...) load `base` on first use.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import pkgutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -75,9 +77,15 @@ def add_kind(name: str, keys: frozenset[str] | set[str] = frozenset(), module: s
 
 
 def import_all() -> list[str]:
-    """Import every kind's module (compiling its kernels into numba's cache); returns the module names.
-    For warming a cache ahead of time (an image build); models load only the kinds they use."""
-    return [importlib.import_module(kind.module_path(__name__)).__name__ for kind in KINDS.values() if kind.module]
+    """Import every kind's module and, when numba is installed, every numba twin (compiling its kernels
+    into numba's cache); returns the module names. For warming a cache ahead of time (an image
+    build); models load only the kinds they use."""
+    names = [importlib.import_module(kind.module_path(__name__)).__name__ for kind in KINDS.values() if kind.module]
+    if importlib.util.find_spec("numba") is not None:
+        jit = importlib.util.find_spec(__name__.rsplit(".", 1)[0] + ".jit")
+        for info in pkgutil.iter_modules(jit.submodule_search_locations):
+            names.append(importlib.import_module(f"{jit.name}.{info.name}").__name__)
+    return names
 
 
 def __getattr__(name: str) -> Any:

@@ -3,7 +3,8 @@ views a run context hands them. Layer code never allocates (no np.empty / np.zer
 
 finalize(ctx) -> output shape          (batch dimension included)
 forward(run, training)                  reads run.input(i), writes run.output()
-calc_gradient(run)                      writes run.grad(k) for its trainable weights
+calc_gradient(run)                      writes run.grad(k) for its trainable weights -- or, when
+                                        run.accumulate is set (micro-batching), adds to it
 calc_derivative(run)                    writes run.din(i) = dL/d input i from run.dout()
 
 Integer handles returned by request_* index into run.weight / run.grad / run.tensor.
@@ -53,6 +54,7 @@ class InitContext:
     layer_name: str
     input_shapes: list[Shape]
     batch: int
+    kernels: str = "numpy"  # the kernel backend (modes.KERNEL_BACKENDS): `kernels.for_backend` resolves it
     weights: list[WeightRequest] = field(default_factory=list)
     scratch: list[ScratchRequest] = field(default_factory=list)
     # When, beyond its own forward, this layer reads its inputs / its output.
@@ -63,6 +65,12 @@ class InitContext:
     view: bool = False
     # calc_derivative may write din into the same buffer as dout (elementwise).
     deriv_inplace: bool = False
+    # Set by the graph (it finalizes such a layer again): some reader of this layer's output keeps it
+    # for its own backward anyway, so keeping it costs nothing more (relu then reads its signs there).
+    output_kept: bool = False
+    # Micro-batching: calc_gradient will be asked to add into the gradients (run.accumulate), which are
+    # then the accumulators themselves; a layer requests the small scratch that takes.
+    accumulates: bool = False
 
     def request_weight(
         self, name: str, shape: Shape, initializer: str, trainable: bool = True, fan_in: int = 1, fan_out: int = 1
@@ -105,7 +113,7 @@ class RunContext:
     """Views for one layer at one step. Built by the graph; resolved again when swapping moves a tensor."""
 
     __slots__ = ("inputs", "out", "weights", "grads", "tensors", "dins", "dout_", "douts", "aliased", "feed",
-                 "state")
+                 "state", "accumulate")
 
     def __init__(self) -> None:
         self.inputs: list[np.ndarray] = []
@@ -119,6 +127,7 @@ class RunContext:
         self.aliased: bool = False  # output shares the input's buffer (in place or view)
         self.feed: Feed = Feed()  # replaced by the graph's shared record
         self.state: LayerState | None = None  # the node's own record, if its layer class names one
+        self.accumulate: bool = False  # calc_gradient adds to the gradients instead of writing them
 
     def input(self, i: int = 0) -> np.ndarray:
         return self.inputs[i]

@@ -17,126 +17,72 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
 
 from ..order import Life
 from .base import InitContext, Layer, RunContext, Shape, register
-from .kernels import REDUCE, signatures
+from .kernels import for_backend
 
+KERNELS = ("bn_train_forward", "bn_eval_forward", "bn_param_grad", "bn_train_backward", "bn_frozen_backward")
 DEFAULT_MOMENTUM = 0.99
 DEFAULT_EPSILON = 1e-3
 
 
-@njit(
-    signatures(
-        "void({t}[:,:,::1], {t}[::1], {t}[::1], {t}[:,:,::1], {t}[:,:,::1], {t}[::1], "
-        "{t}[::1], {t}[::1], float64, float64, boolean)"
-    ),
-    cache=True,
-    nogil=True,
-    fastmath=REDUCE,
-)
-def bn_train_forward(x, gamma, beta, xhat, out, inv_std, run_mean, run_var, eps, momentum, update):
-    """Normalize with batch statistics; xhat and inv_std are saved for backward. out may alias x."""
-    n_b, c_n, p = x.shape
+def _c(v: np.ndarray) -> np.ndarray:
+    """A per-channel vector as (1, C, 1), to broadcast over (N, C, P)."""
+    return v[None, :, None]
+
+
+def bn_train_forward(x, gamma, beta, xhat, out, inv_std, run_mean, run_var, eps, momentum, update) -> None:
+    """Normalize with batch statistics; xhat and inv_std are saved for backward. out may alias x.
+    The (C,) statistics are small temporaries; the two passes over x are numpy's pairwise sums."""
+    n_b, _, p = x.shape
     m = n_b * p
-    for c in range(c_n):
-        s = 0.0
-        for n in range(n_b):
-            for k in range(p):
-                s += x[n, c, k]
-        mean = s / m
-        v = 0.0
-        for n in range(n_b):
-            for k in range(p):
-                d = x[n, c, k] - mean
-                v += d * d
-        var = v / m
-        inv = 1.0 / math.sqrt(var + eps)
-        inv_std[c] = inv
-        g = gamma[c]
-        b = beta[c]
-        for n in range(n_b):
-            for k in range(p):
-                xh = (x[n, c, k] - mean) * inv
-                xhat[n, c, k] = xh
-                out[n, c, k] = g * xh + b
-        if update:
-            run_mean[c] = momentum * run_mean[c] + (1.0 - momentum) * mean
-            run_var[c] = momentum * run_var[c] + (1.0 - momentum) * var
+    np.sum(x, axis=(0, 2), out=inv_std)
+    mean = inv_std / m
+    np.subtract(x, _c(mean), out=xhat)
+    np.einsum("ncp,ncp->c", xhat, xhat, out=inv_std)
+    var = inv_std / m
+    np.copyto(inv_std, 1.0 / np.sqrt(var + eps), casting="same_kind")  # alloc-ok: (C,)
+    np.multiply(xhat, _c(inv_std), out=xhat)
+    np.multiply(xhat, _c(gamma), out=out)
+    np.add(out, _c(beta), out=out)
+    if update:
+        np.copyto(run_mean, momentum * run_mean + (1.0 - momentum) * mean, casting="same_kind")
+        np.copyto(run_var, momentum * run_var + (1.0 - momentum) * var, casting="same_kind")
 
 
-@njit(
-    signatures("void({t}[:,:,::1], {t}[::1], {t}[::1], {t}[::1], {t}[::1], float64, {t}[:,:,::1])"),
-    cache=True,
-    nogil=True,
-)
-def bn_eval_forward(x, gamma, beta, run_mean, run_var, eps, out):
+def bn_eval_forward(x, gamma, beta, run_mean, run_var, eps, out) -> None:
     """out = gamma * (x - running_mean) / sqrt(running_var + eps) + beta; out may alias x."""
-    n_b, c_n, p = x.shape
-    for c in range(c_n):
-        scale = gamma[c] / math.sqrt(run_var[c] + eps)
-        shift = beta[c] - run_mean[c] * scale
-        for n in range(n_b):
-            for k in range(p):
-                out[n, c, k] = x[n, c, k] * scale + shift
+    scale = gamma / np.sqrt(run_var + np.asarray(eps, run_var.dtype))  # alloc-ok: (C,)
+    shift = beta - run_mean * scale
+    np.multiply(x, _c(scale), out=out)
+    np.add(out, _c(shift), out=out)
 
 
-@njit(signatures("void({t}[:,:,::1], {t}[:,:,::1], {t}[::1], {t}[::1])"), cache=True, nogil=True, fastmath=REDUCE)
-def bn_param_grad(dy, xhat, dgamma, dbeta):
+def bn_param_grad(dy, xhat, dgamma, dbeta) -> None:
     """dgamma = sum dy * x_hat, dbeta = sum dy, per channel."""
-    n_b, c_n, p = dy.shape
-    for c in range(c_n):
-        sg = 0.0
-        sb = 0.0
-        for n in range(n_b):
-            for k in range(p):
-                d = dy[n, c, k]
-                sb += d
-                sg += d * xhat[n, c, k]
-        dgamma[c] = sg
-        dbeta[c] = sb
+    np.einsum("ncp,ncp->c", dy, xhat, out=dgamma)
+    np.sum(dy, axis=(0, 2), out=dbeta)
 
 
-@njit(
-    signatures("void({t}[:,:,::1], {t}[:,:,::1], {t}[::1], {t}[::1], {t}[:,:,::1])"),
-    cache=True,
-    nogil=True,
-    fastmath=REDUCE,
-)
-def bn_train_backward(dy, xhat, gamma, inv_std, dx):
-    """dx = gamma * inv_std / M * (M * dy - sum dy - x_hat * sum(dy * x_hat)); dx may alias dy."""
-    n_b, c_n, p = dy.shape
+def bn_train_backward(dy, xhat, gamma, inv_std, dx) -> None:
+    """dx = gamma * inv_std / M * (M * dy - sum dy - x_hat * sum(dy * x_hat)); dx may alias dy.
+    This is x_hat's last use: it is overwritten (with x_hat * mean(dy * x_hat))."""
+    n_b, _, p = dy.shape
     m = n_b * p
-    for c in range(c_n):
-        s1 = 0.0
-        s2 = 0.0
-        for n in range(n_b):
-            for k in range(p):
-                d = dy[n, c, k]
-                s1 += d
-                s2 += d * xhat[n, c, k]
-        k1 = gamma[c] * inv_std[c]
-        mean_dy = s1 / m
-        mean_dyx = s2 / m
-        for n in range(n_b):
-            for k in range(p):
-                dx[n, c, k] = k1 * (dy[n, c, k] - mean_dy - xhat[n, c, k] * mean_dyx)
+    mean_dy = np.sum(dy, axis=(0, 2)) / m  # alloc-ok: (C,)
+    mean_dyx = np.einsum("ncp,ncp->c", dy, xhat) / m  # alloc-ok: (C,)
+    k1 = gamma * inv_std
+    np.multiply(xhat, _c(mean_dyx), out=xhat)
+    np.subtract(dy, xhat, out=dx)
+    np.subtract(dx, _c(mean_dy), out=dx)
+    np.multiply(dx, _c(k1), out=dx)
 
 
-@njit(
-    signatures("void({t}[:,:,::1], {t}[::1], {t}[::1], float64, {t}[:,:,::1])"),
-    cache=True,
-    nogil=True,
-)
-def bn_frozen_backward(dy, gamma, run_var, eps, dx):
+def bn_frozen_backward(dy, gamma, run_var, eps, dx) -> None:
     """The derivative through fixed statistics: dx = dy * gamma / sqrt(running_var + eps); dx may alias dy."""
-    n_b, c_n, p = dy.shape
-    for c in range(c_n):
-        scale = gamma[c] / math.sqrt(run_var[c] + eps)
-        for n in range(n_b):
-            for k in range(p):
-                dx[n, c, k] = dy[n, c, k] * scale
+    scale = gamma / np.sqrt(run_var + np.asarray(eps, run_var.dtype))  # alloc-ok: (C,)
+    np.multiply(dy, _c(scale), out=dx)
 
 
 @register
@@ -156,15 +102,19 @@ class BatchNormalization(Layer):
         self.eps = float(self.spec.epsilon if self.spec.epsilon is not None else DEFAULT_EPSILON)
         self.momentum = float(self.spec.momentum if self.spec.momentum is not None else DEFAULT_MOMENTUM)
         self.frozen = not self.spec.trainable
+        self.k = for_backend(__name__, ctx.kernels)
         sp = self.spec
         self.gamma = ctx.request_weight("gamma", (c,), sp.gamma_initializer or "ones")
         self.beta = ctx.request_weight("beta", (c,), sp.beta_initializer or "zeros")
         self.mean = ctx.request_weight("running_mean", (c,), sp.moving_mean_initializer or "zeros", trainable=False)
         self.var = ctx.request_weight("running_var", (c,), sp.moving_variance_initializer or "ones", trainable=False)
         self.xhat = self.inv_std = None
+        self.sums = None
         if not self.frozen:
             self.xhat = ctx.request_tensor("x_hat", shape, Life.FORWARD | Life.CALC_GRAD | Life.CALC_DERIV)
             self.inv_std = ctx.request_tensor("inv_std", (c,), Life.FORWARD | Life.CALC_DERIV)
+            if ctx.accumulates:  # this micro-batch's dgamma, dbeta before they are added
+                self.sums = ctx.request_tensor("param_grads", (2, c), Life.CALC_GRAD)
         ctx.inplace = True
         ctx.deriv_inplace = True
         return shape
@@ -180,28 +130,35 @@ class BatchNormalization(Layer):
         gamma, beta = run.weight(self.gamma), run.weight(self.beta)
         mean, var = run.weight(self.mean), run.weight(self.var)
         if training and not self.frozen:
-            bn_train_forward(
+            self.k.bn_train_forward(
                 x, gamma, beta, _as3(run.tensor(self.xhat)), out, run.tensor(self.inv_std),
                 mean, var, self.eps, self.momentum, True,
             )  # fmt: skip
         else:
-            bn_eval_forward(x, gamma, beta, mean, var, self.eps, out)
+            self.k.bn_eval_forward(x, gamma, beta, mean, var, self.eps, out)
 
     def calc_gradient(self, run: RunContext) -> None:
+        _as3 = self._as3
         dgamma, dbeta = run.grad(self.gamma), run.grad(self.beta)
         if dgamma is None or dbeta is None or self.frozen:
             return
-        bn_param_grad(self._as3(run.dout()), self._as3(run.tensor(self.xhat)), dgamma, dbeta)
+        if not run.accumulate:
+            self.k.bn_param_grad(_as3(run.dout()), _as3(run.tensor(self.xhat)), dgamma, dbeta)
+            return
+        sums = run.tensor(self.sums)
+        self.k.bn_param_grad(_as3(run.dout()), _as3(run.tensor(self.xhat)), sums[0], sums[1])
+        np.add(dgamma, sums[0], out=dgamma)
+        np.add(dbeta, sums[1], out=dbeta)
 
     def calc_derivative(self, run: RunContext) -> None:
+        _as3 = self._as3
         din = run.din()
         if din is None:
             return
-        _as3 = self._as3
         dy = _as3(run.dout())
         if self.frozen:
-            bn_frozen_backward(dy, run.weight(self.gamma), run.weight(self.var), self.eps, _as3(din))
+            self.k.bn_frozen_backward(dy, run.weight(self.gamma), run.weight(self.var), self.eps, _as3(din))
         else:
-            bn_train_backward(
+            self.k.bn_train_backward(
                 dy, _as3(run.tensor(self.xhat)), run.weight(self.gamma), run.tensor(self.inv_std), _as3(din)
             )

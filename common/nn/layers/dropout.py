@@ -10,37 +10,41 @@ whether the last forward applied a mask, for calc_derivative.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
-from numba import njit, uint64
 
-from ...rng import GOLDEN, counter_hash
+from ...rng import GOLDEN, MASK64, counter_hash_into
 from ..order import Life
 from .base import InitContext, Layer, LayerState, RunContext, Shape, register
-from .kernels import signatures
+from .kernels import for_backend
 
+KERNELS = ("dropout_forward", "dropout_backward")
 BITS = 24  # uniform draws of 24 bits: the rate is resolved to 1 / 16M
+CHUNK = 16384  # draws per numpy pass: the hash scratch is (2, CHUNK) uint64 (256 KiB)
 
 
-@njit(signatures("void({t}[::1], {t}[::1], uint8[::1], float64, uint64)"), cache=True, nogil=True)
-def dropout_forward(x, out, mask, rate, seed):
-    """mask[i] = 1 with probability 1 - rate (from hash(seed, i)); out = x * mask / (1 - rate); out may alias x."""
-    threshold = uint64(int(rate * (1 << BITS)))
-    scale = 1.0 / (1.0 - rate)
-    key = seed * uint64(GOLDEN)
-    for i in range(x.size):
-        keep = (counter_hash(key, i) >> uint64(64 - BITS)) >= threshold
-        mask[i] = 1 if keep else 0
-        out[i] = x[i] * scale if keep else 0.0
+def dropout_forward(x, out, mask, rate, seed, *, hashes) -> None:
+    """mask[i] = 1 with probability 1 - rate (from hash(seed, i)); out = x * mask / (1 - rate); out may
+    alias x. hashes: (2, CHUNK) uint64 scratch, the draws of one chunk at a time."""
+    threshold = np.uint64(int(rate * (1 << BITS)))
+    key = (int(seed) * GOLDEN) & MASK64
+    keep = mask.view(np.bool_)
+    h, tmp = hashes[0], hashes[1]
+    for start in range(0, x.size, h.size):
+        m = min(h.size, x.size - start)
+        counter_hash_into(key, start, h[:m], tmp[:m])
+        np.right_shift(h[:m], np.uint64(64 - BITS), out=h[:m])
+        np.greater_equal(h[:m], threshold, out=keep[start : start + m])
+    np.multiply(x, keep, out=out)
+    np.multiply(out, out.dtype.type(1.0 / (1.0 - rate)), out=out)
 
 
-@njit(signatures("void({t}[::1], uint8[::1], float64, {t}[::1])"), cache=True, nogil=True)
-def dropout_backward(dy, mask, rate, dx):
+def dropout_backward(dy, mask, rate, dx) -> None:
     """dx = dy * mask / (1 - rate); dx may alias dy."""
-    scale = 1.0 / (1.0 - rate)
-    for i in range(dy.size):
-        dx[i] = dy[i] * scale if mask[i] else 0.0
+    np.multiply(dy, mask.view(np.bool_), out=dx)
+    np.multiply(dx, dx.dtype.type(1.0 / (1.0 - rate)), out=dx)
 
 
 @dataclass(slots=True)
@@ -56,9 +60,13 @@ class Dropout(Layer):
     def finalize(self, ctx: InitContext) -> Shape:
         (shape,) = ctx.input_shapes
         self.rate = float(self.spec.dropout_rate or 0.0)
-        self.mask = None
+        self.k = for_backend(__name__, ctx.kernels)
+        self.mask = self.hashes = None
         if self.rate > 0.0:
             self.mask = ctx.request_tensor("mask", shape, Life.FORWARD | Life.CALC_DERIV, np.uint8)
+            if ctx.kernels == "numpy":
+                n = math.prod(shape)
+                self.hashes = ctx.request_tensor("hashes", (2, min(CHUNK, n)), Life.FORWARD, np.uint64)
         ctx.inplace = True
         ctx.deriv_inplace = True
         return shape
@@ -69,8 +77,9 @@ class Dropout(Layer):
         active = state.active = training and self.mask is not None
         if active:
             seed = int(state.rng.integers(0, 2**63))
-            dropout_forward(
-                x.reshape(-1), out.reshape(-1), run.tensor(self.mask).reshape(-1), self.rate, np.uint64(seed)
+            extra = {} if self.hashes is None else {"hashes": run.tensor(self.hashes)}
+            self.k.dropout_forward(
+                x.reshape(-1), out.reshape(-1), run.tensor(self.mask).reshape(-1), self.rate, np.uint64(seed), **extra
             )
         elif not run.aliased:
             np.copyto(out, x)
@@ -81,6 +90,6 @@ class Dropout(Layer):
             return
         dy = run.dout()
         if run.state.active:
-            dropout_backward(dy.reshape(-1), run.tensor(self.mask).reshape(-1), self.rate, din.reshape(-1))
+            self.k.dropout_backward(dy.reshape(-1), run.tensor(self.mask).reshape(-1), self.rate, din.reshape(-1))
         elif not np.shares_memory(din, dy):
             np.copyto(din, dy)

@@ -12,51 +12,39 @@ Nothing upstream of the data: the derivative is never needed.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from numba import njit
 
+from ..order import Life
 from .base import InitContext, Layer, RunContext, Shape, register
-from .kernels import REDUCE, signatures
+from .kernels import for_backend
+
+KERNELS = ("min_max_normalize", "standardize_rows")
 
 
-@njit(signatures("void({t}[:,::1])"), cache=True, nogil=True, fastmath=REDUCE)
-def min_max_normalize(x):
+def min_max_normalize(x) -> None:
     """x (rows, F) in place: (x - min) / (max - min) over all of x; zeros when max == min."""
-    rows, f = x.shape
-    lo = x[0, 0]
-    hi = x[0, 0]
-    for r in range(rows):
-        for j in range(f):
-            v = x[r, j]
-            lo = min(lo, v)
-            hi = max(hi, v)
-    span = hi - lo
-    for r in range(rows):
-        for j in range(f):
-            x[r, j] = (x[r, j] - lo) / span if span > 0 else 0.0
+    lo, hi = x.min(), x.max()  # alloc-ok: two scalars
+    np.subtract(x, lo, out=x)
+    if hi > lo:
+        np.divide(x, hi - lo, out=x)
+    else:
+        x.fill(0)
 
 
-@njit(signatures("void({t}[:,::1])"), cache=True, nogil=True, fastmath=REDUCE)
-def standardize_rows(x):
-    """Each row in place: (x - mean) / (||x - mean||_2 / F), as NNTrainer's standardization; a
-    constant row becomes zeros."""
-    rows, f = x.shape
-    for r in range(rows):
-        s = 0.0
-        for j in range(f):
-            s += x[r, j]
-        mean = s / f
-        ss = 0.0
-        for j in range(f):
-            d = x[r, j] - mean
-            x[r, j] = d
-            ss += d * d
-        scale = math.sqrt(ss) / f
-        inv = 1.0 / scale if scale > 0 else 0.0
-        for j in range(f):
-            x[r, j] *= inv
+def standardize_rows(x, *, rows) -> None:
+    """Each row of x (rows, F) in place: (x - mean) / (||x - mean||_2 / F), as NNTrainer's
+    standardization; a constant row becomes zeros. `rows` is a (rows,) scratch."""
+    f = x.shape[1]
+    np.sum(x, axis=1, out=rows)
+    np.divide(rows, f, out=rows)
+    np.subtract(x, rows[:, None], out=x)
+    np.einsum("ij,ij->i", x, x, out=rows)
+    np.sqrt(rows, out=rows)
+    np.divide(rows, f, out=rows)
+    # A constant row is all zeros by now: any finite factor keeps it zero.
+    np.maximum(rows, np.finfo(rows.dtype).tiny, out=rows)
+    np.reciprocal(rows, out=rows)
+    np.multiply(x, rows[:, None], out=x)
 
 
 @register
@@ -66,6 +54,10 @@ class Input(Layer):
     def finalize(self, ctx: InitContext) -> Shape:
         if self.spec.input_shape is None:
             raise ctx.error("input_shape", "an input layer needs Input_Shape = C:H:W")
+        self.k = for_backend(__name__, ctx.kernels)
+        self.rows = None
+        if self.spec.standardization and ctx.kernels == "numpy":
+            self.rows = ctx.request_tensor("row_stats", (ctx.batch,), Life.FORWARD)
         return (ctx.batch, *self.spec.input_shape)
 
     def forward(self, run: RunContext, training: bool) -> None:
@@ -78,9 +70,10 @@ class Input(Layer):
         if self.spec.normalization or self.spec.standardization:
             rows = out.reshape(out.shape[0], -1)
             if self.spec.normalization:
-                min_max_normalize(rows)
+                self.k.min_max_normalize(rows)
             if self.spec.standardization:
-                standardize_rows(rows)
+                extra = {} if self.rows is None else {"rows": run.tensor(self.rows)}
+                self.k.standardize_rows(rows, **extra)
 
     def calc_derivative(self, run: RunContext) -> None:
         """Nothing upstream of the data."""

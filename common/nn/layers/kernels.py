@@ -1,25 +1,69 @@
-"""What the layer kernels share: the float types they are compiled for, the fastmath flags that let
-sums vectorize, explicit-signature templates, and the bias add of fully_connected and conv2d."""
+"""Kernel backends of the layer modules, and the bias add shared by fully_connected and conv2d.
+
+Every module with kernels (each layer kind, the loss, the optimizer) defines them in plain numpy --
+ufuncs with out=, BLAS through np.matmul, loops only over window offsets or chunks, never over
+elements -- and lists their names in KERNELS. `fedpers.nn.jit.<module>` defines the same names as
+numba kernels. A layer picks its namespace while finalizing: `for_backend(__name__, ctx.kernels)`.
+Where a numpy kernel needs scratch that its numba twin does not, it takes it as keyword arguments
+and the layer requests those tensors only for the numpy backend.
+"""
 
 from __future__ import annotations
 
-from numba import njit
+import importlib
+import importlib.util
+import sys
+from types import ModuleType
 
-DTYPES = ("float32", "float64")  # float32 is what runs; float64 serves the gradient checks
-REDUCE = {"reassoc", "nsz"}  # lets LLVM vectorize sums (order of additions may change); nothing else
+import numpy as np
+
+from ..modes import KERNEL_BACKENDS
+
+KERNELS = ("add_bias",)
+_JIT_PACKAGE = __name__.rsplit(".", 2)[0] + ".jit"  # fedpers.nn.jit
 
 
-def signatures(template: str) -> list[str]:
-    """One explicit signature per dtype from a template with `{t}` for the float type."""
-    return [template.format(t=t) for t in DTYPES]
+class BackendUnavailable(ImportError):
+    """kernels='numba' was asked for, but numba cannot be imported here."""
 
 
-@njit(signatures("void({t}[:,:,::1], {t}[::1])"), cache=True, nogil=True)
-def add_bias(out, b):
+class _Twin:
+    """A numba twin module, imported on its first kernel call: planning a model for the numba
+    backend (a memory budget weighing it) loads neither numba nor llvmlite."""
+
+    __slots__ = ("_name", "_module")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, attr: str):
+        if self._module is None:
+            try:
+                self._module = importlib.import_module(self._name)
+            except ModuleNotFoundError as e:
+                if e.name in ("numba", "llvmlite"):
+                    raise BackendUnavailable("kernels='numba' needs numba, which is not installed here: "
+                                             "use the numpy kernels") from e
+                raise
+        return getattr(self._module, attr)
+
+
+def for_backend(module: str, backend: str) -> ModuleType:
+    """The kernel namespace of `module` (a fedpers.nn module name) for a backend: the module itself
+    for numpy, its twin in fedpers.nn.jit for numba (imported when first used)."""
+    if backend == "numpy":
+        return sys.modules[module]
+    if backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel backend must be one of {tuple(KERNEL_BACKENDS)}, got {backend!r}")
+    return _Twin(f"{_JIT_PACKAGE}.{module.rsplit('.', 1)[1]}")  # type: ignore[return-value]
+
+
+def numba_available() -> bool:
+    """Whether numba can be imported (without importing it)."""
+    return importlib.util.find_spec("numba") is not None
+
+
+def add_bias(out: np.ndarray, b: np.ndarray) -> None:
     """out (T, F, P) += b[None, :, None]."""
-    tile, f_out, p = out.shape
-    for t in range(tile):
-        for f in range(f_out):
-            v = b[f]
-            for j in range(p):
-                out[t, f, j] += v
+    np.add(out, b[None, :, None], out=out)

@@ -9,47 +9,33 @@ this (micro-)batch in run.feed.loss_sum / run.feed.correct.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from ..order import Life
-from .activation import softmax_forward
+from . import activation
 from .base import InitContext, Layer, RunContext, Shape
+from .kernels import for_backend
+
+KERNELS = ("cross_entropy_forward", "cross_entropy_backward")
 
 
-@njit(cache=True, nogil=True)
-def cross_entropy_forward(logits, labels, probs):
+def cross_entropy_forward(logits, labels, probs, *, rows) -> tuple[float, int]:
     """Stable softmax into probs (may be the logits' own buffer); returns (sum of -log p[label],
-    correct count). Each row is fully read before it is overwritten. Labels are in [0, n)."""
-    rows, n = logits.shape
-    total = 0.0
-    correct = 0
-    for r in range(rows):
-        m = logits[r, 0]
-        best = 0
-        for j in range(1, n):
-            if logits[r, j] > m:
-                m = logits[r, j]
-                best = j
-        s = 0.0
-        for j in range(n):
-            s += np.exp(logits[r, j] - m)
-        lab = labels[r]
-        total += np.log(s) - (logits[r, lab] - m)
-        if best == lab:
-            correct += 1
-        inv = 1.0 / s
-        for j in range(n):
-            probs[r, j] = np.exp(logits[r, j] - m) * inv
+    correct count). rows: (rows,) scratch. Labels are in [0, n)."""
+    r = np.arange(len(labels))  # alloc-ok: one index per example
+    correct = int(np.count_nonzero(logits.argmax(axis=1) == labels))
+    np.max(logits, axis=1, out=rows)
+    np.subtract(logits, rows[:, None], out=probs)
+    picked = probs[r, labels].astype(np.float64)  # alloc-ok: (rows,) the labels' shifted logits, before exp
+    np.exp(probs, out=probs)
+    np.sum(probs, axis=1, out=rows)
+    total = float(np.log(rows.astype(np.float64)).sum() - picked.sum())  # alloc-ok: (rows,)
+    np.divide(probs, rows[:, None], out=probs)
     return total, correct
 
 
-@njit(cache=True, nogil=True)
-def cross_entropy_backward(probs, labels, scale, dlogits):
-    rows, n = probs.shape
-    for r in range(rows):
-        for j in range(n):
-            dlogits[r, j] = probs[r, j] * scale
-        dlogits[r, labels[r]] -= scale
+def cross_entropy_backward(probs, labels, scale, dlogits) -> None:
+    np.multiply(probs, scale, out=dlogits)
+    dlogits[np.arange(len(labels)), labels] -= scale  # alloc-ok: one index per example
 
 
 class CrossEntropyLoss(Layer):
@@ -63,20 +49,26 @@ class CrossEntropyLoss(Layer):
             raise ctx.error("loss", f"cross entropy needs a (batch, classes) input, got {shape[1:]}")
         ctx.inplace = True  # probabilities overwrite the logits
         ctx.output_life = Life.CALC_DERIV
+        self.k = for_backend(__name__, ctx.kernels)
+        self.softmax = for_backend(activation.__name__, ctx.kernels)
+        self.rows = None
+        if ctx.kernels == "numpy":
+            self.rows = ctx.request_tensor("row_stats", (shape[0],), Life.FORWARD)
         return shape
 
     def forward(self, run: RunContext, training: bool) -> None:
         x, out = run.input(), run.output()
         feed = run.feed
+        extra = {} if self.rows is None else {"rows": run.tensor(self.rows)}
         if feed.y is None:
-            softmax_forward(x, out)
+            self.softmax.softmax_forward(x, out, **extra)
             return
-        feed.loss_sum, feed.correct = cross_entropy_forward(x, feed.y, out)
+        feed.loss_sum, feed.correct = self.k.cross_entropy_forward(x, feed.y, out, **extra)
 
     def calc_derivative(self, run: RunContext) -> None:
         din = run.din()
         if din is not None:
-            cross_entropy_backward(run.output(), run.feed.y, np.float32(run.feed.scale), din)
+            self.k.cross_entropy_backward(run.output(), run.feed.y, run.output().dtype.type(run.feed.scale), din)
 
 
 class MSELoss(Layer):
