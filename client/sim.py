@@ -493,4 +493,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m fedpers.client.sim` runs this file as __main__, a second copy of the module: the engines
+    # import fedpers.client.sim, so run that copy's main, whose except clauses name the classes they raise.
+    from fedpers.client import sim as _package_sim
+
+    sys.exit(_package_sim.main())
