@@ -8,7 +8,7 @@ identity, session and rate limits; the host only lends it a process and a connec
   its own `FederationClient.sibling()` with its own session (one connection per host, not per device);
 - a WAIT costs one GetTask on the device's own session; only a device that has work (TRAIN, DONE) or
   no session yet gets an `Agent`, built from its state directory and closed after the step, so the
-  host holds no device's tensors between steps and numba's compiled kernels serve them all;
+  host holds no device's tensors between steps and the kernel modules it has loaded serve them all;
 - a device that comes here from another host has no session here: it joins with the secret in its
   state directory and continues from its state, exactly like a device process restarted.
 """
