@@ -88,6 +88,43 @@ def test_ray_engine_runs_a_small_federation_over_real_grpc(tmp_path):
     assert "RAY_AUTH_TOKEN" not in os.environ  # the run's token went with it
 
 
+def _shape(value):
+    """The structure of a JSON value: its keys, nested; a list by the union of its elements' shapes."""
+    if isinstance(value, dict):
+        return {k: _shape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        merged: dict = {}
+        for v in value:
+            s = _shape(v)
+            merged = {**merged, **s} if isinstance(s, dict) else {"": s}
+        return [merged]
+    return "leaf"
+
+
+@pytest.mark.slow
+def test_ray_engine_writes_the_process_engines_report_shape(tmp_path, capsys):
+    """The same tiny federation through `fedpers-sim` with each engine: report.json has the same shape
+    (the config names the engine and its Ray settings besides), and both draw the plot."""
+    _needs_ray()
+    common = ["--devices", "3", "--rounds", "1", "--local-epochs", "1", "--min-devices", "3", "--seed", "5",
+              "--model", str(Path(__file__).parent / "data" / "digits_mlp_personal.ini")]
+    runs = {}
+    for engine in ("process", "ray"):
+        out = tmp_path / engine
+        assert sim.main(["--engine", engine, "--report-dir", str(out), *common]) == 0, capsys.readouterr().out
+        runs[engine] = json.loads((out / "report.json").read_text())
+        assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proc, ray_ = runs["process"], runs["ray"]
+    assert set(ray_) == set(proc)
+    for key in set(proc) - {"config", "notes"}:
+        assert _shape(ray_[key]) == _shape(proc[key]), key
+    assert set(ray_["config"]) - set(proc["config"]) == {"engine", "ray"} and set(proc["config"]) <= set(ray_["config"])
+    assert ray_["config"]["engine"] == "ray" and ray_["config"]["ray"]["actors"] == 2
+    assert set(proc["notes"]) <= set(ray_["notes"])
+    assert len(ray_["devices"]) == len(proc["devices"]) == 3 and len(ray_["rounds"]) == len(proc["rounds"]) == 1
+    assert not (tmp_path / "process" / "engine.json").exists() and (tmp_path / "ray" / "engine.json").exists()
+
+
 @pytest.mark.slow
 def test_devices_of_a_killed_actor_continue_on_another(tmp_path):
     _needs_ray()
