@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
 help:
 	@echo "make demo         create .venv, install, run the federated simulation on the digits data"
-	@echo "make test         create .venv, install the test and postgres extras, run the whole test suite"
+	@echo "make test         create .venv, install the test, postgres and ray extras, run the whole test suite"
 	@echo "make test-fast    the suite without the slow end-to-end and Docker tests (the inner loop)"
 	@echo "make bench        print the footprint, speed, memory, wire, server, journal, robust, load, replicas and personalization tables"
 	@echo "make proto        regenerate common/rpc from proto/federation.proto"
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || \
 	  { echo "could not create $(VENV): on Debian/Ubuntu run 'apt-get install python3-venv'"; exit 1; }
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,postgres]'
+	$(PY) -m pip install --quiet -e '.[test,postgres,ray]'
 	@rm -f $(VENV)/.installed-*
 	@touch $@
 

@@ -15,6 +15,7 @@ Without one, "train" is one `Trainer.fit` and the end is one fine-tune.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 import random
@@ -115,6 +116,24 @@ class RunResult:
     report: DeviceReport
 
 
+class StepKind(enum.Enum):
+    """What one `Agent.step()` did."""
+
+    WAIT = "wait"  # nothing to do yet: ask again after `Step.wait` seconds
+    TRAINED = "trained"  # trained and the server accepted the update
+    REFUSED = "refused"  # trained, but the server did not take the update (e.g. its round closed)
+    DONE = "done"  # the federation is finished; the final model was evaluated and personalized
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a device: what happened, and how long the server asked it to wait before the next."""
+
+    kind: StepKind
+    wait: float = 0.0
+    round_id: int = 0
+
+
 @dataclass(frozen=True)
 class RoundPlan:
     """What one TRAIN task asks of this device, resolved against its model and its own flags."""
@@ -181,7 +200,10 @@ def peak_rss_bytes() -> int:
 class Agent:
     """One device. `run()` loops until the federation is done, max_rounds, or `stop` is set."""
 
-    def __init__(self, config: AgentConfig, stop: threading.Event | None = None) -> None:
+    def __init__(self, config: AgentConfig, stop: threading.Event | None = None,
+                 server: FederationClient | None = None) -> None:
+        """`server`: the client to call through instead of a channel of its own (a simulator host gives each
+        of its virtual devices a client on one shared channel; the session stays with that client)."""
         self.cfg = config
         self.stop = stop or threading.Event()
         self._lock = DirLock(config.state, "device (fedpers-client run)")
@@ -193,7 +215,7 @@ class Agent:
         self.state: DeviceState = self.store.load_or_create(config.name)
         if config.codec:
             codecs.parse_codec(config.codec)  # refuse a bad name before touching the network
-        self.server = FederationClient(config.server, tls=config.tls, timeout=RPC_TIMEOUT)
+        self.server = server or FederationClient(config.server, tls=config.tls, timeout=RPC_TIMEOUT)
         # (model INI digest, proximal anchors) -> (spec, trainer)
         self._models: dict[tuple[str, tuple[str, ...]], tuple[Any, Any]] = {}
         self._setups: dict[tuple[str, Any, tuple[str, ...]], Any] = {}  # (INI digest, hp, shared) -> methods.Setup
@@ -813,6 +835,25 @@ class Agent:
         write_report(self.store.report_path, rep)
         return rep
 
+    def step(self, task: wire.Task | None = None) -> Step:
+        """Advance this device by one task and say what happened, without sleeping: `task` when the
+        caller already asked GetTask for it (a simulator host polling many devices), else the next one
+        (joining first when the client has no session). `run()` loops over it; a host of virtual
+        devices calls it once per device and moves on."""
+        if task is None:
+            if self.server.device_id is None:
+                self.join()
+            task = self.get_task()
+        if task.kind == wire.TaskKind.DONE:
+            log.info("the federation is done")
+            self.finalize(task)
+            return Step(StepKind.DONE, round_id=task.round_id)
+        if task.kind == wire.TaskKind.WAIT:
+            return Step(StepKind.WAIT, wait=task.retry_after_seconds or 0.5)
+        if self.train_round(task):
+            return Step(StepKind.TRAINED, round_id=task.round_id)
+        return Step(StepKind.REFUSED, wait=task.retry_after_seconds or 0.5, round_id=task.round_id)
+
     def run(self) -> RunResult:
         done_here = 0
         reason = "stopped"
@@ -822,19 +863,14 @@ class Agent:
                 if self.cfg.max_rounds is not None and done_here >= self.cfg.max_rounds:
                     reason = "max_rounds"
                     break
-                task = self.get_task()
-                if task.kind == wire.TaskKind.DONE:
-                    log.info("the federation is done")
-                    self.finalize(task)
+                step = self.step()
+                if step.kind is StepKind.DONE:
                     reason = "done"
                     break
-                if task.kind == wire.TaskKind.WAIT:
-                    self._wait(task.retry_after_seconds or 0.5)
-                    continue
-                if self.train_round(task):
+                if step.kind is StepKind.TRAINED:
                     done_here += 1
                 else:
-                    self._wait(task.retry_after_seconds or 0.5)
+                    self._wait(step.wait)
         except Stopped:
             log.info("stopped; state in %s is consistent", self.cfg.state)
             reason = "stopped"

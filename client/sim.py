@@ -35,6 +35,7 @@ from fedpers import models
 from fedpers import personalization as pers
 from fedpers.argtypes import fraction, nonnegative_int, positive_float, positive_int
 from fedpers.client import sim_report
+from fedpers.client.engines import add_engine_args, check_engine, engine_from_args, run_engine
 from fedpers.client.processes import Child, ProcessError, wait_for_server
 from fedpers.client.sim_report import SimReport
 from fedpers.codec import codec_help
@@ -422,6 +423,12 @@ def input_shape(model: Path) -> tuple[int, ...] | None:
     return tuple(int(d) for d in first.input_shape) if first.input_shape is not None else None
 
 
+def digits_fit(model: Path) -> tuple[int, ...] | None:
+    """The shape the 1x8x8 digits must be fitted to for `model` (`partition.fit_to_input`); None: as they are."""
+    shape = input_shape(model)
+    return None if shape in (None, (1, 8, 8)) else shape
+
+
 def write_data(cfg: SimConfig, seed: int, out: Path) -> list[Path]:
     """The devices' data files for `seed`: --data-dir's own (checked against the model), else a scenario or
     the default non-IID split of the digits, fitted to the model's input shape (`partition.fit_to_input`).
@@ -430,7 +437,7 @@ def write_data(cfg: SimConfig, seed: int, out: Path) -> list[Path]:
     from fedpers.nn import load_ini
 
     shape = input_shape(Path(cfg.model))
-    fit = None if shape in (None, (1, 8, 8)) else shape
+    fit = digits_fit(Path(cfg.model))
     if cfg.data_dir is not None:
         paths = data_files(cfg.data_dir)
     elif cfg.scenario is not None:
@@ -667,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated personalization on this machine: one server, N device processes, real gRPC. "
                     "Without a subcommand, runs a simulation with the flags below.")
     add_run_args(p)
+    add_engine_args(p)
     p.add_argument("--log-level", default="WARNING", help="logging of the simulator itself (default WARNING)")
     sub = p.add_subparsers(dest="command", metavar="{partition,local-only}")
 
@@ -733,11 +741,13 @@ def _run(ns: argparse.Namespace) -> int:
 
     try:
         cfg = config_from_args(ns)
+        engine = engine_from_args(ns)
+        check_engine(cfg, engine)
     except ValueError as exc:  # SimConfig's checks: the message names the flag
         print(f"fedpers-sim: {exc}", file=sys.stderr)
         return 2
     try:
-        simulate(cfg)
+        run_engine(cfg, engine)
     except (PartitionError, DataError) as exc:  # too few examples for this many devices, data the model cannot take
         print(f"fedpers-sim: {exc}", file=sys.stderr)
         return 2
@@ -759,4 +769,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m fedpers.client.sim` runs this file as __main__, a second copy of the module: the engines
+    # import fedpers.client.sim, so run that copy's main, whose except clauses name the classes they raise.
+    from fedpers.client import sim as _package_sim
+
+    sys.exit(_package_sim.main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from types import TracebackType
 
+import grpc
 from fedpers import wire
 from fedpers.rpc import federation_pb2 as pb
 from fedpers.rpc import federation_pb2_grpc as pb_grpc
@@ -33,16 +34,24 @@ class FederationClient:
     `tls` None means TLS trusting the system's CAs; `TlsConfig.plaintext()` is the only way to plaintext."""
 
     def __init__(self, address: str, *, tls: TlsConfig | None = None, timeout: float = DEFAULT_TIMEOUT,
-                 admin_token: str = "") -> None:
-        """`admin_token`: the server's admin token, sent with GetStatus instead of a device session."""
+                 admin_token: str = "", channel: grpc.Channel | None = None) -> None:
+        """`admin_token`: the server's admin token, sent with GetStatus instead of a device session.
+        `channel`: an open channel to call through (see `sibling`); closing this client leaves it open."""
         self.address = address
         self.timeout = timeout
         self.tls = tls or TlsConfig()
         self._admin = admin_token
-        self.channel = open_channel(address, self.tls, CHANNEL_OPTIONS)
+        self._owns_channel = channel is None
+        self.channel = channel if channel is not None else open_channel(address, self.tls, CHANNEL_OPTIONS)
         self._stub = pb_grpc.FederationStub(self.channel)
         self.device_id: int | None = None
         self._token = ""
+
+    def sibling(self) -> FederationClient:
+        """Another client on this one's channel with a session of its own: the many virtual devices of a
+        simulator host share one connection, each still calling as itself (its own id, token and rate
+        limits). Closing a sibling leaves the channel open; closing this client closes it."""
+        return FederationClient(self.address, tls=self.tls, timeout=self.timeout, channel=self.channel)
 
     # -- session
 
@@ -105,7 +114,8 @@ class FederationClient:
     # -- lifetime
 
     def close(self) -> None:
-        self.channel.close()
+        if self._owns_channel:
+            self.channel.close()
 
     def __enter__(self) -> FederationClient:
         return self
