@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ itself
 from fedpers.nn import init_weights, load_ini  # noqa: E402
 from fedpers.nn.graph import compile as compile_graph  # noqa: E402
 from fedpers.nn.optim import Optimizer  # noqa: E402
-from speed import load_note, torch_python  # noqa: E402
+from quiet import OtherCpu  # noqa: E402
+from speed import torch_python  # noqa: E402
 
 MIB = 1 << 20
 MODELS = ROOT / "common" / "models"
@@ -172,11 +173,10 @@ def main() -> None:
     ap.add_argument("--torch-python", help="interpreter with torch (default: $FEDPERS_TORCH_PYTHON or this one)")
     args = ap.parse_args()
     python = None if args.no_torch else torch_python(args.torch_python)
-    note = load_note()
-    if note:
-        print(note)
+    quiet = OtherCpu.start()
     with tempfile.TemporaryDirectory() as tmp:
         device_table(args.steps, python, Path(tmp))
+    print(quiet.stop().describe() + "  (memory columns do not depend on it; step times do)")
     plan_table()
     if python is None and not args.no_torch:
         print("PyTorch columns need torch: see README (FEDPERS_TORCH_PYTHON)")

@@ -10,8 +10,9 @@ with the same thread count; ratio = the faster fedpers backend / torch. torch is
 dependency: the child runs under this interpreter if it can import torch, or under --torch-python /
 $FEDPERS_TORCH_PYTHON (for example a separate venv holding torch).
 
-Timings on a loaded machine measure the other processes too: when the 1-minute load average is above
-1 the ratios are printed marked `noisy` (take the table on a quiet machine).
+Timings on a loaded machine measure the other processes too: when other processes used more than a
+quarter of a core on average during the run (bench/quiet.py: the machine's busy CPU time minus the
+benchmark's own), the ratios are printed marked `noisy` (take the table on a quiet machine).
 
 The fedpers side runs in child processes so that the BLAS can differ: numpy's OpenBLAS picks its
 kernels at load time and OPENBLAS_CORETYPE overrides it. When the environment sets it, the table
@@ -40,6 +41,7 @@ from fedpers.nn.graph import param_count  # noqa: E402
 from fedpers.nn.ini import load_ini  # noqa: E402
 from fedpers.nn.layers.kernels import numba_available  # noqa: E402
 from fedpers.nn.spec import ModelSpec  # noqa: E402
+from quiet import OtherCpu  # noqa: E402
 
 MODELS = Path(__file__).resolve().parent.parent / "common" / "models"
 # (table name, model file, batch size)
@@ -50,7 +52,6 @@ NETS: tuple[tuple[str, str, int], ...] = (
 )
 RUNS = (("numpy", "numpy", 1), ("numba", "numba", 1), ("numpy μb4", "numpy", 4))  # column, kernels, micro-batch
 TORCH_HINT = "torch not installed: pip install torch==2.13.0 (CPU wheel on this machine)"
-QUIET_LOAD = 1.0  # above this 1-minute load average, ratios are marked noisy
 
 log = logging.getLogger("bench.speed")
 
@@ -71,19 +72,6 @@ def threads() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return os.cpu_count() or 1
-
-
-def load_average() -> float:
-    return os.getloadavg()[0]
-
-
-def load_note() -> str | None:
-    """A warning line when the machine is busy (1-minute load average above QUIET_LOAD)."""
-    load = load_average()
-    if load > QUIET_LOAD:
-        return (f"WARNING: 1-minute load average {load:.2f} > {QUIET_LOAD:g} on {os.cpu_count()} cores: other "
-                "processes share them, timings are inflated and ratios are marked noisy")
-    return None
 
 
 def random_data(spec: ModelSpec, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -227,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         rows, failed = fedpers_rows(args, runs)
         print(json.dumps({"blas": blas_coretype(), "rows": [r.__dict__ for r in rows], "failed": failed}))
         return 0
-    load_before = load_average()
+    quiet = OtherCpu.start()
     variants = [("environment", dict(os.environ))]
     if "OPENBLAS_CORETYPE" in os.environ:
         variants.append(("OpenBLAS's own choice", {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}))
@@ -259,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", e)
             failed.append("torch reference")
 
-    load_after = load_average()
-    noisy = max(load_before, load_after) > QUIET_LOAD
+    quiet.stop()
+    noisy = quiet.noisy
     print(f"training step (forward, backward, optimizer), float32, memory=planned: best of {args.repeats} "
           f"medians of {args.steps} steps after {args.warmup} warm-up; ms")
     for label, blas, rs in results:
@@ -274,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.no_torch:
         print(TORCH_HINT)
     print("μb cost = the numpy kernels in 4 micro-batches against whole batches")
-    print(f"1-minute load average {load_before:.2f} before, {load_after:.2f} after")
-    if noisy:
-        print(load_note() or f"WARNING: load average above {QUIET_LOAD:g} during the run: ratios are noisy")
+    print(quiet.describe())
     if failed:
         print(f"FAILED: {', '.join(failed)}")
     return 1 if failed else 0
