@@ -359,11 +359,7 @@ class _Run:
     def _show_rounds(self) -> None:
         rows = sim_report.round_rows(self.status)
         for row in rows[self.shown:]:
-            self.say(f"round {row.round:>3}/{self.cfg.rounds}  v{row.version:<3} {row.devices} devices  "
-                     f"global {sim_report.fmt_pct(row.global_accuracy)}%  "
-                     f"personalized {sim_report.fmt_pct(row.personalized_accuracy)}%  "
-                     + (f"eps {row.dp_epsilon:.2f}  " if row.dp_epsilon is not None else "")
-                     + f"({time.monotonic() - self.t_start:5.1f}s)", flush=True)
+            self.say(sim_report.format_round(row, self.cfg.rounds, time.monotonic() - self.t_start), flush=True)
         self.shown = max(self.shown, len(rows))
 
     def stop_all(self) -> None:

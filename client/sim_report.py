@@ -222,6 +222,14 @@ def fmt_pct(v: float | None) -> str:
     return "  -  " if v is None else f"{100 * v:5.1f}"
 
 
+def format_round(row: RoundRow, rounds: int, elapsed: float) -> str:
+    """One closed round as the simulators' progress line."""
+    return (f"round {row.round:>3}/{rounds}  v{row.version:<3} {row.devices} devices  "
+            f"global {fmt_pct(row.global_accuracy)}%  personalized {fmt_pct(row.personalized_accuracy)}%  "
+            + (f"eps {row.dp_epsilon:.2f}  " if row.dp_epsilon is not None else "")
+            + f"({elapsed:5.1f}s)")
+
+
 def format_table(rows: Sequence[DeviceRow]) -> str:
     head = (f"{'device':>6} {'id':>4} {'train':>5} {'test':>4} {'global%':>7} {'personal%':>9} {'local-only%':>11} "
             f"{'up KiB/rnd':>10} {'down KiB':>9} {'peak RSS MiB':>12}")
