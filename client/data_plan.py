@@ -24,11 +24,10 @@ from fedpers.client.partition import (
     DeviceSplit,
     Distortion,
     PartitionError,
-    device_path,
     distort,
-    fit_to_input,
     load_digits_arrays,
     partition_digits,
+    write_partition,
 )
 
 log = logging.getLogger(__name__)
@@ -99,15 +98,6 @@ def write_plan(plan: DataPlan, out_dir: str | os.PathLike, seed: int = 0, alpha:
     `input_shape` when given (`partition.fit_to_input`)."""
     splits = (partition_digits(plan.devices, seed=seed, alpha=alpha) if plan.kind == "split"
               else sampled_digits(plan.devices, seed, alpha, plan.train_per_device, plan.test_per_device))
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, s in enumerate(splits):
-        path = device_path(out_dir, i)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        x, x_test = (s.x, s.x_test) if input_shape is None else (fit_to_input(s.x, input_shape),
-                                                                  fit_to_input(s.x_test, input_shape))
-        np.savez(tmp, x=x, y=s.y, x_test=x_test, y_test=s.y_test)
-        os.replace(tmp, path)
-        paths.append(path)
+    paths = write_partition(out_dir, splits, input_shape)  # one split at a time: `splits` is lazy past the split plan
     log.info("%s: %d device files in %s", plan.kind, len(paths), out_dir)
     return paths

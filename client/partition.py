@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -187,7 +188,7 @@ def write_device(out_dir: str | os.PathLike, index: int, arrays: dict[str, np.nd
     return path
 
 
-def write_partition(out_dir: str | os.PathLike, splits: list[DeviceSplit],
+def write_partition(out_dir: str | os.PathLike, splits: Iterable[DeviceSplit],
                     input_shape: tuple[int, ...] | None = None) -> list[Path]:
     """Write `device-<i>.npz` (x, y, x_test, y_test) for each split, fitted to `input_shape` when given
     (`fit_to_input`); returns the paths."""

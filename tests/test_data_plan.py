@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from fedpers.client.data_plan import DIGITS, POOL_TEST_FRACTION, plan_for, sampled_digits, write_plan
 
 
@@ -39,3 +40,11 @@ def test_write_plan_writes_one_file_per_device(tmp_path):
     assert len(paths) == 400 and all(p.exists() for p in paths)
     with np.load(paths[123]) as f:
         assert f["x"].shape[0] == 40 and f["x_test"].shape[0] == 10
+
+
+@pytest.mark.parametrize("devices", [4, 400])  # the split plan and the sampled one
+def test_write_plan_fits_the_digits_to_a_models_input(tmp_path, devices):
+    paths = write_plan(plan_for(devices), tmp_path, seed=0, input_shape=(1, 28, 28))
+    with np.load(paths[-1]) as f:
+        assert f["x"].shape[1:] == (1, 28, 28) and f["x_test"].shape[1:] == (1, 28, 28)
+        assert f["x"].dtype == np.float32 and f["y"].shape[0] == f["x"].shape[0]
