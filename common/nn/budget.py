@@ -26,6 +26,9 @@ NUMBA_BYTES = 130 * MIB
 # bigger products (calibrated on the shipped nets: predicted - measured peak stays positive).
 MARGIN_BYTES = 4 * MIB
 DRAW_CHUNK_BYTES = 1 * MIB  # float64 draws and file reads in flight while one layer's weights move
+# The RSS a process holds before training varies by a fraction of a MiB between runs of the same
+# command: the smallest budget an error names leaves this much room, so that rerunning with it works.
+BASELINE_SLACK_BYTES = 2 * MIB
 
 
 class BudgetError(ValueError):
@@ -138,7 +141,7 @@ def choose(spec: ModelSpec, batch: int, budget: int, optimizer_slots: int,
         if smallest is None or choice.peak_bytes < smallest.peak_bytes:
             smallest = choice
     assert smallest is not None
-    need = -(-smallest.peak_bytes // MIB) * MIB
+    need = -(-(smallest.peak_bytes + BASELINE_SLACK_BYTES) // MIB) * MIB
     raise BudgetError(
         f"memory budget {format_size(budget)} is too small for batch {batch}: this process already holds "
         f"{format_size(baseline)} and the smallest plan ({smallest.describe()}) adds about "
