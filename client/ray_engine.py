@@ -26,6 +26,7 @@ import contextlib
 import dataclasses
 import functools
 import heapq
+import ipaddress
 import itertools
 import json
 import logging
@@ -34,6 +35,7 @@ import os
 import random
 import secrets
 import shutil
+import socket
 import tempfile
 import time
 from collections import Counter
@@ -106,6 +108,37 @@ def default_min_devices(cfg: SimConfig) -> int:
 # ----------------------------------------------------------------------------- Ray
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """(host, port) of a plain `HOST:PORT` cluster address; None for Ray's other forms (`ray://`, `auto`)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or "://" in address or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _is_loopback(address: str) -> bool:
+    hp = _host_port(address)
+    if hp is None:
+        return False
+    try:
+        return ipaddress.ip_address(hp[0]).is_loopback
+    except ValueError:
+        return hp[0] == "localhost"
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """RayEngineError when nothing listens at a `HOST:PORT` cluster address (ray.init would wait for it
+    without end)."""
+    hp = _host_port(address)
+    if hp is None:
+        return
+    try:
+        socket.create_connection(hp, timeout=timeout).close()
+    except OSError as exc:
+        raise RayEngineError(f"--ray-address {address}: no Ray cluster answers there ({exc}); start one with "
+                             f"`ray start --head --port {hp[1]}` or leave --ray-address out for a local Ray") from None
+
+
 def _import_ray() -> Any:
     try:
         import ray
@@ -135,10 +168,12 @@ def ray_session(rc: RayConfig, worker_env: dict[str, str] | None = None,
     ray = None
     try:
         os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
-        if rc.address is None:
+        if rc.address is None or _is_loopback(rc.address):  # a loopback cluster: Ray would dial eth0's address
             os.environ.update(RAY_LOCAL_ENV)
             os.environ["RAY_AUTH_TOKEN"] = _ray_token()  # Ray turns token auth on; nothing written to ~/.ray
             os.environ.update(worker_env)  # the raylet and its workers inherit it: no runtime_env, no extra workers
+        if rc.address is not None:
+            _check_reachable(rc.address)
         ray = _import_ray()
         if rc.address is None:
             temp = tempfile.mkdtemp(prefix="fedpers-ray-", dir=temp_root)  # short: Ray's socket paths

@@ -8,7 +8,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -18,6 +23,7 @@ from fedpers import models
 from fedpers.client import sim
 from fedpers.client.memwatch import descendants
 from fedpers.client.personal import PersonalStore
+from fedpers.client.processes import free_port, wait_until
 from fedpers.client.report import read_report
 
 MODEL = models.path("digits_cnn_personal.ini")
@@ -100,6 +106,58 @@ def test_ray_engine_runs_a_small_federation_over_real_grpc(tmp_path):
     assert {h["host"] for h in engine["hosts"]} == {"actor-0", "actor-1"}
     assert not _ray_processes()  # Ray shut down with the run
     assert "RAY_AUTH_TOKEN" not in os.environ  # the run's token went with it
+
+
+@pytest.fixture
+def ray_head():
+    """An existing Ray cluster for --ray-address: `ray start --head --block` on the loopback and a free port,
+    its files in a short temp dir; SIGTERM to the blocking process stops every process it started."""
+    _needs_ray()
+    port = free_port()
+    temp = tempfile.mkdtemp(prefix="fr-", dir="/tmp")  # short: Ray's socket paths
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                             "--node-ip-address=127.0.0.1", f"--port={port}", "--include-dashboard=false",
+                             "--num-cpus=2", "--disable-usage-stats", f"--temp-dir={temp}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(f"ray head on 127.0.0.1:{port}", lambda: _listening(port), 60)
+        yield f"127.0.0.1:{port}"
+    finally:
+        head.terminate()
+        head.wait(60)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_ray_engine_runs_on_an_existing_cluster_by_address(ray_head, tmp_path, capsys):
+    env_before = {k: os.environ.get(k) for k in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_USAGE_STATS_ENABLED")}
+    rc = sim.main(["--engine", "ray", "--ray-address", ray_head, "--devices", "6", "--rounds", "1",
+                   "--local-epochs", "1", "--model", str(MODEL), "--report-dir", str(tmp_path), "--timeout", "300"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["ended"] == "finished" and len(report["rounds"]) == 1
+    engine = json.loads((tmp_path / "engine.json").read_text())
+    assert engine["ray"] == ray_head and engine["steps"]["done"] == 6 and not engine["lost"]
+    # the engine set Ray's loopback switch for a loopback cluster, then restored the environment
+    assert {k: os.environ.get(k) for k in env_before} == env_before
+
+
+def test_an_address_where_no_cluster_answers_fails_fast_with_the_reason(tmp_path, capsys):
+    _needs_ray()
+    port = free_port()  # nothing listens there
+    rc = sim.main(["--engine", "ray", "--ray-address", f"127.0.0.1:{port}", "--devices", "4", "--rounds", "1",
+                   "--report-dir", str(tmp_path)])
+    assert rc == 1
+    assert f"--ray-address 127.0.0.1:{port}: no Ray cluster answers there" in capsys.readouterr().err
 
 
 def _shape(value):
