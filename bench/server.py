@@ -5,7 +5,7 @@ For each N a fresh `fedpers-server` runs in a subprocess on 127.0.0.1 (free port
 TLS with a throwaway CA, min-devices = N so every round takes all N updates); N device threads in
 this process join,
 poll GetTask and upload the same precomputed fp32 delta of bench/mlp_1m.ini's shared layers
-(1,066,240 floats, ~4.3 MB per update, in 1 MiB chunks). The table shows updates/s over the
+(1,066,240 floats, ~4.3 MB per update, in 64 KiB chunks). The table shows updates/s over the
 upload phase and the server's peak RSS (VmHWM from /proc/<pid>/status). The goal is a peak RSS
 flat in N (within 10%): the running-sum aggregator and the bounded gRPC thread pool keep server
 memory independent of the number of devices. Every loop is bounded; the run stops by itself.

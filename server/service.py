@@ -68,8 +68,10 @@ ERROR_STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
     (errors.StreamCut, grpc.StatusCode.CANCELLED),  # the caller went away or was cut: INFO, not an error
 )
 
-# Every message is at most one chunk (1 MiB) plus framing; refuse anything larger at the transport.
-MAX_MESSAGE_BYTES = wire.MAX_CHUNK_SIZE + (64 << 10)
+# Every message a device sends is at most one chunk plus framing: anything larger is refused at the
+# transport. What the server sends (chunks, tasks, a bounded status) stays within gRPC's default 4 MiB.
+MAX_RECEIVE_BYTES = wire.MAX_CHUNK_SIZE + (64 << 10)
+MAX_SEND_BYTES = 4 << 20
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode | None:
@@ -323,8 +325,8 @@ def build_server(coordinator: Coordinator, listen: str, workers: int = 4, metric
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedpers-rpc"),
         interceptors=[AuthInterceptor(coordinator, shared_limits)],
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_RECEIVE_BYTES),
+            ("grpc.max_send_message_length", MAX_SEND_BYTES),
             ("grpc.so_reuseport", 0),
             ("grpc.http2.bdp_probe", 0),
             ("grpc.experimental.tcp_max_read_chunk_size", 256 << 10),

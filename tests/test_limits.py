@@ -23,7 +23,7 @@ from fedpers.server import app
 from fedpers.server import state as st
 from fedpers.server.config import ServerConfig
 from fedpers.server.limits import LimitsPolicy, Rate, RateLimiter, Watchdog
-from fedpers.server.service import MAX_MESSAGE_BYTES
+from fedpers.server.service import MAX_RECEIVE_BYTES, MAX_SEND_BYTES
 from fedpers.server.status import build_status
 from fedpers.stub import FederationClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -155,12 +155,21 @@ def test_streams_per_device_are_limited(tmp_path: Path) -> None:
         running.stop(0)
 
 
+def _refused_as_oversized(err: grpc.RpcError) -> None:
+    """gRPC's own refusal of a message above the server's receive limit (one chunk plus framing)."""
+    assert err.code() == Code.RESOURCE_EXHAUSTED and "larger than max" in err.details(), err.details()
+    assert str(MAX_RECEIVE_BYTES) in err.details()
+
+
 def test_huge_names_and_metrics_are_refused_and_status_keeps_answering(tmp_path: Path, server_log) -> None:
     """Attack 5: a 0.9 MiB name, a name with a newline, and 24,000 metric keys per upload."""
     running = _start(tmp_path)
     try:
         with FederationClient(running.address, tls=client_tls(), timeout=10) as c:
-            for name in ("n" * int(0.9 * (1 << 20)), "evil\nINFO forged log line", "../../etc"):
+            with pytest.raises(grpc.RpcError) as info:  # larger than any message a device sends: cut by gRPC
+                c.enroll(wire.EnrollRequest("enroll-me", "n" * int(0.9 * (1 << 20)), "r" * 16))
+            _refused_as_oversized(info.value)
+            for name in ("n" * 65, "evil\nINFO forged log line", "../../etc"):
                 with pytest.raises(grpc.RpcError) as info:
                     c.enroll(wire.EnrollRequest("enroll-me", name, "r" * 16))
                 assert info.value.code() == Code.INVALID_ARGUMENT and "device name must be" in info.value.details()
@@ -172,6 +181,11 @@ def test_huge_names_and_metrics_are_refused_and_status_keeps_answering(tmp_path:
         for dev in (a, b):
             msgs = _messages(task, 4)
             wire.metrics_to_proto(msgs[0].header.metrics, {f"k{j:05d}_{'x' * 20}": 1.0 for j in range(24000)})
+            with pytest.raises(grpc.RpcError) as info:
+                dev.upload(msgs)
+            _refused_as_oversized(info.value)
+            msgs = _messages(task, 4)
+            wire.metrics_to_proto(msgs[0].header.metrics, {f"k{j:05d}": 1.0 for j in range(100)})
             with pytest.raises(grpc.RpcError) as info:
                 dev.upload(msgs)
             assert info.value.code() == Code.INVALID_ARGUMENT and "at most 32 are accepted" in info.value.details()
@@ -205,7 +219,7 @@ def test_status_size_is_bounded_whatever_devices_reported() -> None:
         state.close_round(r.round_id, 1, worst, 1.0)  # a round's union over many devices' keys
     status = build_status(state, 1, 300, False, problem="p" * 100_000)
     size = wire.status_to_proto(status).ByteSize()
-    assert size < MAX_MESSAGE_BYTES // 4, size
+    assert size < MAX_SEND_BYTES // 4, size
     assert all(len(r.metrics) == wire.MAX_METRICS for r in status.rounds)
 
 
