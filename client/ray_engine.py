@@ -51,12 +51,12 @@ from fedpers.client.device_host import BaselineJob, DeviceHost, DeviceOrder, Hos
 from fedpers.client.memwatch import TreeMemory, TreePeak, peak_rss_of
 from fedpers.client.processes import CHILD_ENV, Child, wait_for_server
 from fedpers.client.sim import (
-    STATUS_FAILURES_ALLOWED,
     SimConfig,
     SimError,
     SimInterrupted,
     SimSecrets,
     SimTls,
+    StatusPoll,
     default_report_dir,
     digits_fit,
     server_argv,
@@ -532,25 +532,18 @@ def _start_actors(ray: Any, cfg: SimConfig, rc: RayConfig, work: Path, tls: SimT
 def _drive(cfg: SimConfig, sched: Scheduler, follow: _Follow, server: Child, address: str, tls: SimTls,
            secrets_: SimSecrets) -> None:
     """Follow the rounds through GetStatus and keep the actors busy until every device is done or lost."""
-    import grpc
     from fedpers.stub import FederationClient
 
     deadline = follow.t_start + cfg.timeout
-    failures, next_status = 0, 0.0
+    next_status = 0.0
     with FederationClient(address, tls=tls.client(), timeout=5.0, admin_token=secrets_.admin_token) as client:
+        poll = StatusPoll(client)
         while not sched.finished:
             now = time.monotonic()
             if now >= next_status and not follow.finished_seen:
                 next_status = now + STATUS_INTERVAL
                 server.check_alive()
-                try:
-                    follow.status = client.status()
-                    failures = 0
-                except grpc.RpcError as exc:
-                    failures += 1
-                    if failures > STATUS_FAILURES_ALLOWED:
-                        raise SimError(f"the server stopped answering GetStatus: {exc.code().name}: "
-                                       f"{exc.details()}") from None
+                follow.status = poll() or follow.status
                 _on_status(follow, sched, now)
             alive = sum(not d.lost for d in sched.devices)
             if alive < cfg.min_devices_or_default:

@@ -49,6 +49,28 @@ SCENARIO_NAMES = ("iid", "label_skew", "feature_shift", "concept_shift", "scarce
 STATUS_FAILURES_ALLOWED = 25  # consecutive failed GetStatus polls (~5 s) before the run is called broken
 
 
+class StatusPoll:
+    """The simulators' GetStatus follower: a failed poll returns None (keep the last status), until
+    STATUS_FAILURES_ALLOWED in a row, which is a SimError."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.failures = 0
+
+    def __call__(self) -> Any:
+        import grpc
+
+        try:
+            status = self.client.status()
+        except grpc.RpcError as exc:
+            self.failures += 1
+            if self.failures > STATUS_FAILURES_ALLOWED:
+                raise SimError(f"the server stopped answering GetStatus: {exc.code().name}: {exc.details()}") from None
+            return None
+        self.failures = 0
+        return status
+
+
 class SimError(ProcessError):
     """The simulation could not complete (a process died, a timeout); the message says which."""
 
@@ -313,13 +335,12 @@ class _Run:
 
     def follow(self, address: str) -> None:
         """Poll GetStatus until the federation is finished and every device has exited."""
-        import grpc
         from fedpers.stub import FederationClient
 
         deadline = time.monotonic() + self.cfg.timeout
-        failures = 0
         with FederationClient(address, tls=self.tls.client(), timeout=5.0,
                               admin_token=self.secrets.admin_token) as client:
+            poll = StatusPoll(client)
             while True:
                 assert self.server is not None
                 finished = self.status is not None and self.status.finished
@@ -335,15 +356,8 @@ class _Run:
                 if alive < self.cfg.min_devices_or_default:
                     raise SimError(f"only {alive} devices are left, fewer than min-devices "
                                    f"({self.cfg.min_devices_or_default}): {sorted(self.lost)} exited")
-                try:
-                    if not (finished and self.server.poll() is not None):
-                        self.status = client.status()
-                        failures = 0
-                except grpc.RpcError as exc:
-                    failures += 1
-                    if failures > STATUS_FAILURES_ALLOWED:
-                        raise SimError(f"the server stopped answering GetStatus: {exc.code().name}: "
-                                       f"{exc.details()}") from None
+                if not (finished and self.server.poll() is not None):
+                    self.status = poll() or self.status
                 if self.status is not None:
                     self._show_rounds()
                     if self.status.finished and all(d.poll() is not None for d in self.devices):

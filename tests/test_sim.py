@@ -309,3 +309,30 @@ def test_any_shipped_model_runs_on_the_digits(tmp_path):
     report = sim.simulate(sim.SimConfig(devices=2, rounds=1, local_epochs=1, model=models.path("lenet5.ini"),
                                         report_dir=tmp_path / "r", quiet=True, min_devices=2))
     assert report.ended == "finished" and all(d.personalized_accuracy is not None for d in report.devices)
+
+
+def test_status_poll_keeps_going_through_failures_then_names_the_broken_server():
+    import grpc
+
+    class Down(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self):
+            return "connection refused"
+
+    class Client:
+        calls = 0
+
+        def status(self):
+            self.calls += 1
+            if self.calls == 2:
+                return "status-2"
+            raise Down()
+
+    poll = sim.StatusPoll(Client())
+    assert poll() is None and poll() == "status-2" and poll.failures == 0  # a success resets the count
+    for _ in range(sim.STATUS_FAILURES_ALLOWED):
+        assert poll() is None
+    with pytest.raises(sim.SimError, match="stopped answering GetStatus: UNAVAILABLE: connection refused"):
+        poll()
