@@ -53,7 +53,6 @@ from fedpers.server import guard
 from fedpers.server import state as st
 from fedpers.server.aggregate import AggregationError, Aggregator, PartialSum
 from fedpers.server.errors import AlreadyReported, LateUpdate
-from fedpers.server.model import LayoutError
 from fedpers.server.rounds import Coordinator, PolicyError
 from fedpers.server.state_pg import DuplicateUpdate, Lease, LeaseLost, PostgresState, RoundNotOpen
 from fedpers.server.validate import decode_update
@@ -154,11 +153,7 @@ class ClusterCoordinator(Coordinator):
         now = self.clock()
         with self.state.bootstrap_lock():
             if self.store.latest_version() is None:
-                weights = self.layout.served(initial_weights)
-                self.store.save_version(0, weights, {"round_id": 0, "created": now, "strategy": self.optimizer.name},
-                                        self.optimizer.state())
-                log.info("version 0 written to %s (%d shared tensors, %d parameters)", self.store.directory,
-                         len(self.layout.shared), self.layout.shared_params)
+                self._write_version_zero(initial_weights, now)
         published, _ = self.state.published_version()
         weights = self._load(published)
         log.info("replica %s serving version %d from %s", self.replica, published, self.store.directory)
@@ -169,14 +164,7 @@ class ClusterCoordinator(Coordinator):
         if version not in self.store.versions():
             raise StoreError(f"version {version} is published in the database but not in {self.store.directory}: "
                              f"every replica must see the same --store directory")
-        mv = self.store.load_version(version)
-        try:
-            weights = self.layout.served(mv.weights)
-        except LayoutError as exc:
-            raise StoreError(f"{self.store.path(version)} holds a different model than --model: {exc}") from None
-        self.optimizer.load_state(mv.optimizer_state)
-        self.downlink.load(mv.extra)  # the rest the last step left out: whoever closes next carries it on
-        return weights
+        return self._load_version(version)[1]
 
     def _rebuild_open_round(self, now: float) -> None:
         """A replica starts with an empty partial sum: what it (or a dead replica) accepted before is in

@@ -53,7 +53,7 @@ from fedpers.server.journal import Journal, JournalRecord
 from fedpers.server.model import LayoutError, ModelLayout
 from fedpers.server.status import build_status
 from fedpers.server.validate import decode_update
-from fedpers.store import ModelStore, StoreError
+from fedpers.store import ModelStore, ModelVersion, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -187,24 +187,32 @@ class Coordinator:
 
     # ------------------------------------------------------------------ startup
 
+    def _write_version_zero(self, initial_weights: dict[str, np.ndarray], now: float) -> None:
+        meta = {"round_id": 0, "created": now, "strategy": self.optimizer.name}
+        self.store.save_version(0, self.layout.served(initial_weights), meta, self.optimizer.state())
+        log.info("version 0 written to %s (%d shared tensors, %d parameters)", self.store.directory,
+                 len(self.layout.shared), self.layout.shared_params)
+
+    def _load_version(self, version: int) -> tuple[ModelVersion, dict[str, np.ndarray]]:
+        """A stored version and its served weights; the server optimizer's state and the downlink's
+        carried rest are loaded from it too (whoever closes next carries them on)."""
+        mv = self.store.load_version(version)
+        try:
+            weights = self.layout.served(mv.weights)
+        except LayoutError as exc:
+            raise StoreError(f"{self.store.path(version)} holds a different model than --model: {exc}") from None
+        self.optimizer.load_state(mv.optimizer_state)
+        self.downlink.load(mv.extra)
+        return mv, weights
+
     def _recover(self, initial_weights: dict[str, np.ndarray]) -> tuple[int, dict[str, np.ndarray]]:
         """Continue from the latest stored version (or write version 0) and settle rounds left open."""
         now = self.clock()
         latest = self.store.latest_version()
         if latest is None:
-            weights = self.layout.served(initial_weights)
-            self.store.save_version(0, weights, {"round_id": 0, "created": now, "strategy": self.optimizer.name},
-                                    self.optimizer.state())
-            log.info("version 0 written to %s (%d shared tensors, %d parameters)", self.store.directory,
-                     len(self.layout.shared), self.layout.shared_params)
+            self._write_version_zero(initial_weights, now)
             latest = 0
-        mv = self.store.load_version(latest)
-        try:
-            weights = self.layout.served(mv.weights)
-        except LayoutError as exc:
-            raise StoreError(f"{self.store.path(latest)} holds a different model than --model: {exc}") from None
-        self.optimizer.load_state(mv.optimizer_state)
-        self.downlink.load(mv.extra)
+        mv, weights = self._load_version(latest)
         made_by = int(mv.meta.get("round_id", 0))
         open_rounds = self.state.open_rounds()
         for r in open_rounds:
