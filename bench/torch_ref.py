@@ -233,6 +233,13 @@ def memory_run(spec: ModelSpec, x: np.ndarray, y: np.ndarray, batch: int) -> dic
     torch.manual_seed(0)
     net = build(spec)
     net.train()
+    _train_epoch(net, spec, x, y, batch)
+    peak = _status_kib("VmHWM") * 1024
+    return {"torch": torch.__version__, "baseline": baseline, "peak": peak, "process_peak": max(peak, startup_peak)}
+
+
+def _train_epoch(net: TorchNet, spec: ModelSpec, x: np.ndarray, y: np.ndarray, batch: int) -> None:
+    """One epoch over fedpers' batches with the model file's optimizer."""
     opt = make_optimizer(spec, [p for p in net.parameters() if p.requires_grad])
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     for idx in _batches(len(x), batch):
@@ -240,8 +247,6 @@ def memory_run(spec: ModelSpec, x: np.ndarray, y: np.ndarray, batch: int) -> dic
         opt.zero_grad(set_to_none=True)
         loss_fn(spec, net(xt[ti]), yt[ti]).backward()
         opt.step()
-    peak = _status_kib("VmHWM") * 1024
-    return {"torch": torch.__version__, "baseline": baseline, "peak": peak, "process_peak": max(peak, startup_peak)}
 
 
 def _to_torch(net: TorchNet, spec: ModelSpec) -> dict[str, tuple[torch.nn.Module, str]]:
@@ -268,13 +273,7 @@ def train_weights(spec: ModelSpec, weights: dict[str, np.ndarray], x: np.ndarray
             w = weights[name]
             getattr(m, attr).copy_(torch.from_numpy(w.T.copy() if isinstance(m, nn.Linear) and w.ndim == 2 else w))
     net.train()
-    opt = make_optimizer(spec, [p for p in net.parameters() if p.requires_grad])
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    for idx in _batches(len(x), batch):
-        ti = torch.from_numpy(idx)
-        opt.zero_grad(set_to_none=True)
-        loss_fn(spec, net(xt[ti]), yt[ti]).backward()
-        opt.step()
+    _train_epoch(net, spec, x, y, batch)
     out = {}
     for name, (m, attr) in where.items():
         w = getattr(m, attr).detach().numpy()
