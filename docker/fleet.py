@@ -191,6 +191,15 @@ class Scenario:
 
         return wait_until(what, probe, self.timeout if timeout is None else timeout, interval=0.5)
 
+    def wait_finished(self, rounds: int, what: str) -> tuple[wire.Status, list[str]]:
+        """The status once the federation finished `rounds` rounds and every device container has exited;
+        returns it with the device services."""
+        status = self.wait_status(lambda s: s.finished and s.rounds_completed >= rounds, what)
+        devices = self.project.device_services()
+        wait_until("every device to exit", lambda: not any(self.project.info(s).running for s in devices), 180,
+                   interval=0.5)
+        return status, devices
+
     def stored_status(self) -> wire.Status:
         """What the stopped server left in its store volume: `fedpers-server status --store --json` in a
         one-off container of the server service (same volume, no ports, the server itself stays down)."""
@@ -316,11 +325,7 @@ def run_fleet(rounds: int = 3, timeout: float = 600.0, keep_image: bool = False,
                      result.restart.version_after_start)
             scenario.restart_device(result.restart, RESTARTED_DEVICE)
             log.info("%s stopped (exit %s) and started again", RESTARTED_DEVICE, result.restart.device_stop_exit_code)
-            result.status = scenario.wait_status(lambda s: s.finished and s.rounds_completed >= rounds,
-                                                 f"{rounds} rounds")
-            devices = project.device_services()
-            wait_until("every device to exit", lambda: not any(project.info(s).running for s in devices), 180,
-                       interval=0.5)
+            result.status, devices = scenario.wait_finished(rounds, f"{rounds} rounds")
             result.versions_seen = scenario.versions_seen
             project.compose("stop", "-t", "30", timeout=120)  # SIGTERM to the (idle) server: must exit 0
             result.containers = {s: project.info(s) for s in project.services()}
@@ -403,11 +408,7 @@ def run_replica_fleet(rounds: int = 3, timeout: float = 600.0, logs_dir: Path | 
             run(["docker", "kill", "-s", "KILL", project.container_id(result.killed)], timeout=60)
             log.info("killed %s (the coordinator) at version %d with %d update(s) in the open round",
                      result.killed, result.killed_at_version, result.killed_with_updates)
-            result.status = scenario.wait_status(lambda s: s.finished and s.rounds_completed >= rounds,
-                                                 f"{rounds} rounds after the kill")
-            devices = project.device_services()
-            wait_until("every device to exit", lambda: not any(project.info(s).running for s in devices), 180,
-                       interval=0.5)
+            result.status, devices = scenario.wait_finished(rounds, f"{rounds} rounds after the kill")
             result.versions_seen = scenario.versions_seen
             survivor = next(s for s in REPLICAS if s != result.killed)
             result.survivor_log = project.logs(survivor)

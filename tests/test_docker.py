@@ -12,7 +12,9 @@ import contextlib
 import logging
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,16 +72,21 @@ def test_sampling_problems_are_kept_and_bugs_raise_from_stop() -> None:
 # -- the fleet for real
 
 
-@pytest.fixture(scope="module")
-def run(request: pytest.FixtureRequest):
+def _fleet(request: pytest.FixtureRequest, start: Callable[..., Any], describe: Callable[[Any], str]) -> Any:
+    """Run one fleet scenario for a module's tests (skipped without Docker) and print its summary."""
     reason = docker_available()
     if reason:
         pytest.skip(f"Docker fleet test needs a Docker daemon and docker-compose: {reason}")
-    result = fleet.run_fleet(rounds=ROUNDS, timeout=600)
+    result = start(rounds=ROUNDS, timeout=600)
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        print("\n" + summary(result), flush=True)
+        print("\n" + describe(result), flush=True)
     return result
+
+
+@pytest.fixture(scope="module")
+def run(request: pytest.FixtureRequest):
+    return _fleet(request, fleet.run_fleet, summary)
 
 
 def test_image_roles_user_and_layers(run) -> None:
@@ -206,14 +213,7 @@ def test_fleet_runs_with_tls_and_an_enrollment_token(run) -> None:
 
 @pytest.fixture(scope="module")
 def replicas_run(request: pytest.FixtureRequest):
-    reason = docker_available()
-    if reason:
-        pytest.skip(f"Docker fleet test needs a Docker daemon and docker-compose: {reason}")
-    result = fleet.run_replica_fleet(rounds=ROUNDS, timeout=600)
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        print("\n" + replica_summary(result), flush=True)
-    return result
+    return _fleet(request, fleet.run_replica_fleet, replica_summary)
 
 
 def test_replicas_finish_every_round_after_the_coordinator_is_killed(replicas_run) -> None:
