@@ -262,21 +262,6 @@ def test_over_selection_closes_at_the_target_and_counts_late_updates(tmp_path: P
     assert c.status().late_updates == 1
 
 
-def test_min_devices_is_the_minimum_at_the_deadline_not_everyone(tmp_path: Path) -> None:
-    clock = Clock()
-    c = make_coordinator(tmp_path, min_devices=2, clock=clock)
-    devs = _join(c, 3)
-    c._waiting = {d: clock() for d in devs}
-    c.tick()
-    t = c.get_task(devs[0])
-    _upload(c, devs[0], t, random_delta(1))
-    _upload(c, devs[1], t, random_delta(2))  # devs[2] died after GetTask
-    assert c.version == 0
-    clock.t += 61
-    c.tick()
-    assert c.version == 1
-
-
 def test_round_policy_checks_the_new_settings() -> None:
     with pytest.raises(ValueError, match="target_devices"):
         RoundPolicy(min_devices=4, target_devices=3)

@@ -105,7 +105,7 @@ def test_deadline_closes_with_enough_updates(tmp_path: Path) -> None:
     c.tick()
     t = c.get_task(devs[0])
     _upload(c, devs[0], t, random_delta(1))
-    _upload(c, devs[1], t, random_delta(2))
+    _upload(c, devs[1], t, random_delta(2))  # devs[2] went silent after GetTask: min-devices is enough
     assert c.version == 0
     clock.t += 61
     c.tick()
